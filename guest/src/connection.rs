@@ -1,0 +1,514 @@
+//! One AEMP connection as a state machine: greeting, optional TLS switch, authentication,
+//! data phase. Bytes come in through `handle_*`, everything else goes out through `poll_*`.
+//!
+//! The states follow the wire, top to bottom:
+//!
+//! ```text
+//! Greeting1 --line 1--> Verdict --host accepts--> Greeting2 --nonce--> [StartTls] AuthLine
+//!     --auth line--> Data (or HandedOver for an upgraded protocol)
+//! ```
+//! Any error moves to `Closed` and is reported once as [`Output::Closed`].
+
+use std::collections::VecDeque;
+
+use crate::auth::{self, AuthMethod, Transcript};
+use crate::config::{Config, is_protocol};
+use crate::error::{ConfigError, Error, SendError};
+use crate::framing::{self, Decoder, Framing};
+use crate::greeting::{self, Greeting, MAX_LINE, NONCE_LEN};
+use crate::{PROTOCOL_VERSION, PROVIDER};
+
+/// The TLS role this side takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRole {
+    /// Our nonce line sorts lower: we connect.
+    Client,
+    /// Our nonce line sorts higher: we accept.
+    Server,
+}
+
+/// The host's answer to [`Output::Greeting`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on with the handshake.
+    Accept,
+    /// The remote node already has a working connection: refuse it.
+    AlreadyConnected,
+}
+
+/// What the handshake settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The remote node id.
+    pub remote_node: String,
+    /// `aemp`, or the upgraded protocol both sides now speak.
+    pub protocol: String,
+    /// Whether the connection runs inside TLS.
+    pub tls: bool,
+    /// The method we authenticated with.
+    pub send_auth: AuthMethod,
+    /// The method the remote authenticated with.
+    pub recv_auth: AuthMethod,
+    /// The remote used `tls_anon`: it proved only that its certificate is signed by our CA.
+    pub untrusted: bool,
+    /// The framing we send in.
+    pub send_framing: Framing,
+    /// The framing the remote sends in.
+    pub recv_framing: Framing,
+}
+
+/// Something the host must act on, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Write these bytes to the peer (through TLS once TLS has started).
+    Transmit(Vec<u8>),
+    /// The remote's first greeting line passed the protocol checks; answer with
+    /// [`Connection::handle_verdict`] before the handshake goes on.
+    Greeting(Greeting),
+    /// Start TLS now in this role; `leftover` holds bytes already received that are TLS
+    /// records. From now on feed decrypted bytes and encrypt what is transmitted.
+    StartTls { role: TlsRole, leftover: Vec<u8> },
+    /// The handshake is complete.
+    Connected(Session),
+    /// A message received (CBOR array `[PORT, ARGS...]`); keepalives are not reported.
+    Message(Vec<u8>),
+    /// The stream now belongs to the upgraded protocol; `leftover` holds bytes already
+    /// received for it. The engine reads and writes nothing more.
+    HandedOver { leftover: Vec<u8> },
+    /// The connection failed; nothing follows. Close the socket after writing any
+    /// `Transmit` that came before.
+    Closed(Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Greeting1,
+    Verdict,
+    Greeting2,
+    AuthLine,
+    Data,
+    HandedOver,
+    Closed,
+}
+
+/// Everything known about the remote once its greeting is in.
+#[derive(Debug)]
+struct Remote {
+    greeting: Greeting,
+    /// Line 1 as received (without terminator), for the transcript.
+    line1: Vec<u8>,
+}
+
+/// Settled after the remote nonce line: what we send and how.
+#[derive(Debug)]
+struct Plan {
+    tls: bool,
+    send_auth: AuthMethod,
+    send_framing: Framing,
+    transcript: Transcript,
+}
+
+/// Sends a keepalive when nothing was sent for a whole interval.
+#[derive(Debug)]
+struct Keepalive {
+    interval: u64,
+    due: u64,
+    sent_since: bool,
+}
+
+/// One connection's protocol engine. See the module documentation.
+#[derive(Debug)]
+pub struct Connection {
+    config: Config,
+    state: State,
+    /// Our line 1 and nonce line, each followed by LF.
+    local_lines: Vec<u8>,
+    local_nonce: String,
+    remote: Option<Remote>,
+    plan: Option<Plan>,
+    session: Option<Session>,
+    /// Handshake input not consumed yet.
+    input: Vec<u8>,
+    decoder: Option<Decoder>,
+    outputs: VecDeque<Output>,
+    handshake_deadline: u64,
+    keepalive: Option<Keepalive>,
+    /// The latest time the host told us about.
+    now: u64,
+}
+
+impl Connection {
+    /// Starts a connection at time `now` (milliseconds on any monotonic clock) with a
+    /// fresh random `nonce` from the host. Our greeting is ready to transmit at once.
+    pub fn new(
+        config: Config,
+        nonce: [u8; NONCE_LEN],
+        now: u64,
+    ) -> Result<Connection, ConfigError> {
+        config.validate()?;
+        let mut pairs: Vec<(String, Option<String>)> = Vec::new();
+        if config.tls {
+            pairs.push(("tls".into(), Some("1.0".into())));
+        }
+        // A `provider` pair in the configuration replaces ours.
+        let provider = config
+            .greeting
+            .iter()
+            .find(|(k, _)| k == "provider")
+            .map_or(PROVIDER, |(_, v)| v);
+        pairs.push(("provider".into(), Some(provider.to_owned())));
+        if let Some(addr) = &config.peer_addr {
+            pairs.push(("peeraddr".into(), Some(addr.clone())));
+        }
+        let extra = config.greeting.iter().filter(|(k, _)| k != "provider");
+        pairs.extend(extra.map(|(k, v)| (k.clone(), Some(v.clone()))));
+        let line1 = Greeting {
+            protocol: config.protocol.clone(),
+            version: PROTOCOL_VERSION.to_string(),
+            node_id: config.node_id.clone(),
+            auths: config
+                .auth_accept
+                .iter()
+                .map(|m| m.name().to_owned())
+                .collect(),
+            framings: config
+                .framings
+                .iter()
+                .map(|f| f.name().to_owned())
+                .collect(),
+            pairs,
+        }
+        .line();
+        let local_nonce = greeting::nonce_line(&nonce);
+        let local_lines = format!("{line1}\n{local_nonce}\n").into_bytes();
+        let handshake_deadline = now.saturating_add(config.monitor_timeout_ms);
+        let mut conn = Connection {
+            config,
+            state: State::Greeting1,
+            local_lines,
+            local_nonce,
+            remote: None,
+            plan: None,
+            session: None,
+            input: Vec::new(),
+            decoder: None,
+            outputs: VecDeque::new(),
+            handshake_deadline,
+            keepalive: None,
+            now,
+        };
+        conn.transmit(conn.local_lines.clone());
+        Ok(conn)
+    }
+
+    /// What the handshake settled, once connected.
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    /// Whether the connection has failed or was handed over.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed | State::HandedOver)
+    }
+
+    /// Feeds bytes received from the peer (decrypted, once TLS has started).
+    pub fn handle_input(&mut self, data: &[u8]) {
+        match self.state {
+            State::Closed => {}
+            State::HandedOver => self.fail(Error::InputAfterHandover),
+            State::Data => self.decode(data),
+            _ => {
+                self.input.extend_from_slice(data);
+                self.advance();
+            }
+        }
+    }
+
+    /// The peer closed its side of the stream.
+    pub fn handle_eof(&mut self) {
+        match self.state {
+            State::Closed | State::HandedOver => {}
+            State::Data if self.decoder.as_ref().is_some_and(Decoder::has_partial) => {
+                self.fail(Error::TruncatedMessage)
+            }
+            _ => self.fail(Error::PeerClosed),
+        }
+    }
+
+    /// The host's answer to [`Output::Greeting`]; ignored at any other time.
+    pub fn handle_verdict(&mut self, verdict: Verdict) {
+        if self.state != State::Verdict {
+            return;
+        }
+        match verdict {
+            Verdict::Accept => {
+                self.state = State::Greeting2;
+                self.advance();
+            }
+            Verdict::AlreadyConnected => {
+                let node = self
+                    .remote
+                    .as_ref()
+                    .map(|r| r.greeting.node_id.clone())
+                    .unwrap_or_default();
+                self.fail(Error::AlreadyConnected(node));
+            }
+        }
+    }
+
+    /// Advances the clock: fails a handshake past its deadline, sends due keepalives.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        match self.state {
+            State::Closed | State::HandedOver => {}
+            State::Data => {
+                let Some(k) = &mut self.keepalive else { return };
+                if now < k.due {
+                    return;
+                }
+                k.due = now.saturating_add(k.interval);
+                if !std::mem::take(&mut k.sent_since) {
+                    // `[]`, the reference's keepalive, cannot fail to encode.
+                    let _ = self.send(&[0x80]);
+                    if let Some(k) = &mut self.keepalive {
+                        k.sent_since = false;
+                    }
+                }
+            }
+            _ if now >= self.handshake_deadline => self.fail(Error::HandshakeTimeout),
+            _ => {}
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match self.state {
+            State::Closed | State::HandedOver => None,
+            State::Data => self.keepalive.as_ref().map(|k| k.due),
+            _ => Some(self.handshake_deadline),
+        }
+    }
+
+    /// The next thing for the host to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Queues one message (a CBOR array `[PORT, ARGS...]`) for the peer, converted to the
+    /// framing we send in. Nothing is queued when it fails.
+    pub fn send(&mut self, message: &[u8]) -> Result<(), SendError> {
+        let framing = match self.state {
+            State::Data => self.session.as_ref().map(|s| s.send_framing),
+            State::Closed | State::HandedOver => return Err(SendError::Closed),
+            _ => return Err(SendError::NotConnected),
+        }
+        .ok_or(SendError::NotConnected)?;
+        // Consecutive sends share one transmit buffer.
+        if !matches!(self.outputs.back(), Some(Output::Transmit(_))) {
+            self.outputs.push_back(Output::Transmit(Vec::new()));
+        }
+        let Some(Output::Transmit(buf)) = self.outputs.back_mut() else {
+            unreachable!("a transmit buffer was just pushed")
+        };
+        let result = framing::encode(framing, message, &self.config.limits, buf);
+        if buf.is_empty() {
+            self.outputs.pop_back();
+        }
+        result?;
+        if let Some(k) = &mut self.keepalive {
+            k.sent_since = true;
+        }
+        Ok(())
+    }
+
+    fn transmit(&mut self, bytes: Vec<u8>) {
+        match self.outputs.back_mut() {
+            Some(Output::Transmit(buf)) => buf.extend_from_slice(&bytes),
+            _ => self.outputs.push_back(Output::Transmit(bytes)),
+        }
+    }
+
+    fn fail(&mut self, error: Error) {
+        self.state = State::Closed;
+        self.input = Vec::new();
+        self.decoder = None;
+        self.outputs.push_back(Output::Closed(error));
+    }
+
+    /// Consumes complete handshake lines until the handshake waits for input or the host.
+    fn advance(&mut self) {
+        loop {
+            if self.state == State::Verdict {
+                // A correct peer sends at most its nonce and auth lines before our verdict.
+                if self.input.len() > 2 * MAX_LINE {
+                    self.fail(Error::LineTooLong(MAX_LINE));
+                }
+                return;
+            }
+            let line = match greeting::take_line(&self.input) {
+                Ok(Some((line, used))) => {
+                    let line = line.to_vec();
+                    self.input.drain(..used);
+                    line
+                }
+                Ok(None) => return,
+                Err(e) => return self.fail(e),
+            };
+            let step = match self.state {
+                State::Greeting1 => self.on_greeting1(line),
+                State::Greeting2 => self.on_nonce(line),
+                State::AuthLine => self.on_auth_line(&line),
+                _ => return,
+            };
+            if let Err(e) = step {
+                return self.fail(e);
+            }
+            if !matches!(
+                self.state,
+                State::Greeting1 | State::Verdict | State::Greeting2 | State::AuthLine
+            ) {
+                return;
+            }
+        }
+    }
+
+    fn on_greeting1(&mut self, line: Vec<u8>) -> Result<(), Error> {
+        let g = Greeting::parse(&line);
+        // An `aemp` side follows a remote that asks for an upgraded protocol.
+        if self.config.protocol == "aemp" && g.protocol != "aemp" && is_protocol(&g.protocol) {
+            self.config.protocol = g.protocol.clone();
+        }
+        if g.protocol != self.config.protocol && g.protocol != "aemp" {
+            return Err(Error::UnparsableGreeting {
+                expected: self.config.protocol.clone(),
+                got: g.protocol,
+            });
+        }
+        if g.version.trim().parse::<f64>().ok() != Some(f64::from(PROTOCOL_VERSION)) {
+            return Err(Error::VersionMismatch(g.version));
+        }
+        if self.config.protocol == "aemp" && g.node_id == self.config.node_id {
+            return Err(Error::SelfConnection);
+        }
+        self.outputs.push_back(Output::Greeting(g.clone()));
+        self.remote = Some(Remote {
+            greeting: g,
+            line1: line,
+        });
+        self.state = State::Verdict;
+        Ok(())
+    }
+
+    fn on_nonce(&mut self, nonce: Vec<u8>) -> Result<(), Error> {
+        let Some(remote) = &self.remote else {
+            unreachable!("line 1 precedes the nonce")
+        };
+        if nonce == self.local_nonce.as_bytes() {
+            // Identical nonces are an echo, whatever line 1 said (and would leave both
+            // sides wanting the same TLS role).
+            return Err(Error::EchoAttack);
+        }
+        let mut remote_lines = remote.line1.clone();
+        remote_lines.push(b'\n');
+        remote_lines.extend_from_slice(&nonce);
+        remote_lines.push(b'\n');
+        let g = &remote.greeting;
+        let tls = self.config.tls && g.wants_tls();
+        let send_auth = auth::choose(&g.auths, &self.config.auth_offer, tls)?;
+        let send_framing = g
+            .framings
+            .iter()
+            .find_map(|name| Framing::from_name(name).filter(|f| self.config.framings.contains(f)))
+            .ok_or_else(|| Error::NoCommonFraming(g.framings.join(",")))?;
+        let transcript = Transcript {
+            local: self.local_lines.clone(),
+            remote: remote_lines,
+        };
+        let token = auth::local_token(send_auth, tls, self.config.secret(), &transcript)?;
+        if tls {
+            let role = if self.local_nonce.as_bytes() < nonce.as_slice() {
+                TlsRole::Client
+            } else {
+                TlsRole::Server
+            };
+            let leftover = std::mem::take(&mut self.input);
+            self.outputs.push_back(Output::StartTls { role, leftover });
+        }
+        self.transmit(
+            format!("{};{};{}\n", send_auth.name(), token, send_framing.name()).into_bytes(),
+        );
+        self.plan = Some(Plan {
+            tls,
+            send_auth,
+            send_framing,
+            transcript,
+        });
+        self.state = State::AuthLine;
+        Ok(())
+    }
+
+    fn on_auth_line(&mut self, line: &[u8]) -> Result<(), Error> {
+        let (Some(plan), Some(remote)) = (&self.plan, &self.remote) else {
+            unreachable!("the nonce precedes the auth line")
+        };
+        let line = String::from_utf8_lossy(line);
+        let mut fields = line.split(';');
+        let method = fields.next().unwrap_or_default();
+        let token = fields.next().unwrap_or_default();
+        let framing_name = fields.next().unwrap_or_default();
+        let recv_auth = auth::verify(
+            method,
+            token,
+            &self.config.auth_accept,
+            plan.tls,
+            self.config.secret(),
+            &plan.transcript,
+        )?;
+        let recv_framing = Framing::from_name(framing_name)
+            .filter(|f| self.config.framings.contains(f))
+            .ok_or_else(|| Error::UnusableRemoteFraming(framing_name.to_owned()))?;
+        let session = Session {
+            remote_node: remote.greeting.node_id.clone(),
+            protocol: self.config.protocol.clone(),
+            tls: plan.tls,
+            send_auth: plan.send_auth,
+            recv_auth,
+            untrusted: recv_auth == AuthMethod::TlsAnon,
+            send_framing: plan.send_framing,
+            recv_framing,
+        };
+        let upgraded = session.protocol != "aemp";
+        self.outputs.push_back(Output::Connected(session.clone()));
+        self.session = Some(session);
+        self.plan = None;
+        let rest = std::mem::take(&mut self.input);
+        if upgraded {
+            self.state = State::HandedOver;
+            self.outputs
+                .push_back(Output::HandedOver { leftover: rest });
+        } else {
+            self.state = State::Data;
+            self.decoder = Some(Decoder::new(recv_framing));
+            self.keepalive = self.config.keepalive_interval_ms.map(|interval| Keepalive {
+                interval,
+                due: self.now.saturating_add(interval),
+                sent_since: true,
+            });
+            self.decode(&rest);
+        }
+        Ok(())
+    }
+
+    fn decode(&mut self, data: &[u8]) {
+        let Some(decoder) = &mut self.decoder else {
+            return;
+        };
+        let outputs = &mut self.outputs;
+        let result = decoder.decode(data, &self.config.limits, &mut |m| {
+            outputs.push_back(Output::Message(m))
+        });
+        if let Err(e) = result {
+            self.fail(e.into());
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Why a connection ended, and why a configuration or a message was refused.
+//!
+//! The `Display` text of [`Error`] is the reference implementation's wording where it has
+//! one, so logs read the same on both sides of a mixed network.
+
+use thiserror::Error;
+
+use crate::PROTOCOL_VERSION;
+
+/// A fatal protocol error: the connection is over once the engine reports one.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The remote protocol word is neither ours nor `aemp`.
+    #[error("unparsable greeting, expected '{expected}', got '{got}'")]
+    UnparsableGreeting { expected: String, got: String },
+    /// The remote speaks another protocol version.
+    #[error("version mismatch (we: {PROTOCOL_VERSION}, they: {0})")]
+    VersionMismatch(String),
+    /// The remote node id is our own.
+    #[error("I refuse to talk to myself")]
+    SelfConnection,
+    /// The host refused the remote node because it already has a working connection.
+    #[error("{0} already connected, not connecting again.")]
+    AlreadyConnected(String),
+    /// The remote greeting repeats ours, or its nonce equals ours.
+    #[error("authentication error, echo attack?")]
+    EchoAttack,
+    /// None of the remote's accepted auth methods is one we may send.
+    #[error("{0}: no common auth type supported")]
+    NoCommonAuth(String),
+    /// None of the remote's framings is one we support.
+    #[error("{0}: no common framing method supported")]
+    NoCommonFraming(String),
+    /// The auth method chosen cannot be generated in this situation.
+    #[error("{0}: fatal, selected unsupported snd auth method")]
+    UnsupportedSendAuth(String),
+    /// Neither TLS nor a secret is available to authenticate with.
+    #[error("unable to handshake TLS and no shared secret configured")]
+    NoTlsNoSecret,
+    /// The remote authenticated with a method we do not accept.
+    #[error("{0}: fatal, selected unsupported rcv auth method")]
+    UnsupportedRecvAuth(String),
+    /// The remote's authentication token is wrong.
+    #[error("authentication failure/shared secret mismatch")]
+    AuthFailure,
+    /// The remote announced a framing for its messages that we did not offer.
+    #[error("{0}: unusable remote framing")]
+    UnusableRemoteFraming(String),
+    /// A handshake line, terminator included, is longer than the limit.
+    #[error("greeting line longer than {0} bytes")]
+    LineTooLong(usize),
+    /// The handshake did not complete within `monitor_timeout`.
+    #[error("Connection timed out")]
+    HandshakeTimeout,
+    /// The peer closed the connection.
+    #[error("connection closed by peer")]
+    PeerClosed,
+    /// The peer closed the connection in the middle of a message.
+    #[error("connection closed by peer inside a message")]
+    TruncatedMessage,
+    /// Bytes arrived after the stream was handed over to TLS or to an upgraded protocol.
+    #[error("input after the stream was handed over")]
+    InputAfterHandover,
+    /// A received message breaks the configured limits or the framing's syntax.
+    #[error("received message rejected: {0}")]
+    Message(#[from] MessageError),
+}
+
+/// Why a message (received or to be sent) was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// The encoded message is larger than `max_message_size`.
+    #[error("message larger than {0} bytes")]
+    TooLarge(usize),
+    /// Arrays and maps are nested deeper than `max_depth`.
+    #[error("message nested deeper than {0} levels")]
+    TooDeep(usize),
+    /// A message must be an array `[PORT, ARGS...]`.
+    #[error("message is not an array")]
+    NotAnArray,
+    /// The bytes are not valid in the framing (or, for the API, not one CBOR item).
+    #[error("malformed {framing}: {detail}")]
+    Malformed {
+        framing: &'static str,
+        detail: String,
+    },
+    /// The value has no equivalent in JSON (a NaN, a map key that is not a string...).
+    #[error("cannot be sent as json: {0}")]
+    NotJson(String),
+}
+
+/// Why `send` refused a message. Nothing is sent when it fails.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The handshake has not completed yet.
+    #[error("not connected yet")]
+    NotConnected,
+    /// The connection is closed, or was handed over to an upgraded protocol.
+    #[error("connection closed")]
+    Closed,
+    /// The message itself is unacceptable.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Node ids must be non-empty and free of `;`, `#`, CR and LF.
+    #[error("invalid node id '{0}': must be non-empty and contain none of ';', '#', CR, LF")]
+    InvalidNodeId(String),
+    /// The protocol word must be `aemp` or `aemp-NAME` (NAME made of word characters).
+    #[error("invalid protocol '{0}': expected 'aemp' or 'aemp-NAME'")]
+    InvalidProtocol(String),
+    /// At least one framing is needed.
+    #[error("no framing configured")]
+    NoFraming,
+    /// Greeting keys must be non-empty and free of `=`, CR and LF.
+    #[error("invalid greeting key '{0}'")]
+    InvalidGreetingKey(String),
+    /// Greeting values may not contain CR or LF.
+    #[error("invalid greeting value for '{0}'")]
+    InvalidGreetingValue(String),
+}

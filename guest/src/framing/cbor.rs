@@ -1,0 +1,481 @@
+//! CBOR framing: a sequence of CBOR data items, one message each.
+//!
+//! [`Scanner`] finds where an item ends in a growing buffer without re-reading what it
+//! has already checked, and checks well-formedness, UTF-8 of text strings, nesting depth
+//! and size on the way, so nothing a peer sends can make the engine buffer or recurse
+//! without bound. [`to_json`] turns a checked item into JSON text.
+
+use minicbor::Decoder;
+use minicbor::data::Type;
+
+use super::{Limits, Scan};
+use crate::error::MessageError;
+
+const FRAMING: &str = "cbor";
+
+fn malformed(detail: impl Into<String>) -> MessageError {
+    MessageError::Malformed {
+        framing: FRAMING,
+        detail: detail.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Frame {
+    /// A definite array or map with this many items (keys and values) still to come.
+    Items(u64),
+    /// An indefinite array or map; `count` items so far.
+    Indefinite { map: bool, count: u64 },
+    /// An indefinite byte (2) or text (3) string: definite chunks of that type until break.
+    Chunks(u8),
+}
+
+/// Resumable end-of-item finder for one message; positions are relative to its first byte.
+#[derive(Debug, Default)]
+pub(crate) struct Scanner {
+    pos: usize,
+    depth: usize,
+    after_tag: bool,
+    stack: Vec<Frame>,
+}
+
+/// One item header: major type, additional information, argument, header length.
+struct Header {
+    major: u8,
+    info: u8,
+    arg: u64,
+    len: usize,
+}
+
+fn header(buf: &[u8]) -> Result<Option<Header>, MessageError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    let (major, info) = (first >> 5, first & 0x1f);
+    let extra = match info {
+        0..=23 | 31 => 0,
+        24 => 1,
+        25 => 2,
+        26 => 4,
+        27 => 8,
+        _ => return Err(malformed(format!("reserved additional information {info}"))),
+    };
+    let Some(bytes) = buf.get(1..1 + extra) else {
+        return Ok(None);
+    };
+    let arg = match info {
+        0..=23 => u64::from(info),
+        31 => 0,
+        _ => bytes.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b)),
+    };
+    Ok(Some(Header {
+        major,
+        info,
+        arg,
+        len: 1 + extra,
+    }))
+}
+
+impl Scanner {
+    /// Scans `msg` (the bytes of one message from its start, possibly more) from where the
+    /// previous call stopped.
+    pub(crate) fn scan(&mut self, msg: &[u8], limits: &Limits) -> Result<Scan, MessageError> {
+        loop {
+            let rest = msg.get(self.pos..).unwrap_or_default();
+            let Some(h) = header(rest)? else {
+                return self.partial(msg, limits);
+            };
+            if self.pos == 0 && h.major != 4 {
+                return Err(MessageError::NotAnArray);
+            }
+            if let Some(&Frame::Chunks(major)) = self.stack.last() {
+                if !(h.major == major && h.info != 31 || h.major == 7 && h.info == 31) {
+                    return Err(malformed("bad chunk in an indefinite-length string"));
+                }
+            }
+            let after_tag = std::mem::take(&mut self.after_tag);
+            let mut advance = h.len;
+            let mut done = true;
+            match (h.major, h.info) {
+                (0 | 1 | 6, 31) => return Err(malformed("indefinite length on an integer or tag")),
+                (0 | 1, _) => {}
+                (2 | 3, 31) => {
+                    self.stack.push(Frame::Chunks(h.major));
+                    done = false;
+                }
+                (2 | 3, _) => {
+                    let end = usize::try_from(h.arg)
+                        .ok()
+                        .and_then(|n| (self.pos + h.len).checked_add(n))
+                        .filter(|&end| end <= limits.max_message_size)
+                        .ok_or(MessageError::TooLarge(limits.max_message_size))?;
+                    let Some(content) = msg.get(self.pos + h.len..end) else {
+                        return self.partial(msg, limits);
+                    };
+                    if h.major == 3 && std::str::from_utf8(content).is_err() {
+                        return Err(malformed("text string is not UTF-8"));
+                    }
+                    advance = end - self.pos;
+                }
+                (4 | 5, 31) => {
+                    self.enter(limits)?;
+                    self.stack.push(Frame::Indefinite {
+                        map: h.major == 5,
+                        count: 0,
+                    });
+                    done = false;
+                }
+                (4 | 5, _) => {
+                    let items = if h.major == 5 {
+                        h.arg.checked_mul(2)
+                    } else {
+                        Some(h.arg)
+                    };
+                    // Every item takes at least one byte, so a count past the size limit
+                    // can be refused before any of it arrives.
+                    let items = items
+                        .filter(|&n| n <= limits.max_message_size as u64)
+                        .ok_or(MessageError::TooLarge(limits.max_message_size))?;
+                    self.enter(limits)?;
+                    if items > 0 {
+                        self.stack.push(Frame::Items(items));
+                        done = false;
+                    } else {
+                        self.depth -= 1;
+                    }
+                }
+                (6, _) => {
+                    self.after_tag = true;
+                    done = false;
+                }
+                (7, 24) if h.arg < 32 => {
+                    return Err(malformed("two-byte encoding of a simple value below 32"));
+                }
+                (7, 31) => {
+                    if after_tag {
+                        return Err(malformed("break after a tag"));
+                    }
+                    match self.stack.pop() {
+                        Some(Frame::Chunks(_)) => {}
+                        Some(Frame::Indefinite { map, count }) => {
+                            if map && count % 2 == 1 {
+                                return Err(malformed("map with a key but no value"));
+                            }
+                            self.depth -= 1;
+                        }
+                        _ => return Err(malformed("unexpected break")),
+                    }
+                }
+                _ => {}
+            }
+            self.pos += advance;
+            if self.pos > limits.max_message_size {
+                return Err(MessageError::TooLarge(limits.max_message_size));
+            }
+            if done && self.item_done() {
+                let end = self.pos;
+                *self = Scanner::default();
+                return Ok(Scan::Complete(end));
+            }
+        }
+    }
+
+    fn enter(&mut self, limits: &Limits) -> Result<(), MessageError> {
+        self.depth += 1;
+        if self.depth > limits.max_depth {
+            return Err(MessageError::TooDeep(limits.max_depth));
+        }
+        Ok(())
+    }
+
+    /// Counts a finished item in its container; true when the whole message is finished.
+    fn item_done(&mut self) -> bool {
+        loop {
+            match self.stack.last_mut() {
+                None => return true,
+                Some(Frame::Items(n)) => {
+                    *n -= 1;
+                    if *n > 0 {
+                        return false;
+                    }
+                    self.stack.pop();
+                    self.depth -= 1;
+                }
+                Some(Frame::Indefinite { count, .. }) => {
+                    *count += 1;
+                    return false;
+                }
+                Some(Frame::Chunks(_)) => return false,
+            }
+        }
+    }
+
+    fn partial(&self, msg: &[u8], limits: &Limits) -> Result<Scan, MessageError> {
+        if msg.len() > limits.max_message_size {
+            return Err(MessageError::TooLarge(limits.max_message_size));
+        }
+        Ok(Scan::Partial)
+    }
+}
+
+/// Writes a checked CBOR item as JSON. Byte strings become JSON strings of the characters
+/// U+0000..U+00FF, as Perl's JSON encoder writes byte strings; tags are dropped; map keys
+/// that are integers become their decimal text.
+pub(crate) fn to_json(item: &[u8], out: &mut Vec<u8>) -> Result<(), MessageError> {
+    let mut d = Decoder::new(item);
+    value(&mut d, out).map_err(|e| match e {
+        Failure::NotJson(why) => MessageError::NotJson(why),
+        Failure::Cbor(e) => malformed(e.to_string()),
+    })
+}
+
+enum Failure {
+    NotJson(String),
+    Cbor(minicbor::decode::Error),
+}
+
+impl From<minicbor::decode::Error> for Failure {
+    fn from(e: minicbor::decode::Error) -> Self {
+        Failure::Cbor(e)
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn latin1(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| char::from(b)).collect()
+}
+
+fn write_float(out: &mut Vec<u8>, f: f64) -> Result<(), Failure> {
+    if !f.is_finite() {
+        return Err(Failure::NotJson(format!("{f} is not a JSON number")));
+    }
+    let _ = serde_json::to_writer(&mut *out, &f);
+    Ok(())
+}
+
+/// Consumes the break that ends an indefinite container, if it is next.
+fn at_break(d: &mut Decoder) -> Result<bool, Failure> {
+    if d.datatype()? == Type::Break {
+        d.set_position(d.position() + 1);
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+fn value(d: &mut Decoder, out: &mut Vec<u8>) -> Result<(), Failure> {
+    match d.datatype()? {
+        Type::Bool => out.extend_from_slice(if d.bool()? { b"true" } else { b"false" }),
+        Type::Null | Type::Undefined => {
+            d.skip()?;
+            out.extend_from_slice(b"null");
+        }
+        Type::U8 | Type::U16 | Type::U32 | Type::U64 => {
+            out.extend_from_slice(d.u64()?.to_string().as_bytes())
+        }
+        Type::I8 | Type::I16 | Type::I32 | Type::I64 | Type::Int => {
+            out.extend_from_slice(i128::from(d.int()?).to_string().as_bytes())
+        }
+        Type::F16 | Type::F32 | Type::F64 => write_float(out, d.f64()?)?,
+        Type::String | Type::StringIndef => write_str(out, &text(d)?),
+        Type::Bytes | Type::BytesIndef => write_str(out, &latin1(&bytes(d)?)),
+        Type::Array | Type::ArrayIndef => {
+            let len = d.array()?;
+            out.push(b'[');
+            let mut i = 0u64;
+            loop {
+                let more = match len {
+                    Some(n) => i < n,
+                    None => !at_break(d)?,
+                };
+                if !more {
+                    break;
+                }
+                if i > 0 {
+                    out.push(b',');
+                }
+                value(d, out)?;
+                i += 1;
+            }
+            out.push(b']');
+        }
+        Type::Map | Type::MapIndef => {
+            let len = d.map()?;
+            out.push(b'{');
+            let mut i = 0u64;
+            loop {
+                let more = match len {
+                    Some(n) => i < n,
+                    None => !at_break(d)?,
+                };
+                if !more {
+                    break;
+                }
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, &key(d)?);
+                out.push(b':');
+                value(d, out)?;
+                i += 1;
+            }
+            out.push(b'}');
+        }
+        Type::Tag => {
+            d.tag()?;
+            value(d, out)?;
+        }
+        other => return Err(Failure::NotJson(format!("CBOR {other} has no JSON form"))),
+    }
+    Ok(())
+}
+
+fn text(d: &mut Decoder) -> Result<String, Failure> {
+    let mut s = String::new();
+    for chunk in d.str_iter()? {
+        s.push_str(chunk?);
+    }
+    Ok(s)
+}
+
+fn bytes(d: &mut Decoder) -> Result<Vec<u8>, Failure> {
+    let mut v = Vec::new();
+    for chunk in d.bytes_iter()? {
+        v.extend_from_slice(chunk?);
+    }
+    Ok(v)
+}
+
+fn key(d: &mut Decoder) -> Result<String, Failure> {
+    match d.datatype()? {
+        Type::Tag => {
+            d.tag()?;
+            key(d)
+        }
+        Type::String | Type::StringIndef => text(d),
+        Type::Bytes | Type::BytesIndef => Ok(latin1(&bytes(d)?)),
+        Type::U8
+        | Type::U16
+        | Type::U32
+        | Type::U64
+        | Type::I8
+        | Type::I16
+        | Type::I32
+        | Type::I64
+        | Type::Int => Ok(i128::from(d.int()?).to_string()),
+        other => Err(Failure::NotJson(format!(
+            "a CBOR {other} cannot be a JSON object key"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_message_size: 1 << 20,
+        max_depth: 128,
+    };
+
+    fn scan_all(item: &[u8], limits: &Limits) -> Result<Scan, MessageError> {
+        Scanner::default().scan(item, limits)
+    }
+
+    fn json(item: &[u8]) -> String {
+        let mut out = Vec::new();
+        to_json(item, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn finds_item_ends() {
+        // ["port", h'ff', {1: -1}, [_ 1, 2], (_ "a", "b"), 1.5, true, null]
+        let item = b"\x88\x64port\x41\xff\xa1\x01\x20\x9f\x01\x02\xff\x7f\x61a\x61b\xff\xf9\x3e\x00\xf5\xf6";
+        assert_eq!(scan_all(item, &LIMITS), Ok(Scan::Complete(item.len())));
+        let mut more = item.to_vec();
+        more.extend_from_slice(b"\x80");
+        assert_eq!(scan_all(&more, &LIMITS), Ok(Scan::Complete(item.len())));
+        // Byte by byte, resuming.
+        let mut s = Scanner::default();
+        for end in 1..item.len() {
+            assert_eq!(s.scan(&item[..end], &LIMITS), Ok(Scan::Partial), "at {end}");
+        }
+        assert_eq!(s.scan(item, &LIMITS), Ok(Scan::Complete(item.len())));
+        assert_eq!(
+            json(item),
+            r#"["port","ÿ",{"1":-1},[1,2],"ab",1.5,true,null]"#
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_and_oversized() {
+        assert_eq!(scan_all(b"\x01", &LIMITS), Err(MessageError::NotAnArray));
+        assert!(matches!(
+            scan_all(b"\x81\x1c", &LIMITS),
+            Err(MessageError::Malformed { .. })
+        ));
+        assert!(matches!(
+            scan_all(b"\x81\x62\xff\xfe", &LIMITS),
+            Err(MessageError::Malformed { .. })
+        ));
+        assert!(matches!(
+            scan_all(b"\x81\xff", &LIMITS),
+            Err(MessageError::Malformed { .. })
+        ));
+        assert!(matches!(
+            scan_all(b"\x9f\xbf\x01\xff", &LIMITS),
+            Err(MessageError::Malformed { .. })
+        ));
+        assert!(matches!(
+            scan_all(b"\x81\x7f\x41a\xff", &LIMITS),
+            Err(MessageError::Malformed { .. })
+        ));
+        assert!(matches!(
+            scan_all(b"\x81\xc1\xff", &LIMITS),
+            Err(MessageError::Malformed { .. })
+        ));
+        // A declared length past the limit is refused before the content arrives.
+        let small = Limits {
+            max_message_size: 100,
+            max_depth: 4,
+        };
+        assert_eq!(
+            scan_all(b"\x81\x5a\x00\x01\x00\x00", &small),
+            Err(MessageError::TooLarge(100))
+        );
+        assert_eq!(
+            scan_all(b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff", &small),
+            Err(MessageError::TooLarge(100))
+        );
+        assert_eq!(
+            scan_all(&[0x81; 101], &small),
+            Err(MessageError::TooDeep(4))
+        );
+        assert_eq!(
+            scan_all(b"\x81\x81\x81\x81\x80", &small),
+            Err(MessageError::TooDeep(4))
+        );
+        assert_eq!(scan_all(b"\x81\x81\x81\x80", &small), Ok(Scan::Complete(4)));
+    }
+
+    #[test]
+    fn json_refuses_what_json_cannot_say() {
+        let mut out = Vec::new();
+        assert!(matches!(
+            to_json(b"\x81\xf9\x7e\x00", &mut out),
+            Err(MessageError::NotJson(_))
+        ));
+        assert!(matches!(
+            to_json(b"\x81\xa1\x80\x01", &mut out),
+            Err(MessageError::NotJson(_))
+        ));
+        assert_eq!(
+            json(b"\x82\xc2\x41\x01\x3b\xff\xff\xff\xff\xff\xff\xff\xff"),
+            "[\"\\u0001\",-18446744073709551616]"
+        );
+    }
+}

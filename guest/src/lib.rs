@@ -1,0 +1,29 @@
+//! The AEMP protocol engine: AnyEvent::MP's node-to-node transport as a sans-IO state
+//! machine. It never does I/O, never reads a clock and never draws randomness: the host
+//! feeds bytes, time and nonces, and acts on what the engine outputs.
+//!
+//! Start with [`Connection`]. The same code is exported as a WebAssembly component
+//! (world `aemp:engine/engine`, see `wit/`) when built for `wasm32`.
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod framing;
+pub mod greeting;
+
+#[cfg(target_arch = "wasm32")]
+mod component;
+
+pub use auth::AuthMethod;
+pub use config::Config;
+pub use connection::{Connection, Output, Session, TlsRole, Verdict};
+pub use error::{ConfigError, Error, MessageError, SendError};
+pub use framing::{Framing, Limits};
+pub use greeting::{Greeting, NONCE_LEN};
+
+/// The AEMP protocol version this engine speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What we announce as `provider` in the greeting.
+pub const PROVIDER: &str = concat!("aemp-", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,216 @@
+//! Two engines back to back in memory: every auth method with every framing combination,
+//! messages both ways, keepalives, protocol upgrade.
+
+mod support;
+
+use aemp_engine::{AuthMethod, Framing, Output, TlsRole};
+use support::*;
+
+/// Configurations where A sends in `a_sends` and B in `b_sends`.
+fn framed(a_sends: Framing, b_sends: Framing) -> (aemp_engine::Config, aemp_engine::Config) {
+    let mut a = config("alpha");
+    let mut b = config("beta");
+    // Each side sends in the first framing of the *other* side's list that it supports.
+    let other = |f: Framing| {
+        if f == Framing::Cbor {
+            Framing::Json
+        } else {
+            Framing::Cbor
+        }
+    };
+    b.framings = vec![a_sends, other(a_sends)];
+    a.framings = vec![b_sends, other(b_sends)];
+    (a, b)
+}
+
+fn exchange(pair: &mut Pair, a_sends: Framing, b_sends: Framing) {
+    let for_b = if a_sends == Framing::Cbor {
+        [json_safe_messages(), cbor_only_messages()].concat()
+    } else {
+        json_safe_messages()
+    };
+    let for_a = if b_sends == Framing::Cbor {
+        [cbor_only_messages(), json_safe_messages()].concat()
+    } else {
+        json_safe_messages()
+    };
+    for m in &for_b {
+        pair.a.conn.send(m).unwrap();
+    }
+    for m in &for_a {
+        pair.b.conn.send(m).unwrap();
+    }
+    pair.drive();
+    assert_eq!(pair.b.messages(), for_b);
+    assert_eq!(pair.a.messages(), for_a);
+}
+
+#[test]
+fn every_auth_method_with_every_framing_combination() {
+    let methods = [
+        AuthMethod::HmacSha3_512,
+        AuthMethod::TlsSha3_512,
+        AuthMethod::TlsAnon,
+    ];
+    for method in methods {
+        for a_sends in Framing::ALL {
+            for b_sends in Framing::ALL {
+                let (mut a, mut b) = framed(a_sends, b_sends);
+                for c in [&mut a, &mut b] {
+                    c.tls = method.needs_tls();
+                    c.auth_offer = vec![method];
+                }
+                let mut pair = Pair::new(a, b);
+                pair.drive();
+                assert!(
+                    pair.connected(),
+                    "{method:?} {a_sends:?}/{b_sends:?}: {:?} {:?}",
+                    pair.a.error(),
+                    pair.b.error()
+                );
+                let (sa, sb) = (
+                    pair.a.session().unwrap().clone(),
+                    pair.b.session().unwrap().clone(),
+                );
+                assert_eq!((sa.send_auth, sa.recv_auth), (method, method));
+                assert_eq!((sa.send_framing, sa.recv_framing), (a_sends, b_sends));
+                assert_eq!((sb.send_framing, sb.recv_framing), (b_sends, a_sends));
+                assert_eq!(sa.remote_node, "beta");
+                assert_eq!(sb.remote_node, "alpha");
+                assert_eq!(sa.tls, method.needs_tls());
+                assert_eq!(sa.untrusted, method == AuthMethod::TlsAnon);
+                if method.needs_tls() {
+                    // A's nonce line sorts lower, so A is the TLS client.
+                    assert_eq!(pair.a.tls, Some(TlsRole::Client));
+                    assert_eq!(pair.b.tls, Some(TlsRole::Server));
+                }
+                exchange(&mut pair, a_sends, b_sends);
+            }
+        }
+    }
+}
+
+#[test]
+fn tls_is_used_only_when_both_sides_want_it() {
+    let mut a = config("alpha");
+    a.tls = true;
+    let mut pair = Pair::new(a, config("beta"));
+    pair.drive();
+    assert!(pair.connected());
+    assert_eq!(pair.a.tls, None);
+    assert_eq!(
+        pair.a.session().unwrap().send_auth,
+        AuthMethod::HmacSha3_512
+    );
+}
+
+#[test]
+fn greeting_event_comes_before_the_handshake_goes_on() {
+    let mut pair = Pair::new(config("alpha"), config("beta"));
+    pair.drive();
+    let Output::Greeting(g) = &pair.a.events[0] else {
+        panic!("{:?}", pair.a.events)
+    };
+    assert_eq!(g.node_id, "beta");
+    assert_eq!(g.get("provider"), Some("test"));
+    assert!(matches!(pair.a.events[1], Output::Connected(_)));
+}
+
+#[test]
+fn keepalive_after_a_silent_interval() {
+    let (mut a, b) = framed(Framing::Json, Framing::Json);
+    a.keepalive_interval_ms = Some(1000);
+    let mut pair = Pair::new(a, b);
+    pair.drive();
+    assert_eq!(pair.a.conn.poll_timeout(), Some(1000));
+    // Something was sent (the auth line) during the first interval: no keepalive.
+    pair.a.conn.handle_timeout(1000);
+    assert_eq!(pair.a.pump(), b"");
+    pair.a.conn.handle_timeout(2000);
+    assert_eq!(pair.a.pump(), b"[]");
+    pair.a.conn.send(&json_safe_messages()[0]).unwrap();
+    pair.a.pump();
+    pair.a.conn.handle_timeout(3000);
+    assert_eq!(pair.a.pump(), b"");
+    assert_eq!(pair.a.conn.poll_timeout(), Some(4000));
+    // The receiver does not report keepalives.
+    pair.b.conn.handle_input(b"[][\"\",\"\"]");
+    pair.b.pump();
+    assert!(pair.b.messages().is_empty());
+}
+
+#[test]
+fn no_timeout_once_connected_without_keepalive() {
+    let mut pair = Pair::new(config("alpha"), config("beta"));
+    assert_eq!(pair.a.conn.poll_timeout(), Some(30_000));
+    pair.drive();
+    assert_eq!(pair.a.conn.poll_timeout(), None);
+    pair.a.conn.handle_timeout(100_000);
+    pair.a.pump();
+    assert!(pair.a.error().is_none());
+}
+
+#[test]
+fn upgraded_protocol_hands_the_stream_over() {
+    let mut a = config("alpha");
+    a.protocol = "aemp-dataconn".into();
+    let mut pair = Pair::new(a, config("beta"));
+    pair.drive();
+    assert!(pair.connected());
+    assert_eq!(pair.b.session().unwrap().protocol, "aemp-dataconn");
+    assert_eq!(pair.a.session().unwrap().protocol, "aemp-dataconn");
+    assert!(
+        pair.b
+            .events
+            .iter()
+            .any(|e| matches!(e, Output::HandedOver { .. }))
+    );
+    assert!(pair.b.conn.is_closed());
+    assert!(pair.b.conn.send(&json_safe_messages()[0]).is_err());
+}
+
+#[test]
+fn crlf_lines_are_accepted() {
+    // B's bytes with every LF of the handshake turned into CR LF: same transcript.
+    let mut pair = Pair::new(config("alpha"), config("beta"));
+    let to_b = pair.a.pump();
+    let to_a = pair.b.pump();
+    let crlf: Vec<u8> = to_a
+        .iter()
+        .flat_map(|&b| {
+            if b == b'\n' {
+                vec![b'\r', b'\n']
+            } else {
+                vec![b]
+            }
+        })
+        .collect();
+    pair.a.conn.handle_input(&crlf);
+    pair.b.conn.handle_input(&to_b);
+    let auth_a = pair.a.pump();
+    let auth_b = pair.b.pump();
+    pair.b.conn.handle_input(&auth_a);
+    let mut auth_b_crlf = auth_b[..auth_b.len() - 1].to_vec();
+    auth_b_crlf.extend_from_slice(b"\r\n");
+    pair.a.conn.handle_input(&auth_b_crlf);
+    pair.drive();
+    assert!(
+        pair.connected(),
+        "{:?} {:?}",
+        pair.a.error(),
+        pair.b.error()
+    );
+}
+
+#[test]
+fn send_before_connected_and_bad_messages_are_refused() {
+    let mut pair = Pair::new(config("alpha"), config("beta"));
+    assert_eq!(
+        pair.a.conn.send(&json_safe_messages()[0]),
+        Err(aemp_engine::SendError::NotConnected)
+    );
+    pair.drive();
+    assert!(pair.a.conn.send(b"\x01").is_err());
+    assert!(pair.a.conn.send(b"\x82\x01").is_err());
+    assert_eq!(pair.a.pump(), b"", "nothing is queued by a refused send");
+}

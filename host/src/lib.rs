@@ -1,0 +1,11 @@
+//! aemp-host: runs the AEMP engine component sandboxed under wasmtime.
+//!
+//! The component is built from `guest/` by this crate's build script and embedded here as
+//! [`ENGINE_COMPONENT`]. [`Sandbox`] compiles it once and instantiates it cheaply.
+
+pub mod sandbox;
+
+pub use sandbox::{Instance, Sandbox, wit};
+
+/// The engine as a WebAssembly component (world `aemp:engine/engine`).
+pub static ENGINE_COMPONENT: &[u8] = include_bytes!(env!("AEMP_ENGINE_COMPONENT"));
