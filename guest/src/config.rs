@@ -73,6 +73,9 @@ impl Config {
         if self.framings.is_empty() {
             return Err(ConfigError::NoFraming);
         }
+        if self.limits.max_depth > MAX_DEPTH {
+            return Err(ConfigError::DepthTooLarge(self.limits.max_depth));
+        }
         for (key, value) in &self.greeting {
             if key.is_empty() || bad(key, &['=']) {
                 return Err(ConfigError::InvalidGreetingKey(key.clone()));
@@ -87,6 +90,10 @@ impl Config {
         Ok(())
     }
 }
+
+/// The deepest nesting a configuration may allow: converting between framings recurses
+/// once per level, and the stack (1 MiB in the component) must hold it with room to spare.
+pub const MAX_DEPTH: usize = 512;
 
 /// `aemp` or `aemp-NAME` with NAME made of word characters (the reference's `^aemp-\w+$`).
 pub(crate) fn is_protocol(word: &str) -> bool {
@@ -111,6 +118,9 @@ mod tests {
         assert!(c.validate().is_err());
         c.protocol = "aemp-dataconn".into();
         assert_eq!(c.validate(), Ok(()));
+        c.limits.max_depth = MAX_DEPTH + 1;
+        assert_eq!(c.validate(), Err(ConfigError::DepthTooLarge(MAX_DEPTH + 1)));
+        c.limits.max_depth = MAX_DEPTH;
         c.greeting.push(("k=".into(), "v".into()));
         assert!(c.validate().is_err());
     }

@@ -119,6 +119,9 @@ pub enum ConfigError {
     /// At least one framing is needed.
     #[error("no framing configured")]
     NoFraming,
+    /// `max_depth` is above [`crate::config::MAX_DEPTH`].
+    #[error("max_depth {0} is above the supported {max}", max = crate::config::MAX_DEPTH)]
+    DepthTooLarge(usize),
     /// Greeting keys must be non-empty and free of `=`, CR and LF.
     #[error("invalid greeting key '{0}'")]
     InvalidGreetingKey(String),

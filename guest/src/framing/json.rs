@@ -5,6 +5,7 @@
 //! parses the complete text and writes it as CBOR (strings as text strings).
 
 use minicbor::Encoder;
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::{Limits, Scan};
@@ -70,7 +71,11 @@ impl Scanner {
 
 /// Parses one complete JSON text (as delimited by [`Scanner`]) and writes it as CBOR.
 pub(crate) fn to_cbor(text: &[u8], out: &mut Vec<u8>) -> Result<(), MessageError> {
-    let value: Value = serde_json::from_slice(text).map_err(|e| MessageError::Malformed {
+    // The scanner has already bounded the depth, so serde_json's own fixed limit of 128
+    // levels (which would undercut a larger configured limit) is switched off.
+    let mut de = serde_json::Deserializer::from_slice(text);
+    de.disable_recursion_limit();
+    let value = Value::deserialize(&mut de).map_err(|e| MessageError::Malformed {
         framing: "json",
         detail: e.to_string(),
     })?;
