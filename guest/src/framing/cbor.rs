@@ -88,10 +88,10 @@ impl Scanner {
             if self.pos == 0 && h.major != 4 {
                 return Err(MessageError::NotAnArray);
             }
-            if let Some(&Frame::Chunks(major)) = self.stack.last() {
-                if !(h.major == major && h.info != 31 || h.major == 7 && h.info == 31) {
-                    return Err(malformed("bad chunk in an indefinite-length string"));
-                }
+            if let Some(&Frame::Chunks(major)) = self.stack.last()
+                && !(h.major == major && h.info != 31 || h.major == 7 && h.info == 31)
+            {
+                return Err(malformed("bad chunk in an indefinite-length string"));
             }
             let after_tag = std::mem::take(&mut self.after_tag);
             let mut advance = h.len;

@@ -1,0 +1,174 @@
+//! The built component under wasmtime: the same back-to-back handshake as the engine's
+//! native tests, through the WIT interface.
+
+use aemp_host::{ENGINE_COMPONENT, Instance, Sandbox, wit};
+use wasmtime::component::{Component, ResourceAny};
+
+const SECRET: &[u8] = b"geheim";
+
+/// One side: an instance with one connection in it.
+struct Side {
+    instance: Instance,
+    conn: ResourceAny,
+    events: Vec<wit::Output>,
+}
+
+impl Side {
+    /// A side that asks to receive in `framing` (first in its list) and understands both.
+    fn new(sandbox: &Sandbox, node: &str, framing: wit::Framing, secret: &[u8]) -> Side {
+        let mut instance = sandbox.instantiate().unwrap();
+        let mut config = instance.default_config(node).unwrap();
+        config.secret = Some(secret.to_vec());
+        let other = if framing == wit::Framing::Cbor {
+            wit::Framing::Json
+        } else {
+            wit::Framing::Cbor
+        };
+        config.framings = vec![framing, other];
+        let conn = instance.open(&config, 0).unwrap().unwrap();
+        Side {
+            instance,
+            conn,
+            events: Vec::new(),
+        }
+    }
+
+    fn pump(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for o in self.instance.poll_outputs(self.conn).unwrap() {
+            match o {
+                wit::Output::Transmit(bytes) => out.extend_from_slice(&bytes),
+                wit::Output::Greeting(g) => {
+                    self.events.push(wit::Output::Greeting(g));
+                    self.instance
+                        .handle_verdict(self.conn, wit::Verdict::Accept)
+                        .unwrap();
+                    out.extend(self.pump());
+                }
+                other => self.events.push(other),
+            }
+        }
+        out
+    }
+}
+
+fn drive(a: &mut Side, b: &mut Side) {
+    loop {
+        let to_b = a.pump();
+        let to_a = b.pump();
+        if to_a.is_empty() && to_b.is_empty() {
+            return;
+        }
+        b.instance.handle_input(b.conn, &to_b).unwrap();
+        a.instance.handle_input(a.conn, &to_a).unwrap();
+    }
+}
+
+#[test]
+fn component_imports_only_randomness() {
+    let engine = wasmtime::Engine::default();
+    let component = Component::new(&engine, ENGINE_COMPONENT).unwrap();
+    let ty = component.component_type();
+    let imports: Vec<String> = ty
+        .imports(&engine)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    assert_eq!(imports, ["wasi:random/random@0.2.0"]);
+    let exports: Vec<String> = ty
+        .exports(&engine)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    assert_eq!(exports, ["aemp:engine/transport@0.1.0"]);
+}
+
+#[test]
+fn handshake_and_messages_through_the_component() {
+    let sandbox = Sandbox::new().unwrap();
+    for (fa, fb) in [
+        (wit::Framing::Cbor, wit::Framing::Json),
+        (wit::Framing::Json, wit::Framing::Cbor),
+    ] {
+        // A sends in `fa` (B asks for it), B in `fb`.
+        let mut a = Side::new(&sandbox, "alpha", fb, SECRET);
+        let mut b = Side::new(&sandbox, "beta", fa, SECRET);
+        drive(&mut a, &mut b);
+        let session = a
+            .events
+            .iter()
+            .find_map(|e| {
+                if let wit::Output::Connected(s) = e {
+                    Some(s.clone())
+                } else {
+                    None
+                }
+            })
+            .expect("a connected");
+        assert_eq!(session.remote_node, "beta");
+        assert_eq!(session.send_auth, wit::AuthMethod::HmacSha3512);
+        assert_eq!((session.send_framing, session.recv_framing), (fa, fb));
+
+        // ["port", "ping", 123] both ways, in one batch each.
+        let ping = b"\x83\x64port\x64ping\x18\x7b".to_vec();
+        let batch = vec![ping.clone(), ping.clone(), ping.clone()];
+        a.instance.send(a.conn, &batch).unwrap().unwrap();
+        b.instance.send(b.conn, &batch[..1]).unwrap().unwrap();
+        drive(&mut a, &mut b);
+        let received = |side: &Side| -> Vec<Vec<u8>> {
+            side.events
+                .iter()
+                .filter_map(|e| {
+                    if let wit::Output::Message(m) = e {
+                        Some(m.clone())
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(received(&b), batch);
+        assert_eq!(received(&a), std::slice::from_ref(&ping));
+
+        // A bad message in a batch: the ones before it are queued, the reason is given.
+        let err = a
+            .instance
+            .send(a.conn, &[ping.clone(), b"\x01".to_vec()])
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.index, 1);
+        assert_eq!(err.message, "message is not an array");
+    }
+}
+
+#[test]
+fn wrong_secret_reports_the_reference_error_text() {
+    let sandbox = Sandbox::new().unwrap();
+    let mut a = Side::new(&sandbox, "alpha", wit::Framing::Json, SECRET);
+    let mut b = Side::new(&sandbox, "beta", wit::Framing::Json, b"other");
+    drive(&mut a, &mut b);
+    let Some(wit::Output::Closed(e)) = a.events.last() else {
+        panic!("{:?}", a.events)
+    };
+    assert_eq!(e.kind, wit::ErrorKind::AuthFailure);
+    assert_eq!(e.message, "authentication failure/shared secret mismatch");
+}
+
+#[test]
+fn invalid_config_and_timeouts() {
+    let sandbox = Sandbox::new().unwrap();
+    let mut instance = sandbox.instantiate().unwrap();
+    let config = instance.default_config("a;b").unwrap();
+    let err = instance.open(&config, 0).unwrap().unwrap_err();
+    assert!(err.starts_with("invalid node id"), "{err}");
+    let config = instance.default_config("alpha").unwrap();
+    assert_eq!(config.monitor_timeout_ms, 30_000);
+    assert_eq!(config.limits.max_message_size, 16 << 20);
+    let conn = instance.open(&config, 500).unwrap().unwrap();
+    assert_eq!(instance.poll_timeout(conn).unwrap(), Some(30_500));
+    instance.handle_timeout(conn, 30_500).unwrap();
+    let outputs = instance.poll_outputs(conn).unwrap();
+    let Some(wit::Output::Closed(e)) = outputs.last() else {
+        panic!("{outputs:?}")
+    };
+    assert_eq!(e.message, "Connection timed out");
+    instance.drop_connection(conn).unwrap();
+}
