@@ -11,6 +11,8 @@ pub mod connection;
 pub mod error;
 pub mod framing;
 pub mod greeting;
+pub mod node;
+pub mod value;
 
 #[cfg(target_arch = "wasm32")]
 mod component;
@@ -21,6 +23,8 @@ pub use connection::{Connection, Output, Session, TlsRole, Verdict};
 pub use error::{ConfigError, Error, MessageError, SendError};
 pub use framing::{Framing, Limits};
 pub use greeting::{Greeting, NONCE_LEN};
+pub use node::{ConnId, LogLevel, Node, NodeConfig, NodeError, NodeOutput};
+pub use value::Value;
 
 /// The AEMP protocol version this engine speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses its own part of the harness
 
+pub mod net;
+
 use aemp_engine::{Config, Connection, Error, NONCE_LEN, Output, Session, TlsRole, Verdict};
 use minicbor::Encoder;
 

@@ -1,0 +1,113 @@
+//! Node ids and port ids.
+//!
+//! A node id is free text without `#`; a port id is `NODEID#NAME`; the node port of node
+//! `N` is `N#` (empty name).
+
+const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// Splits a port id into node id and port name; `None` without `#`.
+pub fn split_port_id(port_id: &str) -> Option<(&str, &str)> {
+    port_id.split_once('#')
+}
+
+/// Expands a configured node id as AnyEvent::MP does: `%n` becomes `hostname`, `%u` and a
+/// trailing `/` each become (are followed by) 10 random alphanumeric characters taken from
+/// `random` (one byte per character).
+pub fn expand_node_id(template: &str, hostname: &str, random: &mut dyn FnMut() -> u8) -> String {
+    let mut uniq = || -> String {
+        (0..10)
+            .map(|_| char::from(ALNUM[usize::from(random()) % ALNUM.len()]))
+            .collect()
+    };
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at + 1..];
+        match tail.chars().next() {
+            Some('n') => out.push_str(hostname),
+            Some('u') => out.push_str(&uniq()),
+            _ => {
+                out.push('%');
+                rest = tail;
+                continue;
+            }
+        }
+        rest = &tail[1..];
+    }
+    out.push_str(rest);
+    if out.ends_with('/') {
+        out.push_str(&uniq());
+    }
+    out
+}
+
+/// A short alphanumeric string from `bytes`, for unique names.
+pub(crate) fn alnum(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|&b| char::from(ALNUM[usize::from(b) % ALNUM.len()]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_and_expands() {
+        assert_eq!(split_port_id("a/b#c#d"), Some(("a/b", "c#d")));
+        assert_eq!(split_port_id("node#"), Some(("node", "")));
+        assert_eq!(split_port_id("node"), None);
+        let mut n = 0u8;
+        let mut rnd = || {
+            n = n.wrapping_add(1);
+            n
+        };
+        assert_eq!(expand_node_id("%n/x", "host", &mut rnd), "host/x");
+        let id = expand_node_id("%n/", "host", &mut rnd);
+        assert_eq!(id, "host/BCDEFGHIJK");
+        let id = expand_node_id("a%u-%z%", "h", &mut rnd);
+        assert_eq!(id, "aLMNOPQRSTU-%z%");
+    }
+}
+
+/// Perl's magic string increment on lowercase letters: `a` -> `b`, `z` -> `aa`, `az` -> `ba`.
+pub(crate) fn increment(counter: &mut String) {
+    let mut chars: Vec<u8> = counter.bytes().collect();
+    let mut i = chars.len();
+    loop {
+        if i == 0 {
+            chars.insert(0, b'a');
+            break;
+        }
+        i -= 1;
+        if chars[i] == b'z' {
+            chars[i] = b'a';
+        } else {
+            chars[i] += 1;
+            break;
+        }
+    }
+    *counter = String::from_utf8(chars).unwrap_or_default();
+}
+
+#[cfg(test)]
+mod increment_tests {
+    #[test]
+    fn perl_magic_increment() {
+        let mut s = String::from("a");
+        let mut seen = Vec::new();
+        for _ in 0..28 {
+            super::increment(&mut s);
+            seen.push(s.clone());
+        }
+        assert_eq!(seen[0], "b");
+        assert_eq!(seen[24], "z");
+        assert_eq!(seen[25], "aa");
+        assert_eq!(seen[27], "ac");
+        let mut s = String::from("az");
+        super::increment(&mut s);
+        assert_eq!(s, "ba");
+    }
+}

@@ -1,0 +1,880 @@
+//! The node kernel: one AEMP node with many connections, local ports, monitors, the node
+//! port and the global protocol as a normal (non-seed) node. Sans-IO like the transport:
+//! every input names the connection it concerns and carries the time; everything the host
+//! must do comes out of [`Node::poll_output`].
+//!
+//! Connection ids are chosen by the node: [`Node::handle_accept`] returns one for an
+//! incoming socket, [`NodeOutput::Connect`] names one for an outgoing socket.
+
+mod global;
+mod ids;
+mod kernel;
+mod msg;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+pub use ids::{expand_node_id, split_port_id};
+
+use crate::config::Config;
+use crate::connection::{Connection, Output, TlsRole, Verdict};
+use crate::error::{ConfigError, MessageError};
+use crate::greeting::NONCE_LEN;
+use crate::value::Value;
+use global::Global;
+
+/// Identifies one connection (socket) of a node.
+pub type ConnId = u64;
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The transport settings for every connection (its `node_id` is ours; `peer_addr`
+    /// and the `mproto`/`gproto` greeting pairs are filled in per connection).
+    pub transport: Config,
+    /// Our listening addresses (`host:port`), announced to the network under `'l`.
+    pub binds: Vec<String>,
+    /// Seed addresses (`host:port`) to keep connected; the first seed up becomes master.
+    pub seeds: Vec<String>,
+    /// Spacing of connection attempts to one node's addresses (default 2 s).
+    pub connect_interval_ms: u64,
+    /// Bytes of messages queued for one node that is not connected yet (default 16 MiB).
+    pub max_queue_bytes: usize,
+    /// Added to `now` to get milliseconds since the UNIX epoch (for `time` requests).
+    pub wall_clock_offset_ms: i64,
+}
+
+impl NodeConfig {
+    /// Defaults for a node named `node_id` (after any `%n`/`%u` expansion).
+    pub fn new(node_id: impl Into<String>) -> NodeConfig {
+        NodeConfig {
+            transport: Config::new(node_id),
+            binds: Vec::new(),
+            seeds: Vec::new(),
+            connect_interval_ms: 2_000,
+            max_queue_bytes: 16 << 20,
+            wall_clock_offset_ms: 0,
+        }
+    }
+}
+
+/// How important a log line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+/// Something the host must act on, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeOutput {
+    /// Write bytes on a connection (through TLS once it has started there).
+    Transmit { conn: ConnId, bytes: Vec<u8> },
+    /// Open a TCP connection to `addr`; report [`Node::handle_connected`] or
+    /// [`Node::handle_connect_failed`] for `conn`.
+    Connect { conn: ConnId, addr: String },
+    /// Start TLS on `conn` in `role`; `leftover` are bytes already received that are TLS.
+    StartTls {
+        conn: ConnId,
+        role: TlsRole,
+        leftover: Vec<u8>,
+    },
+    /// Close `conn` after writing what was transmitted before; the id is free again.
+    Close { conn: ConnId, reason: String },
+    /// A message for local port `port` (a port id); `args` is a CBOR array.
+    Deliver { port: String, args: Vec<u8> },
+    /// A node completed a handshake.
+    NodeUp { node: String },
+    /// A node's working connection is gone.
+    NodeDown { node: String, reason: String },
+    /// A port we monitor died; `reason` is a CBOR array (empty for a normal exit).
+    PortDown { port: String, reason: Vec<u8> },
+    /// A node-port request with a tag the application registered; `args` is a CBOR array.
+    Request {
+        node: String,
+        tag: String,
+        args: Vec<u8>,
+    },
+    /// The answer to a `db_family`/`db_keys`/`db_values` query (CBOR).
+    DbReply { id: String, result: Vec<u8> },
+    /// A monitored database family changed: `set` is a CBOR map of new or changed keys,
+    /// `del` the deleted keys. The first report holds the whole family.
+    DbChange {
+        family: String,
+        set: Vec<u8>,
+        del: Vec<String>,
+    },
+    /// Something worth logging.
+    Log { level: LogLevel, message: String },
+}
+
+/// Why an application call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// Port ids are `NODE#NAME`.
+    #[error("invalid port id '{0}': expected NODE#NAME")]
+    InvalidPortId(String),
+    /// The node is not connected and its queue is full.
+    #[error("queue for node {0} is full")]
+    QueueFull(String),
+    /// A local port of that name exists already.
+    #[error("port {0} exists already")]
+    PortExists(String),
+    /// The message is unacceptable.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+}
+
+/// One connection and what it is for.
+#[derive(Debug)]
+struct Conn {
+    /// `None` while an outgoing socket is being opened.
+    transport: Option<Connection>,
+    addr: String,
+    /// The node this connection was dialled for.
+    dialled_for: Option<String>,
+    /// Index into the seed list when this is a seed connection.
+    seed: Option<usize>,
+    /// The remote node, once greeted.
+    remote: Option<String>,
+}
+
+/// An attempt to reach a node through its addresses.
+#[derive(Debug, Default)]
+struct Dial {
+    /// Addresses not tried yet.
+    pending: VecDeque<String>,
+    next_at: u64,
+    interval: u64,
+    /// Asked the master for addresses and waiting.
+    finding: bool,
+}
+
+/// What we know about another node.
+#[derive(Debug, Default)]
+struct Peer {
+    /// The working connection.
+    conn: Option<ConnId>,
+    /// Messages waiting for a connection, and their size.
+    queue: VecDeque<Vec<u8>>,
+    queued_bytes: usize,
+    /// Set while trying to connect; the attempt fails at `until`.
+    connecting: Option<(Dial, u64)>,
+    /// Its ports we asked to monitor (`mon1` sent).
+    lmon: BTreeSet<String>,
+}
+
+/// A seed address and its connection state.
+#[derive(Debug)]
+struct Seed {
+    addr: String,
+    conn: Option<ConnId>,
+    node: Option<String>,
+    up: bool,
+}
+
+/// One AEMP node. See the module documentation.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    node_id: String,
+    conns: HashMap<ConnId, Conn>,
+    next_conn: ConnId,
+    peers: HashMap<String, Peer>,
+    /// Local port names.
+    ports: BTreeSet<String>,
+    /// Prefix and counter for fresh port names.
+    uniq: String,
+    port_counter: String,
+    /// Monitors the application holds, by port id, with their count.
+    monitors: BTreeMap<String, usize>,
+    /// Remote nodes monitoring our local ports: port name -> nodes.
+    rmon: BTreeMap<String, BTreeSet<String>>,
+    /// Node-port tags the application handles.
+    handlers: BTreeSet<String>,
+    seeds: Vec<Seed>,
+    seed_retry: u64,
+    next_seed_at: Option<u64>,
+    global: Global,
+    /// A small generator for jitter (not for secrets), seeded by the host.
+    jitter: u64,
+    outputs: VecDeque<NodeOutput>,
+    now: u64,
+}
+
+impl Node {
+    /// A node at time `now` (milliseconds, monotonic); `seed` is 16 random bytes from the
+    /// host for fresh port names and timer jitter.
+    pub fn new(config: NodeConfig, seed: [u8; 16], now: u64) -> Result<Node, ConfigError> {
+        config.transport.validate()?;
+        let node_id = config.transport.node_id.clone();
+        let seeds = config
+            .seeds
+            .iter()
+            .map(|addr| Seed {
+                addr: addr.clone(),
+                conn: None,
+                node: None,
+                up: false,
+            })
+            .collect();
+        let jitter = u64::from_le_bytes(seed[8..16].try_into().unwrap_or_default()) | 1;
+        let mut node = Node {
+            node_id: node_id.clone(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            peers: HashMap::new(),
+            ports: BTreeSet::new(),
+            uniq: ids::alnum(&seed[..9]),
+            port_counter: "a".into(),
+            monitors: BTreeMap::new(),
+            rmon: BTreeMap::new(),
+            handlers: BTreeSet::new(),
+            seeds,
+            seed_retry: 0,
+            next_seed_at: None,
+            global: Global::default(),
+            jitter,
+            outputs: VecDeque::new(),
+            now,
+            config,
+        };
+        let binds = node
+            .config
+            .binds
+            .iter()
+            .map(|b| Value::text(b.as_str()))
+            .collect();
+        node.global.set_local("'l", &node_id, Value::Array(binds));
+        node.seed_again(now);
+        Ok(node)
+    }
+
+    /// Our node id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Whether `node` has a working connection.
+    pub fn is_up(&self, node: &str) -> bool {
+        self.peers.get(node).is_some_and(|p| p.conn.is_some())
+    }
+
+    // ---- sockets -------------------------------------------------------------------
+
+    /// An incoming socket from `peer_addr` was accepted; `nonce` is 66 fresh random bytes.
+    pub fn handle_accept(&mut self, peer_addr: &str, nonce: [u8; NONCE_LEN], now: u64) -> ConnId {
+        self.now = now;
+        let conn = self.alloc_conn(peer_addr, None, None);
+        self.start_transport(conn, nonce, now);
+        conn
+    }
+
+    /// An outgoing socket asked for by [`NodeOutput::Connect`] is open.
+    pub fn handle_connected(&mut self, conn: ConnId, nonce: [u8; NONCE_LEN], now: u64) {
+        self.now = now;
+        if self.conns.get(&conn).is_some_and(|c| c.transport.is_none()) {
+            self.start_transport(conn, nonce, now);
+        }
+    }
+
+    /// An outgoing socket could not be opened.
+    pub fn handle_connect_failed(&mut self, conn: ConnId, reason: &str, now: u64) {
+        self.now = now;
+        self.connection_gone(conn, reason.to_owned());
+    }
+
+    /// Bytes received on `conn` (decrypted once TLS has started).
+    pub fn handle_input(&mut self, conn: ConnId, data: &[u8], now: u64) {
+        self.now = now;
+        if let Some(t) = self.transport(conn) {
+            t.handle_input(data);
+            self.pump(conn);
+        }
+    }
+
+    /// The peer closed `conn`.
+    pub fn handle_eof(&mut self, conn: ConnId, now: u64) {
+        self.now = now;
+        if let Some(t) = self.transport(conn) {
+            t.handle_eof();
+            self.pump(conn);
+        }
+    }
+
+    /// `conn` failed in the host (socket error, TLS failure); the host has closed it.
+    pub fn handle_conn_error(&mut self, conn: ConnId, reason: &str, now: u64) {
+        self.now = now;
+        self.connection_gone(conn, reason.to_owned());
+    }
+
+    /// The clock reached `now`.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.now = now;
+        let due: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.transport
+                    .as_ref()
+                    .and_then(Connection::poll_timeout)
+                    .is_some_and(|t| t <= now)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for conn in due {
+            if let Some(t) = self.transport(conn) {
+                t.handle_timeout(now);
+                self.pump(conn);
+            }
+        }
+        let nodes: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connecting.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in nodes {
+            self.dial_step(&node, now);
+        }
+        if self.next_seed_at.is_some_and(|t| t <= now) {
+            self.seed_all(now);
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let conns = self
+            .conns
+            .values()
+            .filter_map(|c| c.transport.as_ref()?.poll_timeout());
+        let dials = self.peers.values().filter_map(|p| {
+            let (dial, until) = p.connecting.as_ref()?;
+            Some(if dial.pending.is_empty() {
+                *until
+            } else {
+                dial.next_at.min(*until)
+            })
+        });
+        conns.chain(dials).chain(self.next_seed_at).min()
+    }
+
+    /// The next thing for the host to do.
+    pub fn poll_output(&mut self) -> Option<NodeOutput> {
+        self.outputs.pop_front()
+    }
+
+    // ---- the application's side ----------------------------------------------------
+
+    /// Dials `addr` without knowing which node listens there (the greeting tells).
+    pub fn connect_addr(&mut self, addr: &str, now: u64) -> ConnId {
+        self.now = now;
+        let conn = self.alloc_conn(addr, None, None);
+        self.outputs.push_back(NodeOutput::Connect {
+            conn,
+            addr: addr.to_owned(),
+        });
+        conn
+    }
+
+    /// Creates a local port with a fresh unique name; returns its port id.
+    pub fn new_port(&mut self) -> String {
+        loop {
+            ids::increment(&mut self.port_counter);
+            let name = format!("{}{}", self.uniq, self.port_counter);
+            if self.ports.insert(name.clone()) {
+                return format!("{}#{name}", self.node_id);
+            }
+        }
+    }
+
+    /// Creates a local port with a chosen name (e.g. `echo`); returns its port id.
+    pub fn register_port(&mut self, name: &str) -> Result<String, NodeError> {
+        if name.is_empty() || name.contains('#') {
+            return Err(NodeError::InvalidPortId(name.to_owned()));
+        }
+        if !self.ports.insert(name.to_owned()) {
+            return Err(NodeError::PortExists(name.to_owned()));
+        }
+        Ok(format!("{}#{name}", self.node_id))
+    }
+
+    /// Sends `args` (a CBOR array) to `port_id`: delivered locally, sent, or queued until
+    /// the node is connected (connecting to it if needed).
+    pub fn send(&mut self, port_id: &str, args: &[u8], now: u64) -> Result<(), NodeError> {
+        self.now = now;
+        let (node, port) =
+            split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let message = msg::join(port, args)?;
+        crate::framing::check_item(&message, &self.config.transport.limits)?;
+        self.route(node, message, now)
+    }
+
+    /// Kills local port `port_id` (or asks its node to kill it) with `reason` (a CBOR
+    /// array; empty for a normal exit). Monitors fire.
+    pub fn kill(&mut self, port_id: &str, reason: &[u8], now: u64) -> Result<(), NodeError> {
+        self.now = now;
+        let (node, port) =
+            split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let reason = reason_values(reason)?;
+        if node == self.node_id {
+            self.kill_local(port, reason, now);
+            Ok(())
+        } else {
+            let mut args = vec![Value::text("kil1"), Value::text(port)];
+            args.extend(reason);
+            self.route(node, msg::build("", args), now)
+        }
+    }
+
+    /// Monitors `port_id`: a [`NodeOutput::PortDown`] reports its death (at once with
+    /// `no_such_port` if a local port does not exist; with `transport_error` if its node's
+    /// connection is lost).
+    pub fn monitor(&mut self, port_id: &str, now: u64) -> Result<(), NodeError> {
+        self.now = now;
+        let (node, port) =
+            split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        if node == self.node_id && !self.ports.contains(port) {
+            let reason = no_such_port(port_id);
+            self.outputs.push_back(NodeOutput::PortDown {
+                port: port_id.to_owned(),
+                reason: Value::Array(reason).encode(),
+            });
+            return Ok(());
+        }
+        *self.monitors.entry(port_id.to_owned()).or_default() += 1;
+        if node != self.node_id && !port.is_empty() {
+            let peer = self.peers.entry(node.to_owned()).or_default();
+            if peer.lmon.insert(port.to_owned()) {
+                self.route(
+                    node,
+                    msg::build("", [Value::text("mon1"), Value::text(port)]),
+                    now,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops one monitor of `port_id`; the last one tells a remote node to stop (`mon0`).
+    pub fn unmonitor(&mut self, port_id: &str, now: u64) -> Result<(), NodeError> {
+        self.now = now;
+        let (node, port) =
+            split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let Some(count) = self.monitors.get_mut(port_id) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count > 0 {
+            return Ok(());
+        }
+        self.monitors.remove(port_id);
+        if let Some(peer) = self.peers.get_mut(node)
+            && peer.lmon.remove(port)
+            && peer.conn.is_some()
+        {
+            self.route(
+                node,
+                msg::build("", [Value::text("mon0"), Value::text(port)]),
+                now,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Lets the application handle node-port requests tagged `tag` (as
+    /// [`NodeOutput::Request`]); without a handler such requests are refused.
+    pub fn register_handler(&mut self, tag: &str) {
+        self.handlers.insert(tag.to_owned());
+    }
+
+    /// Our listening addresses changed (e.g. after binding port 0): updates `'l`.
+    pub fn set_binds(&mut self, binds: Vec<String>, now: u64) {
+        self.now = now;
+        let value = Value::Array(binds.iter().map(|b| Value::text(b.as_str())).collect());
+        self.config.binds = binds;
+        let node_id = self.node_id.clone();
+        self.db_put("'l", &node_id, value, now);
+    }
+
+    // ---- internals -----------------------------------------------------------------
+
+    fn alloc_conn(
+        &mut self,
+        addr: &str,
+        dialled_for: Option<String>,
+        seed: Option<usize>,
+    ) -> ConnId {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                transport: None,
+                addr: addr.to_owned(),
+                dialled_for,
+                seed,
+                remote: None,
+            },
+        );
+        id
+    }
+
+    fn start_transport(&mut self, conn: ConnId, nonce: [u8; NONCE_LEN], now: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let mut config = self.config.transport.clone();
+        config.peer_addr = Some(c.addr.clone());
+        config.greeting.push(("mproto".into(), "1".into()));
+        config.greeting.push(("gproto".into(), "1".into()));
+        match Connection::new(config, nonce, now) {
+            Ok(t) => c.transport = Some(t),
+            // The same configuration was validated in `Node::new`.
+            Err(e) => unreachable!("validated configuration refused: {e}"),
+        }
+        self.pump(conn);
+    }
+
+    fn transport(&mut self, conn: ConnId) -> Option<&mut Connection> {
+        self.conns.get_mut(&conn)?.transport.as_mut()
+    }
+
+    /// Acts on everything the connection's transport has to say.
+    fn pump(&mut self, conn: ConnId) {
+        while let Some(output) = self.transport(conn).and_then(Connection::poll_output) {
+            match output {
+                Output::Transmit(bytes) => {
+                    self.outputs.push_back(NodeOutput::Transmit { conn, bytes })
+                }
+                Output::StartTls { role, leftover } => {
+                    self.outputs.push_back(NodeOutput::StartTls {
+                        conn,
+                        role,
+                        leftover,
+                    })
+                }
+                Output::Greeting(g) => {
+                    let verdict = if self.is_up(&g.node_id) {
+                        Verdict::AlreadyConnected
+                    } else {
+                        Verdict::Accept
+                    };
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.remote = Some(g.node_id.clone());
+                        if let Some(t) = c.transport.as_mut() {
+                            t.handle_verdict(verdict);
+                        }
+                    }
+                }
+                Output::Connected(session) => self.connected(conn, session.remote_node),
+                Output::Message(message) => self.received(conn, &message),
+                Output::HandedOver { .. } => {
+                    // Upgraded protocols are for data connections this node does not run.
+                    self.close(
+                        conn,
+                        "upgraded protocols are not supported by the node".into(),
+                    );
+                }
+                Output::Closed(error) => self.connection_gone(conn, error.to_string()),
+            }
+        }
+    }
+
+    fn close(&mut self, conn: ConnId, reason: String) {
+        self.connection_gone(conn, reason);
+    }
+
+    /// A connection is over: frees it and handles what depended on it.
+    fn connection_gone(&mut self, conn: ConnId, reason: String) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if c.transport.is_some() {
+            self.outputs.push_back(NodeOutput::Close {
+                conn,
+                reason: reason.clone(),
+            });
+        }
+        self.log(
+            LogLevel::Debug,
+            format!("{} disconnected - {reason}.", c.addr),
+        );
+        if let Some(node) = &c.remote
+            && self.peers.get(node).is_some_and(|p| p.conn == Some(conn))
+        {
+            self.transport_error(node, &reason, true);
+        }
+        if let Some(i) = c.seed {
+            self.seed_lost(i);
+        }
+    }
+
+    /// The reference's `transport_error`: the node's connection (or the attempt to get
+    /// one) failed. Drops the queue, fires monitors of its ports, reports the node down.
+    fn transport_error(&mut self, node: &str, reason: &str, was_up: bool) {
+        let Some(peer) = self.peers.get_mut(node) else {
+            return;
+        };
+        peer.conn = None;
+        peer.connecting = None;
+        peer.queue.clear();
+        peer.queued_bytes = 0;
+        peer.lmon.clear();
+        let prefix = format!("{node}#");
+        let fired: Vec<String> = self
+            .monitors
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let why = Value::Array(vec![
+            Value::text("transport_error"),
+            Value::text(node),
+            Value::text(reason),
+        ])
+        .encode();
+        for port in fired {
+            self.monitors.remove(&port);
+            self.outputs.push_back(NodeOutput::PortDown {
+                port,
+                reason: why.clone(),
+            });
+        }
+        if was_up {
+            self.outputs.push_back(NodeOutput::NodeDown {
+                node: node.to_owned(),
+                reason: reason.to_owned(),
+            });
+            if self.global.master() == Some(node) {
+                self.global.master_lost();
+                self.master_search();
+            }
+        }
+    }
+
+    /// A handshake completed on `conn` with `node`.
+    fn connected(&mut self, conn: ConnId, node: String) {
+        let old = self.peers.get(&node).and_then(|p| p.conn);
+        if let Some(old) = old.filter(|&o| o != conn) {
+            self.transport_error(&node, "switched connections", true);
+            if self.conns.remove(&old).is_some() {
+                self.outputs.push_back(NodeOutput::Close {
+                    conn: old,
+                    reason: "switched connections".into(),
+                });
+            }
+        }
+        self.log(LogLevel::Debug, format!("connected as {node}."));
+        let peer = self.peers.entry(node.clone()).or_default();
+        peer.conn = Some(conn);
+        peer.connecting = None;
+        let queue = std::mem::take(&mut peer.queue);
+        peer.queued_bytes = 0;
+        self.outputs
+            .push_back(NodeOutput::NodeUp { node: node.clone() });
+        // Other attempts to reach this node are no longer needed.
+        let stale: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|&(&id, c)| {
+                id != conn && c.dialled_for.as_deref() == Some(node.as_str()) && c.remote.is_none()
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            self.close(id, format!("{node} connected elsewhere"));
+        }
+        if let Some(i) = self.conns.get(&conn).and_then(|c| c.seed) {
+            self.seed_up(i, &node);
+        }
+        for message in queue {
+            self.transmit(conn, &message);
+        }
+    }
+
+    /// Sends `message` on `conn`'s transport.
+    fn transmit(&mut self, conn: ConnId, message: &[u8]) {
+        let Some(t) = self.transport(conn) else {
+            return;
+        };
+        if let Err(e) = t.send(message) {
+            let level = LogLevel::Warn;
+            self.log(level, format!("message dropped: {e}"));
+        }
+        self.pump(conn);
+    }
+
+    /// Delivers, sends or queues a complete message for `node`.
+    fn route(&mut self, node: &str, message: Vec<u8>, now: u64) -> Result<(), NodeError> {
+        if node == self.node_id {
+            self.deliver_local(node, &message, now);
+            return Ok(());
+        }
+        let max = self.config.max_queue_bytes;
+        let peer = self.peers.entry(node.to_owned()).or_default();
+        if let Some(conn) = peer.conn {
+            self.transmit(conn, &message);
+            return Ok(());
+        }
+        if peer.queued_bytes + message.len() > max {
+            return Err(NodeError::QueueFull(node.to_owned()));
+        }
+        peer.queued_bytes += message.len();
+        peer.queue.push_back(message);
+        self.connect(node, now);
+        Ok(())
+    }
+
+    /// A message arrived on `conn`.
+    fn received(&mut self, conn: ConnId, message: &[u8]) {
+        let Some(src) = self.conns.get(&conn).and_then(|c| c.remote.clone()) else {
+            return;
+        };
+        let now = self.now;
+        self.deliver_local(&src, message, now);
+    }
+
+    /// Delivers a message addressed to this node, sent by `src`.
+    fn deliver_local(&mut self, src: &str, message: &[u8], now: u64) {
+        let Some((port, args)) = msg::split(message) else {
+            return;
+        };
+        if port.is_empty() {
+            self.node_request(src, &args, now);
+        } else if self.ports.contains(&port) {
+            let port = format!("{}#{port}", self.node_id);
+            self.outputs.push_back(NodeOutput::Deliver { port, args });
+        } else {
+            self.log(
+                LogLevel::Debug,
+                format!("message from {src} for nonexistent port {port} dropped"),
+            );
+        }
+    }
+
+    /// Kills a local port: app monitors and remote watchers learn `reason`.
+    fn kill_local(&mut self, port: &str, reason: Vec<Value>, now: u64) {
+        if !self.ports.remove(port) {
+            return;
+        }
+        let port_id = format!("{}#{port}", self.node_id);
+        let watched = self.monitors.remove(&port_id).is_some();
+        if watched {
+            self.outputs.push_back(NodeOutput::PortDown {
+                port: port_id.clone(),
+                reason: Value::Array(reason.clone()).encode(),
+            });
+        }
+        let watchers = self.rmon.remove(port).unwrap_or_default();
+        if !watched && watchers.is_empty() && !reason.is_empty() {
+            self.log(
+                LogLevel::Info,
+                format!("unmonitored local port {port} died with reason: {reason:?}"),
+            );
+        }
+        for node in watchers {
+            if self.is_up(&node) {
+                let mut args = vec![Value::text("kil0"), Value::text(port)];
+                args.extend(reason.iter().cloned());
+                // The node is up, so this is sent and cannot be refused for a full queue.
+                let _ = self.route(&node, msg::build("", args), now);
+            }
+        }
+    }
+
+    /// Starts connecting to `node` unless connected or already trying.
+    fn connect(&mut self, node: &str, now: u64) {
+        let timeout = self.config.transport.monitor_timeout_ms;
+        let Some(peer) = self.peers.get_mut(node) else {
+            return;
+        };
+        if peer.conn.is_some() || peer.connecting.is_some() {
+            return;
+        }
+        peer.connecting = Some((Dial::default(), now.saturating_add(timeout)));
+        if self.find(node) {
+            if let Some((dial, _)) = self.peers.get_mut(node).and_then(|p| p.connecting.as_mut()) {
+                dial.finding = true;
+            }
+            self.flush_global(now);
+        } else {
+            self.transport_error(node, "no known address", false);
+        }
+    }
+
+    /// Tries `addrs` for `node` in order, spaced so all fit in the connect timeout.
+    fn connect_to(&mut self, node: &str, addrs: Vec<String>, now: u64) {
+        if addrs.is_empty() {
+            return self.transport_error(node, "no known address", false);
+        }
+        let ci = self.config.connect_interval_ms;
+        let spread =
+            self.config.transport.monitor_timeout_ms.saturating_sub(ci) / addrs.len() as u64;
+        let interval = ci.min(spread).max(400);
+        let Some((dial, _)) = self.peers.get_mut(node).and_then(|p| p.connecting.as_mut()) else {
+            return;
+        };
+        dial.pending = addrs.into();
+        dial.interval = interval;
+        dial.next_at = now;
+        dial.finding = false;
+        self.dial_step(node, now);
+    }
+
+    /// Starts the next address of a dial when due; fails the attempt at its deadline.
+    fn dial_step(&mut self, node: &str, now: u64) {
+        let Some((dial, until)) = self.peers.get_mut(node).and_then(|p| p.connecting.as_mut())
+        else {
+            return;
+        };
+        if now >= *until {
+            return self.transport_error(node, "connect timeout", false);
+        }
+        if dial.pending.is_empty() || dial.next_at > now {
+            return;
+        }
+        let Some(addr) = dial.pending.pop_front() else {
+            return;
+        };
+        dial.next_at = now.saturating_add(dial.interval);
+        let conn = self.alloc_conn(&addr, Some(node.to_owned()), None);
+        self.outputs.push_back(NodeOutput::Connect { conn, addr });
+    }
+
+    fn log(&mut self, level: LogLevel, message: String) {
+        self.outputs.push_back(NodeOutput::Log { level, message });
+    }
+
+    /// Jitter factor in [1, 2) as thousandths (xorshift; timing only, not secret).
+    fn jitter_permille(&mut self) -> u64 {
+        self.jitter ^= self.jitter << 13;
+        self.jitter ^= self.jitter >> 7;
+        self.jitter ^= self.jitter << 17;
+        1000 + self.jitter % 1000
+    }
+}
+
+/// The reason of a monitor on a port that does not exist.
+fn no_such_port(port_id: &str) -> Vec<Value> {
+    vec![
+        Value::text("no_such_port"),
+        Value::text("cannot monitor nonexistent port"),
+        Value::text(port_id),
+    ]
+}
+
+/// The items of a CBOR array of reasons.
+fn reason_values(reason: &[u8]) -> Result<Vec<Value>, NodeError> {
+    match Value::decode(reason) {
+        Ok(Value::Array(items)) => Ok(items),
+        Ok(_) => Err(MessageError::NotAnArray.into()),
+        Err(e) => Err(MessageError::Malformed {
+            framing: "cbor",
+            detail: e.to_string(),
+        }
+        .into()),
+    }
+}

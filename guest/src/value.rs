@@ -1,0 +1,260 @@
+//! A CBOR value, for the parts of the engine that look inside messages (the node port).
+//! Byte strings stay apart from text strings; where the protocol expects a name, either
+//! is accepted ([`Value::as_name`]), since Perl sends byte strings unless a string carries
+//! its UTF-8 flag.
+
+use std::borrow::Cow;
+
+use minicbor::data::{Tag, Type};
+use minicbor::{Decoder, Encoder};
+
+/// One CBOR data item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Undefined,
+    Bool(bool),
+    /// Any CBOR integer (-2^64 ..= 2^64-1).
+    Int(i128),
+    Float(f64),
+    Bytes(Vec<u8>),
+    Text(String),
+    Array(Vec<Value>),
+    Map(Vec<(Value, Value)>),
+    Tagged(u64, Box<Value>),
+    Simple(u8),
+}
+
+impl Value {
+    /// A text string value.
+    pub fn text(s: impl Into<String>) -> Value {
+        Value::Text(s.into())
+    }
+
+    /// The string, for a text string or a byte string (bytes read as Latin-1, as Perl does).
+    pub fn as_name(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Value::Text(s) => Some(Cow::Borrowed(s)),
+            Value::Bytes(b) => Some(match std::str::from_utf8(b) {
+                Ok(s) if s.is_ascii() => Cow::Borrowed(s),
+                _ => Cow::Owned(b.iter().map(|&c| char::from(c)).collect()),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether Perl would see this value as true.
+    pub fn is_true(&self) -> bool {
+        match self {
+            Value::Null | Value::Undefined => false,
+            Value::Bool(b) => *b,
+            Value::Int(i) => *i != 0,
+            Value::Float(f) => *f != 0.0,
+            Value::Text(s) => !s.is_empty() && s != "0",
+            Value::Bytes(b) => !b.is_empty() && b != b"0",
+            _ => true,
+        }
+    }
+
+    /// Decodes exactly one item (trailing bytes are an error).
+    pub fn decode(bytes: &[u8]) -> Result<Value, minicbor::decode::Error> {
+        let mut d = Decoder::new(bytes);
+        let v = decode(&mut d)?;
+        if d.position() != bytes.len() {
+            return Err(minicbor::decode::Error::message(
+                "trailing bytes after the item",
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Decodes the next item from `d`.
+    pub(crate) fn decode_one(d: &mut Decoder) -> Result<Value, minicbor::decode::Error> {
+        decode(d)
+    }
+
+    /// Encodes the value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the encoding to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        encode(self, &mut Encoder::new(out));
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Value {
+        Value::Text(s.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Value {
+        Value::Text(s)
+    }
+}
+
+impl From<bool> for Value {
+    fn from(b: bool) -> Value {
+        Value::Bool(b)
+    }
+}
+
+impl From<i64> for Value {
+    fn from(i: i64) -> Value {
+        Value::Int(i.into())
+    }
+}
+
+impl From<Vec<Value>> for Value {
+    fn from(items: Vec<Value>) -> Value {
+        Value::Array(items)
+    }
+}
+
+fn decode(d: &mut Decoder) -> Result<Value, minicbor::decode::Error> {
+    Ok(match d.datatype()? {
+        Type::Null => {
+            d.skip()?;
+            Value::Null
+        }
+        Type::Undefined => {
+            d.skip()?;
+            Value::Undefined
+        }
+        Type::Bool => Value::Bool(d.bool()?),
+        Type::U8
+        | Type::U16
+        | Type::U32
+        | Type::U64
+        | Type::I8
+        | Type::I16
+        | Type::I32
+        | Type::I64
+        | Type::Int => Value::Int(i128::from(d.int()?)),
+        Type::F16 | Type::F32 | Type::F64 => Value::Float(d.f64()?),
+        Type::Bytes | Type::BytesIndef => {
+            let mut v = Vec::new();
+            for chunk in d.bytes_iter()? {
+                v.extend_from_slice(chunk?);
+            }
+            Value::Bytes(v)
+        }
+        Type::String | Type::StringIndef => {
+            let mut s = String::new();
+            for chunk in d.str_iter()? {
+                s.push_str(chunk?);
+            }
+            Value::Text(s)
+        }
+        Type::Array | Type::ArrayIndef => {
+            let mut items = Vec::new();
+            match d.array()? {
+                Some(n) => {
+                    for _ in 0..n {
+                        items.push(decode(d)?);
+                    }
+                }
+                None => {
+                    while d.datatype()? != Type::Break {
+                        items.push(decode(d)?);
+                    }
+                    d.skip()?;
+                }
+            }
+            Value::Array(items)
+        }
+        Type::Map | Type::MapIndef => {
+            let mut pairs = Vec::new();
+            match d.map()? {
+                Some(n) => {
+                    for _ in 0..n {
+                        pairs.push((decode(d)?, decode(d)?));
+                    }
+                }
+                None => {
+                    while d.datatype()? != Type::Break {
+                        pairs.push((decode(d)?, decode(d)?));
+                    }
+                    d.skip()?;
+                }
+            }
+            Value::Map(pairs)
+        }
+        Type::Tag => {
+            let tag = d.tag()?;
+            Value::Tagged(tag.as_u64(), Box::new(decode(d)?))
+        }
+        Type::Simple => Value::Simple(d.simple()?),
+        other => return Err(minicbor::decode::Error::type_mismatch(other)),
+    })
+}
+
+fn encode(v: &Value, e: &mut Encoder<&mut Vec<u8>>) {
+    // Writing into a Vec cannot fail.
+    let _ = match v {
+        Value::Null => e.null(),
+        Value::Undefined => e.undefined(),
+        Value::Bool(b) => e.bool(*b),
+        Value::Int(i) => match minicbor::data::Int::try_from(*i) {
+            Ok(i) => e.int(i),
+            Err(_) => e.f64(*i as f64),
+        },
+        Value::Float(f) => e.f64(*f),
+        Value::Bytes(b) => e.bytes(b),
+        Value::Text(s) => e.str(s),
+        Value::Array(items) => {
+            let _ = e.array(items.len() as u64);
+            for item in items {
+                encode(item, e);
+            }
+            Ok(&mut *e)
+        }
+        Value::Map(pairs) => {
+            let _ = e.map(pairs.len() as u64);
+            for (k, v) in pairs {
+                encode(k, e);
+                encode(v, e);
+            }
+            Ok(&mut *e)
+        }
+        Value::Tagged(tag, inner) => {
+            let _ = e.tag(Tag::new(*tag));
+            encode(inner, e);
+            Ok(&mut *e)
+        }
+        Value::Simple(s) => e.simple(*s),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_names() {
+        let v = Value::Array(vec![
+            Value::text("p"),
+            Value::Bytes(vec![0xe9]),
+            Value::Int(-(1 << 64)),
+            Value::Int(u64::MAX.into()),
+            Value::Float(1.5),
+            Value::Map(vec![(Value::Int(1), Value::Undefined)]),
+            Value::Tagged(26, Box::new(Value::Null)),
+            Value::Bool(false),
+        ]);
+        assert_eq!(Value::decode(&v.encode()).unwrap(), v);
+        assert_eq!(
+            Value::Bytes(b"mon1".to_vec()).as_name().as_deref(),
+            Some("mon1")
+        );
+        assert_eq!(Value::Bytes(vec![0xe9]).as_name().as_deref(), Some("é"));
+        assert_eq!(Value::Int(1).as_name(), None);
+        assert!(Value::decode(b"\x80\x80").is_err());
+        assert!(Value::decode(b"\x82\x01").is_err());
+    }
+}

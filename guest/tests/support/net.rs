@@ -1,0 +1,363 @@
+//! Several nodes wired together in memory with a simulated clock. Addresses are
+//! `NODE:4040`; TLS is a pass-through. A scripted global node (`FakeSeed`) answers the
+//! global protocol through request handlers, so normal nodes can be tested against it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aemp_engine::{ConnId, Node, NodeConfig, NodeOutput, Value};
+
+pub const SECRET: &[u8] = b"node secret";
+
+pub fn node_config(id: &str, seeds: &[&str]) -> NodeConfig {
+    let mut c = NodeConfig::new(id);
+    c.transport.secret = Some(SECRET.to_vec());
+    c.binds = vec![format!("{id}:4040")];
+    c.seeds = seeds.iter().map(|s| s.to_string()).collect();
+    c
+}
+
+/// A global node made of the public API: it answers g_* requests from its handlers.
+#[derive(Default)]
+pub struct FakeSeed {
+    /// family -> key -> value, merged from every slave.
+    pub db: BTreeMap<String, BTreeMap<String, Value>>,
+    /// family -> nodes monitoring it.
+    pub mons: BTreeMap<String, Vec<String>>,
+    /// Every request received: (node, tag, args).
+    pub seen: Vec<(String, String, Value)>,
+}
+
+const SEED_TAGS: &[&str] = &[
+    "g_slave",
+    "g_find",
+    "g_upd",
+    "g_db_family",
+    "g_db_keys",
+    "g_db_values",
+    "g_mon1",
+    "g_mon0",
+];
+
+fn name(v: Option<&Value>) -> String {
+    v.and_then(Value::as_name)
+        .map(|n| n.into_owned())
+        .unwrap_or_default()
+}
+
+fn map_of(entries: &BTreeMap<String, Value>) -> Value {
+    Value::Map(
+        entries
+            .iter()
+            .map(|(k, v)| (Value::text(k.as_str()), v.clone()))
+            .collect(),
+    )
+}
+
+impl FakeSeed {
+    fn merge(&mut self, family: &str, set: &Value) -> Vec<(Value, Value)> {
+        let Value::Map(pairs) = set else {
+            return Vec::new();
+        };
+        let fam = self.db.entry(family.to_owned()).or_default();
+        for (k, v) in pairs {
+            fam.insert(name(Some(k)), v.clone());
+        }
+        pairs.clone()
+    }
+
+    fn handle(&mut self, node: &mut Node, src: &str, tag: &str, args: Value, now: u64) {
+        self.seen
+            .push((src.to_owned(), tag.to_owned(), args.clone()));
+        let Value::Array(args) = args else { return };
+        let reply = |node: &mut Node, items: Vec<Value>| {
+            node.send(&format!("{src}#"), &Value::Array(items).encode(), now)
+                .unwrap();
+        };
+        match tag {
+            "g_slave" => {
+                if let Some(Value::Map(families)) = args.first() {
+                    for (family, set) in families {
+                        self.merge(&name(Some(family)), set);
+                    }
+                }
+            }
+            "g_find" => {
+                let wanted = name(args.first());
+                let addrs = self
+                    .db
+                    .get("'l")
+                    .and_then(|l| l.get(&wanted))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                reply(
+                    node,
+                    vec![Value::text("g_found"), Value::text(wanted), addrs],
+                );
+            }
+            "g_upd" => {
+                let family = name(args.first());
+                let set = self.merge(&family, args.get(1).unwrap_or(&Value::Null));
+                let mut del = Vec::new();
+                if let Some(Value::Array(keys)) = args.get(2) {
+                    for k in keys {
+                        self.db
+                            .entry(family.clone())
+                            .or_default()
+                            .remove(&name(Some(k)));
+                        del.push(k.clone());
+                    }
+                }
+                for watcher in self.mons.get(&family).cloned().unwrap_or_default() {
+                    let items = vec![
+                        Value::text("g_chg2"),
+                        Value::text(family.as_str()),
+                        Value::Map(set.clone()),
+                        Value::Array(del.clone()),
+                    ];
+                    node.send(&format!("{watcher}#"), &Value::Array(items).encode(), now)
+                        .unwrap();
+                }
+            }
+            "g_db_family" | "g_db_keys" | "g_db_values" => {
+                let family = self
+                    .db
+                    .get(&name(args.first()))
+                    .cloned()
+                    .unwrap_or_default();
+                let result = match tag {
+                    "g_db_family" => map_of(&family),
+                    "g_db_keys" => {
+                        Value::Array(family.keys().map(|k| Value::text(k.as_str())).collect())
+                    }
+                    _ => Value::Array(family.values().cloned().collect()),
+                };
+                reply(
+                    node,
+                    vec![
+                        Value::text("g_reply"),
+                        args.get(1).cloned().unwrap_or(Value::Null),
+                        result,
+                    ],
+                );
+            }
+            "g_mon1" => {
+                let family = name(args.first());
+                self.mons
+                    .entry(family.clone())
+                    .or_default()
+                    .push(src.to_owned());
+                let current = self.db.get(&family).map(map_of).unwrap_or(Value::Null);
+                reply(
+                    node,
+                    vec![Value::text("g_chg1"), Value::text(family), current],
+                );
+            }
+            "g_mon0" => {
+                let family = name(args.first());
+                if let Some(m) = self.mons.get_mut(&family) {
+                    m.retain(|n| n != src);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+pub struct Net {
+    pub nodes: Vec<Node>,
+    pub names: Vec<String>,
+    pub events: Vec<Vec<NodeOutput>>,
+    pub seed: Option<(usize, FakeSeed)>,
+    listen: HashMap<String, usize>,
+    links: HashMap<(usize, ConnId), (usize, ConnId)>,
+    /// Nodes whose listener is down (connects are refused).
+    pub unreachable: Vec<usize>,
+    pub now: u64,
+    nonce: u8,
+}
+
+impl Net {
+    pub fn new() -> Net {
+        Net {
+            nodes: Vec::new(),
+            names: Vec::new(),
+            events: Vec::new(),
+            seed: None,
+            listen: HashMap::new(),
+            links: HashMap::new(),
+            unreachable: Vec::new(),
+            now: 1_000,
+            nonce: 0,
+        }
+    }
+
+    pub fn add(&mut self, config: NodeConfig) -> usize {
+        let i = self.nodes.len();
+        let id = config.transport.node_id.clone();
+        self.listen.insert(format!("{id}:4040"), i);
+        self.nodes
+            .push(Node::new(config, [i as u8 + 1; 16], self.now).unwrap());
+        self.names.push(id);
+        self.events.push(Vec::new());
+        i
+    }
+
+    /// Adds the scripted global node `seed`.
+    pub fn add_seed(&mut self) -> usize {
+        let i = self.add(node_config("seed", &[]));
+        for tag in SEED_TAGS {
+            self.nodes[i].register_handler(tag);
+        }
+        self.seed = Some((i, FakeSeed::default()));
+        i
+    }
+
+    fn nonce(&mut self) -> [u8; 66] {
+        self.nonce = self.nonce.wrapping_add(1);
+        [self.nonce; 66]
+    }
+
+    /// Processes outputs everywhere until nothing moves, in rounds: everything the nodes
+    /// said in one round is delivered before anything said in reaction to it, as on a
+    /// network where all links have the same delay.
+    pub fn run(&mut self) {
+        loop {
+            let mut round = Vec::new();
+            for x in 0..self.nodes.len() {
+                while let Some(o) = self.nodes[x].poll_output() {
+                    round.push((x, o));
+                }
+            }
+            if round.is_empty() {
+                return;
+            }
+            for (x, o) in round {
+                self.apply(x, o);
+            }
+        }
+    }
+
+    fn apply(&mut self, x: usize, o: NodeOutput) {
+        let now = self.now;
+        match o {
+            NodeOutput::Transmit { conn, bytes } => {
+                if let Some(&(y, c)) = self.links.get(&(x, conn)) {
+                    self.nodes[y].handle_input(c, &bytes, now);
+                }
+            }
+            NodeOutput::Connect { conn, addr } => match self.listen.get(&addr).copied() {
+                Some(y) if !self.unreachable.contains(&y) => {
+                    let (n1, n2) = (self.nonce(), self.nonce());
+                    let from = format!("{}:50000", self.names[x]);
+                    let c = self.nodes[y].handle_accept(&from, n1, now);
+                    self.links.insert((x, conn), (y, c));
+                    self.links.insert((y, c), (x, conn));
+                    self.nodes[x].handle_connected(conn, n2, now);
+                }
+                _ => self.nodes[x].handle_connect_failed(conn, "Connection refused", now),
+            },
+            NodeOutput::StartTls { conn, leftover, .. } => {
+                self.nodes[x].handle_input(conn, &leftover, now)
+            }
+            NodeOutput::Close { conn, reason } => {
+                if let Some((y, c)) = self.links.remove(&(x, conn)) {
+                    self.links.remove(&(y, c));
+                    self.nodes[y].handle_eof(c, now);
+                }
+                self.events[x].push(NodeOutput::Close { conn, reason });
+            }
+            NodeOutput::Request { node, tag, args }
+                if self.seed.as_ref().is_some_and(|(s, _)| *s == x) =>
+            {
+                let (_, mut seed) = self.seed.take().unwrap();
+                seed.handle(
+                    &mut self.nodes[x],
+                    &node,
+                    &tag,
+                    Value::decode(&args).unwrap(),
+                    now,
+                );
+                self.seed = Some((x, seed));
+            }
+            other => self.events[x].push(other),
+        }
+    }
+
+    /// Advances the clock by `ms`, firing due timers, and runs.
+    pub fn advance(&mut self, ms: u64) {
+        let end = self.now + ms;
+        loop {
+            let next = self
+                .nodes
+                .iter()
+                .filter_map(Node::poll_timeout)
+                .filter(|&t| t <= end)
+                .min();
+            let Some(t) = next else { break };
+            self.now = self.now.max(t);
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].poll_timeout().is_some_and(|d| d <= self.now) {
+                    self.nodes[i].handle_timeout(self.now);
+                }
+            }
+            self.run();
+        }
+        self.now = end;
+        self.run();
+    }
+
+    /// Drops every connection of node `i` as if it crashed (peers see EOF).
+    pub fn cut(&mut self, i: usize) {
+        let ends: Vec<((usize, ConnId), (usize, ConnId))> = self
+            .links
+            .iter()
+            .filter(|(k, _)| k.0 == i)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let now = self.now;
+        for (mine, theirs) in ends {
+            self.links.remove(&mine);
+            self.links.remove(&theirs);
+            self.nodes[theirs.0].handle_eof(theirs.1, now);
+            self.nodes[i].handle_conn_error(mine.1, "cut", now);
+        }
+        self.run();
+    }
+
+    pub fn delivered(&self, i: usize) -> Vec<(String, Value)> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                NodeOutput::Deliver { port, args } => {
+                    Some((port.clone(), Value::decode(args).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn port_downs(&self, i: usize) -> Vec<(String, Value)> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                NodeOutput::PortDown { port, reason } => {
+                    Some((port.clone(), Value::decode(reason).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn has(&self, i: usize, pred: impl Fn(&NodeOutput) -> bool) -> bool {
+        self.events[i].iter().any(pred)
+    }
+}
+
+/// A CBOR array of values.
+pub fn args(items: Vec<Value>) -> Vec<u8> {
+    Value::Array(items).encode()
+}
+
+pub fn t(s: &str) -> Value {
+    Value::text(s)
+}
