@@ -1,0 +1,296 @@
+//! What a node sends on the node port, decoded from the wire by a plain transport peer
+//! and checked against the shapes real AnyEvent::MP 2.x nodes send and expect.
+
+mod support;
+
+use aemp_engine::{Config, ConnId, Connection, Framing, Node, NodeOutput, Output, Value, Verdict};
+use support::net::{SECRET, args, node_config, t};
+
+/// Node `n` connected to a raw transport peer `peer` (which speaks json).
+struct Wire {
+    node: Node,
+    raw: Connection,
+    id: ConnId,
+    /// Messages the peer received, decoded.
+    got: Vec<Value>,
+    events: Vec<NodeOutput>,
+    now: u64,
+}
+
+impl Wire {
+    /// With `as_seed`, the node dials the peer as its seed; otherwise the peer dials in.
+    fn new(as_seed: bool) -> Wire {
+        let seeds: &[&str] = if as_seed { &["peer:1"] } else { &[] };
+        let mut config = node_config("n", seeds);
+        config.wall_clock_offset_ms = 1_700_000_000_000;
+        let mut node = Node::new(config, [7; 16], 0).unwrap();
+        let mut raw_config = Config::new("peer");
+        raw_config.secret = Some(SECRET.to_vec());
+        raw_config.framings = vec![Framing::Json];
+        let raw = Connection::new(raw_config, [9; 66], 0).unwrap();
+        let id = if as_seed {
+            let Some(NodeOutput::Connect { conn, addr }) = node.poll_output() else {
+                panic!()
+            };
+            assert_eq!(addr, "peer:1");
+            node.handle_connected(conn, [8; 66], 0);
+            conn
+        } else {
+            node.handle_accept("peer:1", [8; 66], 0)
+        };
+        let mut wire = Wire {
+            node,
+            raw,
+            id,
+            got: Vec::new(),
+            events: Vec::new(),
+            now: 0,
+        };
+        wire.pump();
+        assert!(wire.node.is_up("peer"));
+        wire
+    }
+
+    fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(o) = self.node.poll_output() {
+                moved = true;
+                match o {
+                    NodeOutput::Transmit { conn, bytes } if conn == self.id => {
+                        self.raw.handle_input(&bytes)
+                    }
+                    other => self.events.push(other),
+                }
+            }
+            while let Some(o) = self.raw.poll_output() {
+                moved = true;
+                match o {
+                    Output::Transmit(bytes) => self.node.handle_input(self.id, &bytes, self.now),
+                    Output::Greeting(_) => self.raw.handle_verdict(Verdict::Accept),
+                    Output::Message(m) => self.got.push(Value::decode(&m).unwrap()),
+                    Output::Closed(e) => panic!("{e}"),
+                    _ => {}
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// The peer sends `items` (a message) to the node.
+    fn send(&mut self, items: Vec<Value>) {
+        self.raw.send(&Value::Array(items).encode()).unwrap();
+        self.pump();
+    }
+
+    fn take(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.got)
+    }
+}
+
+fn m(items: Vec<Value>) -> Value {
+    Value::Array(items)
+}
+
+#[test]
+fn monitor_requests_and_answers() {
+    let mut w = Wire::new(false);
+    w.send(vec![t(""), t("mon1"), t("nope")]);
+    assert_eq!(
+        w.take(),
+        [m(vec![
+            t(""),
+            t("kil0"),
+            t("nope"),
+            t("no_such_port"),
+            t("cannot monitor nonexistent port"),
+            t("n#nope")
+        ])]
+    );
+    let port = w.node.register_port("svc").unwrap();
+    w.send(vec![t(""), t("mon1"), t("svc")]);
+    assert!(w.take().is_empty());
+    w.node
+        .kill(&port, &args(vec![t("bye"), Value::Int(1)]), 0)
+        .unwrap();
+    w.pump();
+    assert_eq!(
+        w.take(),
+        [m(vec![t(""), t("kil0"), t("svc"), t("bye"), Value::Int(1)])]
+    );
+
+    // The node monitoring the peer's port, then the peer reporting its death.
+    w.node.monitor("peer#p", 0).unwrap();
+    w.node.monitor("peer#p", 0).unwrap();
+    w.pump();
+    assert_eq!(
+        w.take(),
+        [m(vec![t(""), t("mon1"), t("p")])],
+        "mon1 once per port"
+    );
+    w.node.unmonitor("peer#p", 0).unwrap();
+    w.node.unmonitor("peer#p", 0).unwrap();
+    w.pump();
+    assert_eq!(w.take(), [m(vec![t(""), t("mon0"), t("p")])]);
+    w.node.monitor("peer#q", 0).unwrap();
+    w.pump();
+    w.take();
+    w.send(vec![t(""), t("kil0"), t("q"), t("die"), t("reason")]);
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, NodeOutput::PortDown { port, reason }
+        if port == "peer#q" && Value::decode(reason).unwrap() == m(vec![t("die"), t("reason")])))
+    );
+    w.node.kill("peer#r", &args(vec![t("x")]), 0).unwrap();
+    w.pump();
+    assert_eq!(w.take(), [m(vec![t(""), t("kil1"), t("r"), t("x")])]);
+}
+
+#[test]
+fn can_time_snd_and_refusals() {
+    let mut w = Wire::new(false);
+    w.now = 2_500;
+    w.send(vec![t(""), t("can"), t("mon1"), t("peer#r"), Value::Int(5)]);
+    w.send(vec![t(""), t("can"), t("eval"), t("peer#r")]);
+    w.send(vec![t(""), t("time"), t("peer#r"), t("x")]);
+    w.send(vec![t(""), t("eval"), t("1"), t("peer#r"), t("id")]);
+    w.send(vec![t(""), t("snd"), t("peer#back"), t("relayed")]);
+    // Names may arrive as byte strings (Perl's default for strings).
+    w.send(vec![
+        Value::Bytes(vec![]),
+        Value::Bytes(b"can".to_vec()),
+        Value::Bytes(b"snd".to_vec()),
+        Value::Bytes(b"peer#r".to_vec()),
+    ]);
+    w.send(vec![t(""), t("time")]); // no reply port: nothing, and no panic
+    w.send(vec![t(""), t("can")]);
+    w.send(vec![t(""), Value::Int(3)]);
+    assert_eq!(
+        w.take(),
+        [
+            m(vec![t("r"), Value::Int(5), Value::Bool(true)]),
+            m(vec![t("r"), Value::Bool(false)]),
+            m(vec![t("r"), t("x"), Value::Float(1_700_000_002.5)]),
+            m(vec![t("r"), t("id"), t("remote execution not allowed")]),
+            m(vec![t("back"), t("relayed")]),
+            m(vec![t("r"), Value::Bool(true)]),
+        ]
+    );
+}
+
+#[test]
+fn global_protocol_messages_to_the_master() {
+    let mut w = Wire::new(true);
+    let mut l = Value::Map(vec![(t("n"), m(vec![t("n:4040")]))]);
+    assert_eq!(
+        w.take(),
+        [
+            m(vec![t(""), t("g_slave")]),
+            m(vec![
+                t(""),
+                t("g_slave"),
+                Value::Map(vec![(t("'l"), l.clone())])
+            ])
+        ]
+    );
+    w.node.send("x#p", &args(vec![t("queued")]), 0).unwrap();
+    w.pump();
+    assert_eq!(w.take(), [m(vec![t(""), t("g_find"), t("x")])]);
+    w.send(vec![
+        t(""),
+        t("g_found"),
+        t("x"),
+        m(vec![t("x1:1"), t("x2:2")]),
+    ]);
+    let dials: Vec<String> = w
+        .events
+        .iter()
+        .filter_map(|e| {
+            if let NodeOutput::Connect { addr, .. } = e {
+                Some(addr.clone())
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        dials,
+        ["x1:1"],
+        "the second address follows after connect_interval"
+    );
+    w.node.handle_timeout(2_000);
+    w.pump();
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, NodeOutput::Connect { addr, .. } if addr == "x2:2"))
+    );
+
+    w.node
+        .db_set("fam", "k", &Value::Int(1).encode(), 0)
+        .unwrap();
+    w.node.db_del("fam", &["k"], 0);
+    let id = w.node.db_family("fam", 0);
+    assert_eq!(id, "b");
+    w.node.db_keys("fam", 0);
+    w.node.db_values("fam", 0);
+    w.node.db_mon("fam", 0);
+    w.pump();
+    assert_eq!(
+        w.take(),
+        [
+            m(vec![
+                t(""),
+                t("g_upd"),
+                t("fam"),
+                Value::Map(vec![(t("k"), Value::Int(1))])
+            ]),
+            m(vec![
+                t(""),
+                t("g_upd"),
+                t("fam"),
+                Value::Null,
+                m(vec![t("k")])
+            ]),
+            m(vec![t(""), t("g_db_family"), t("fam"), t("b")]),
+            m(vec![t(""), t("g_db_keys"), t("fam"), t("c")]),
+            m(vec![t(""), t("g_db_values"), t("fam"), t("d")]),
+            m(vec![t(""), t("g_mon1"), t("fam")]),
+        ]
+    );
+    w.send(vec![t(""), t("g_reply"), t("b"), Value::Map(vec![])]);
+    w.send(vec![t(""), t("g_chg1"), t("fam"), Value::Null]);
+    w.send(vec![
+        t(""),
+        t("g_chg2"),
+        t("fam"),
+        Value::Map(vec![(t("a"), Value::Int(2))]),
+        m(vec![]),
+    ]);
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, NodeOutput::DbReply { id, .. } if id == "b"))
+    );
+    let changes = w
+        .events
+        .iter()
+        .filter(|e| matches!(e, NodeOutput::DbChange { .. }))
+        .count();
+    assert_eq!(changes, 2);
+    w.node.db_unmon("fam", 0);
+    w.node.set_binds(vec!["n:5000".into()], 0);
+    w.pump();
+    l = Value::Map(vec![(t("n"), m(vec![t("n:5000")]))]);
+    let Value::Map(l) = l else { unreachable!() };
+    assert_eq!(
+        w.take(),
+        [
+            m(vec![t(""), t("g_mon0"), t("fam")]),
+            m(vec![t(""), t("g_upd"), t("'l"), Value::Map(l)])
+        ]
+    );
+}
