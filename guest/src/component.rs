@@ -4,9 +4,13 @@
 
 use std::cell::RefCell;
 
+use exports::aemp::engine::node as wnode;
 use exports::aemp::engine::transport as wit;
 
-use crate::{AuthMethod, Config, Connection, Error, Framing, Limits, Output, TlsRole, Verdict};
+use crate::{
+    AuthMethod, Config, Connection, Error, Framing, Limits, LogLevel, NONCE_LEN, Node, NodeConfig,
+    NodeOutput, Output, TlsRole, Verdict,
+};
 
 wit_bindgen::generate!({
     world: "engine",
@@ -17,6 +21,17 @@ wit_bindgen::generate!({
 struct Component;
 
 export!(Component);
+
+/// `N` random bytes from the host (the world's only import).
+fn random<const N: usize>() -> [u8; N] {
+    let bytes = wasi::random::random::get_random_bytes(N as u64);
+    let mut out = [0; N];
+    // A host that returns fewer bytes than asked leaves zeros: never out of bounds.
+    for (o, b) in out.iter_mut().zip(bytes) {
+        *o = b;
+    }
+    out
+}
 
 impl wit::Guest for Component {
     type Connection = ConnectionResource;
@@ -82,6 +97,243 @@ impl wit::GuestConnection for ConnectionResource {
             })?;
         }
         Ok(())
+    }
+}
+
+impl wnode::Guest for Component {
+    type Node = NodeResource;
+
+    fn default_node_config(node_id: String) -> wnode::NodeConfig {
+        let c = NodeConfig::new(node_id);
+        wnode::NodeConfig {
+            transport: c.transport.into(),
+            binds: c.binds,
+            seeds: c.seeds,
+            connect_interval_ms: c.connect_interval_ms,
+            max_queue_bytes: c.max_queue_bytes as u64,
+            wall_clock_offset_ms: c.wall_clock_offset_ms,
+        }
+    }
+
+    fn expand_node_id(template: String, hostname: String) -> String {
+        let bytes = random::<32>();
+        let mut next = bytes.into_iter().cycle();
+        crate::node::expand_node_id(&template, &hostname, &mut || {
+            next.next().unwrap_or_default()
+        })
+    }
+}
+
+/// A [`Node`] behind the resource handle.
+struct NodeResource(RefCell<Node>);
+
+impl wnode::GuestNode for NodeResource {
+    fn create(config: wnode::NodeConfig, now_ms: u64) -> Result<wnode::Node, String> {
+        let config = NodeConfig {
+            transport: config.transport.into(),
+            binds: config.binds,
+            seeds: config.seeds,
+            connect_interval_ms: config.connect_interval_ms,
+            max_queue_bytes: usize::try_from(config.max_queue_bytes).unwrap_or(usize::MAX),
+            wall_clock_offset_ms: config.wall_clock_offset_ms,
+        };
+        let node = Node::new(config, random::<16>(), now_ms).map_err(|e| e.to_string())?;
+        Ok(wnode::Node::new(NodeResource(RefCell::new(node))))
+    }
+
+    fn node_id(&self) -> String {
+        self.0.borrow().node_id().to_owned()
+    }
+
+    fn is_up(&self, node: String) -> bool {
+        self.0.borrow().is_up(&node)
+    }
+
+    fn handle_accept(&self, peer_addr: String, now_ms: u64) -> u64 {
+        self.0
+            .borrow_mut()
+            .handle_accept(&peer_addr, random::<NONCE_LEN>(), now_ms)
+    }
+
+    fn handle_connected(&self, conn: u64, now_ms: u64) {
+        self.0
+            .borrow_mut()
+            .handle_connected(conn, random::<NONCE_LEN>(), now_ms);
+    }
+
+    fn handle_connect_failed(&self, conn: u64, reason: String, now_ms: u64) {
+        self.0
+            .borrow_mut()
+            .handle_connect_failed(conn, &reason, now_ms);
+    }
+
+    fn handle_input(&self, conn: u64, data: Vec<u8>, now_ms: u64) {
+        self.0.borrow_mut().handle_input(conn, &data, now_ms);
+    }
+
+    fn handle_eof(&self, conn: u64, now_ms: u64) {
+        self.0.borrow_mut().handle_eof(conn, now_ms);
+    }
+
+    fn handle_conn_error(&self, conn: u64, reason: String, now_ms: u64) {
+        self.0.borrow_mut().handle_conn_error(conn, &reason, now_ms);
+    }
+
+    fn handle_timeout(&self, now_ms: u64) {
+        self.0.borrow_mut().handle_timeout(now_ms);
+    }
+
+    fn poll_timeout(&self) -> Option<u64> {
+        self.0.borrow().poll_timeout()
+    }
+
+    fn poll_outputs(&self) -> Vec<wnode::NodeOutput> {
+        let mut node = self.0.borrow_mut();
+        std::iter::from_fn(|| node.poll_output())
+            .map(Into::into)
+            .collect()
+    }
+
+    fn connect_addr(&self, addr: String, now_ms: u64) -> u64 {
+        self.0.borrow_mut().connect_addr(&addr, now_ms)
+    }
+
+    fn new_port(&self) -> String {
+        self.0.borrow_mut().new_port()
+    }
+
+    fn register_port(&self, name: String) -> Result<String, String> {
+        self.0
+            .borrow_mut()
+            .register_port(&name)
+            .map_err(|e| e.to_string())
+    }
+
+    fn send(&self, messages: Vec<(String, Vec<u8>)>, now_ms: u64) -> Result<(), wit::SendError> {
+        let mut node = self.0.borrow_mut();
+        for (index, (port, args)) in messages.iter().enumerate() {
+            node.send(port, args, now_ms).map_err(|e| wit::SendError {
+                index: index as u32,
+                message: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn kill(&self, port_id: String, reason: Vec<u8>, now_ms: u64) -> Result<(), String> {
+        self.0
+            .borrow_mut()
+            .kill(&port_id, &reason, now_ms)
+            .map_err(|e| e.to_string())
+    }
+
+    fn monitor(&self, port_id: String, now_ms: u64) -> Result<(), String> {
+        self.0
+            .borrow_mut()
+            .monitor(&port_id, now_ms)
+            .map_err(|e| e.to_string())
+    }
+
+    fn unmonitor(&self, port_id: String, now_ms: u64) -> Result<(), String> {
+        self.0
+            .borrow_mut()
+            .unmonitor(&port_id, now_ms)
+            .map_err(|e| e.to_string())
+    }
+
+    fn register_handler(&self, tag: String) {
+        self.0.borrow_mut().register_handler(&tag);
+    }
+
+    fn set_binds(&self, binds: Vec<String>, now_ms: u64) {
+        self.0.borrow_mut().set_binds(binds, now_ms);
+    }
+
+    fn db_set(
+        &self,
+        family: String,
+        key: String,
+        value: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        self.0
+            .borrow_mut()
+            .db_set(&family, &key, &value, now_ms)
+            .map_err(|e| e.to_string())
+    }
+
+    fn db_del(&self, family: String, keys: Vec<String>, now_ms: u64) {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.0.borrow_mut().db_del(&family, &keys, now_ms);
+    }
+
+    fn db_family(&self, family: String, now_ms: u64) -> String {
+        self.0.borrow_mut().db_family(&family, now_ms)
+    }
+
+    fn db_keys(&self, family: String, now_ms: u64) -> String {
+        self.0.borrow_mut().db_keys(&family, now_ms)
+    }
+
+    fn db_values(&self, family: String, now_ms: u64) -> String {
+        self.0.borrow_mut().db_values(&family, now_ms)
+    }
+
+    fn db_mon(&self, family: String, now_ms: u64) {
+        self.0.borrow_mut().db_mon(&family, now_ms);
+    }
+
+    fn db_unmon(&self, family: String, now_ms: u64) {
+        self.0.borrow_mut().db_unmon(&family, now_ms);
+    }
+}
+
+impl From<NodeOutput> for wnode::NodeOutput {
+    fn from(o: NodeOutput) -> Self {
+        use wnode::NodeOutput as W;
+        match o {
+            NodeOutput::Transmit { conn, bytes } => W::Transmit(wnode::Transmit { conn, bytes }),
+            NodeOutput::Connect { conn, addr } => W::Connect(wnode::Connect { conn, addr }),
+            NodeOutput::StartTls {
+                conn,
+                role,
+                leftover,
+            } => W::StartTls(wnode::StartTls {
+                conn,
+                role: role.into(),
+                leftover,
+            }),
+            NodeOutput::Close { conn, reason } => W::Close(wnode::Close { conn, reason }),
+            NodeOutput::Deliver { port, args } => W::Deliver(wnode::Deliver { port, args }),
+            NodeOutput::NodeUp { node } => W::NodeUp(node),
+            NodeOutput::NodeDown { node, reason } => W::NodeDown(wnode::NodeDown { node, reason }),
+            NodeOutput::PortDown { port, reason } => W::PortDown(wnode::PortDown { port, reason }),
+            NodeOutput::Request { node, tag, args } => {
+                W::Request(wnode::Request { node, tag, args })
+            }
+            NodeOutput::DbReply { id, result } => W::DbReply(wnode::DbReply { id, result }),
+            NodeOutput::DbChange { family, set, del } => {
+                W::DbChange(wnode::DbChange { family, set, del })
+            }
+            NodeOutput::Log { level, message } => W::Log(wnode::Log {
+                level: match level {
+                    LogLevel::Error => wnode::LogLevel::Error,
+                    LogLevel::Warn => wnode::LogLevel::Warn,
+                    LogLevel::Info => wnode::LogLevel::Info,
+                    LogLevel::Debug => wnode::LogLevel::Debug,
+                },
+                message,
+            }),
+        }
+    }
+}
+
+impl From<TlsRole> for wit::TlsRole {
+    fn from(role: TlsRole) -> Self {
+        match role {
+            TlsRole::Client => wit::TlsRole::Client,
+            TlsRole::Server => wit::TlsRole::Server,
+        }
     }
 }
 
@@ -210,10 +462,7 @@ impl From<Output> for wit::Output {
                 pairs: g.pairs,
             }),
             Output::StartTls { role, leftover } => wit::Output::StartTls(wit::StartTls {
-                role: match role {
-                    TlsRole::Client => wit::TlsRole::Client,
-                    TlsRole::Server => wit::TlsRole::Server,
-                },
+                role: role.into(),
                 leftover,
             }),
             Output::Connected(s) => wit::Output::Connected(wit::Session {

@@ -5,7 +5,7 @@
 
 pub mod sandbox;
 
-pub use sandbox::{Instance, Sandbox, wit};
+pub use sandbox::{EngineBindings, Instance, Sandbox, State, wit, wit_node};
 
 /// The engine as a WebAssembly component (world `aemp:engine/engine`).
 pub static ENGINE_COMPONENT: &[u8] = include_bytes!(env!("AEMP_ENGINE_COMPONENT"));

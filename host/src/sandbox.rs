@@ -17,8 +17,14 @@ mod bindings {
 /// The types of the `aemp:engine/transport` interface, as the host sees them.
 pub use bindings::exports::aemp::engine::transport as wit;
 
+/// The types of the `aemp:engine/node` interface, as the host sees them.
+pub use bindings::exports::aemp::engine::node as wit_node;
+
+/// The generated bindings of the whole world, for calls not wrapped here.
+pub use bindings::Engine as EngineBindings;
+
 /// What each instance's store holds: the randomness it may draw.
-struct State {
+pub struct State {
     random: WasiRandomCtx,
 }
 
@@ -62,6 +68,11 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// The store and the bindings, to call the `node` interface directly.
+    pub fn parts(&mut self) -> (&mut Store<State>, &EngineBindings) {
+        (&mut self.store, &self.bindings)
+    }
+
     /// The engine's default configuration for `node_id`.
     pub fn default_config(&mut self, node_id: &str) -> wasmtime::Result<wit::Config> {
         let guest = self.bindings.aemp_engine_transport();

@@ -1,7 +1,7 @@
 //! The built component under wasmtime: the same back-to-back handshake as the engine's
 //! native tests, through the WIT interface.
 
-use aemp_host::{ENGINE_COMPONENT, Instance, Sandbox, wit};
+use aemp_host::{ENGINE_COMPONENT, Instance, Sandbox, wit, wit_node};
 use wasmtime::component::{Component, ResourceAny};
 
 const SECRET: &[u8] = b"geheim";
@@ -78,7 +78,10 @@ fn component_imports_only_randomness() {
         .exports(&engine)
         .map(|(name, _)| name.to_owned())
         .collect();
-    assert_eq!(exports, ["aemp:engine/transport@0.1.0"]);
+    assert_eq!(
+        exports,
+        ["aemp:engine/transport@0.1.0", "aemp:engine/node@0.1.0"]
+    );
 }
 
 #[test]
@@ -171,4 +174,101 @@ fn invalid_config_and_timeouts() {
     };
     assert_eq!(e.message, "Connection timed out");
     instance.drop_connection(conn).unwrap();
+}
+
+/// Two nodes, each in its own instance, wired in memory through the `node` interface.
+#[test]
+fn two_nodes_through_the_component() {
+    let sandbox = Sandbox::new().unwrap();
+    let mut insts = [
+        sandbox.instantiate().unwrap(),
+        sandbox.instantiate().unwrap(),
+    ];
+    let mut nodes = Vec::new();
+    for (inst, name) in insts.iter_mut().zip(["a", "b"]) {
+        let (store, b) = inst.parts();
+        let api = b.aemp_engine_node();
+        let mut config = api.call_default_node_config(&mut *store, name).unwrap();
+        config.transport.secret = Some(SECRET.to_vec());
+        nodes.push(
+            api.node()
+                .call_create(&mut *store, &config, 0)
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let call = |insts: &mut [Instance; 2], i: usize| -> Vec<wit_node::NodeOutput> {
+        let (store, b) = insts[i].parts();
+        b.aemp_engine_node()
+            .node()
+            .call_poll_outputs(store, nodes[i])
+            .unwrap()
+    };
+    let port = {
+        let (store, b) = insts[1].parts();
+        b.aemp_engine_node()
+            .node()
+            .call_register_port(store, nodes[1], "inbox")
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(port, "b#inbox");
+    // a dials b; b accepts; then bytes flow until both are quiet.
+    let (a_conn, b_conn) = {
+        let (store, b) = insts[0].parts();
+        let a_conn = b
+            .aemp_engine_node()
+            .node()
+            .call_connect_addr(&mut *store, nodes[0], "b:1", 0)
+            .unwrap();
+        b.aemp_engine_node()
+            .node()
+            .call_handle_connected(store, nodes[0], a_conn, 0)
+            .unwrap();
+        let (store, b) = insts[1].parts();
+        let b_conn = b
+            .aemp_engine_node()
+            .node()
+            .call_handle_accept(store, nodes[1], "a:2", 0)
+            .unwrap();
+        (a_conn, b_conn)
+    };
+    let message = b"\x82\x64ping\x18\x7b".to_vec(); // ["ping", 123]
+    let mut sent = false;
+    let mut delivered = Vec::new();
+    for _ in 0..20 {
+        for i in 0..2 {
+            for o in call(&mut insts, i) {
+                match o {
+                    wit_node::NodeOutput::Transmit(t) => {
+                        let (other, conn) = if i == 0 { (1, b_conn) } else { (0, a_conn) };
+                        let (store, b) = insts[other].parts();
+                        b.aemp_engine_node()
+                            .node()
+                            .call_handle_input(store, nodes[other], conn, &t.bytes, 0)
+                            .unwrap();
+                    }
+                    wit_node::NodeOutput::NodeUp(node) if i == 0 && !sent => {
+                        assert_eq!(node, "b");
+                        let (store, b) = insts[0].parts();
+                        let batch = vec![
+                            (port.clone(), message.clone()),
+                            (port.clone(), message.clone()),
+                        ];
+                        b.aemp_engine_node()
+                            .node()
+                            .call_send(store, nodes[0], &batch, 0)
+                            .unwrap()
+                            .unwrap();
+                        sent = true;
+                    }
+                    wit_node::NodeOutput::Deliver(d) => delivered.push(d),
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(delivered.len(), 2);
+    assert_eq!(delivered[0].port, "b#inbox");
+    assert_eq!(delivered[0].args, message);
 }
