@@ -283,7 +283,7 @@ impl Node {
     /// An outgoing socket could not be opened.
     pub fn handle_connect_failed(&mut self, conn: ConnId, reason: &str, now: u64) {
         self.now = now;
-        self.connection_gone(conn, reason.to_owned());
+        self.connection_gone(conn, reason.to_owned(), false);
     }
 
     /// Bytes received on `conn` (decrypted once TLS has started).
@@ -307,7 +307,7 @@ impl Node {
     /// `conn` failed in the host (socket error, TLS failure); the host has closed it.
     pub fn handle_conn_error(&mut self, conn: ConnId, reason: &str, now: u64) {
         self.now = now;
-        self.connection_gone(conn, reason.to_owned());
+        self.connection_gone(conn, reason.to_owned(), false);
     }
 
     /// The clock reached `now`.
@@ -578,21 +578,22 @@ impl Node {
                         "upgraded protocols are not supported by the node".into(),
                     );
                 }
-                Output::Closed(error) => self.connection_gone(conn, error.to_string()),
+                Output::Closed(error) => self.connection_gone(conn, error.to_string(), true),
             }
         }
     }
 
     fn close(&mut self, conn: ConnId, reason: String) {
-        self.connection_gone(conn, reason);
+        self.connection_gone(conn, reason, true);
     }
 
-    /// A connection is over: frees it and handles what depended on it.
-    fn connection_gone(&mut self, conn: ConnId, reason: String) {
+    /// A connection is over: frees it and handles what depended on it. `tell_host` is
+    /// false when the host reported the end itself.
+    fn connection_gone(&mut self, conn: ConnId, reason: String, tell_host: bool) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        if c.transport.is_some() {
+        if tell_host {
             self.outputs.push_back(NodeOutput::Close {
                 conn,
                 reason: reason.clone(),
