@@ -86,6 +86,97 @@ impl Value {
     }
 }
 
+impl Value {
+    /// Writes the value as JSON text. Byte strings become strings of the characters
+    /// U+0000..U+00FF (what Perl's JSON encoder makes of byte strings), tags are dropped,
+    /// undefined is null, integer map keys become their decimal text. Fails, saying why,
+    /// for what JSON cannot represent: NaN, infinities, simple values, other map keys.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            Value::Null | Value::Undefined => out.extend_from_slice(b"null"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
+            Value::Float(f) if f.is_finite() => {
+                json_string_or_number(out, &serde_json::Value::from(*f))
+            }
+            Value::Float(f) => return Err(format!("{f} is not a JSON number")),
+            Value::Text(_) | Value::Bytes(_) => {
+                let text = self.as_name().unwrap_or_default();
+                json_string_or_number(out, &serde_json::Value::from(text.as_ref()));
+            }
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    item.write_json(out)?;
+                }
+                out.push(b']');
+            }
+            Value::Map(pairs) => {
+                out.push(b'{');
+                for (i, (key, value)) in pairs.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    let key = match key.untagged() {
+                        Value::Int(n) => n.to_string(),
+                        k => k
+                            .as_name()
+                            .ok_or_else(|| format!("{k:?} cannot be a JSON object key"))?
+                            .into_owned(),
+                    };
+                    json_string_or_number(out, &serde_json::Value::from(key));
+                    out.push(b':');
+                    value.write_json(out)?;
+                }
+                out.push(b'}');
+            }
+            Value::Tagged(_, inner) => inner.write_json(out)?,
+            Value::Simple(s) => return Err(format!("simple value {s} has no JSON form")),
+        }
+        Ok(())
+    }
+
+    /// The value inside any tags.
+    fn untagged(&self) -> &Value {
+        match self {
+            Value::Tagged(_, inner) => inner.untagged(),
+            v => v,
+        }
+    }
+}
+
+fn json_string_or_number(out: &mut Vec<u8>, v: &serde_json::Value) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, v);
+}
+
+impl From<serde_json::Value> for Value {
+    /// JSON to CBOR: strings become text strings, integers stay integers.
+    fn from(v: serde_json::Value) -> Value {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => Value::Int(u.into()),
+                (None, Some(i)) => Value::Int(i.into()),
+                _ => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            serde_json::Value::String(s) => Value::Text(s),
+            serde_json::Value::Array(items) => {
+                Value::Array(items.into_iter().map(Value::from).collect())
+            }
+            serde_json::Value::Object(map) => Value::Map(
+                map.into_iter()
+                    .map(|(k, v)| (Value::Text(k), Value::from(v)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
 impl From<&str> for Value {
     fn from(s: &str) -> Value {
         Value::Text(s.to_owned())

@@ -5,11 +5,9 @@
 //! and size on the way, so nothing a peer sends can make the engine buffer or recurse
 //! without bound. [`to_json`] turns a checked item into JSON text.
 
-use minicbor::Decoder;
-use minicbor::data::Type;
-
 use super::{Limits, Scan};
 use crate::error::MessageError;
+use crate::value::Value;
 
 const FRAMING: &str = "cbor";
 
@@ -218,158 +216,10 @@ impl Scanner {
     }
 }
 
-/// Writes a checked CBOR item as JSON. Byte strings become JSON strings of the characters
-/// U+0000..U+00FF, as Perl's JSON encoder writes byte strings; tags are dropped; map keys
-/// that are integers become their decimal text.
+/// Writes a checked CBOR item as JSON (see [`Value::write_json`] for the mapping).
 pub(crate) fn to_json(item: &[u8], out: &mut Vec<u8>) -> Result<(), MessageError> {
-    let mut d = Decoder::new(item);
-    value(&mut d, out).map_err(|e| match e {
-        Failure::NotJson(why) => MessageError::NotJson(why),
-        Failure::Cbor(e) => malformed(e.to_string()),
-    })
-}
-
-enum Failure {
-    NotJson(String),
-    Cbor(minicbor::decode::Error),
-}
-
-impl From<minicbor::decode::Error> for Failure {
-    fn from(e: minicbor::decode::Error) -> Self {
-        Failure::Cbor(e)
-    }
-}
-
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    // Writing a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
-}
-
-fn latin1(bytes: &[u8]) -> String {
-    bytes.iter().map(|&b| char::from(b)).collect()
-}
-
-fn write_float(out: &mut Vec<u8>, f: f64) -> Result<(), Failure> {
-    if !f.is_finite() {
-        return Err(Failure::NotJson(format!("{f} is not a JSON number")));
-    }
-    let _ = serde_json::to_writer(&mut *out, &f);
-    Ok(())
-}
-
-/// Consumes the break that ends an indefinite container, if it is next.
-fn at_break(d: &mut Decoder) -> Result<bool, Failure> {
-    if d.datatype()? == Type::Break {
-        d.set_position(d.position() + 1);
-        return Ok(true);
-    }
-    Ok(false)
-}
-
-fn value(d: &mut Decoder, out: &mut Vec<u8>) -> Result<(), Failure> {
-    match d.datatype()? {
-        Type::Bool => out.extend_from_slice(if d.bool()? { b"true" } else { b"false" }),
-        Type::Null | Type::Undefined => {
-            d.skip()?;
-            out.extend_from_slice(b"null");
-        }
-        Type::U8 | Type::U16 | Type::U32 | Type::U64 => {
-            out.extend_from_slice(d.u64()?.to_string().as_bytes())
-        }
-        Type::I8 | Type::I16 | Type::I32 | Type::I64 | Type::Int => {
-            out.extend_from_slice(i128::from(d.int()?).to_string().as_bytes())
-        }
-        Type::F16 | Type::F32 | Type::F64 => write_float(out, d.f64()?)?,
-        Type::String | Type::StringIndef => write_str(out, &text(d)?),
-        Type::Bytes | Type::BytesIndef => write_str(out, &latin1(&bytes(d)?)),
-        Type::Array | Type::ArrayIndef => {
-            let len = d.array()?;
-            out.push(b'[');
-            let mut i = 0u64;
-            loop {
-                let more = match len {
-                    Some(n) => i < n,
-                    None => !at_break(d)?,
-                };
-                if !more {
-                    break;
-                }
-                if i > 0 {
-                    out.push(b',');
-                }
-                value(d, out)?;
-                i += 1;
-            }
-            out.push(b']');
-        }
-        Type::Map | Type::MapIndef => {
-            let len = d.map()?;
-            out.push(b'{');
-            let mut i = 0u64;
-            loop {
-                let more = match len {
-                    Some(n) => i < n,
-                    None => !at_break(d)?,
-                };
-                if !more {
-                    break;
-                }
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(out, &key(d)?);
-                out.push(b':');
-                value(d, out)?;
-                i += 1;
-            }
-            out.push(b'}');
-        }
-        Type::Tag => {
-            d.tag()?;
-            value(d, out)?;
-        }
-        other => return Err(Failure::NotJson(format!("CBOR {other} has no JSON form"))),
-    }
-    Ok(())
-}
-
-fn text(d: &mut Decoder) -> Result<String, Failure> {
-    let mut s = String::new();
-    for chunk in d.str_iter()? {
-        s.push_str(chunk?);
-    }
-    Ok(s)
-}
-
-fn bytes(d: &mut Decoder) -> Result<Vec<u8>, Failure> {
-    let mut v = Vec::new();
-    for chunk in d.bytes_iter()? {
-        v.extend_from_slice(chunk?);
-    }
-    Ok(v)
-}
-
-fn key(d: &mut Decoder) -> Result<String, Failure> {
-    match d.datatype()? {
-        Type::Tag => {
-            d.tag()?;
-            key(d)
-        }
-        Type::String | Type::StringIndef => text(d),
-        Type::Bytes | Type::BytesIndef => Ok(latin1(&bytes(d)?)),
-        Type::U8
-        | Type::U16
-        | Type::U32
-        | Type::U64
-        | Type::I8
-        | Type::I16
-        | Type::I32
-        | Type::I64
-        | Type::Int => Ok(i128::from(d.int()?).to_string()),
-        other => Err(Failure::NotJson(format!(
-            "a CBOR {other} cannot be a JSON object key"
-        ))),
-    }
+    let value = Value::decode(item).map_err(|e| malformed(e.to_string()))?;
+    value.write_json(out).map_err(MessageError::NotJson)
 }
 
 #[cfg(test)]

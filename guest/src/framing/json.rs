@@ -4,7 +4,6 @@
 //! it stopped, and enforces depth and size before anything is parsed; [`to_cbor`] then
 //! parses the complete text and writes it as CBOR (strings as text strings).
 
-use minicbor::Encoder;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -79,38 +78,8 @@ pub(crate) fn to_cbor(text: &[u8], out: &mut Vec<u8>) -> Result<(), MessageError
         framing: "json",
         detail: e.to_string(),
     })?;
-    let mut e = Encoder::new(out);
-    encode(&value, &mut e);
+    crate::value::Value::from(value).encode_into(out);
     Ok(())
-}
-
-fn encode(value: &Value, e: &mut Encoder<&mut Vec<u8>>) {
-    // Writing into a Vec cannot fail, so the encoder's results carry nothing.
-    let _ = match value {
-        Value::Null => e.null(),
-        Value::Bool(b) => e.bool(*b),
-        Value::Number(n) => match (n.as_u64(), n.as_i64()) {
-            (Some(u), _) => e.u64(u),
-            (None, Some(i)) => e.i64(i),
-            _ => e.f64(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Value::String(s) => e.str(s),
-        Value::Array(items) => {
-            let _ = e.array(items.len() as u64);
-            for item in items {
-                encode(item, e);
-            }
-            Ok(&mut *e)
-        }
-        Value::Object(map) => {
-            let _ = e.map(map.len() as u64);
-            for (k, v) in map {
-                let _ = e.str(k);
-                encode(v, e);
-            }
-            Ok(&mut *e)
-        }
-    };
 }
 
 #[cfg(test)]
