@@ -294,3 +294,56 @@ fn global_protocol_messages_to_the_master() {
         ]
     );
 }
+
+mod arbitrary_requests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TAGS: &[&str] = &[
+        "", "mon0", "mon1", "kil0", "kil1", "snd", "can", "time", "devnull", "eval", "g_global",
+        "g_reply", "g_found", "g_chg1", "g_chg2", "g_slave", "other",
+    ];
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|i| Value::Int(i.into())),
+            "[a-z#:]{0,6}".prop_map(Value::Text),
+            proptest::collection::vec(any::<u8>(), 0..6).prop_map(Value::Bytes),
+            Just(t("peer#r")),
+            Just(t("fam")),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                // The peer speaks json: map keys are strings.
+                proptest::collection::vec(("[a-z]{0,4}".prop_map(Value::Text), inner), 0..3)
+                    .prop_map(Value::Map),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever a peer puts after a known tag, the node neither panics nor stops
+        /// answering.
+        #[test]
+        fn node_port_survives_any_arguments(
+            requests in proptest::collection::vec(
+                (proptest::sample::select(TAGS), proptest::collection::vec(value(), 0..5)), 1..12),
+        ) {
+            let mut w = Wire::new(true);
+            w.node.db_mon("fam", 0);
+            for (tag, args) in requests {
+                let mut items = vec![t(""), t(tag)];
+                items.extend(args);
+                w.send(items);
+            }
+            w.take();
+            w.send(vec![t(""), t("can"), t("snd"), t("peer#ok")]);
+            let got = w.take();
+            prop_assert_eq!(got.last(), Some(&m(vec![t("ok"), Value::Bool(true)])));
+        }
+    }
+}

@@ -59,6 +59,11 @@ impl Global {
         true
     }
 
+    /// Drops a pending `g_find` for `node`.
+    pub(super) fn forget_find(&mut self, node: &str) {
+        self.pending.remove(&format!("g_find {node}"));
+    }
+
     /// Records a request for the master under `key`.
     fn request(&mut self, key: String, items: Vec<Value>) {
         self.pending.insert(key, (items, false));

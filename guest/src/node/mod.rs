@@ -616,14 +616,12 @@ impl Node {
     /// The reference's `transport_error`: the node's connection (or the attempt to get
     /// one) failed. Drops the queue, fires monitors of its ports, reports the node down.
     fn transport_error(&mut self, node: &str, reason: &str, was_up: bool) {
-        let Some(peer) = self.peers.get_mut(node) else {
+        // Nothing of the peer survives (queue, monitors, attempts), so the entry goes:
+        // nodes a peer merely named (in `snd` relays, say) cannot pile up.
+        if self.peers.remove(node).is_none() {
             return;
-        };
-        peer.conn = None;
-        peer.connecting = None;
-        peer.queue.clear();
-        peer.queued_bytes = 0;
-        peer.lmon.clear();
+        }
+        self.global.forget_find(node);
         let prefix = format!("{node}#");
         let fired: Vec<String> = self
             .monitors
