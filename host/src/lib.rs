@@ -3,7 +3,9 @@
 //! The component is built from `guest/` by this crate's build script and embedded here as
 //! [`ENGINE_COMPONENT`]. [`Sandbox`] compiles it once and instantiates it cheaply.
 
+pub mod config;
 pub mod sandbox;
+pub mod tls;
 
 pub use sandbox::{EngineBindings, Instance, Sandbox, State, wit, wit_node};
 

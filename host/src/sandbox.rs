@@ -1,8 +1,11 @@
-//! Loading and instantiating the engine component under wasmtime.
+//! Loading and instantiating the engine component under wasmtime, with limits: each
+//! instance gets its own capped memory (StoreLimits) and a CPU budget per call (epoch
+//! deadlines); a trap or a limit fails that call, never the process.
 
-use wasmtime::component::{Component, Linker, ResourceAny};
-use wasmtime::{Engine, Store};
-use wasmtime_wasi::random::{WasiRandom, WasiRandomCtx};
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceAny};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 
 use crate::ENGINE_COMPONENT;
 
@@ -10,7 +13,6 @@ mod bindings {
     wasmtime::component::bindgen!({
         world: "engine",
         path: "../wit",
-        with: { "wasi:random/random": wasmtime_wasi::p2::bindings::random::random },
     });
 }
 
@@ -23,41 +25,100 @@ pub use bindings::exports::aemp::engine::node as wit_node;
 /// The generated bindings of the whole world, for calls not wrapped here.
 pub use bindings::Engine as EngineBindings;
 
-/// What each instance's store holds: the randomness it may draw.
+/// How often the CPU clock of all instances ticks.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Largest randomness request an instance may make at once (the engine asks for 66 bytes).
+const MAX_RANDOM: u64 = 4096;
+
+/// Limits for every instance of a [`Sandbox`].
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Linear memory an instance may grow to (default 256 MiB).
+    pub max_memory: usize,
+    /// CPU time one call into the instance may take before it traps (default 2 s).
+    pub max_call_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_memory: 256 << 20, max_call_time: Duration::from_secs(2) }
+    }
+}
+
+/// What each instance's store holds.
 pub struct State {
-    random: WasiRandomCtx,
+    limits: StoreLimits,
+}
+
+impl bindings::wasi::random::random::Host for State {
+    fn get_random_bytes(&mut self, len: u64) -> Vec<u8> {
+        let mut bytes = vec![0; len.min(MAX_RANDOM) as usize];
+        fill_random(&mut bytes);
+        bytes
+    }
+
+    fn get_random_u64(&mut self) -> u64 {
+        let mut bytes = [0; 8];
+        fill_random(&mut bytes);
+        u64::from_le_bytes(bytes)
+    }
+}
+
+/// Fills `bytes` from the operating system's secure generator.
+pub(crate) fn fill_random(bytes: &mut [u8]) {
+    // The OS generator failing leaves no safe way to make nonces: stop rather than
+    // continue with predictable ones.
+    if let Err(e) = getrandom::fill(bytes) {
+        panic!("the operating system's random generator failed: {e}");
+    }
 }
 
 /// The compiled engine component, ready to instantiate.
 pub struct Sandbox {
     engine: Engine,
     pre: bindings::EnginePre<State>,
+    limits: Limits,
 }
 
 impl Sandbox {
-    /// Compiles the embedded component and links its only import, `wasi:random/random`.
+    /// Compiles the embedded component with default limits.
     pub fn new() -> wasmtime::Result<Sandbox> {
-        let engine = Engine::default();
+        Sandbox::with_limits(Limits::default())
+    }
+
+    /// Compiles the embedded component and links its only import, `wasi:random/random`,
+    /// to the operating system's generator.
+    pub fn with_limits(limits: Limits) -> wasmtime::Result<Sandbox> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
         let component = Component::new(&engine, ENGINE_COMPONENT)?;
         let mut linker = Linker::<State>::new(&engine);
-        wasmtime_wasi::p2::bindings::random::random::add_to_linker::<State, WasiRandom>(
-            &mut linker,
-            |state| &mut state.random,
-        )?;
+        bindings::Engine::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)?;
         let pre = bindings::EnginePre::new(linker.instantiate_pre(&component)?)?;
-        Ok(Sandbox { engine, pre })
+        // One ticker per sandbox; it stops once the engine is dropped.
+        let weak = engine.weak();
+        std::thread::Builder::new().name("aemp-epoch".into()).spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(TICK);
+            }
+        })?;
+        Ok(Sandbox { engine, pre, limits })
     }
 
     /// A fresh instance with its own memory.
     pub fn instantiate(&self) -> wasmtime::Result<Instance> {
-        let mut store = Store::new(
-            &self.engine,
-            State {
-                random: WasiRandomCtx::default(),
-            },
-        );
+        let limits = StoreLimitsBuilder::new().memory_size(self.limits.max_memory).build();
+        let mut store = Store::new(&self.engine, State { limits });
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        let ticks = (self.limits.max_call_time.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
         let bindings = self.pre.instantiate(&mut store)?;
-        Ok(Instance { store, bindings })
+        Ok(Instance { store, bindings, ticks })
     }
 }
 
@@ -65,18 +126,21 @@ impl Sandbox {
 pub struct Instance {
     store: Store<State>,
     bindings: bindings::Engine,
+    ticks: u64,
 }
 
 impl Instance {
-    /// The store and the bindings, to call the `node` interface directly.
+    /// The store and the bindings, to call the `node` interface directly. The CPU budget
+    /// of one call starts again with each use.
     pub fn parts(&mut self) -> (&mut Store<State>, &EngineBindings) {
+        self.store.set_epoch_deadline(self.ticks);
         (&mut self.store, &self.bindings)
     }
 
     /// The engine's default configuration for `node_id`.
     pub fn default_config(&mut self, node_id: &str) -> wasmtime::Result<wit::Config> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest.call_default_config(&mut self.store, node_id)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().call_default_config(store, node_id)
     }
 
     /// Opens a connection; the inner error is an invalid configuration.
@@ -85,24 +149,20 @@ impl Instance {
         config: &wit::Config,
         now_ms: u64,
     ) -> wasmtime::Result<Result<ResourceAny, String>> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest
-            .connection()
-            .call_open(&mut self.store, config, now_ms)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().connection().call_open(store, config, now_ms)
     }
 
     /// Feeds bytes received from the peer.
     pub fn handle_input(&mut self, conn: ResourceAny, data: &[u8]) -> wasmtime::Result<()> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest
-            .connection()
-            .call_handle_input(&mut self.store, conn, data)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().connection().call_handle_input(store, conn, data)
     }
 
     /// The peer closed its side.
     pub fn handle_eof(&mut self, conn: ResourceAny) -> wasmtime::Result<()> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest.connection().call_handle_eof(&mut self.store, conn)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().connection().call_handle_eof(store, conn)
     }
 
     /// Answers a greeting output.
@@ -111,30 +171,26 @@ impl Instance {
         conn: ResourceAny,
         verdict: wit::Verdict,
     ) -> wasmtime::Result<()> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest
-            .connection()
-            .call_handle_verdict(&mut self.store, conn, verdict)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().connection().call_handle_verdict(store, conn, verdict)
     }
 
     /// Advances the connection's clock.
     pub fn handle_timeout(&mut self, conn: ResourceAny, now_ms: u64) -> wasmtime::Result<()> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest
-            .connection()
-            .call_handle_timeout(&mut self.store, conn, now_ms)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().connection().call_handle_timeout(store, conn, now_ms)
     }
 
     /// When to call [`handle_timeout`](Self::handle_timeout) next.
     pub fn poll_timeout(&mut self, conn: ResourceAny) -> wasmtime::Result<Option<u64>> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest.connection().call_poll_timeout(&mut self.store, conn)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().connection().call_poll_timeout(store, conn)
     }
 
     /// Everything to act on now, in order.
     pub fn poll_outputs(&mut self, conn: ResourceAny) -> wasmtime::Result<Vec<wit::Output>> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest.connection().call_poll_outputs(&mut self.store, conn)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().connection().call_poll_outputs(store, conn)
     }
 
     /// Queues CBOR messages for the peer.
@@ -143,10 +199,8 @@ impl Instance {
         conn: ResourceAny,
         messages: &[Vec<u8>],
     ) -> wasmtime::Result<Result<(), wit::SendError>> {
-        let guest = self.bindings.aemp_engine_transport();
-        guest
-            .connection()
-            .call_send(&mut self.store, conn, messages)
+        let (store, b) = self.parts();
+        b.aemp_engine_transport().connection().call_send(store, conn, messages)
     }
 
     /// Frees a connection's state inside the instance.

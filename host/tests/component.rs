@@ -6,6 +6,12 @@ use wasmtime::component::{Component, ResourceAny};
 
 const SECRET: &[u8] = b"geheim";
 
+/// One compiled sandbox for all tests of this file (compiling is the slow part).
+fn sandbox() -> &'static Sandbox {
+    static SANDBOX: std::sync::OnceLock<Sandbox> = std::sync::OnceLock::new();
+    SANDBOX.get_or_init(|| Sandbox::new().unwrap())
+}
+
 /// One side: an instance with one connection in it.
 struct Side {
     instance: Instance,
@@ -86,14 +92,14 @@ fn component_imports_only_randomness() {
 
 #[test]
 fn handshake_and_messages_through_the_component() {
-    let sandbox = Sandbox::new().unwrap();
+    let sandbox = sandbox();
     for (fa, fb) in [
         (wit::Framing::Cbor, wit::Framing::Json),
         (wit::Framing::Json, wit::Framing::Cbor),
     ] {
         // A sends in `fa` (B asks for it), B in `fb`.
-        let mut a = Side::new(&sandbox, "alpha", fb, SECRET);
-        let mut b = Side::new(&sandbox, "beta", fa, SECRET);
+        let mut a = Side::new(sandbox, "alpha", fb, SECRET);
+        let mut b = Side::new(sandbox, "beta", fa, SECRET);
         drive(&mut a, &mut b);
         let session = a
             .events
@@ -144,9 +150,9 @@ fn handshake_and_messages_through_the_component() {
 
 #[test]
 fn wrong_secret_reports_the_reference_error_text() {
-    let sandbox = Sandbox::new().unwrap();
-    let mut a = Side::new(&sandbox, "alpha", wit::Framing::Json, SECRET);
-    let mut b = Side::new(&sandbox, "beta", wit::Framing::Json, b"other");
+    let sandbox = sandbox();
+    let mut a = Side::new(sandbox, "alpha", wit::Framing::Json, SECRET);
+    let mut b = Side::new(sandbox, "beta", wit::Framing::Json, b"other");
     drive(&mut a, &mut b);
     let Some(wit::Output::Closed(e)) = a.events.last() else {
         panic!("{:?}", a.events)
@@ -157,7 +163,7 @@ fn wrong_secret_reports_the_reference_error_text() {
 
 #[test]
 fn invalid_config_and_timeouts() {
-    let sandbox = Sandbox::new().unwrap();
+    let sandbox = sandbox();
     let mut instance = sandbox.instantiate().unwrap();
     let config = instance.default_config("a;b").unwrap();
     let err = instance.open(&config, 0).unwrap().unwrap_err();
@@ -179,7 +185,7 @@ fn invalid_config_and_timeouts() {
 /// Two nodes, each in its own instance, wired in memory through the `node` interface.
 #[test]
 fn two_nodes_through_the_component() {
-    let sandbox = Sandbox::new().unwrap();
+    let sandbox = sandbox();
     let mut insts = [
         sandbox.instantiate().unwrap(),
         sandbox.instantiate().unwrap(),
