@@ -4,10 +4,15 @@
 //! [`ENGINE_COMPONENT`]. [`Sandbox`] compiles it once and instantiates it cheaply.
 
 pub mod config;
+mod net;
+pub mod node;
 pub mod sandbox;
 pub mod tls;
 
+pub use aemp_engine::Value;
+pub use node::{Event, Node, NodeBuilder, NodeError, Port};
 pub use sandbox::{EngineBindings, Instance, Sandbox, State, wit, wit_node};
+pub use tls::TlsConfig;
 
 /// The engine as a WebAssembly component (world `aemp:engine/engine`).
 pub static ENGINE_COMPONENT: &[u8] = include_bytes!(env!("AEMP_ENGINE_COMPONENT"));

@@ -42,7 +42,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_memory: 256 << 20, max_call_time: Duration::from_secs(2) }
+        Limits {
+            max_memory: 256 << 20,
+            max_call_time: Duration::from_secs(2),
+        }
     }
 }
 
@@ -81,6 +84,14 @@ pub struct Sandbox {
     limits: Limits,
 }
 
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Sandbox {
     /// Compiles the embedded component with default limits.
     pub fn new() -> wasmtime::Result<Sandbox> {
@@ -99,26 +110,38 @@ impl Sandbox {
         let pre = bindings::EnginePre::new(linker.instantiate_pre(&component)?)?;
         // One ticker per sandbox; it stops once the engine is dropped.
         let weak = engine.weak();
-        std::thread::Builder::new().name("aemp-epoch".into()).spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(TICK);
-            }
-        })?;
-        Ok(Sandbox { engine, pre, limits })
+        std::thread::Builder::new()
+            .name("aemp-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })?;
+        Ok(Sandbox {
+            engine,
+            pre,
+            limits,
+        })
     }
 
     /// A fresh instance with its own memory.
     pub fn instantiate(&self) -> wasmtime::Result<Instance> {
-        let limits = StoreLimitsBuilder::new().memory_size(self.limits.max_memory).build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.max_memory)
+            .build();
         let mut store = Store::new(&self.engine, State { limits });
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
         let ticks = (self.limits.max_call_time.as_millis() / TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         let bindings = self.pre.instantiate(&mut store)?;
-        Ok(Instance { store, bindings, ticks })
+        Ok(Instance {
+            store,
+            bindings,
+            ticks,
+        })
     }
 }
 
@@ -140,7 +163,8 @@ impl Instance {
     /// The engine's default configuration for `node_id`.
     pub fn default_config(&mut self, node_id: &str) -> wasmtime::Result<wit::Config> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().call_default_config(store, node_id)
+        b.aemp_engine_transport()
+            .call_default_config(store, node_id)
     }
 
     /// Opens a connection; the inner error is an invalid configuration.
@@ -150,19 +174,25 @@ impl Instance {
         now_ms: u64,
     ) -> wasmtime::Result<Result<ResourceAny, String>> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().connection().call_open(store, config, now_ms)
+        b.aemp_engine_transport()
+            .connection()
+            .call_open(store, config, now_ms)
     }
 
     /// Feeds bytes received from the peer.
     pub fn handle_input(&mut self, conn: ResourceAny, data: &[u8]) -> wasmtime::Result<()> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().connection().call_handle_input(store, conn, data)
+        b.aemp_engine_transport()
+            .connection()
+            .call_handle_input(store, conn, data)
     }
 
     /// The peer closed its side.
     pub fn handle_eof(&mut self, conn: ResourceAny) -> wasmtime::Result<()> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().connection().call_handle_eof(store, conn)
+        b.aemp_engine_transport()
+            .connection()
+            .call_handle_eof(store, conn)
     }
 
     /// Answers a greeting output.
@@ -172,25 +202,33 @@ impl Instance {
         verdict: wit::Verdict,
     ) -> wasmtime::Result<()> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().connection().call_handle_verdict(store, conn, verdict)
+        b.aemp_engine_transport()
+            .connection()
+            .call_handle_verdict(store, conn, verdict)
     }
 
     /// Advances the connection's clock.
     pub fn handle_timeout(&mut self, conn: ResourceAny, now_ms: u64) -> wasmtime::Result<()> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().connection().call_handle_timeout(store, conn, now_ms)
+        b.aemp_engine_transport()
+            .connection()
+            .call_handle_timeout(store, conn, now_ms)
     }
 
     /// When to call [`handle_timeout`](Self::handle_timeout) next.
     pub fn poll_timeout(&mut self, conn: ResourceAny) -> wasmtime::Result<Option<u64>> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().connection().call_poll_timeout(store, conn)
+        b.aemp_engine_transport()
+            .connection()
+            .call_poll_timeout(store, conn)
     }
 
     /// Everything to act on now, in order.
     pub fn poll_outputs(&mut self, conn: ResourceAny) -> wasmtime::Result<Vec<wit::Output>> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().connection().call_poll_outputs(store, conn)
+        b.aemp_engine_transport()
+            .connection()
+            .call_poll_outputs(store, conn)
     }
 
     /// Queues CBOR messages for the peer.
@@ -200,7 +238,9 @@ impl Instance {
         messages: &[Vec<u8>],
     ) -> wasmtime::Result<Result<(), wit::SendError>> {
         let (store, b) = self.parts();
-        b.aemp_engine_transport().connection().call_send(store, conn, messages)
+        b.aemp_engine_transport()
+            .connection()
+            .call_send(store, conn, messages)
     }
 
     /// Frees a connection's state inside the instance.

@@ -1,0 +1,1094 @@
+//! A node running in the sandbox: the Rust API.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), aemp_host::NodeError> {
+//! use aemp_host::{Node, Value};
+//! let node = Node::builder().node_id("me/").secret("s3cret").bind("127.0.0.1:4040").start().await?;
+//! let mut port = node.port().await?;
+//! node.send("other#inbox", vec![Value::text(port.id()), Value::Int(1)]).await?;
+//! let reply = port.recv().await;
+//! # Ok(()) }
+//! ```
+//!
+//! One tokio task drives the engine instance of a node; socket tasks feed it (see
+//! `net`). Every call into the sandbox is made by that task, so the engine needs no locks.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aemp_engine::{AuthMethod, Framing, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::{
+    UnboundedReceiver, UnboundedSender, WeakUnboundedSender, unbounded_channel,
+};
+use tokio::sync::{broadcast, oneshot, watch};
+use wasmtime::component::ResourceAny;
+
+use crate::config::Profile;
+use crate::net::{self, ConnCmd, ConnHandle, SocketEvent};
+use crate::sandbox::{self, Instance, Sandbox, wit, wit_node};
+use crate::tls::{Role, TlsConfig};
+
+/// Why a node could not start, or refused a call.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Listening on an address failed.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind { addr: String, reason: String },
+    /// The engine refused the call (invalid port id, full queue, bad message...).
+    #[error("{0}")]
+    Refused(String),
+    /// The sandbox trapped or hit a limit: the node is gone.
+    #[error("node stopped: {0}")]
+    Stopped(String),
+    /// No answer in time.
+    #[error("timed out")]
+    Timeout,
+}
+
+/// Something that happened to the node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A node completed a handshake with us.
+    NodeUp(String),
+    /// A node's connection is gone.
+    NodeDown { node: String, reason: String },
+    /// A monitored port died; `reason` is empty for a normal exit.
+    PortDown { port: String, reason: Vec<Value> },
+    /// A node-port request with a tag registered by [`Node::handle_requests`].
+    Request {
+        node: String,
+        tag: String,
+        args: Vec<Value>,
+    },
+    /// A monitored database family changed.
+    DbChange {
+        family: String,
+        set: Value,
+        del: Vec<String>,
+    },
+}
+
+/// How to start a node. Defaults: node id `<hostname>/<random>`, no secret, no TLS,
+/// framings cbor and json, no listener, no seeds.
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    node_id: Option<String>,
+    secret: Option<Vec<u8>>,
+    tls: Option<TlsConfig>,
+    binds: Vec<String>,
+    seeds: Vec<String>,
+    framings: Vec<Framing>,
+    auth_offer: Option<Vec<AuthMethod>>,
+    auth_accept: Option<Vec<AuthMethod>>,
+    max_message_size: Option<usize>,
+    monitor_timeout: Duration,
+    connect_interval: Duration,
+    max_write_queue: usize,
+    sandbox_limits: sandbox::Limits,
+    sandbox: Option<Arc<Sandbox>>,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        NodeBuilder {
+            node_id: None,
+            secret: None,
+            tls: None,
+            binds: Vec::new(),
+            seeds: Vec::new(),
+            framings: Framing::ALL.to_vec(),
+            auth_offer: None,
+            auth_accept: None,
+            max_message_size: None,
+            monitor_timeout: Duration::from_secs(30),
+            connect_interval: Duration::from_secs(2),
+            max_write_queue: 64 << 20,
+            sandbox_limits: sandbox::Limits::default(),
+            sandbox: None,
+        }
+    }
+}
+
+fn auth_list(names: &[String]) -> Result<Vec<AuthMethod>, NodeError> {
+    names
+        .iter()
+        .map(|n| {
+            AuthMethod::from_name(n)
+                .ok_or_else(|| NodeError::Config(format!("unknown auth method '{n}'")))
+        })
+        .collect()
+}
+
+impl NodeBuilder {
+    /// A builder with everything taken from a resolved configuration profile.
+    pub fn from_profile(profile: &Profile) -> Result<NodeBuilder, NodeError> {
+        let mut b = NodeBuilder::default().node_id(&profile.nodeid);
+        if let Some(secret) = &profile.secret {
+            b = b.secret(secret);
+        }
+        if let Some(cert) = &profile.cert {
+            b.tls = Some(
+                TlsConfig::from_pem(cert.as_bytes())
+                    .map_err(|e| NodeError::Config(e.to_string()))?,
+            );
+        }
+        b.binds = profile.binds.clone();
+        b.seeds = profile.seeds.clone();
+        b.framings = profile
+            .framing_format
+            .iter()
+            .filter_map(|f| Framing::from_name(f))
+            .collect();
+        b.auth_offer = Some(auth_list(&profile.auth_offer)?);
+        b.auth_accept = Some(auth_list(&profile.auth_accept)?);
+        b.monitor_timeout = Duration::from_secs_f64(profile.monitor_timeout);
+        b.connect_interval = Duration::from_secs_f64(profile.connect_interval);
+        Ok(b)
+    }
+
+    /// The node id (`%n`, `%u` and a trailing `/` are expanded).
+    pub fn node_id(mut self, id: &str) -> Self {
+        self.node_id = Some(id.to_owned());
+        self
+    }
+
+    /// The shared secret of the network.
+    pub fn secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.secret = Some(secret.as_ref().to_vec());
+        self
+    }
+
+    /// TLS with this node's certificate (see [`TlsConfig`]).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Listens on `addr` (`host:port`; `*` for all interfaces, port 0 for any).
+    pub fn bind(mut self, addr: &str) -> Self {
+        self.binds.push(addr.to_owned());
+        self
+    }
+
+    /// Keeps a connection to the seed at `addr` and joins the network through it.
+    pub fn seed(mut self, addr: &str) -> Self {
+        self.seeds.push(addr.to_owned());
+        self
+    }
+
+    /// The framings we understand, in preference order.
+    pub fn framings(mut self, framings: &[Framing]) -> Self {
+        self.framings = framings.to_vec();
+        self
+    }
+
+    /// The auth methods we may send.
+    pub fn auth_offer(mut self, methods: &[AuthMethod]) -> Self {
+        self.auth_offer = Some(methods.to_vec());
+        self
+    }
+
+    /// The auth methods we accept, in preference order.
+    pub fn auth_accept(mut self, methods: &[AuthMethod]) -> Self {
+        self.auth_accept = Some(methods.to_vec());
+        self
+    }
+
+    /// Largest message in either direction (default 16 MiB).
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = Some(bytes);
+        self
+    }
+
+    /// Handshake deadline and connect timeout (default 30 s).
+    pub fn monitor_timeout(mut self, timeout: Duration) -> Self {
+        self.monitor_timeout = timeout;
+        self
+    }
+
+    /// Bytes queued for one connection before it is closed as too slow (default 64 MiB).
+    pub fn max_write_queue(mut self, bytes: usize) -> Self {
+        self.max_write_queue = bytes;
+        self
+    }
+
+    /// Memory and CPU limits of the sandbox.
+    pub fn sandbox_limits(mut self, limits: sandbox::Limits) -> Self {
+        self.sandbox_limits = limits;
+        self
+    }
+
+    /// Runs in an existing sandbox (sharing its compiled code) instead of a new one.
+    pub fn sandbox(mut self, sandbox: Arc<Sandbox>) -> Self {
+        self.sandbox = Some(sandbox);
+        self
+    }
+
+    /// Binds the listeners, starts the node and returns its handle.
+    pub async fn start(self) -> Result<Node, NodeError> {
+        let sandbox = match &self.sandbox {
+            Some(s) => s.clone(),
+            None => Arc::new(
+                Sandbox::with_limits(self.sandbox_limits)
+                    .map_err(|e| NodeError::Stopped(format!("{e:#}")))?,
+            ),
+        };
+        let mut listeners = Vec::new();
+        let mut bound = Vec::new();
+        for addr in &self.binds {
+            let host_port = bind_address(addr);
+            let listener = TcpListener::bind(&host_port)
+                .await
+                .map_err(|e| NodeError::Bind {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            let local = listener.local_addr().map_err(|e| NodeError::Bind {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+            bound.push(local);
+            listeners.push(listener);
+        }
+        let trap = |e: wasmtime::Error| NodeError::Stopped(format!("{e:#}"));
+        let mut instance = sandbox.instantiate().map_err(trap)?;
+        let hostname = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        let template = self
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{hostname}/"));
+        let (store, b) = instance.parts();
+        let api = b.aemp_engine_node();
+        let node_id = api
+            .call_expand_node_id(&mut *store, &template, &hostname)
+            .map_err(trap)?;
+        let mut config = api
+            .call_default_node_config(&mut *store, &node_id)
+            .map_err(trap)?;
+        config.transport.secret = self.secret.clone();
+        config.transport.tls = self.tls.is_some();
+        config.transport.framings = self.framings.iter().map(|f| wit_framing(*f)).collect();
+        if let Some(offer) = &self.auth_offer {
+            config.transport.auth_offer = offer.iter().map(|m| wit_auth(*m)).collect();
+        }
+        if let Some(accept) = &self.auth_accept {
+            config.transport.auth_accept = accept.iter().map(|m| wit_auth(*m)).collect();
+        }
+        if let Some(size) = self.max_message_size {
+            config.transport.limits.max_message_size = u32::try_from(size).unwrap_or(u32::MAX);
+        }
+        config.transport.monitor_timeout_ms = self.monitor_timeout.as_millis() as u64;
+        config.connect_interval_ms = self.connect_interval.as_millis() as u64;
+        config.binds = announced(&bound, &hostname);
+        config.seeds = self.seeds.clone();
+        let started = Instant::now();
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        config.wall_clock_offset_ms = epoch_ms;
+        let node = api
+            .node()
+            .call_create(&mut *store, &config, 0)
+            .map_err(trap)?
+            .map_err(NodeError::Config)?;
+
+        let (tx, rx) = unbounded_channel();
+        let (sock_tx, sock_rx) = unbounded_channel();
+        for listener in listeners {
+            net::spawn_listener(listener, sock_tx.clone());
+        }
+        let (events, _) = broadcast::channel(1024);
+        let (status_tx, status) = watch::channel(None);
+        let driver = Driver {
+            instance,
+            node,
+            started,
+            conns: HashMap::new(),
+            dialing: HashSet::new(),
+            ports: HashMap::new(),
+            db_waiters: HashMap::new(),
+            events: events.clone(),
+            up: HashSet::new(),
+            tls: self.tls.clone(),
+            sock_tx,
+            monitor_timeout: self.monitor_timeout,
+            max_write_queue: self.max_write_queue,
+            status: status_tx,
+            cmd_tx: tx.downgrade(),
+        };
+        tokio::spawn(driver.run(rx, sock_rx));
+        Ok(Node {
+            id: node_id,
+            listen: bound,
+            tx,
+            events,
+            status,
+        })
+    }
+}
+
+/// `*` hosts and missing ports the way AnyEvent::MP writes binds.
+fn bind_address(addr: &str) -> String {
+    let (host, port) = match addr.rsplit_once(':') {
+        Some((h, p)) => (h, if p == "*" { "0" } else { p }),
+        None if addr.chars().all(|c| c.is_ascii_digit()) && !addr.is_empty() => ("*", addr),
+        None => (addr, "0"),
+    };
+    let host = if host == "*" || host.is_empty() {
+        "0.0.0.0"
+    } else {
+        host
+    };
+    format!("{host}:{port}")
+}
+
+/// The addresses to announce under `'l` (an unspecified address becomes the host name).
+fn announced(bound: &[SocketAddr], hostname: &str) -> Vec<String> {
+    bound
+        .iter()
+        .map(|a| {
+            if a.ip().is_unspecified() {
+                format!("{hostname}:{}", a.port())
+            } else {
+                a.to_string()
+            }
+        })
+        .collect()
+}
+
+fn wit_framing(f: Framing) -> wit::Framing {
+    match f {
+        Framing::Cbor => wit::Framing::Cbor,
+        Framing::Json => wit::Framing::Json,
+    }
+}
+
+fn wit_auth(m: AuthMethod) -> wit::AuthMethod {
+    match m {
+        AuthMethod::TlsSha3_512 => wit::AuthMethod::TlsSha3512,
+        AuthMethod::HmacSha3_512 => wit::AuthMethod::HmacSha3512,
+        AuthMethod::TlsAnon => wit::AuthMethod::TlsAnon,
+        AuthMethod::Cleartext => wit::AuthMethod::Cleartext,
+    }
+}
+
+/// A running node. Cheap to clone; the node stops when every handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Node {
+    id: String,
+    listen: Vec<SocketAddr>,
+    tx: UnboundedSender<Cmd>,
+    events: broadcast::Sender<Event>,
+    status: watch::Receiver<Option<String>>,
+}
+
+/// A local port: receives the messages sent to its id. Dropping it kills the port.
+#[derive(Debug)]
+pub struct Port {
+    id: String,
+    rx: UnboundedReceiver<Vec<Value>>,
+    tx: UnboundedSender<Cmd>,
+}
+
+impl Port {
+    /// The port id (`NODE#NAME`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The next message's arguments; `None` once the port or the node is gone.
+    pub async fn recv(&mut self) -> Option<Vec<Value>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Cmd::Kill {
+            port: self.id.clone(),
+            reason: Vec::new(),
+            reply: None,
+        });
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+enum Cmd {
+    Port {
+        name: Option<String>,
+        reply: Reply<Port>,
+    },
+    Send {
+        port: String,
+        args: Vec<Value>,
+        reply: Reply<()>,
+    },
+    Kill {
+        port: String,
+        reason: Vec<Value>,
+        reply: Option<Reply<()>>,
+    },
+    Monitor {
+        port: String,
+        on: bool,
+        reply: Reply<()>,
+    },
+    Connect {
+        addr: String,
+    },
+    Handle {
+        tag: String,
+    },
+    DbSet {
+        family: String,
+        key: String,
+        value: Value,
+    },
+    DbDel {
+        family: String,
+        keys: Vec<String>,
+    },
+    DbQuery {
+        kind: DbQuery,
+        family: String,
+        reply: Reply<Value>,
+    },
+    DbMon {
+        family: String,
+        on: bool,
+    },
+    IsUp {
+        node: String,
+        reply: Reply<bool>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum DbQuery {
+    Family,
+    Keys,
+    Values,
+}
+
+impl Node {
+    /// How to start one.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The addresses the node listens on.
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen
+    }
+
+    /// Why the node stopped, once it has.
+    pub fn stopped(&self) -> Option<String> {
+        self.status.borrow().clone()
+    }
+
+    /// Events: node up/down, monitors firing, registered requests, database changes.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    fn gone(&self) -> NodeError {
+        NodeError::Stopped(self.stopped().unwrap_or_else(|| "node is gone".into()))
+    }
+
+    fn tell(&self, cmd: Cmd) -> Result<(), NodeError> {
+        self.tx.send(cmd).map_err(|_| self.gone())
+    }
+
+    /// A new local port with a fresh unique name.
+    pub async fn port(&self) -> Result<Port, NodeError> {
+        self.call(|reply| Cmd::Port { name: None, reply }).await
+    }
+
+    /// A new local port with a chosen name (e.g. `echo`).
+    pub async fn named_port(&self, name: &str) -> Result<Port, NodeError> {
+        self.call(|reply| Cmd::Port {
+            name: Some(name.to_owned()),
+            reply,
+        })
+        .await
+    }
+
+    /// Sends `args` to `port_id` (queued if its node is not connected yet).
+    pub async fn send(&self, port_id: &str, args: Vec<Value>) -> Result<(), NodeError> {
+        self.call(|reply| Cmd::Send {
+            port: port_id.to_owned(),
+            args,
+            reply,
+        })
+        .await
+    }
+
+    /// Kills a port (local or remote) with `reason` (empty for a normal exit).
+    pub async fn kill(&self, port_id: &str, reason: Vec<Value>) -> Result<(), NodeError> {
+        self.call(|reply| Cmd::Kill {
+            port: port_id.to_owned(),
+            reason,
+            reply: Some(reply),
+        })
+        .await
+    }
+
+    /// Monitors a port: its death comes as [`Event::PortDown`].
+    pub async fn monitor(&self, port_id: &str) -> Result<(), NodeError> {
+        self.call(|reply| Cmd::Monitor {
+            port: port_id.to_owned(),
+            on: true,
+            reply,
+        })
+        .await
+    }
+
+    /// Drops a monitor.
+    pub async fn unmonitor(&self, port_id: &str) -> Result<(), NodeError> {
+        self.call(|reply| Cmd::Monitor {
+            port: port_id.to_owned(),
+            on: false,
+            reply,
+        })
+        .await
+    }
+
+    /// Connects to the node listening at `addr` (no seed needed).
+    pub fn connect(&self, addr: &str) -> Result<(), NodeError> {
+        self.tell(Cmd::Connect {
+            addr: addr.to_owned(),
+        })
+    }
+
+    /// Whether `node` has a working connection.
+    pub async fn is_up(&self, node: &str) -> Result<bool, NodeError> {
+        self.call(|reply| Cmd::IsUp {
+            node: node.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Waits until `node` is up, at most `timeout`.
+    pub async fn wait_up(&self, node: &str, timeout: Duration) -> Result<(), NodeError> {
+        let mut events = self.events();
+        if self.is_up(node).await? {
+            return Ok(());
+        }
+        tokio::time::timeout(timeout, async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::NodeUp(n)) if n == node => return Ok(()),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(self.gone()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| NodeError::Timeout)?
+    }
+
+    /// Node-port requests tagged `tag` come to this application as [`Event::Request`].
+    pub fn handle_requests(&self, tag: &str) -> Result<(), NodeError> {
+        self.tell(Cmd::Handle {
+            tag: tag.to_owned(),
+        })
+    }
+
+    /// Sets our entry `key` of database `family`.
+    pub fn db_set(&self, family: &str, key: &str, value: Value) -> Result<(), NodeError> {
+        self.tell(Cmd::DbSet {
+            family: family.to_owned(),
+            key: key.to_owned(),
+            value,
+        })
+    }
+
+    /// Deletes our entries `keys` of `family`.
+    pub fn db_del(&self, family: &str, keys: &[&str]) -> Result<(), NodeError> {
+        let keys = keys.iter().map(|k| k.to_string()).collect();
+        self.tell(Cmd::DbDel {
+            family: family.to_owned(),
+            keys,
+        })
+    }
+
+    /// The whole `family` (a map), from the master.
+    pub async fn db_family(&self, family: &str) -> Result<Value, NodeError> {
+        self.call(|reply| Cmd::DbQuery {
+            kind: DbQuery::Family,
+            family: family.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// The keys of `family`, from the master.
+    pub async fn db_keys(&self, family: &str) -> Result<Value, NodeError> {
+        self.call(|reply| Cmd::DbQuery {
+            kind: DbQuery::Keys,
+            family: family.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// The values of `family`, from the master.
+    pub async fn db_values(&self, family: &str) -> Result<Value, NodeError> {
+        self.call(|reply| Cmd::DbQuery {
+            kind: DbQuery::Values,
+            family: family.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Monitors `family`: changes come as [`Event::DbChange`].
+    pub fn db_mon(&self, family: &str, on: bool) -> Result<(), NodeError> {
+        self.tell(Cmd::DbMon {
+            family: family.to_owned(),
+            on,
+        })
+    }
+}
+
+/// The task that owns the engine instance of one node.
+struct Driver {
+    instance: Instance,
+    node: ResourceAny,
+    started: Instant,
+    conns: HashMap<u64, ConnHandle>,
+    dialing: HashSet<u64>,
+    ports: HashMap<String, UnboundedSender<Vec<Value>>>,
+    db_waiters: HashMap<String, Reply<Value>>,
+    events: broadcast::Sender<Event>,
+    up: HashSet<String>,
+    tls: Option<TlsConfig>,
+    sock_tx: UnboundedSender<SocketEvent>,
+    monitor_timeout: Duration,
+    max_write_queue: usize,
+    status: watch::Sender<Option<String>>,
+    cmd_tx: WeakUnboundedSender<Cmd>,
+}
+
+/// Inputs handled between two polls of the engine's outputs.
+const BATCH: usize = 64;
+
+fn decode_args(bytes: &[u8]) -> Vec<Value> {
+    match Value::decode(bytes) {
+        Ok(Value::Array(items)) => items,
+        _ => Vec::new(),
+    }
+}
+
+impl Driver {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn run(
+        mut self,
+        mut cmds: UnboundedReceiver<Cmd>,
+        mut sockets: UnboundedReceiver<SocketEvent>,
+    ) {
+        let result = self.serve(&mut cmds, &mut sockets).await;
+        if let Err(e) = result {
+            let reason = format!("{e:#}");
+            tracing::error!("node stopped: {reason}");
+            let _ = self.status.send(Some(reason));
+        }
+        for (_, conn) in self.conns.drain() {
+            conn.abort();
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        cmds: &mut UnboundedReceiver<Cmd>,
+        sockets: &mut UnboundedReceiver<SocketEvent>,
+    ) -> wasmtime::Result<()> {
+        self.flush()?;
+        loop {
+            let deadline =
+                self.node_api(|s, n, b| b.aemp_engine_node().node().call_poll_timeout(s, n))?;
+            let sleep = match deadline {
+                Some(ms) => {
+                    tokio::time::sleep_until((self.started + Duration::from_millis(ms)).into())
+                }
+                None => tokio::time::sleep(Duration::from_secs(3600)),
+            };
+            tokio::select! {
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { return Ok(()) };
+                    self.command(cmd)?;
+                    for _ in 0..BATCH {
+                        match cmds.try_recv() {
+                            Ok(cmd) => self.command(cmd)?,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(event) = sockets.recv() => {
+                    self.socket(event)?;
+                    for _ in 0..BATCH {
+                        match sockets.try_recv() {
+                            Ok(event) => self.socket(event)?,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = sleep => {
+                    let now = self.now();
+                    self.node_api(|s, n, b| b.aemp_engine_node().node().call_handle_timeout(s, n, now))?;
+                }
+            }
+            self.flush()?;
+        }
+    }
+
+    /// Calls into the engine with the store, the node resource and the bindings.
+    fn node_api<T>(
+        &mut self,
+        f: impl FnOnce(
+            &mut wasmtime::Store<sandbox::State>,
+            ResourceAny,
+            &crate::EngineBindings,
+        ) -> wasmtime::Result<T>,
+    ) -> wasmtime::Result<T> {
+        let node = self.node;
+        let (store, b) = self.instance.parts();
+        f(store, node, b)
+    }
+
+    fn command(&mut self, cmd: Cmd) -> wasmtime::Result<()> {
+        let now = self.now();
+        match cmd {
+            Cmd::Port { name, reply } => {
+                let id =
+                    match &name {
+                        None => Ok(self
+                            .node_api(|s, n, b| b.aemp_engine_node().node().call_new_port(s, n))?),
+                        Some(name) => self
+                            .node_api(|s, n, b| {
+                                b.aemp_engine_node().node().call_register_port(s, n, name)
+                            })?
+                            .map_err(NodeError::Refused),
+                    };
+                let port = id.map(|id| {
+                    let (tx, rx) = unbounded_channel();
+                    self.ports.insert(id.clone(), tx);
+                    Port {
+                        id,
+                        rx,
+                        tx: self.command_sender(),
+                    }
+                });
+                let _ = reply.send(port);
+            }
+            Cmd::Send { port, args, reply } => {
+                let batch = vec![(port, Value::Array(args).encode())];
+                let result = self
+                    .node_api(|s, n, b| b.aemp_engine_node().node().call_send(s, n, &batch, now))?;
+                let _ = reply.send(result.map_err(|e| NodeError::Refused(e.message)));
+            }
+            Cmd::Kill {
+                port,
+                reason,
+                reply,
+            } => {
+                self.ports.remove(&port);
+                let reason = Value::Array(reason).encode();
+                let result = self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_kill(s, n, &port, &reason, now)
+                })?;
+                if let Some(reply) = reply {
+                    let _ = reply.send(result.map_err(NodeError::Refused));
+                }
+            }
+            Cmd::Monitor { port, on, reply } => {
+                let result = self.node_api(|s, n, b| {
+                    let api = b.aemp_engine_node().node();
+                    if on {
+                        api.call_monitor(s, n, &port, now)
+                    } else {
+                        api.call_unmonitor(s, n, &port, now)
+                    }
+                })?;
+                let _ = reply.send(result.map_err(NodeError::Refused));
+            }
+            Cmd::Connect { addr } => {
+                self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_connect_addr(s, n, &addr, now)
+                })?;
+            }
+            Cmd::Handle { tag } => {
+                self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_register_handler(s, n, &tag)
+                })?;
+            }
+            Cmd::DbSet { family, key, value } => {
+                let value = value.encode();
+                // The value was encoded here, so the engine cannot refuse it.
+                let _ = self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_db_set(s, n, &family, &key, &value, now)
+                })?;
+            }
+            Cmd::DbDel { family, keys } => {
+                self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_db_del(s, n, &family, &keys, now)
+                })?;
+            }
+            Cmd::DbQuery {
+                kind,
+                family,
+                reply,
+            } => {
+                let id = self.node_api(|s, n, b| {
+                    let api = b.aemp_engine_node().node();
+                    match kind {
+                        DbQuery::Family => api.call_db_family(s, n, &family, now),
+                        DbQuery::Keys => api.call_db_keys(s, n, &family, now),
+                        DbQuery::Values => api.call_db_values(s, n, &family, now),
+                    }
+                })?;
+                self.db_waiters.insert(id, reply);
+            }
+            Cmd::DbMon { family, on } => {
+                self.node_api(|s, n, b| {
+                    let api = b.aemp_engine_node().node();
+                    if on {
+                        api.call_db_mon(s, n, &family, now)
+                    } else {
+                        api.call_db_unmon(s, n, &family, now)
+                    }
+                })?;
+            }
+            Cmd::IsUp { node, reply } => {
+                let _ = reply.send(Ok(self.up.contains(&node)));
+            }
+        }
+        Ok(())
+    }
+
+    /// A sender for a port to report its drop. Ports keep the node alive like handles;
+    /// the driver itself holds only a weak sender, so the node stops once every handle
+    /// and port is gone.
+    fn command_sender(&self) -> UnboundedSender<Cmd> {
+        self.cmd_tx
+            .upgrade()
+            .unwrap_or_else(|| unbounded_channel().0)
+    }
+
+    fn socket(&mut self, event: SocketEvent) -> wasmtime::Result<()> {
+        let now = self.now();
+        match event {
+            SocketEvent::Accepted(stream, peer) => {
+                let conn = self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_handle_accept(s, n, &peer, now)
+                })?;
+                let handle = net::spawn_conn(conn, stream, self.tls.clone(), self.sock_tx.clone());
+                self.conns.insert(conn, handle);
+            }
+            SocketEvent::Connected(conn, stream) => {
+                if self.dialing.remove(&conn) {
+                    let handle =
+                        net::spawn_conn(conn, stream, self.tls.clone(), self.sock_tx.clone());
+                    self.conns.insert(conn, handle);
+                    self.node_api(|s, n, b| {
+                        b.aemp_engine_node()
+                            .node()
+                            .call_handle_connected(s, n, conn, now)
+                    })?;
+                }
+            }
+            SocketEvent::ConnectFailed(conn, reason) => {
+                if self.dialing.remove(&conn) {
+                    tracing::debug!("connect {conn} failed: {reason}");
+                    self.node_api(|s, n, b| {
+                        b.aemp_engine_node()
+                            .node()
+                            .call_handle_connect_failed(s, n, conn, &reason, now)
+                    })?;
+                }
+            }
+            SocketEvent::Data(conn, data) => {
+                if self.conns.contains_key(&conn) {
+                    self.node_api(|s, n, b| {
+                        b.aemp_engine_node()
+                            .node()
+                            .call_handle_input(s, n, conn, &data, now)
+                    })?;
+                }
+            }
+            SocketEvent::Eof(conn) => {
+                if self.conns.remove(&conn).is_some() {
+                    self.node_api(|s, n, b| {
+                        b.aemp_engine_node().node().call_handle_eof(s, n, conn, now)
+                    })?;
+                }
+            }
+            SocketEvent::Failed(conn, reason) => {
+                if let Some(handle) = self.conns.remove(&conn) {
+                    handle.abort();
+                    tracing::debug!("connection {conn} failed: {reason}");
+                    self.node_api(|s, n, b| {
+                        b.aemp_engine_node()
+                            .node()
+                            .call_handle_conn_error(s, n, conn, &reason, now)
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acts on everything the engine has to say, until it has nothing more.
+    fn flush(&mut self) -> wasmtime::Result<()> {
+        loop {
+            let outputs =
+                self.node_api(|s, n, b| b.aemp_engine_node().node().call_poll_outputs(s, n))?;
+            if outputs.is_empty() {
+                return Ok(());
+            }
+            for output in outputs {
+                self.output(output)?;
+            }
+        }
+    }
+
+    fn output(&mut self, output: wit_node::NodeOutput) -> wasmtime::Result<()> {
+        use wit_node::NodeOutput as O;
+        match output {
+            O::Transmit(t) => {
+                let overflow = self
+                    .conns
+                    .get(&t.conn)
+                    .map(|c| c.write(t.bytes))
+                    .is_some_and(|q| q > self.max_write_queue);
+                if overflow {
+                    let reason = format!(
+                        "peer does not read: more than {} bytes waiting",
+                        self.max_write_queue
+                    );
+                    tracing::warn!("connection {}: {reason}", t.conn);
+                    if let Some(handle) = self.conns.remove(&t.conn) {
+                        handle.abort();
+                    }
+                    let now = self.now();
+                    self.node_api(|s, n, b| {
+                        b.aemp_engine_node()
+                            .node()
+                            .call_handle_conn_error(s, n, t.conn, &reason, now)
+                    })?;
+                }
+            }
+            O::Connect(c) => {
+                self.dialing.insert(c.conn);
+                net::spawn_connect(c.conn, c.addr, self.monitor_timeout, self.sock_tx.clone());
+            }
+            O::StartTls(t) => {
+                let role = match t.role {
+                    wit::TlsRole::Client => Role::Client,
+                    wit::TlsRole::Server => Role::Server,
+                };
+                if let Some(c) = self.conns.get(&t.conn) {
+                    let _ = c.tx.send(ConnCmd::StartTls(role, t.leftover));
+                }
+            }
+            O::Close(c) => {
+                self.dialing.remove(&c.conn);
+                if let Some(handle) = self.conns.remove(&c.conn) {
+                    tracing::debug!("closing connection {}: {}", c.conn, c.reason);
+                    let _ = handle.tx.send(ConnCmd::Close);
+                }
+            }
+            O::Deliver(d) => {
+                if let Some(port) = self.ports.get(&d.port) {
+                    let _ = port.send(decode_args(&d.args));
+                }
+            }
+            O::NodeUp(node) => {
+                tracing::info!("{node} is up");
+                self.up.insert(node.clone());
+                let _ = self.events.send(Event::NodeUp(node));
+            }
+            O::NodeDown(d) => {
+                tracing::info!("{} is down: {}", d.node, d.reason);
+                self.up.remove(&d.node);
+                let _ = self.events.send(Event::NodeDown {
+                    node: d.node,
+                    reason: d.reason,
+                });
+            }
+            O::PortDown(p) => {
+                let _ = self.events.send(Event::PortDown {
+                    port: p.port,
+                    reason: decode_args(&p.reason),
+                });
+            }
+            O::Request(r) => {
+                let _ = self.events.send(Event::Request {
+                    node: r.node,
+                    tag: r.tag,
+                    args: decode_args(&r.args),
+                });
+            }
+            O::DbReply(r) => {
+                if let Some(waiter) = self.db_waiters.remove(&r.id) {
+                    let _ = waiter.send(
+                        Value::decode(&r.result).map_err(|e| NodeError::Refused(e.to_string())),
+                    );
+                }
+            }
+            O::DbChange(c) => {
+                let set = Value::decode(&c.set).unwrap_or(Value::Map(Vec::new()));
+                let _ = self.events.send(Event::DbChange {
+                    family: c.family,
+                    set,
+                    del: c.del,
+                });
+            }
+            O::Log(l) => match l.level {
+                wit_node::LogLevel::Error => tracing::error!("{}", l.message),
+                wit_node::LogLevel::Warn => tracing::warn!("{}", l.message),
+                wit_node::LogLevel::Info => tracing::info!("{}", l.message),
+                wit_node::LogLevel::Debug => tracing::debug!("{}", l.message),
+            },
+        }
+        Ok(())
+    }
+}
