@@ -61,10 +61,16 @@ async fn three_nodes_all_talk() {
             }
         }
     }
-    for port in &mut ports {
-        let mut senders = vec![recv(port).await, recv(port).await];
+    for (j, port) in ports.iter_mut().enumerate() {
+        let mut senders = [recv(port).await, recv(port).await];
         senders.sort_by_key(|m| format!("{m:?}"));
-        assert_eq!(senders.len(), 2);
+        let expected: Vec<Vec<Value>> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != j)
+            .map(|(_, n)| vec![t(n.id())])
+            .collect();
+        assert_eq!(senders.to_vec(), expected);
     }
     // A relay through a's node port reaches c's port from b.
     b.send(
