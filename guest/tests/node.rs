@@ -341,6 +341,9 @@ fn without_seeds_an_unknown_node_has_no_known_address() {
     let now = net.now;
     net.nodes[a].monitor("x#p", now).unwrap();
     net.run();
+    // Nobody to ask, but x might still connect to us: a waits until the deadline.
+    assert!(net.port_downs(a).is_empty());
+    net.advance(30_000);
     assert_eq!(
         net.port_downs(a),
         [(
@@ -348,6 +351,22 @@ fn without_seeds_an_unknown_node_has_no_known_address() {
             Value::Array(vec![t("transport_error"), t("x"), t("no known address")])
         )]
     );
+}
+
+#[test]
+fn a_message_sent_while_the_peer_is_dialling_in_is_not_lost() {
+    let mut net = Net::new();
+    let a = net.add(node_config("a", &[]));
+    let b = net.add(node_config("b", &[]));
+    let pb = net.nodes[b].new_port();
+    let now = net.now;
+    // b dials a; before that handshake completes, a sends to b.
+    net.nodes[b].connect_addr("a:4040", now);
+    net.nodes[a]
+        .send(&pb, &args(vec![t("early")]), now)
+        .unwrap();
+    net.run();
+    assert_eq!(net.delivered(b), [(pb, Value::Array(vec![t("early")]))]);
 }
 
 #[test]

@@ -150,6 +150,8 @@ struct Dial {
     interval: u64,
     /// Asked the master for addresses and waiting.
     finding: bool,
+    /// Nobody to ask for addresses: only a connection from the node itself can help.
+    no_address: bool,
 }
 
 /// What we know about another node.
@@ -799,8 +801,11 @@ impl Node {
                 dial.finding = true;
             }
             self.flush_global(now);
-        } else {
-            self.transport_error(node, "no known address", false);
+        } else if let Some((dial, _)) = self.peers.get_mut(node).and_then(|p| p.connecting.as_mut())
+        {
+            // Without seeds there is nobody to ask; the node may still connect to us (its
+            // handshake may be under way), so wait for that until the deadline.
+            dial.no_address = true;
         }
     }
 
@@ -830,7 +835,12 @@ impl Node {
             return;
         };
         if now >= *until {
-            return self.transport_error(node, "connect timeout", false);
+            let reason = if dial.no_address {
+                "no known address"
+            } else {
+                "connect timeout"
+            };
+            return self.transport_error(node, reason, false);
         }
         if dial.pending.is_empty() || dial.next_at > now {
             return;
