@@ -62,16 +62,18 @@ pub fn logs() -> Arc<Mutex<Vec<String>>> {
     .clone()
 }
 
-/// Whether some log line contains `text`, waiting up to [`WAIT`] for it.
-pub async fn logged(text: &str) -> bool {
+/// Whether some log line of node `node` contains `text`, waiting up to [`WAIT`]. Lines
+/// carry the node's id in their span (`node{id=...}`), so parallel tests do not mix.
+pub async fn logged_by(node: &str, text: &str) -> bool {
+    let span = format!("node{{id={node}}}");
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        if logs()
-            .lock()
-            .expect("log lock")
-            .iter()
-            .any(|l| l.contains(text))
-        {
+        let found = {
+            let logs = logs();
+            let lines = logs.lock().expect("log lock");
+            lines.iter().any(|l| l.contains(text) && l.contains(&span))
+        };
+        if found {
             return true;
         }
         if tokio::time::Instant::now() > deadline {
@@ -93,5 +95,104 @@ impl std::io::Write for Capture {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A peer written in the test: the engine's transport over a plain `TcpStream`, without
+/// the host (so a test can misbehave on purpose).
+pub struct RawPeer {
+    pub stream: tokio::net::TcpStream,
+    pub conn: aemp_engine::Connection,
+    pub messages: Vec<Value>,
+    pub error: Option<String>,
+}
+
+impl RawPeer {
+    /// Connects to `addr` as node `id` with `secret`, speaking json.
+    pub async fn connect(addr: &str, id: &str, secret: &str) -> RawPeer {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut config = aemp_engine::Config::new(id);
+        config.secret = Some(secret.as_bytes().to_vec());
+        config.framings = vec![aemp_engine::Framing::Json];
+        let conn = aemp_engine::Connection::new(config, [7; 66], 0).expect("config");
+        RawPeer {
+            stream,
+            conn,
+            messages: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Writes what the engine has to send; returns false once it reported an error.
+    async fn pump(&mut self) -> bool {
+        use tokio::io::AsyncWriteExt;
+        while let Some(o) = self.conn.poll_output() {
+            match o {
+                aemp_engine::Output::Transmit(b) => self.stream.write_all(&b).await.expect("write"),
+                aemp_engine::Output::Greeting(_) => {
+                    self.conn.handle_verdict(aemp_engine::Verdict::Accept)
+                }
+                aemp_engine::Output::Message(m) => {
+                    self.messages.push(Value::decode(&m).expect("cbor"))
+                }
+                aemp_engine::Output::Closed(e) => {
+                    self.error = Some(e.to_string());
+                    return false;
+                }
+                _ => {}
+            }
+        }
+        true
+    }
+
+    /// Runs the handshake (and reads) until connected, an error, or [`WAIT`].
+    pub async fn handshake(&mut self) -> Result<(), String> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; 65536];
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if !self.pump().await {
+                return Err(self.error.clone().unwrap_or_default());
+            }
+            if self.conn.session().is_some() {
+                return Ok(());
+            }
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
+                .await
+                .map_err(|_| "timeout")?
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                self.conn.handle_eof();
+            } else {
+                self.conn.handle_input(&buf[..n]);
+            }
+        }
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, items: Vec<Value>) {
+        self.conn.send(&Value::Array(items).encode()).expect("send");
+        self.pump().await;
+    }
+
+    /// Reads until a message arrives (or [`WAIT`] passes).
+    pub async fn recv(&mut self) -> Option<Value> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; 65536];
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.messages.is_empty() {
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.conn.handle_input(&buf[..n]);
+            if !self.pump().await {
+                return None;
+            }
+        }
+        Some(self.messages.remove(0))
     }
 }

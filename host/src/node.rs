@@ -326,7 +326,12 @@ impl NodeBuilder {
             status: status_tx,
             cmd_tx: tx.downgrade(),
         };
-        tokio::spawn(driver.run(rx, sock_rx));
+        // Every log line of this node carries its id.
+        let span = tracing::info_span!("node", id = %node_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            driver.run(rx, sock_rx),
+            span,
+        ));
         Ok(Node {
             id: node_id,
             listen: bound,

@@ -571,7 +571,17 @@ impl Node {
                         }
                     }
                 }
-                Output::Connected(session) => self.connected(conn, session.remote_node),
+                Output::Connected(session) => {
+                    let tls = if session.tls { ", tls" } else { "" };
+                    let how = format!(
+                        "{}/{} {}/{}{tls}",
+                        session.send_auth.name(),
+                        session.recv_auth.name(),
+                        session.send_framing.name(),
+                        session.recv_framing.name()
+                    );
+                    self.connected(conn, session.remote_node, &how)
+                }
                 Output::Message(message) => self.received(conn, &message),
                 Output::HandedOver { .. } => {
                     // Upgraded protocols are for data connections this node does not run.
@@ -657,7 +667,7 @@ impl Node {
     }
 
     /// A handshake completed on `conn` with `node`.
-    fn connected(&mut self, conn: ConnId, node: String) {
+    fn connected(&mut self, conn: ConnId, node: String, how: &str) {
         let old = self.peers.get(&node).and_then(|p| p.conn);
         if let Some(old) = old.filter(|&o| o != conn) {
             self.transport_error(&node, "switched connections", true);
@@ -668,7 +678,15 @@ impl Node {
                 });
             }
         }
-        self.log(LogLevel::Debug, format!("connected as {node}."));
+        let addr = self
+            .conns
+            .get(&conn)
+            .map(|c| c.addr.as_str())
+            .unwrap_or_default();
+        self.log(
+            LogLevel::Debug,
+            format!("{addr} connected as {node} ({how})."),
+        );
         let peer = self.peers.entry(node.clone()).or_default();
         peer.conn = Some(conn);
         peer.connecting = None;

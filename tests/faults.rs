@@ -1,0 +1,151 @@
+//! Peers that misbehave: the node refuses them with clear errors and keeps serving the
+//! others.
+
+use std::time::Duration;
+
+use aemp_host::{Event, Node, Value};
+use aemp_tests::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// `node` still talks to a fresh, well-behaved node.
+async fn still_serves(node: &Node, secret: &str) {
+    let other = builder(&format!("check-{}", node.id()), secret)
+        .start()
+        .await
+        .unwrap();
+    let mut port = node.port().await.unwrap();
+    other.connect(&addr(node)).unwrap();
+    other.wait_up(node.id(), WAIT).await.unwrap();
+    other.send(port.id(), vec![t("still here")]).await.unwrap();
+    assert_eq!(recv(&mut port).await, [t("still here")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_is_refused_with_the_reference_text() {
+    let a = builder("secret-a", "right").start().await.unwrap();
+    let b = builder("secret-b", "wrong").start().await.unwrap();
+    b.connect(&addr(&a)).unwrap();
+    assert!(logged_by("secret-a", "authentication failure/shared secret mismatch").await);
+    assert!(!a.is_up(b.id()).await.unwrap());
+    still_serves(&a, "right").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_peer() {
+    let a = builder("garbage-a", "s").start().await.unwrap();
+    let mut sock = tokio::net::TcpStream::connect(addr(&a)).await.unwrap();
+    sock.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    assert!(
+        logged_by(
+            "garbage-a",
+            "unparsable greeting, expected 'aemp', got 'GET / HTTP/1.0'"
+        )
+        .await
+    );
+    // The node closed the connection after its own greeting.
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, sock.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.starts_with(b"aemp;1;garbage-a;"));
+    let mut flood = tokio::net::TcpStream::connect(addr(&a)).await.unwrap();
+    let _ = flood.write_all(&vec![b'x'; 100_000]).await;
+    assert!(logged_by("garbage-a", "greeting line longer than 4096 bytes").await);
+    still_serves(&a, "s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_vanishes_mid_message() {
+    let a = builder("vanish-a", "s").start().await.unwrap();
+    let mut port = a.named_port("inbox").await.unwrap();
+    let mut raw = RawPeer::connect(&addr(&a), "vanisher", "s").await;
+    raw.handshake().await.unwrap();
+    raw.send(vec![t("inbox"), t("complete")]).await;
+    raw.stream
+        .write_all(b"[\"inbox\",\"never fini")
+        .await
+        .unwrap();
+    drop(raw);
+    assert_eq!(recv(&mut port).await, [t("complete")]);
+    assert!(logged_by("vanish-a", "connection closed by peer inside a message").await);
+    still_serves(&a, "s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_that_never_reads_is_cut_off() {
+    let a = builder("slow-a", "s")
+        .max_write_queue(1 << 20)
+        .start()
+        .await
+        .unwrap();
+    let mut events = a.events();
+    let mut raw = RawPeer::connect(&addr(&a), "sloth", "s").await;
+    raw.handshake().await.unwrap();
+    a.wait_up("sloth", WAIT).await.unwrap();
+    let big = Value::Bytes(vec![b'z'; 256 * 1024]);
+    let reason = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            // Sending never blocks the node, whatever the peer does.
+            a.send("sloth#p", vec![big.clone()]).await.unwrap();
+            while let Ok(event) = events.try_recv() {
+                if let Event::NodeDown { node, reason } = event
+                    && node == "sloth"
+                {
+                    return reason;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the slow peer is cut off");
+    assert!(reason.starts_with("peer does not read"), "{reason}");
+    drop(raw);
+    still_serves(&a, "s").await;
+}
+
+/// The spec's "simple handshake": three lines of text, cleartext auth, json.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_handshake_from_a_minimal_peer() {
+    let secret = "geheim";
+    let a = builder("simple-a", secret).start().await.unwrap();
+    let mut svc = a.named_port("svc").await.unwrap();
+    let sock = tokio::net::TcpStream::connect(addr(&a)).await.unwrap();
+    let (read, mut write) = sock.into_split();
+    let mut lines = BufReader::new(read);
+    let hello = format!(
+        "aemp;1;simple;hmac_sha3_512;json\n\ncleartext;{};json\n",
+        hex::encode(secret)
+    );
+    write.write_all(hello.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        tokio::time::timeout(WAIT, lines.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(line);
+    }
+    assert!(got[0].starts_with("aemp;1;simple-a;"), "{got:?}");
+    assert!(
+        got[2].starts_with("hmac_sha3_512;") && got[2].ends_with(";json\n"),
+        "{got:?}"
+    );
+    write
+        .write_all(br#"["svc","ping","simple#reply"]"#)
+        .await
+        .unwrap();
+    let msg = recv(&mut svc).await;
+    assert_eq!(msg, [t("ping"), t("simple#reply")]);
+    a.send("simple#reply", vec![t("pong"), Value::Int(42)])
+        .await
+        .unwrap();
+    let mut reply = vec![0; 256];
+    let n = tokio::time::timeout(WAIT, lines.read(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&reply[..n], br#"["reply","pong",42]"#);
+}
