@@ -7,6 +7,7 @@
 //! rustc than the host. Artifacts: the core module stays at
 //! `target/wasm-guest/wasm32-unknown-unknown/release/aemp_engine.wasm`, the component is
 //! copied to `target/wasm/aemp_engine.component.wasm` and `target/wasm/aemp_engine.core.wasm`.
+//! The component is also compiled ahead to machine code for this host (embedded too).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -87,9 +88,25 @@ fn main() {
         .and_then(|e| e.validate(true).encode())
         .unwrap_or_else(|e| panic!("encode {} as a component: {e:#}", core_path.display()));
 
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"))
-        .join("aemp_engine.component.wasm");
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    let out = out_dir.join("aemp_engine.component.wasm");
     write(&out, &component);
+
+    // Compiled ahead, so starting a node only deserializes machine code. The engine
+    // settings must match `Sandbox::with_limits` (which falls back to compiling the
+    // component if they ever differ).
+    let mut config = wasmtime::Config::new();
+    config.epoch_interruption(true);
+    let engine = wasmtime::Engine::new(&config).expect("wasmtime engine");
+    let precompiled = engine
+        .precompile_component(&component)
+        .expect("precompile the component");
+    let cwasm = out_dir.join("aemp_engine.cwasm");
+    write(&cwasm, &precompiled);
+    println!(
+        "cargo:rustc-env=AEMP_ENGINE_PRECOMPILED={}",
+        cwasm.display()
+    );
     let artifacts = root.join("target").join("wasm");
     write(&artifacts.join("aemp_engine.component.wasm"), &component);
     write(&artifacts.join("aemp_engine.core.wasm"), &core);

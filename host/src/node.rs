@@ -477,6 +477,9 @@ enum Cmd {
         node: String,
         reply: Reply<bool>,
     },
+    Pending {
+        reply: Reply<usize>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -610,6 +613,19 @@ impl Node {
                     Err(broadcast::error::RecvError::Closed) => return Err(self.gone()),
                 }
             }
+        })
+        .await
+        .map_err(|_| NodeError::Timeout)?
+    }
+
+    /// Waits until everything sent so far has been written to the sockets (for programs
+    /// that exit right after sending), at most `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), NodeError> {
+        tokio::time::timeout(timeout, async {
+            while self.call(|reply| Cmd::Pending { reply }).await? > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
         })
         .await
         .map_err(|_| NodeError::Timeout)?
@@ -902,6 +918,14 @@ impl Driver {
             }
             Cmd::IsUp { node, reply } => {
                 let _ = reply.send(Ok(self.up.contains(&node)));
+            }
+            Cmd::Pending { reply } => {
+                let pending = self
+                    .conns
+                    .values()
+                    .map(|c| c.pending.load(std::sync::atomic::Ordering::Acquire))
+                    .sum();
+                let _ = reply.send(Ok(pending));
             }
         }
         Ok(())

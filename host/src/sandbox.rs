@@ -25,6 +25,9 @@ pub use bindings::exports::aemp::engine::node as wit_node;
 /// The generated bindings of the whole world, for calls not wrapped here.
 pub use bindings::Engine as EngineBindings;
 
+/// The component compiled ahead for this host by the build script.
+static PRECOMPILED: &[u8] = include_bytes!(env!("AEMP_ENGINE_PRECOMPILED"));
+
 /// How often the CPU clock of all instances ticks.
 const TICK: Duration = Duration::from_millis(10);
 
@@ -104,7 +107,16 @@ impl Sandbox {
         let mut config = Config::new();
         config.epoch_interruption(true);
         let engine = Engine::new(&config)?;
-        let component = Component::new(&engine, ENGINE_COMPONENT)?;
+        // SAFETY: the precompiled bytes were produced by this crate's build script, with
+        // this wasmtime version, from the embedded component, and are part of the
+        // binary itself; deserialize checks the engine settings and refuses a mismatch.
+        let component = match unsafe { Component::deserialize(&engine, PRECOMPILED) } {
+            Ok(component) => component,
+            Err(e) => {
+                tracing::debug!("precompiled engine unusable ({e}); compiling it");
+                Component::new(&engine, ENGINE_COMPONENT)?
+            }
+        };
         let mut linker = Linker::<State>::new(&engine);
         bindings::Engine::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)?;
         let pre = bindings::EnginePre::new(linker.instantiate_pre(&component)?)?;
