@@ -149,3 +149,49 @@ async fn simple_handshake_from_a_minimal_peer() {
         .unwrap();
     assert_eq!(&reply[..n], br#"["reply","pong",42]"#);
 }
+
+/// A sandbox limit stops that node with a clear error; the process and other nodes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_over_its_memory_limit_stops_alone() {
+    let limits = aemp_host::sandbox::Limits {
+        max_memory: 3 << 20,
+        ..Default::default()
+    };
+    let tiny = Node::builder()
+        .node_id("tiny")
+        .secret("s")
+        .bind("127.0.0.1:0")
+        .sandbox_limits(limits)
+        .start()
+        .await
+        .unwrap();
+    let big = builder("big", "s").start().await.unwrap();
+    tiny.connect(&addr(&big)).unwrap();
+    tiny.wait_up("big", WAIT).await.unwrap();
+    let _port = tiny.named_port("inbox").await.unwrap();
+    let mut events = big.events();
+    // 8 MiB cannot fit in 3 MiB of linear memory.
+    big.send("tiny#inbox", vec![Value::Bytes(vec![7; 8 << 20])])
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tiny.stopped().is_none() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reason = tiny.stopped().expect("the tiny node stopped");
+    assert_eq!(reason, "the engine ran out of sandbox memory");
+    let err = tiny.port().await.unwrap_err();
+    assert!(err.to_string().starts_with("node stopped: "), "{err}");
+    // The other node saw it go and still serves.
+    let down = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Event::NodeDown { node, .. }) = events.recv().await
+                && node == "tiny"
+            {
+                return;
+            }
+        }
+    });
+    down.await.expect("big sees tiny go down");
+    still_serves(&big, "s").await;
+}

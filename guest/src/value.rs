@@ -349,3 +349,150 @@ mod tests {
         assert!(Value::decode(b"\x82\x01").is_err());
     }
 }
+
+/// Serializes as the closest serde data type: byte strings with `serialize_bytes`, text
+/// with `serialize_str`, integers as `i64`/`u64` (else `i128`), tags dropped.
+impl serde::Serialize for Value {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self {
+            Value::Null | Value::Undefined => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int(i) => match (i64::try_from(*i), u64::try_from(*i)) {
+                (Ok(i), _) => s.serialize_i64(i),
+                (_, Ok(u)) => s.serialize_u64(u),
+                _ => s.serialize_i128(*i),
+            },
+            Value::Float(f) => s.serialize_f64(*f),
+            Value::Bytes(b) => s.serialize_bytes(b),
+            Value::Text(t) => s.serialize_str(t),
+            Value::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Value::Map(pairs) => {
+                let mut map = s.serialize_map(Some(pairs.len()))?;
+                for (k, v) in pairs {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+            Value::Tagged(_, inner) => inner.serialize(s),
+            Value::Simple(v) => s.serialize_u8(*v),
+        }
+    }
+}
+
+/// Deserializes from any self-describing format; bytes stay [`Value::Bytes`], strings
+/// become [`Value::Text`].
+impl<'de> serde::Deserialize<'de> for Value {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(ValueVisitor)
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ValueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Int(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Int(v.into()))
+    }
+
+    fn visit_i128<E>(self, v: i128) -> Result<Value, E> {
+        Ok(Value::Int(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::Float(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::text(v))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::Text(v))
+    }
+
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Value, E> {
+        Ok(Value::Bytes(v.to_vec()))
+    }
+
+    fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Value, E> {
+        Ok(Value::Bytes(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut pairs = Vec::new();
+        while let Some(pair) = map.next_entry()? {
+            pairs.push(pair);
+        }
+        Ok(Value::Map(pairs))
+    }
+}
+
+#[cfg(test)]
+mod serde_tests {
+    use super::Value;
+
+    #[test]
+    fn serde_round_trip_keeps_kinds() {
+        let v = Value::Array(vec![
+            Value::text("t"),
+            Value::Int(-3),
+            Value::Int(u64::MAX.into()),
+            Value::Float(0.5),
+            Value::Null,
+            Value::Bool(true),
+            Value::Map(vec![(Value::text("k"), Value::Array(vec![]))]),
+        ]);
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(
+            json,
+            r#"["t",-3,18446744073709551615,0.5,null,true,{"k":[]}]"#
+        );
+        assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), v);
+        // Bytes reach serializers as bytes (JSON writes them as a list of numbers).
+        assert_eq!(
+            serde_json::to_string(&Value::Bytes(vec![1, 2])).unwrap(),
+            "[1,2]"
+        );
+    }
+}

@@ -257,7 +257,7 @@ impl NodeBuilder {
             bound.push(local);
             listeners.push(listener);
         }
-        let trap = |e: wasmtime::Error| NodeError::Stopped(format!("{e:#}"));
+        let trap = |e: wasmtime::Error| NodeError::Stopped(sandbox::describe(&e));
         let mut instance = sandbox.instantiate().map_err(trap)?;
         let hostname = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
@@ -736,8 +736,9 @@ impl Driver {
     ) {
         let result = self.serve(&mut cmds, &mut sockets).await;
         if let Err(e) = result {
-            let reason = format!("{e:#}");
+            let reason = sandbox::describe(&e);
             tracing::error!("node stopped: {reason}");
+            tracing::debug!("node stopped: {e:?}");
             let _ = self.status.send(Some(reason));
         }
         for (_, conn) in self.conns.drain() {

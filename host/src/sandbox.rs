@@ -71,6 +71,26 @@ impl bindings::wasi::random::random::Host for State {
     }
 }
 
+/// One line saying why a call into the sandbox failed: the trap, and whether the engine
+/// ran out of memory (its allocator's out-of-memory handler is on the stack).
+pub fn describe(e: &wasmtime::Error) -> String {
+    let Some(trap) = e.downcast_ref::<wasmtime::Trap>() else {
+        return e.to_string();
+    };
+    let oom = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .is_some_and(|bt| {
+            bt.frames()
+                .iter()
+                .any(|f| f.func_name().is_some_and(|n| n.contains("rust_oom")))
+        });
+    match trap {
+        _ if oom => "the engine ran out of sandbox memory".into(),
+        wasmtime::Trap::Interrupt => "the engine exceeded its CPU time per call".into(),
+        trap => format!("the engine trapped: {trap}"),
+    }
+}
+
 /// Fills `bytes` from the operating system's secure generator.
 pub(crate) fn fill_random(bytes: &mut [u8]) {
     // The OS generator failing leaves no safe way to make nonces: stop rather than
