@@ -1,0 +1,328 @@
+// An AEMP node in Node.js: the engine component (transpiled by jco) does the protocol;
+// this file owns sockets (net, and tls where the engine asks), time and the API.
+// Randomness reaches the engine through its wasi:random import (preview2-shim, backed by
+// crypto.getRandomValues).
+
+import net from 'node:net';
+import tls from 'node:tls';
+import os from 'node:os';
+import { EventEmitter } from 'node:events';
+import { performance } from 'node:perf_hooks';
+import { Encoder, Decoder } from 'cbor-x';
+import { node as api } from '../gen/engine.js';
+
+// Plain CBOR: Uint8Array/Buffer as byte strings, no cbor-x extensions.
+const cbor = new Encoder({ useRecords: false, tagUint8Array: false, mapsAsObjects: true });
+const uncbor = new Decoder({ useRecords: false, mapsAsObjects: true });
+
+const now = () => BigInt(Math.floor(performance.now()));
+
+/**
+ * TLS options from an AnyEvent::MP certificate file: this node's certificate (the first),
+ * its key, and every certificate of the file as a CA.
+ */
+export function tlsFromPem(pem) {
+  const blocks = pem.match(/-----BEGIN ([A-Z ]+)-----[\s\S]+?-----END \1-----\n?/g) ?? [];
+  const certs = blocks.filter((b) => b.includes('BEGIN CERTIFICATE'));
+  const key = blocks.find((b) => b.includes('PRIVATE KEY'));
+  if (!certs.length || !key) throw new Error('certificate file needs a certificate and a private key');
+  return { cert: certs[0], key, ca: certs };
+}
+
+/** A local port: an async iterator of the argument arrays sent to it. */
+export class Port {
+  #queue = [];
+  #waiters = [];
+  #closed = false;
+
+  constructor(node, id) {
+    this.node = node;
+    /** The port id, `NODE#NAME`. */
+    this.id = id;
+  }
+
+  _push(args) {
+    const waiter = this.#waiters.shift();
+    if (waiter) waiter({ value: args, done: false });
+    else this.#queue.push(args);
+  }
+
+  _close() {
+    this.#closed = true;
+    for (const waiter of this.#waiters.splice(0)) waiter({ value: undefined, done: true });
+  }
+
+  /** The next message's arguments (undefined once the port is closed). */
+  async recv() {
+    const { value } = await this.next();
+    return value;
+  }
+
+  next() {
+    if (this.#queue.length) return Promise.resolve({ value: this.#queue.shift(), done: false });
+    if (this.#closed) return Promise.resolve({ value: undefined, done: true });
+    return new Promise((resolve) => this.#waiters.push(resolve));
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  /** Kills the port (monitors fire with an empty reason). */
+  close() {
+    this.node._kill(this.id);
+    this._close();
+  }
+}
+
+/**
+ * A running node. Events: 'node-up' (node), 'node-down' (node, reason), 'port-down'
+ * (port, reason), 'log' (level, message).
+ */
+export class Node extends EventEmitter {
+  #engine;
+  #sockets = new Map(); // conn id (string) -> socket
+  #ports = new Map(); // port id -> Port
+  #servers = [];
+  #timer = null;
+  #tls;
+
+  /**
+   * Starts a node. Options: nodeId (default `<hostname>/`; %n, %u and a trailing / are
+   * expanded), secret, framings (['cbor', 'json']), binds (['127.0.0.1:4040', ...]),
+   * seeds, tls ({ cert, key, ca } PEM strings: TLS with mandatory certificates from that CA,
+   * no host-name check), monitorTimeoutMs.
+   */
+  static async start(options = {}) {
+    const node = new Node(options);
+    await node.#listen(options.binds ?? []);
+    return node;
+  }
+
+  constructor(options) {
+    super();
+    const hostname = os.hostname();
+    const id = api.expandNodeId(options.nodeId ?? `${hostname}/`, hostname);
+    const config = api.defaultNodeConfig(id);
+    if (options.secret !== undefined) config.transport.secret = new TextEncoder().encode(options.secret);
+    if (options.framings) config.transport.framings = options.framings;
+    if (options.monitorTimeoutMs) config.transport.monitorTimeoutMs = BigInt(options.monitorTimeoutMs);
+    config.transport.tls = Boolean(options.tls);
+    config.seeds = options.seeds ?? [];
+    config.wallClockOffsetMs = BigInt(Date.now()) - now();
+    this.#tls = options.tls;
+    this.#engine = api.Node.create(config, now());
+    /** This node's id. */
+    this.id = id;
+    this.#flush();
+  }
+
+  async #listen(binds) {
+    const addrs = [];
+    for (const bind of binds) {
+      const at = bind.lastIndexOf(':');
+      const host = bind.slice(0, at) === '*' ? '0.0.0.0' : bind.slice(0, at);
+      const port = Number(bind.slice(at + 1)) || 0;
+      const server = net.createServer((socket) => this.#accepted(socket));
+      await new Promise((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(port, host, resolve);
+      });
+      this.#servers.push(server);
+      const a = server.address();
+      addrs.push(`${a.address}:${a.port}`);
+    }
+    /** The addresses this node listens on. */
+    this.listenAddrs = addrs;
+    if (addrs.length) this.#engine.setBinds(addrs, now());
+    this.#flush();
+  }
+
+  #accepted(socket) {
+    const conn = this.#engine.handleAccept(`${socket.remoteAddress}:${socket.remotePort}`, now());
+    this.#attach(conn, socket);
+    this.#flush();
+  }
+
+  #attach(conn, socket) {
+    const key = String(conn);
+    socket.setNoDelay(true);
+    socket.setKeepAlive(true);
+    this.#sockets.set(key, socket);
+    socket.on('data', (data) => {
+      if (this.#sockets.get(key) !== socket) return;
+      this.#engine.handleInput(conn, data, now());
+      this.#flush();
+    });
+    socket.on('end', () => {
+      if (this.#sockets.get(key) !== socket) return;
+      this.#sockets.delete(key);
+      this.#engine.handleEof(conn, now());
+      this.#flush();
+    });
+    socket.on('error', (e) => {
+      if (this.#sockets.get(key) !== socket) return;
+      this.#sockets.delete(key);
+      this.#engine.handleConnError(conn, e.message, now());
+      this.#flush();
+    });
+  }
+
+  #startTls(conn, role, leftover) {
+    const key = String(conn);
+    const raw = this.#sockets.get(key);
+    if (!raw) return;
+    if (!this.#tls) {
+      this.#sockets.delete(key);
+      raw.destroy();
+      this.#engine.handleConnError(conn, 'TLS requested but no certificate configured', now());
+      return;
+    }
+    raw.removeAllListeners('data').removeAllListeners('end').removeAllListeners('error');
+    // Bytes the engine read past the greeting are TLS records: give them back.
+    if (leftover.length) raw.unshift(Buffer.from(leftover));
+    const options = {
+      ...this.#tls,
+      requestCert: true,
+      rejectUnauthorized: true,
+      checkServerIdentity: () => undefined, // nodes are named by node id, not DNS
+    };
+    const secure = role === 'client'
+      ? tls.connect({ socket: raw, ...options })
+      : new tls.TLSSocket(raw, { isServer: true, ...options });
+    this.#attach(conn, secure);
+  }
+
+  /** Acts on everything the engine has to say, then re-arms its timer. */
+  #flush() {
+    for (;;) {
+      const outputs = this.#engine.pollOutputs();
+      if (!outputs.length) break;
+      for (const { tag, val } of outputs) this.#output(tag, val);
+    }
+    clearTimeout(this.#timer);
+    const at = this.#engine.pollTimeout();
+    if (at !== undefined) {
+      const delay = Math.max(0, Number(at - now()));
+      this.#timer = setTimeout(() => {
+        this.#engine.handleTimeout(now());
+        this.#flush();
+      }, delay);
+      this.#timer.unref();
+    }
+  }
+
+  #output(tag, val) {
+    switch (tag) {
+      case 'transmit':
+        this.#sockets.get(String(val.conn))?.write(val.bytes);
+        break;
+      case 'connect': {
+        const at = val.addr.lastIndexOf(':');
+        const socket = net.connect(Number(val.addr.slice(at + 1)), val.addr.slice(0, at));
+        socket.once('connect', () => {
+          socket.removeAllListeners('error');
+          this.#attach(val.conn, socket);
+          this.#engine.handleConnected(val.conn, now());
+          this.#flush();
+        });
+        socket.once('error', (e) => {
+          this.#engine.handleConnectFailed(val.conn, e.message, now());
+          this.#flush();
+        });
+        break;
+      }
+      case 'start-tls':
+        this.#startTls(val.conn, val.role, val.leftover);
+        break;
+      case 'close': {
+        const key = String(val.conn);
+        const socket = this.#sockets.get(key);
+        this.#sockets.delete(key);
+        socket?.end();
+        break;
+      }
+      case 'deliver':
+        this.#ports.get(val.port)?._push(uncbor.decode(val.args));
+        break;
+      case 'node-up':
+        this.emit('node-up', val);
+        break;
+      case 'node-down':
+        this.emit('node-down', val.node, val.reason);
+        break;
+      case 'port-down':
+        this.emit('port-down', val.port, uncbor.decode(val.reason));
+        break;
+      case 'log':
+        this.emit('log', val.level, val.message);
+        break;
+      default:
+        break; // requests and database events are not used by this host yet
+    }
+  }
+
+  /** A new local port (with `name`, else a fresh unique one). */
+  port(name) {
+    const id = name === undefined ? this.#engine.newPort() : this.#engine.registerPort(name);
+    const port = new Port(this, id);
+    this.#ports.set(id, port);
+    return port;
+  }
+
+  /** Sends the remaining arguments as a message to `portId`. */
+  send(portId, ...args) {
+    this.#engine.send([[portId, cbor.encode(args)]], now());
+    this.#flush();
+  }
+
+  /** Monitors a port: 'port-down' fires when it dies. */
+  monitor(portId) {
+    this.#engine.monitor(portId, now());
+    this.#flush();
+  }
+
+  /** Connects to the node listening at `addr` (`host:port`). */
+  connect(addr) {
+    this.#engine.connectAddr(addr, now());
+    this.#flush();
+  }
+
+  /** Whether `node` has a working connection. */
+  isUp(node) {
+    return this.#engine.isUp(node);
+  }
+
+  /** Resolves once `node` is up; rejects after `timeoutMs`. */
+  waitUp(node, timeoutMs = 10000) {
+    if (this.isUp(node)) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.off('node-up', onUp);
+        reject(new Error(`${node} not up within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const onUp = (up) => {
+        if (up !== node) return;
+        clearTimeout(timer);
+        this.off('node-up', onUp);
+        resolve();
+      };
+      this.on('node-up', onUp);
+    });
+  }
+
+  _kill(portId) {
+    this.#ports.delete(portId);
+    this.#engine.kill(portId, cbor.encode([]), now());
+    this.#flush();
+  }
+
+  /** Closes listeners and connections. */
+  close() {
+    clearTimeout(this.#timer);
+    for (const server of this.#servers) server.close();
+    for (const socket of this.#sockets.values()) socket.destroy();
+    this.#sockets.clear();
+    for (const port of this.#ports.values()) port._close();
+  }
+}

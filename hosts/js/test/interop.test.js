@@ -1,0 +1,95 @@
+// The JavaScript node and a Rust `aemp` node on loopback: handshake (hmac_sha3_512) in
+// json and cbor, messages both ways, and the same refusal text for a wrong secret.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, writeFileSync, readFileSync, existsSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createInterface } from 'node:readline';
+import { Node, tlsFromPem } from '../src/node.js';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+const aemp = [join(root, 'target', 'debug', 'aemp'), join(root, 'target', 'release', 'aemp')].find(existsSync);
+
+/** Starts `aemp run --echo` with `secret`; resolves to { addr, child }. */
+async function rustNode(id, secret, framing, withCert = false) {
+  assert.ok(aemp, 'build the aemp binary first (cargo build -p aemp-host)');
+  const dir = mkdtempSync(join(tmpdir(), 'aemp-js-'));
+  writeFileSync(join(dir, 'rc'), JSON.stringify({ secret }));
+  if (withCert) execFileSync(aemp, ['gencert'], { env: { ...process.env, PERL_ANYEVENT_MP_RC: join(dir, 'rc') }, stdio: 'ignore' });
+  const child = spawn(aemp, ['run', '--echo', '--nodeid', id, '--listen', '127.0.0.1:0', '--framing', framing], {
+    env: { ...process.env, PERL_ANYEVENT_MP_RC: join(dir, 'rc') },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const lines = createInterface({ input: child.stdout });
+  for await (const line of lines) {
+    const m = line.match(/^node \S+ listening on (\S+)$/);
+    if (m) return { addr: m[1], child, rc: JSON.parse(readFileSync(join(dir, 'rc'), 'utf8')) };
+  }
+  throw new Error('aemp run printed no address');
+}
+
+for (const framing of ['json', 'cbor']) {
+  test(`js node and rust node exchange messages (${framing})`, async () => {
+    const { addr, child } = await rustNode(`rust-${framing}`, 'shared', framing);
+    const js = await Node.start({ nodeId: `js-${framing}`, secret: 'shared', framings: [framing] });
+    try {
+      const logs = [];
+      js.on('log', (level, message) => logs.push(message));
+      js.connect(addr);
+      await js.waitUp(`rust-${framing}`);
+      assert.ok(logs.some((l) => l.includes(`connected as rust-${framing} (hmac_sha3_512/hmac_sha3_512 ${framing}/${framing})`)), logs.join('\n'));
+      const port = js.port();
+      // JS -> Rust: the echo port sends the rest back to the port in the first argument.
+      js.send(`rust-${framing}#echo`, port.id, 'hello', 42, { k: [1.5, true, null] });
+      // Rust -> JS.
+      const reply = await port.recv();
+      assert.deepEqual(reply, ['hello', 42, { k: [1.5, true, null] }]);
+    } finally {
+      js.close();
+      child.kill();
+    }
+  });
+}
+
+test('js node refuses a wrong secret with the reference text', async () => {
+  const { addr, child } = await rustNode('rust-secret', 'right', 'cbor');
+  const js = await Node.start({ nodeId: 'js-secret', secret: 'wrong' });
+  try {
+    const refused = new Promise((resolve) => {
+      js.on('log', (level, message) => {
+        if (message.includes('authentication failure/shared secret mismatch')) resolve(message);
+      });
+    });
+    js.connect(addr);
+    const message = await refused;
+    assert.match(message, /disconnected - authentication failure\/shared secret mismatch\.$/);
+    assert.equal(js.isUp('rust-secret'), false);
+  } finally {
+    js.close();
+    child.kill();
+  }
+});
+
+test('js node and rust node over TLS with one network certificate', async () => {
+  const { addr, child, rc } = await rustNode('rust-tls', 'shared', 'cbor', true);
+  const js = await Node.start({ nodeId: 'js-tls', secret: 'shared', tls: tlsFromPem(rc.cert) });
+  try {
+    const logs = [];
+    js.on('log', (level, message) => logs.push(message));
+    js.connect(addr);
+    await js.waitUp('rust-tls');
+    assert.ok(logs.some((l) => l.includes('connected as rust-tls (tls_sha3_512/tls_sha3_512 cbor/cbor, tls)')), logs.join('\n'));
+    const port = js.port();
+    js.send('rust-tls#echo', port.id, Buffer.from([0, 1, 255]));
+    const [bytes] = await port.recv();
+    assert.deepEqual([...bytes], [0, 1, 255]);
+  } finally {
+    js.close();
+    child.kill();
+  }
+});
