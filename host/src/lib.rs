@@ -13,6 +13,7 @@ pub use aemp_engine::Value;
 pub use node::{Event, Node, NodeBuilder, NodeError, Port};
 pub use sandbox::{EngineBindings, Instance, Sandbox, State, wit, wit_node};
 pub use tls::TlsConfig;
+pub use wasmtime::component::ResourceAny;
 
 /// The engine as a WebAssembly component (world `aemp:engine/engine`).
 pub static ENGINE_COMPONENT: &[u8] = include_bytes!(env!("AEMP_ENGINE_COMPONENT"));

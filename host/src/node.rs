@@ -435,8 +435,8 @@ enum Cmd {
         reply: Reply<Port>,
     },
     Send {
-        port: String,
-        args: Vec<Value>,
+        /// (port id, CBOR array of arguments), encoded by the caller.
+        batch: Vec<(String, Vec<u8>)>,
         reply: Reply<()>,
     },
     Kill {
@@ -476,6 +476,9 @@ enum Cmd {
     IsUp {
         node: String,
         reply: Reply<bool>,
+    },
+    Memory {
+        reply: Reply<usize>,
     },
     Pending {
         reply: Reply<usize>,
@@ -545,12 +548,18 @@ impl Node {
 
     /// Sends `args` to `port_id` (queued if its node is not connected yet).
     pub async fn send(&self, port_id: &str, args: Vec<Value>) -> Result<(), NodeError> {
-        self.call(|reply| Cmd::Send {
-            port: port_id.to_owned(),
-            args,
-            reply,
-        })
-        .await
+        self.send_batch(vec![(port_id.to_owned(), args)]).await
+    }
+
+    /// Sends many messages with one call into the engine. On a refusal the messages
+    /// before the refused one are sent, the rest are not.
+    pub async fn send_batch(&self, messages: Vec<(String, Vec<Value>)>) -> Result<(), NodeError> {
+        // Encoding happens here, on the caller's task, not on the node's.
+        let batch = messages
+            .into_iter()
+            .map(|(port, args)| (port, Value::Array(args).encode()))
+            .collect();
+        self.call(|reply| Cmd::Send { batch, reply }).await
     }
 
     /// Kills a port (local or remote) with `reason` (empty for a normal exit).
@@ -616,6 +625,11 @@ impl Node {
         })
         .await
         .map_err(|_| NodeError::Timeout)?
+    }
+
+    /// The size of the node's sandbox memory (the engine's linear memory), in bytes.
+    pub async fn sandbox_memory(&self) -> Result<usize, NodeError> {
+        self.call(|reply| Cmd::Memory { reply }).await
     }
 
     /// Waits until everything sent so far has been written to the sockets (for programs
@@ -829,8 +843,7 @@ impl Driver {
                 });
                 let _ = reply.send(port);
             }
-            Cmd::Send { port, args, reply } => {
-                let batch = vec![(port, Value::Array(args).encode())];
+            Cmd::Send { batch, reply } => {
                 let result = self
                     .node_api(|s, n, b| b.aemp_engine_node().node().call_send(s, n, &batch, now))?;
                 let _ = reply.send(result.map_err(|e| NodeError::Refused(e.message)));
@@ -919,6 +932,9 @@ impl Driver {
             }
             Cmd::IsUp { node, reply } => {
                 let _ = reply.send(Ok(self.up.contains(&node)));
+            }
+            Cmd::Memory { reply } => {
+                let _ = reply.send(Ok(self.instance.memory_bytes()));
             }
             Cmd::Pending { reply } => {
                 let pending = self

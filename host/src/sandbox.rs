@@ -55,6 +55,33 @@ impl Default for Limits {
 /// What each instance's store holds.
 pub struct State {
     limits: StoreLimits,
+    /// Current size of the instance's linear memory, in bytes.
+    memory: usize,
+}
+
+/// Enforces the memory cap (StoreLimits) and remembers how big the memory is.
+impl wasmtime::ResourceLimiter for State {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.memory = self.memory.max(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
 }
 
 impl bindings::wasi::random::random::Host for State {
@@ -163,8 +190,8 @@ impl Sandbox {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.max_memory)
             .build();
-        let mut store = Store::new(&self.engine, State { limits });
-        store.limiter(|state| &mut state.limits);
+        let mut store = Store::new(&self.engine, State { limits, memory: 0 });
+        store.limiter(|state| state);
         store.epoch_deadline_trap();
         let ticks = (self.limits.max_call_time.as_millis() / TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
@@ -190,6 +217,11 @@ impl Instance {
     pub fn parts(&mut self) -> (&mut Store<State>, &EngineBindings) {
         self.store.set_epoch_deadline(self.ticks);
         (&mut self.store, &self.bindings)
+    }
+
+    /// The size of the instance's linear memory, in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().memory
     }
 
     /// The engine's default configuration for `node_id`.

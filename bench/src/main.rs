@@ -1,0 +1,534 @@
+//! `aemp-bench`: prints how fast the engine is, natively and inside wasmtime, and how fast
+//! two nodes talk over loopback TCP. `--json` prints the same figures as one JSON object,
+//! `--quick` runs tiny counts (a smoke run). Figure names are documented in the README.
+
+use std::time::{Duration, Instant};
+
+use aemp_engine::{Config, Connection, Framing, Output, Value, Verdict};
+use aemp_host::{Instance, Node, Sandbox, TlsConfig, wit};
+use serde_json::json;
+
+/// How much work each measurement does.
+struct Counts {
+    handshakes: usize,
+    small: usize,
+    large: usize,
+    e2e: usize,
+    pings: usize,
+    idle: usize,
+}
+
+const SECRET: &[u8] = b"bench secret";
+
+fn small_message() -> Vec<u8> {
+    // ["port", "ping", 123]
+    Value::Array(vec![
+        Value::text("port"),
+        Value::text("ping"),
+        Value::Int(123),
+    ])
+    .encode()
+}
+
+fn large_message() -> Vec<u8> {
+    // ["port", <64 KiB of text>]: text so json and cbor carry the same bytes.
+    Value::Array(vec![
+        Value::text("port"),
+        Value::Text("x".repeat(64 * 1024 - 16)),
+    ])
+    .encode()
+}
+
+fn config(node: &str, framing: Framing) -> Config {
+    let mut c = Config::new(node);
+    c.secret = Some(SECRET.to_vec());
+    c.framings = vec![framing];
+    c
+}
+
+// ---- the engine natively --------------------------------------------------------------
+
+/// Moves everything one native connection transmits into the other; counts messages.
+fn native_pump(from: &mut Connection, to: &mut Connection) -> usize {
+    let mut messages = 0;
+    while let Some(o) = from.poll_output() {
+        match o {
+            Output::Transmit(bytes) => to.handle_input(&bytes),
+            Output::Greeting(_) => from.handle_verdict(Verdict::Accept),
+            Output::Message(_) => messages += 1,
+            Output::Closed(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    messages
+}
+
+fn native_pair(framing: Framing) -> (Connection, Connection) {
+    let mut a = Connection::new(config("a", framing), [1; 66], 0).expect("config");
+    let mut b = Connection::new(config("b", framing), [2; 66], 0).expect("config");
+    while a.session().is_none() || b.session().is_none() {
+        native_pump(&mut a, &mut b);
+        native_pump(&mut b, &mut a);
+    }
+    (a, b)
+}
+
+fn native_handshakes(n: usize) -> f64 {
+    let start = Instant::now();
+    for _ in 0..n {
+        native_pair(Framing::Cbor);
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Seconds per message, sending in batches of 1000.
+fn native_messages(framing: Framing, message: &[u8], n: usize) -> f64 {
+    let (mut a, mut b) = native_pair(framing);
+    native_pump(&mut b, &mut a);
+    let start = Instant::now();
+    let mut received = 0;
+    while received < n {
+        for _ in 0..1000.min(n - received) {
+            a.send(message).expect("send");
+        }
+        native_pump(&mut a, &mut b);
+        received += native_pump(&mut b, &mut a);
+    }
+    start.elapsed().as_secs_f64() / n as f64
+}
+
+// ---- the engine inside wasmtime -------------------------------------------------------
+
+struct WasmSide {
+    conn: aemp_host::ResourceAny,
+}
+
+fn wasm_open(inst: &mut Instance, node: &str, framing: Framing) -> WasmSide {
+    let mut c = inst.default_config(node).expect("call");
+    c.secret = Some(SECRET.to_vec());
+    c.framings = vec![if framing == Framing::Cbor {
+        wit::Framing::Cbor
+    } else {
+        wit::Framing::Json
+    }];
+    WasmSide {
+        conn: inst.open(&c, 0).expect("call").expect("config"),
+    }
+}
+
+/// Moves what `from` transmits into `to` (both in `inst`); counts messages.
+fn wasm_pump(inst: &mut Instance, from: &WasmSide, to: &WasmSide) -> (usize, bool) {
+    let mut messages = 0;
+    let mut connected = false;
+    for o in inst.poll_outputs(from.conn).expect("call") {
+        match o {
+            wit::Output::Transmit(bytes) => inst.handle_input(to.conn, &bytes).expect("call"),
+            wit::Output::Greeting(_) => {
+                inst.handle_verdict(from.conn, wit::Verdict::Accept)
+                    .expect("call");
+                let (m, c) = wasm_pump(inst, from, to);
+                messages += m;
+                connected |= c;
+            }
+            wit::Output::Message(_) => messages += 1,
+            wit::Output::Connected(_) => connected = true,
+            wit::Output::Closed(e) => panic!("{}", e.message),
+            _ => {}
+        }
+    }
+    (messages, connected)
+}
+
+fn wasm_pair(inst: &mut Instance, framing: Framing) -> (WasmSide, WasmSide) {
+    let a = wasm_open(inst, "a", framing);
+    let b = wasm_open(inst, "b", framing);
+    let (mut ca, mut cb) = (false, false);
+    while !(ca && cb) {
+        ca |= wasm_pump(inst, &a, &b).1;
+        cb |= wasm_pump(inst, &b, &a).1;
+    }
+    (a, b)
+}
+
+fn wasm_handshakes(sandbox: &Sandbox, n: usize) -> f64 {
+    let mut inst = sandbox.instantiate().expect("instance");
+    let start = Instant::now();
+    for _ in 0..n {
+        let (a, b) = wasm_pair(&mut inst, Framing::Cbor);
+        inst.drop_connection(a.conn).expect("drop");
+        inst.drop_connection(b.conn).expect("drop");
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn wasm_messages(sandbox: &Sandbox, framing: Framing, message: &[u8], n: usize) -> f64 {
+    let mut inst = sandbox.instantiate().expect("instance");
+    let (a, b) = wasm_pair(&mut inst, framing);
+    wasm_pump(&mut inst, &b, &a);
+    let start = Instant::now();
+    let mut received = 0;
+    while received < n {
+        let batch = vec![message.to_vec(); 1000.min(n - received)];
+        inst.send(a.conn, &batch).expect("call").expect("send");
+        wasm_pump(&mut inst, &a, &b);
+        received += wasm_pump(&mut inst, &b, &a).0;
+    }
+    start.elapsed().as_secs_f64() / n as f64
+}
+
+/// Nanoseconds for one call that does nothing (poll-timeout of a connected connection).
+fn boundary_call(sandbox: &Sandbox, n: usize) -> f64 {
+    let mut inst = sandbox.instantiate().expect("instance");
+    let (a, _) = wasm_pair(&mut inst, Framing::Cbor);
+    let start = Instant::now();
+    for _ in 0..n {
+        inst.poll_timeout(a.conn).expect("call");
+    }
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+// ---- nodes end to end ----------------------------------------------------------------
+
+async fn node_pair(
+    sandbox: &std::sync::Arc<Sandbox>,
+    tls: Option<&TlsConfig>,
+    tag: &str,
+) -> (Node, Node) {
+    let mut builders = Vec::new();
+    for name in ["recv", "send"] {
+        let mut b = Node::builder()
+            .node_id(&format!("{name}-{tag}"))
+            .secret(SECRET)
+            .bind("127.0.0.1:0")
+            .sandbox(sandbox.clone());
+        if let Some(tls) = tls {
+            b = b.tls(tls.clone());
+        }
+        builders.push(b.start().await.expect("node"));
+    }
+    let sender = builders.pop().expect("sender");
+    let receiver = builders.pop().expect("receiver");
+    sender
+        .connect(&receiver.listen_addrs()[0].to_string())
+        .expect("connect");
+    sender
+        .wait_up(receiver.id(), Duration::from_secs(10))
+        .await
+        .expect("up");
+    (receiver, sender)
+}
+
+/// Messages per second one way, and round-trip percentiles in microseconds.
+async fn e2e(
+    sandbox: &std::sync::Arc<Sandbox>,
+    tls: Option<&TlsConfig>,
+    tag: &str,
+    n: usize,
+    pings: usize,
+) -> (f64, f64, f64) {
+    let (receiver, sender) = node_pair(sandbox, tls, tag).await;
+    let mut inbox = receiver.port().await.expect("port");
+    let target = inbox.id().to_owned();
+    let args = vec![Value::text("ping"), Value::Int(123)];
+    let start = Instant::now();
+    let producer = {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < n {
+                let k = 1000.min(n - sent);
+                sender
+                    .send_batch(vec![(target.clone(), args.clone()); k])
+                    .await
+                    .expect("send");
+                sent += k;
+            }
+        })
+    };
+    for _ in 0..n {
+        inbox.recv().await.expect("message");
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    producer.await.expect("producer");
+
+    // Ping-pong, cal-style: the receiver echoes to the sender's port.
+    let mut echo = receiver.port().await.expect("port");
+    let mut back = sender.port().await.expect("port");
+    let (echo_id, back_id) = (echo.id().to_owned(), back.id().to_owned());
+    let echoer = receiver.clone();
+    tokio::spawn(async move {
+        while let Some(args) = echo.recv().await {
+            if echoer.send(&back_id, args).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut rtts = Vec::with_capacity(pings);
+    for _ in 0..pings {
+        let t = Instant::now();
+        sender
+            .send(&echo_id, vec![Value::Int(1)])
+            .await
+            .expect("send");
+        back.recv().await.expect("pong");
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    rtts.sort_by(f64::total_cmp);
+    let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize];
+    (rate, pct(0.5), pct(0.99))
+}
+
+/// Median milliseconds from `connect` to both sides up (hmac, loopback), fresh nodes.
+async fn e2e_handshake(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> f64 {
+    let server = Node::builder()
+        .node_id("hs-server")
+        .secret(SECRET)
+        .bind("127.0.0.1:0")
+        .sandbox(sandbox.clone())
+        .start()
+        .await
+        .expect("node");
+    let addr = server.listen_addrs()[0].to_string();
+    let mut times = Vec::new();
+    for i in 0..n {
+        let client = Node::builder()
+            .node_id(&format!("hs-{i}"))
+            .secret(SECRET)
+            .sandbox(sandbox.clone())
+            .start()
+            .await
+            .expect("node");
+        let t = Instant::now();
+        client.connect(&addr).expect("connect");
+        client
+            .wait_up("hs-server", Duration::from_secs(10))
+            .await
+            .expect("up");
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Resident set size of this process, in bytes.
+fn rss() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0.0);
+    pages * 4096.0
+}
+
+/// Opens `n` idle connections (completed handshakes) to one node; returns the node's
+/// sandbox bytes per connection, the process's RSS per connection (both ends live in
+/// this process), and the sandbox size at the end.
+async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> (f64, f64, f64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = rlimit::increase_nofile_limit(4 * n as u64 + 256);
+    let node = Node::builder()
+        .node_id("idle")
+        .secret(SECRET)
+        .bind("127.0.0.1:0")
+        .sandbox(sandbox.clone())
+        .start()
+        .await
+        .expect("node");
+    let addr = node.listen_addrs()[0].to_string();
+    let mem0 = node.sandbox_memory().await.expect("memory") as f64;
+    let rss0 = rss();
+    let mut peers = Vec::new();
+    let mut buf = vec![0; 4096];
+    for i in 0..n {
+        let mut stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let mut conn = Connection::new(config(&format!("peer{i}"), Framing::Cbor), [3; 66], 0)
+            .expect("config");
+        while conn.session().is_none() {
+            while let Some(o) = conn.poll_output() {
+                match o {
+                    Output::Transmit(b) => stream.write_all(&b).await.expect("write"),
+                    Output::Greeting(_) => conn.handle_verdict(Verdict::Accept),
+                    Output::Closed(e) => panic!("{e}"),
+                    _ => {}
+                }
+            }
+            if conn.session().is_none() {
+                let k = stream.read(&mut buf).await.expect("read");
+                conn.handle_input(&buf[..k]);
+            }
+        }
+        peers.push((stream, conn));
+    }
+    node.wait_up(&format!("peer{}", n - 1), Duration::from_secs(10))
+        .await
+        .expect("up");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mem1 = node.sandbox_memory().await.expect("memory") as f64;
+    let rss1 = rss();
+    drop(peers);
+    ((mem1 - mem0) / n as f64, (rss1 - rss0) / n as f64, mem1)
+}
+
+/// One figure: its name (the JSON key), value, and what it means.
+struct Figure {
+    name: String,
+    value: f64,
+    meaning: String,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let as_json = args.iter().any(|a| a == "--json");
+    let c = if quick {
+        Counts {
+            handshakes: 5,
+            small: 2_000,
+            large: 20,
+            e2e: 2_000,
+            pings: 20,
+            idle: 20,
+        }
+    } else {
+        Counts {
+            handshakes: 500,
+            small: 1_000_000,
+            large: 2_000,
+            e2e: 300_000,
+            pings: 5_000,
+            idle: 1_000,
+        }
+    };
+    let mut figures = Vec::new();
+    let mut add = |name: &str, value: f64, meaning: &str| {
+        if !as_json {
+            eprintln!("{name:<36} {value:>14.2}  {meaning}");
+        }
+        figures.push(Figure {
+            name: name.into(),
+            value,
+            meaning: meaning.into(),
+        });
+    };
+    let sandbox = std::sync::Arc::new(Sandbox::new().expect("sandbox"));
+    let small = small_message();
+    let large = large_message();
+
+    add(
+        "engine_native_handshakes_per_s",
+        native_handshakes(c.handshakes),
+        "hmac handshakes/s, both sides in one thread, native",
+    );
+    add(
+        "engine_wasm_handshakes_per_s",
+        wasm_handshakes(&sandbox, c.handshakes),
+        "the same inside wasmtime",
+    );
+    for framing in Framing::ALL {
+        let f = framing.name();
+        let native = native_messages(framing, &small, c.small);
+        let wasm = wasm_messages(&sandbox, framing, &small, c.small);
+        add(
+            &format!("engine_native_small_msgs_per_s_{f}"),
+            1.0 / native,
+            "[\"port\",\"ping\",123] sent and received, batches of 1000, native",
+        );
+        add(
+            &format!("engine_wasm_small_msgs_per_s_{f}"),
+            1.0 / wasm,
+            "the same inside wasmtime",
+        );
+        add(
+            &format!("wasm_native_time_ratio_small_{f}"),
+            wasm / native,
+            "wasm time per message / native time per message",
+        );
+        if framing == Framing::Cbor {
+            add(
+                "boundary_ns_per_message",
+                (wasm - native) * 1e9,
+                "extra ns per message in wasm (lowering/lifting, copies), cbor",
+            );
+        }
+        let mb = large.len() as f64 / 1e6;
+        add(
+            &format!("engine_native_64k_mb_per_s_{f}"),
+            mb / native_messages(framing, &large, c.large),
+            "64 KiB messages, MB/s, native",
+        );
+        add(
+            &format!("engine_wasm_64k_mb_per_s_{f}"),
+            mb / wasm_messages(&sandbox, framing, &large, c.large),
+            "the same inside wasmtime",
+        );
+    }
+    add(
+        "boundary_ns_per_call",
+        boundary_call(&sandbox, c.small),
+        "ns for one call into the component that does nothing",
+    );
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let tls = TlsConfig::from_pem(
+            aemp_host::tls::generate_network_pem()
+                .expect("cert")
+                .as_bytes(),
+        )
+        .expect("tls");
+        add(
+            "e2e_handshake_ms",
+            e2e_handshake(&sandbox, if quick { 3 } else { 50 }).await,
+            "median ms from connect to node up, hmac, loopback",
+        );
+        for (tag, tls) in [("plain", None), ("tls", Some(&tls))] {
+            let (rate, p50, p99) = e2e(&sandbox, tls, tag, c.e2e, c.pings).await;
+            add(
+                &format!("e2e_msgs_per_s_{tag}"),
+                rate,
+                "messages/s one way between two nodes over loopback TCP",
+            );
+            add(
+                &format!("e2e_rtt_p50_us_{tag}"),
+                p50,
+                "round trip (ping/pong between ports), median, µs",
+            );
+            add(
+                &format!("e2e_rtt_p99_us_{tag}"),
+                p99,
+                "round trip, 99th percentile, µs",
+            );
+        }
+        let (engine, rss, memory) = idle(&sandbox, c.idle).await;
+        add(
+            "idle_conn_engine_bytes",
+            engine,
+            "sandbox memory per idle connection of one node",
+        );
+        add(
+            "idle_conn_rss_bytes",
+            rss,
+            "process RSS per idle connection (both ends in this process)",
+        );
+        add(
+            "sandbox_memory_bytes",
+            memory,
+            "the node's linear memory with those connections",
+        );
+    });
+    if as_json {
+        let mut map = serde_json::Map::new();
+        for f in &figures {
+            map.insert(f.name.clone(), json!(f.value));
+        }
+        println!("{}", serde_json::Value::Object(map));
+    } else {
+        println!("{:<36} {:>14}  meaning", "figure", "value");
+        for f in &figures {
+            println!("{:<36} {:>14.2}  {}", f.name, f.value, f.meaning);
+        }
+    }
+}

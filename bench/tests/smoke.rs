@@ -1,0 +1,61 @@
+//! A cheap run of the benchmark (tiny counts) so it cannot rot: every figure is there and
+//! is a sensible number.
+
+use std::process::Command;
+
+const FIGURES: &[&str] = &[
+    "engine_native_handshakes_per_s",
+    "engine_wasm_handshakes_per_s",
+    "engine_native_small_msgs_per_s_cbor",
+    "engine_wasm_small_msgs_per_s_cbor",
+    "engine_native_small_msgs_per_s_json",
+    "engine_wasm_small_msgs_per_s_json",
+    "wasm_native_time_ratio_small_cbor",
+    "wasm_native_time_ratio_small_json",
+    "engine_native_64k_mb_per_s_cbor",
+    "engine_wasm_64k_mb_per_s_cbor",
+    "engine_native_64k_mb_per_s_json",
+    "engine_wasm_64k_mb_per_s_json",
+    "boundary_ns_per_call",
+    "boundary_ns_per_message",
+    "e2e_handshake_ms",
+    "e2e_msgs_per_s_plain",
+    "e2e_rtt_p50_us_plain",
+    "e2e_rtt_p99_us_plain",
+    "e2e_msgs_per_s_tls",
+    "e2e_rtt_p50_us_tls",
+    "e2e_rtt_p99_us_tls",
+    "idle_conn_engine_bytes",
+    "idle_conn_rss_bytes",
+    "sandbox_memory_bytes",
+];
+
+#[test]
+fn quick_run_prints_every_figure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_aemp-bench"))
+        .args(["--quick", "--json"])
+        .output()
+        .expect("run aemp-bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let figures = figures.as_object().expect("an object");
+    for name in FIGURES {
+        let value = figures
+            .get(*name)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        assert!(value.is_finite() && value >= 0.0, "{name} = {value}");
+    }
+    assert_eq!(figures.len(), FIGURES.len(), "{figures:?}");
+    for name in [
+        "e2e_msgs_per_s_plain",
+        "engine_native_small_msgs_per_s_cbor",
+        "sandbox_memory_bytes",
+    ] {
+        assert!(figures[name].as_f64().unwrap_or(0.0) > 0.0, "{name}");
+    }
+}
