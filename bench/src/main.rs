@@ -196,11 +196,7 @@ async fn node_pair(
 ) -> (Node, Node) {
     let mut builders = Vec::new();
     for name in ["recv", "send"] {
-        let mut b = Node::builder()
-            .node_id(&format!("{name}-{tag}"))
-            .secret(SECRET)
-            .bind("127.0.0.1:0")
-            .sandbox(sandbox.clone());
+        let mut b = listening(&format!("{name}-{tag}"), sandbox);
         if let Some(tls) = tls {
             b = b.tls(tls.clone());
         }
@@ -278,16 +274,18 @@ async fn e2e(
     (rate, pct(0.5), pct(0.99))
 }
 
-/// Median milliseconds from `connect` to both sides up (hmac, loopback), fresh nodes.
-async fn e2e_handshake(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> f64 {
-    let server = Node::builder()
-        .node_id("hs-server")
+/// A node named `id` listening on a free loopback port, in the shared sandbox.
+fn listening(id: &str, sandbox: &std::sync::Arc<Sandbox>) -> aemp_host::NodeBuilder {
+    Node::builder()
+        .node_id(id)
         .secret(SECRET)
         .bind("127.0.0.1:0")
         .sandbox(sandbox.clone())
-        .start()
-        .await
-        .expect("node");
+}
+
+/// Median milliseconds from `connect` to both sides up (hmac, loopback), fresh nodes.
+async fn e2e_handshake(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> f64 {
+    let server = listening("hs-server", sandbox).start().await.expect("node");
     let addr = server.listen_addrs()[0].to_string();
     let mut times = Vec::new();
     for i in 0..n {
@@ -327,14 +325,7 @@ fn rss() -> f64 {
 async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> (f64, f64, f64) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = rlimit::increase_nofile_limit(4 * n as u64 + 256);
-    let node = Node::builder()
-        .node_id("idle")
-        .secret(SECRET)
-        .bind("127.0.0.1:0")
-        .sandbox(sandbox.clone())
-        .start()
-        .await
-        .expect("node");
+    let node = listening("idle", sandbox).start().await.expect("node");
     let addr = node.listen_addrs()[0].to_string();
     let mem0 = node.sandbox_memory().await.expect("memory") as f64;
     let rss0 = rss();
