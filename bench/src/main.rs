@@ -130,7 +130,9 @@ fn wasm_pump(inst: &mut Instance, from: &WasmSide, to: &WasmSide) -> (usize, boo
                 messages += m;
                 connected |= c;
             }
-            wit::Output::Message(_) => messages += 1,
+            wit::Output::Messages(seq) => {
+                messages += aemp_engine::split_sequence(&seq).expect("sequence").len()
+            }
             wit::Output::Connected(_) => connected = true,
             wit::Output::Closed(e) => panic!("{}", e.message),
             _ => {}
@@ -168,7 +170,7 @@ fn wasm_messages(sandbox: &Sandbox, framing: Framing, message: &[u8], n: usize) 
     let start = Instant::now();
     let mut received = 0;
     while received < n {
-        let batch = vec![message.to_vec(); 1000.min(n - received)];
+        let batch = message.repeat(1000.min(n - received));
         inst.send(a.conn, &batch).expect("call").expect("send");
         wasm_pump(&mut inst, &a, &b);
         received += wasm_pump(&mut inst, &b, &a).0;

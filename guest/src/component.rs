@@ -83,20 +83,25 @@ impl wit::GuestConnection for ConnectionResource {
 
     fn poll_outputs(&self) -> Vec<wit::Output> {
         let mut conn = self.0.borrow_mut();
-        std::iter::from_fn(|| conn.poll_output())
-            .map(Into::into)
-            .collect()
+        let mut outputs: Vec<wit::Output> = Vec::new();
+        while let Some(output) = conn.poll_output() {
+            // Consecutive messages cross the boundary as one CBOR sequence.
+            match (output, outputs.last_mut()) {
+                (Output::Message(m), Some(wit::Output::Messages(seq))) => seq.extend_from_slice(&m),
+                (other, _) => outputs.push(other.into()),
+            }
+        }
+        outputs
     }
 
-    fn send(&self, messages: Vec<Vec<u8>>) -> Result<(), wit::SendError> {
+    fn send(&self, messages: Vec<u8>) -> Result<(), wit::SendError> {
         let mut conn = self.0.borrow_mut();
-        for (index, message) in messages.iter().enumerate() {
-            conn.send(message).map_err(|e| wit::SendError {
+        conn.send_sequence(&messages)
+            .map(|_| ())
+            .map_err(|(index, e)| wit::SendError {
                 index: index as u32,
                 message: e.to_string(),
-            })?;
-        }
-        Ok(())
+            })
     }
 }
 
@@ -475,7 +480,7 @@ impl From<Output> for wit::Output {
                 send_framing: s.send_framing.into(),
                 recv_framing: s.recv_framing.into(),
             }),
-            Output::Message(m) => wit::Output::Message(m),
+            Output::Message(m) => wit::Output::Messages(m),
             Output::HandedOver { leftover } => wit::Output::HandedOver(leftover),
             Output::Closed(e) => wit::Output::Closed(wit::Error {
                 kind: error_kind(&e),

@@ -297,6 +297,42 @@ impl Connection {
     /// Queues one message (a CBOR array `[PORT, ARGS...]`) for the peer, converted to the
     /// framing we send in. Nothing is queued when it fails.
     pub fn send(&mut self, message: &[u8]) -> Result<(), SendError> {
+        self.sendable()?;
+        framing::check_item(message, &self.config.limits)?;
+        self.send_checked(message)
+    }
+
+    /// Queues every message of `messages`, a CBOR sequence (items one after another). On
+    /// a refusal the messages before it stay queued and its index is returned with the
+    /// reason. Returns how many messages were queued.
+    pub fn send_sequence(&mut self, messages: &[u8]) -> Result<usize, (usize, SendError)> {
+        let mut rest = messages;
+        let mut index = 0;
+        while !rest.is_empty() {
+            let queued = self.sendable().and_then(|()| {
+                let end = framing::first_item(rest, &self.config.limits)?;
+                let (message, tail) = rest.split_at(end);
+                self.send_checked(message)?;
+                rest = tail;
+                Ok(())
+            });
+            queued.map_err(|e| (index, e))?;
+            index += 1;
+        }
+        Ok(index)
+    }
+
+    /// Whether messages can be sent now.
+    fn sendable(&self) -> Result<(), SendError> {
+        match self.state {
+            State::Data => Ok(()),
+            State::Closed | State::HandedOver => Err(SendError::Closed),
+            _ => Err(SendError::NotConnected),
+        }
+    }
+
+    /// Queues a message already checked by the scanner.
+    fn send_checked(&mut self, message: &[u8]) -> Result<(), SendError> {
         let framing = match self.state {
             State::Data => self.session.as_ref().map(|s| s.send_framing),
             State::Closed | State::HandedOver => return Err(SendError::Closed),

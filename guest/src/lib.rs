@@ -21,7 +21,7 @@ pub use auth::AuthMethod;
 pub use config::Config;
 pub use connection::{Connection, Output, Session, TlsRole, Verdict};
 pub use error::{ConfigError, Error, MessageError, SendError};
-pub use framing::{Framing, Limits};
+pub use framing::{Framing, Limits, split_sequence};
 pub use greeting::{Greeting, NONCE_LEN};
 pub use node::{ConnId, LogLevel, Node, NodeConfig, NodeError, NodeOutput};
 pub use value::Value;

@@ -214,3 +214,32 @@ fn send_before_connected_and_bad_messages_are_refused() {
     assert!(pair.a.conn.send(b"\x82\x01").is_err());
     assert_eq!(pair.a.pump(), b"", "nothing is queued by a refused send");
 }
+
+#[test]
+fn a_cbor_sequence_is_sent_as_a_batch() {
+    let (a, b) = framed(Framing::Json, Framing::Cbor);
+    let mut pair = Pair::new(a, b);
+    pair.drive();
+    let messages = json_safe_messages();
+    assert_eq!(
+        pair.a.conn.send_sequence(&messages.concat()),
+        Ok(messages.len())
+    );
+    // A bad item stops the batch at its index; the ones before it are queued.
+    let mut bad = messages[0].clone();
+    bad.extend_from_slice(b"\x01");
+    bad.extend_from_slice(&messages[1]);
+    let err = pair.a.conn.send_sequence(&bad).unwrap_err();
+    assert_eq!(
+        err,
+        (
+            1,
+            aemp_engine::SendError::Message(aemp_engine::MessageError::NotAnArray)
+        )
+    );
+    pair.drive();
+    assert_eq!(
+        pair.b.messages(),
+        [messages.clone(), vec![messages[0].clone()]].concat()
+    );
+}

@@ -299,7 +299,7 @@ impl Instance {
     pub fn send(
         &mut self,
         conn: ResourceAny,
-        messages: &[Vec<u8>],
+        messages: &[u8],
     ) -> wasmtime::Result<Result<(), wit::SendError>> {
         let (store, b) = self.parts();
         b.aemp_engine_transport()

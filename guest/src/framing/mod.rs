@@ -72,14 +72,11 @@ pub(crate) fn is_keepalive(item: &[u8]) -> bool {
     }
 }
 
-/// Checks that `item` is exactly one well-formed CBOR array within the limits.
-pub(crate) fn check_item(item: &[u8], limits: &Limits) -> Result<(), MessageError> {
-    match cbor::Scanner::default().scan(item, limits)? {
-        Scan::Complete(end) if end == item.len() => Ok(()),
-        Scan::Complete(_) => Err(MessageError::Malformed {
-            framing: "cbor",
-            detail: "trailing bytes after the item".into(),
-        }),
+/// Checks the CBOR array at the start of `buf` (well-formed, within the limits) and
+/// returns its length.
+pub(crate) fn first_item(buf: &[u8], limits: &Limits) -> Result<usize, MessageError> {
+    match cbor::Scanner::default().scan(buf, limits)? {
+        Scan::Complete(end) => Ok(end),
         Scan::Partial => Err(MessageError::Malformed {
             framing: "cbor",
             detail: "incomplete item".into(),
@@ -87,14 +84,39 @@ pub(crate) fn check_item(item: &[u8], limits: &Limits) -> Result<(), MessageErro
     }
 }
 
-/// Appends message `item` (CBOR) to `out` in `framing`. On error `out` is left unchanged.
+/// Splits a CBOR sequence of messages (what the component's `messages` output and `send`
+/// carry) into its items, checking each (default limits).
+pub fn split_sequence(mut buf: &[u8]) -> Result<Vec<&[u8]>, MessageError> {
+    let limits = Limits::default();
+    let mut items = Vec::new();
+    while !buf.is_empty() {
+        let (item, rest) = buf.split_at(first_item(buf, &limits)?);
+        items.push(item);
+        buf = rest;
+    }
+    Ok(items)
+}
+
+/// Checks that `item` is exactly one well-formed CBOR array within the limits.
+pub(crate) fn check_item(item: &[u8], limits: &Limits) -> Result<(), MessageError> {
+    if first_item(item, limits)? == item.len() {
+        Ok(())
+    } else {
+        Err(MessageError::Malformed {
+            framing: "cbor",
+            detail: "trailing bytes after the item".into(),
+        })
+    }
+}
+
+/// Appends message `item` (CBOR, already checked) to `out` in `framing`. On error `out` is
+/// left unchanged.
 pub(crate) fn encode(
     framing: Framing,
     item: &[u8],
     limits: &Limits,
     out: &mut Vec<u8>,
 ) -> Result<(), MessageError> {
-    check_item(item, limits)?;
     match framing {
         Framing::Cbor => out.extend_from_slice(item),
         Framing::Json => {
@@ -270,12 +292,11 @@ mod tests {
         let mut out = Vec::new();
         encode(Framing::Json, b"\x82\x61p\x42hi", &limits, &mut out).unwrap();
         assert_eq!(out, b"[\"p\",\"hi\"]");
-        assert!(encode(Framing::Cbor, b"\x82\x61p", &limits, &mut out).is_err());
-        assert!(encode(Framing::Cbor, b"\x81\x01\x01", &limits, &mut out).is_err());
-        assert_eq!(
-            encode(Framing::Json, b"\x01", &limits, &mut out),
-            Err(MessageError::NotAnArray)
-        );
+        // Messages are checked before encoding: one complete array, nothing after it.
+        assert!(check_item(b"\x82\x61p", &limits).is_err());
+        assert!(check_item(b"\x81\x01\x01", &limits).is_err());
+        assert_eq!(check_item(b"\x01", &limits), Err(MessageError::NotAnArray));
+        assert_eq!(first_item(b"\x81\x01\x80", &limits), Ok(2));
         let tight = Limits {
             max_message_size: 12,
             max_depth: 8,
