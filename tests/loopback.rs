@@ -81,3 +81,17 @@ async fn three_nodes_all_talk() {
     .unwrap();
     assert_eq!(recv(&mut ports[2]).await, [t("relayed")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_node_and_frees_its_port() {
+    let node = builder("dropped", "s").start().await.unwrap();
+    let addr = addr(&node);
+    drop(node);
+    // Once the driver has noticed (it wakes on the closed command channel), the listening
+    // socket is closed: a connection is refused, not left waiting in the backlog.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        tokio::net::TcpStream::connect(&addr).await.is_err(),
+        "{addr} still listens"
+    );
+}

@@ -304,9 +304,10 @@ impl NodeBuilder {
 
         let (tx, rx) = unbounded_channel();
         let (sock_tx, sock_rx) = unbounded_channel();
-        for listener in listeners {
-            net::spawn_listener(listener, sock_tx.clone());
-        }
+        let listeners = listeners
+            .into_iter()
+            .map(|l| net::spawn_listener(l, sock_tx.clone()))
+            .collect();
         let (events, _) = broadcast::channel(1024);
         let (status_tx, status) = watch::channel(None);
         let driver = Driver {
@@ -325,6 +326,7 @@ impl NodeBuilder {
             max_write_queue: self.max_write_queue,
             status: status_tx,
             cmd_tx: tx.downgrade(),
+            listeners,
         };
         // Every log line of this node carries its id.
         let span = tracing::info_span!("node", id = %node_id);
@@ -726,6 +728,7 @@ struct Driver {
     max_write_queue: usize,
     status: watch::Sender<Option<String>>,
     cmd_tx: WeakUnboundedSender<Cmd>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Inputs handled between two polls of the engine's outputs.
@@ -754,6 +757,10 @@ impl Driver {
             tracing::error!("node stopped: {reason}");
             tracing::debug!("node stopped: {e:?}");
             let _ = self.status.send(Some(reason));
+        }
+        // The node is gone: free its ports (listening sockets) and connections now.
+        for listener in &self.listeners {
+            listener.abort();
         }
         for (_, conn) in self.conns.drain() {
             conn.abort();
