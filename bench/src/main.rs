@@ -1,6 +1,7 @@
 //! `aemp-bench`: prints how fast the engine is, natively and inside wasmtime, and how fast
 //! two nodes talk over loopback TCP. `--json` prints the same figures as one JSON object,
-//! `--quick` runs tiny counts (a smoke run). Figure names are documented in the README.
+//! `--quick` runs tiny counts (a smoke run), `--only engine|e2e|memory` one group of
+//! figures. Figure names are documented in the README.
 
 use std::time::{Duration, Instant};
 
@@ -406,63 +407,72 @@ fn main() {
             meaning: meaning.into(),
         });
     };
+    // `--only engine|e2e|memory` runs one group (to profile it alone).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let run = |group: &str| only.as_deref().is_none_or(|o| o == group);
     let sandbox = std::sync::Arc::new(Sandbox::new().expect("sandbox"));
     let small = small_message();
     let large = large_message();
 
-    add(
-        "engine_native_handshakes_per_s",
-        native_handshakes(c.handshakes),
-        "hmac handshakes/s, both sides in one thread, native",
-    );
-    add(
-        "engine_wasm_handshakes_per_s",
-        wasm_handshakes(&sandbox, c.handshakes),
-        "the same inside wasmtime",
-    );
-    for framing in Framing::ALL {
-        let f = framing.name();
-        let native = native_messages(framing, &small, c.small);
-        let wasm = wasm_messages(&sandbox, framing, &small, c.small);
+    if run("engine") {
         add(
-            &format!("engine_native_small_msgs_per_s_{f}"),
-            1.0 / native,
-            "[\"port\",\"ping\",123] sent and received, batches of 1000, native",
+            "engine_native_handshakes_per_s",
+            native_handshakes(c.handshakes),
+            "hmac handshakes/s, both sides in one thread, native",
         );
         add(
-            &format!("engine_wasm_small_msgs_per_s_{f}"),
-            1.0 / wasm,
+            "engine_wasm_handshakes_per_s",
+            wasm_handshakes(&sandbox, c.handshakes),
             "the same inside wasmtime",
         );
-        add(
-            &format!("wasm_native_time_ratio_small_{f}"),
-            wasm / native,
-            "wasm time per message / native time per message",
-        );
-        if framing == Framing::Cbor {
+        for framing in Framing::ALL {
+            let f = framing.name();
+            let native = native_messages(framing, &small, c.small);
+            let wasm = wasm_messages(&sandbox, framing, &small, c.small);
             add(
-                "boundary_ns_per_message",
-                (wasm - native) * 1e9,
-                "extra ns per message in wasm (lowering/lifting, copies), cbor",
+                &format!("engine_native_small_msgs_per_s_{f}"),
+                1.0 / native,
+                "[\"port\",\"ping\",123] sent and received, batches of 1000, native",
+            );
+            add(
+                &format!("engine_wasm_small_msgs_per_s_{f}"),
+                1.0 / wasm,
+                "the same inside wasmtime",
+            );
+            add(
+                &format!("wasm_native_time_ratio_small_{f}"),
+                wasm / native,
+                "wasm time per message / native time per message",
+            );
+            if framing == Framing::Cbor {
+                add(
+                    "boundary_ns_per_message",
+                    (wasm - native) * 1e9,
+                    "extra ns per message in wasm (lowering/lifting, copies), cbor",
+                );
+            }
+            let mb = large.len() as f64 / 1e6;
+            add(
+                &format!("engine_native_64k_mb_per_s_{f}"),
+                mb / native_messages(framing, &large, c.large),
+                "64 KiB messages, MB/s, native",
+            );
+            add(
+                &format!("engine_wasm_64k_mb_per_s_{f}"),
+                mb / wasm_messages(&sandbox, framing, &large, c.large),
+                "the same inside wasmtime",
             );
         }
-        let mb = large.len() as f64 / 1e6;
         add(
-            &format!("engine_native_64k_mb_per_s_{f}"),
-            mb / native_messages(framing, &large, c.large),
-            "64 KiB messages, MB/s, native",
-        );
-        add(
-            &format!("engine_wasm_64k_mb_per_s_{f}"),
-            mb / wasm_messages(&sandbox, framing, &large, c.large),
-            "the same inside wasmtime",
+            "boundary_ns_per_call",
+            boundary_call(&sandbox, c.small),
+            "ns for one call into the component that does nothing",
         );
     }
-    add(
-        "boundary_ns_per_call",
-        boundary_call(&sandbox, c.small),
-        "ns for one call into the component that does nothing",
-    );
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
@@ -472,45 +482,49 @@ fn main() {
                 .as_bytes(),
         )
         .expect("tls");
-        add(
-            "e2e_handshake_ms",
-            e2e_handshake(&sandbox, if quick { 3 } else { 50 }).await,
-            "median ms from connect to node up, hmac, loopback",
-        );
-        for (tag, tls) in [("plain", None), ("tls", Some(&tls))] {
-            let (rate, p50, p99) = e2e(&sandbox, tls, tag, c.e2e, c.pings).await;
+        if run("e2e") {
             add(
-                &format!("e2e_msgs_per_s_{tag}"),
-                rate,
-                "messages/s one way between two nodes over loopback TCP",
+                "e2e_handshake_ms",
+                e2e_handshake(&sandbox, if quick { 3 } else { 50 }).await,
+                "median ms from connect to node up, hmac, loopback",
+            );
+            for (tag, tls) in [("plain", None), ("tls", Some(&tls))] {
+                let (rate, p50, p99) = e2e(&sandbox, tls, tag, c.e2e, c.pings).await;
+                add(
+                    &format!("e2e_msgs_per_s_{tag}"),
+                    rate,
+                    "messages/s one way between two nodes over loopback TCP",
+                );
+                add(
+                    &format!("e2e_rtt_p50_us_{tag}"),
+                    p50,
+                    "round trip (ping/pong between ports), median, µs",
+                );
+                add(
+                    &format!("e2e_rtt_p99_us_{tag}"),
+                    p99,
+                    "round trip, 99th percentile, µs",
+                );
+            }
+        }
+        if run("memory") {
+            let (engine, rss, memory) = idle(&sandbox, c.idle).await;
+            add(
+                "idle_conn_engine_bytes",
+                engine,
+                "sandbox memory per idle connection of one node",
             );
             add(
-                &format!("e2e_rtt_p50_us_{tag}"),
-                p50,
-                "round trip (ping/pong between ports), median, µs",
+                "idle_conn_rss_bytes",
+                rss,
+                "process RSS per idle connection (both ends in this process)",
             );
             add(
-                &format!("e2e_rtt_p99_us_{tag}"),
-                p99,
-                "round trip, 99th percentile, µs",
+                "sandbox_memory_bytes",
+                memory,
+                "the node's linear memory with those connections",
             );
         }
-        let (engine, rss, memory) = idle(&sandbox, c.idle).await;
-        add(
-            "idle_conn_engine_bytes",
-            engine,
-            "sandbox memory per idle connection of one node",
-        );
-        add(
-            "idle_conn_rss_bytes",
-            rss,
-            "process RSS per idle connection (both ends in this process)",
-        );
-        add(
-            "sandbox_memory_bytes",
-            memory,
-            "the node's linear memory with those connections",
-        );
     });
     if as_json {
         let mut map = serde_json::Map::new();
