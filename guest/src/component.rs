@@ -46,15 +46,10 @@ struct ConnectionResource(RefCell<Connection>);
 
 impl wit::GuestConnection for ConnectionResource {
     fn open(config: wit::Config, now_ms: u64) -> Result<wit::Connection, String> {
-        let bytes = wasi::random::random::get_random_bytes(crate::NONCE_LEN as u64);
-        let nonce = <[u8; crate::NONCE_LEN]>::try_from(bytes).map_err(|b| {
-            format!(
-                "host returned {} random bytes instead of {}",
-                b.len(),
-                crate::NONCE_LEN
-            )
-        })?;
-        let conn = Connection::new(config.into(), nonce, now_ms).map_err(|e| e.to_string())?;
+        let mut conn = Connection::new(config.into(), random::<NONCE_LEN>(), now_ms)
+            .map_err(|e| e.to_string())?;
+        // Received messages cross the boundary as sequences anyway: build them in place.
+        conn.set_message_sequences(true);
         Ok(wit::Connection::new(ConnectionResource(RefCell::new(conn))))
     }
 

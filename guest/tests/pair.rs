@@ -243,3 +243,24 @@ fn a_cbor_sequence_is_sent_as_a_batch() {
         [messages.clone(), vec![messages[0].clone()]].concat()
     );
 }
+
+#[test]
+fn received_messages_can_come_as_one_sequence() {
+    for framing in Framing::ALL {
+        let (a, b) = framed(framing, framing);
+        let mut pair = Pair::new(a, b);
+        pair.drive();
+        pair.b.conn.set_message_sequences(true);
+        let messages = json_safe_messages();
+        pair.a.conn.send_sequence(&messages.concat()).unwrap();
+        pair.drive();
+        let got = pair.b.messages();
+        assert_eq!(got.len(), 1, "{framing:?}: one output");
+        let items: Vec<Vec<u8>> = aemp_engine::split_sequence(&got[0])
+            .unwrap()
+            .into_iter()
+            .map(<[u8]>::to_vec)
+            .collect();
+        assert_eq!(items, messages, "{framing:?}");
+    }
+}

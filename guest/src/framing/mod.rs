@@ -168,7 +168,7 @@ impl Decoder {
         &mut self,
         input: &[u8],
         limits: &Limits,
-        sink: &mut dyn FnMut(Vec<u8>),
+        sink: &mut dyn FnMut(&[u8]),
     ) -> Result<(), MessageError> {
         if self.partial.is_empty() {
             // The common case: complete messages are read straight from the input.
@@ -189,7 +189,7 @@ impl Decoder {
         &mut self,
         buf: &[u8],
         limits: &Limits,
-        sink: &mut dyn FnMut(Vec<u8>),
+        sink: &mut dyn FnMut(&[u8]),
     ) -> Result<usize, MessageError> {
         let mut used = 0;
         loop {
@@ -212,16 +212,19 @@ impl Decoder {
             let Scan::Complete(end) = scan else {
                 return Ok(used);
             };
+            // CBOR is handed over where it lies; JSON is converted first.
+            let converted;
             let item = match self.framing {
-                Framing::Cbor => rest[..end].to_vec(),
+                Framing::Cbor => &rest[..end],
                 Framing::Json => {
                     let mut item = Vec::with_capacity(end);
                     json::to_cbor(&rest[..end], &mut item)?;
-                    item
+                    converted = item;
+                    &converted[..]
                 }
             };
             used += end;
-            if !is_keepalive(&item) {
+            if !is_keepalive(item) {
                 sink(item);
             }
         }
@@ -240,7 +243,7 @@ mod tests {
         let mut d = Decoder::new(framing);
         let mut got = Vec::new();
         for chunk in chunks {
-            if let Err(e) = d.decode(chunk, limits, &mut |m| got.push(m)) {
+            if let Err(e) = d.decode(chunk, limits, &mut |m| got.push(m.to_vec())) {
                 return (got, Some(e));
             }
         }

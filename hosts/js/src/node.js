@@ -8,12 +8,13 @@ import tls from 'node:tls';
 import os from 'node:os';
 import { EventEmitter } from 'node:events';
 import { performance } from 'node:perf_hooks';
-import { Encoder, Decoder } from 'cbor-x';
+import * as cborg from 'cborg';
 import { node as api } from '../gen/engine.js';
 
-// Plain CBOR: Uint8Array/Buffer as byte strings, no cbor-x extensions.
-const cbor = new Encoder({ useRecords: false, tagUint8Array: false, mapsAsObjects: true });
-const uncbor = new Decoder({ useRecords: false, mapsAsObjects: true });
+// Plain CBOR (cborg, pure JS): Uint8Array/Buffer as byte strings, strings as text,
+// objects as maps; decoded maps become objects.
+const cbor = { encode: (value) => cborg.encode(value) };
+const uncbor = { decode: (bytes) => cborg.decode(bytes, { useMaps: false }) };
 
 const now = () => BigInt(Math.floor(performance.now()));
 
