@@ -1,6 +1,12 @@
 //! Sockets for a node: listeners, outgoing connections, and one task per connection that
 //! reads, writes and switches to TLS where the engine says.
 //!
+//! A connection task reads once, hands the bytes to the node, and reads again only when
+//! the node says so ([`ConnCmd::Read`], sent after the engine has seen the bytes): the
+//! engine may answer them with "start TLS", and bytes read after that point belong to TLS,
+//! not to the node. (Reading ahead would hand the peer's first TLS records to the engine
+//! as plaintext.) Each read takes up to 64 KiB, so this costs one message per read.
+//!
 //! Backpressure: writes to one connection are queued for its task; the bytes not yet
 //! written are counted ([`ConnHandle::pending`]) and the node closes a connection whose
 //! queue grows past its limit (a peer that does not read), so a slow peer costs at most
@@ -37,6 +43,8 @@ pub(crate) enum SocketEvent {
 #[derive(Debug)]
 pub(crate) enum ConnCmd {
     Write(Vec<u8>),
+    /// The bytes read last were handed to the engine: read again.
+    Read,
     StartTls(Role, Vec<u8>),
     Close,
 }
@@ -145,9 +153,11 @@ async fn run_conn(
 ) {
     let mut stream: Box<dyn Stream> = Box::new(stream);
     let mut buf = vec![0; READ_CHUNK];
+    let mut may_read = true;
     let end = loop {
         tokio::select! {
             cmd = rx.recv() => match cmd {
+                Some(ConnCmd::Read) => may_read = true,
                 Some(ConnCmd::Write(bytes)) => {
                     let result = stream.write_all(&bytes).await;
                     pending.fetch_sub(bytes.len(), Ordering::AcqRel);
@@ -169,9 +179,10 @@ async fn run_conn(
                     break None;
                 }
             },
-            read = stream.read(&mut buf) => match read {
+            read = stream.read(&mut buf), if may_read => match read {
                 Ok(0) => break Some(SocketEvent::Eof(conn)),
                 Ok(n) => {
+                    may_read = false;
                     if events.send(SocketEvent::Data(conn, buf[..n].to_vec())).is_err() {
                         break None;
                     }

@@ -327,6 +327,7 @@ impl NodeBuilder {
             status: status_tx,
             cmd_tx: tx.downgrade(),
             listeners,
+            read_again: Vec::new(),
         };
         // Every log line of this node carries its id.
         let span = tracing::info_span!("node", id = %node_id);
@@ -729,6 +730,8 @@ struct Driver {
     status: watch::Sender<Option<String>>,
     cmd_tx: WeakUnboundedSender<Cmd>,
     listeners: Vec<tokio::task::JoinHandle<()>>,
+    /// Connections whose data was handed to the engine in this round.
+    read_again: Vec<u64>,
 }
 
 /// Inputs handled between two polls of the engine's outputs.
@@ -808,6 +811,13 @@ impl Driver {
                 }
             }
             self.flush()?;
+            // Only now, after any StartTls the engine asked for in reply to that data has
+            // been queued for the task, may a connection read on (see `net`).
+            for conn in self.read_again.drain(..) {
+                if let Some(handle) = self.conns.get(&conn) {
+                    let _ = handle.tx.send(ConnCmd::Read);
+                }
+            }
         }
     }
 
@@ -1005,6 +1015,7 @@ impl Driver {
                             .node()
                             .call_handle_input(s, n, conn, &data, now)
                     })?;
+                    self.read_again.push(conn);
                 }
             }
             SocketEvent::Eof(conn) => {
