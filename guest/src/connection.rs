@@ -70,7 +70,8 @@ pub enum Output {
     StartTls { role: TlsRole, leftover: Vec<u8> },
     /// The handshake is complete.
     Connected(Session),
-    /// A message received (CBOR array `[PORT, ARGS...]`); keepalives are not reported.
+    /// A message received (CBOR array `[PORT, ARGS...]`), or several as one CBOR sequence
+    /// after [`Connection::set_message_sequences`]; keepalives are not reported.
     Message(Vec<u8>),
     /// The stream now belongs to the upgraded protocol; `leftover` holds bytes already
     /// received for it. The engine reads and writes nothing more.
