@@ -1,6 +1,6 @@
 //! Why a connection ended, and why a configuration or a message was refused.
 //!
-//! The `Display` text of [`Error`] is the reference implementation's wording where it has
+//! The `Display` text of [`Error`](enum@Error) is the reference implementation's wording where it has
 //! one, so logs read the same on both sides of a mixed network.
 
 use thiserror::Error;
