@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use aemp_engine::Framing;
 use aemp_host::{Event, Node, Value};
 use aemp_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -102,6 +103,36 @@ async fn peer_that_never_reads_is_cut_off() {
     .expect("the slow peer is cut off");
     assert!(reason.starts_with("peer does not read"), "{reason}");
     drop(raw);
+    still_serves(&a, "s").await;
+}
+
+/// Nested CBOR tags count toward the depth limit like arrays: thousands of them (which
+/// once overflowed the stack of the process, or trapped the engine) close only the
+/// peer's connection, whether the message goes to a port or to the node port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_tags_close_only_that_connection() {
+    let a = builder("tags-a", "s").start().await.unwrap();
+    let _inbox = a.named_port("inbox").await.unwrap();
+    for (i, (port, tags)) in [("inbox", 6000), ("", 100_000), ("inbox", 4000)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut raw =
+            RawPeer::connect_framing(&addr(&a), &format!("tagger{i}"), "s", Framing::Cbor).await;
+        raw.handshake().await.unwrap();
+        // [PORT, 6(6(...6([])...))]
+        let mut message = Value::Array(vec![t(port)]).encode();
+        message[0] = 0x82;
+        message.extend(std::iter::repeat_n(0xc6, tags));
+        message.push(0x80);
+        raw.stream.write_all(&message).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, raw.stream.read_to_end(&mut rest))
+            .await
+            .expect("the node closes the connection")
+            .unwrap();
+    }
+    assert!(logged_by("tags-a", "message nested deeper than 128 levels").await);
     still_serves(&a, "s").await;
 }
 

@@ -110,10 +110,20 @@ pub struct RawPeer {
 impl RawPeer {
     /// Connects to `addr` as node `id` with `secret`, speaking json.
     pub async fn connect(addr: &str, id: &str, secret: &str) -> RawPeer {
+        RawPeer::connect_framing(addr, id, secret, aemp_engine::Framing::Json).await
+    }
+
+    /// Connects to `addr` as node `id` with `secret`, sending in `framing`.
+    pub async fn connect_framing(
+        addr: &str,
+        id: &str,
+        secret: &str,
+        framing: aemp_engine::Framing,
+    ) -> RawPeer {
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut config = aemp_engine::Config::new(id);
         config.secret = Some(secret.as_bytes().to_vec());
-        config.framings = vec![aemp_engine::Framing::Json];
+        config.framings = vec![framing];
         let conn = aemp_engine::Connection::new(config, [7; 66], 0).expect("config");
         RawPeer {
             stream,

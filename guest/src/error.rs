@@ -74,7 +74,7 @@ pub enum MessageError {
     /// The encoded message is larger than `max_message_size`.
     #[error("message larger than {0} bytes")]
     TooLarge(usize),
-    /// Arrays and maps are nested deeper than `max_depth`.
+    /// Arrays, maps and tags are nested deeper than `max_depth`.
     #[error("message nested deeper than {0} levels")]
     TooDeep(usize),
     /// A message must be an array `[PORT, ARGS...]`.

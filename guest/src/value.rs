@@ -8,6 +8,8 @@ use std::borrow::Cow;
 use minicbor::data::{Tag, Type};
 use minicbor::{Decoder, Encoder};
 
+pub use crate::config::MAX_DEPTH;
+
 /// One CBOR data item.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -56,7 +58,9 @@ impl Value {
         }
     }
 
-    /// Decodes exactly one item (trailing bytes are an error).
+    /// Decodes exactly one item (trailing bytes are an error). Arrays, maps and tags may
+    /// nest [`MAX_DEPTH`] levels deep: whatever walks the value afterwards (JSON output,
+    /// serde, drop) recurses once per level, so deeper input is refused.
     pub fn decode(bytes: &[u8]) -> Result<Value, minicbor::decode::Error> {
         let mut d = Decoder::new(bytes);
         let v = decode(&mut d)?;
@@ -207,8 +211,108 @@ impl From<Vec<Value>> for Value {
     }
 }
 
+/// A container being decoded: its items so far and how many are still to come (`None`:
+/// indefinite length, until a break).
+enum Open {
+    Array(Vec<Value>, Option<u64>),
+    /// Pairs so far, a key waiting for its value, pairs still to come.
+    Map(Vec<(Value, Value)>, Option<Value>, Option<u64>),
+    Tag(u64),
+}
+
+/// Decodes one item without recursion (peers choose the nesting): open containers wait
+/// on an explicit stack of at most [`MAX_DEPTH`] entries.
 fn decode(d: &mut Decoder) -> Result<Value, minicbor::decode::Error> {
-    Ok(match d.datatype()? {
+    let mut open: Vec<Open> = Vec::new();
+    loop {
+        // Close every container that is complete, then read the next item.
+        let closing = match open.last() {
+            Some(Open::Array(_, Some(0)) | Open::Map(_, None, Some(0))) => true,
+            Some(Open::Array(_, None) | Open::Map(_, _, None)) => d.datatype()? == Type::Break,
+            _ => false,
+        };
+        let mut value = if closing {
+            match open.pop() {
+                Some(Open::Array(items, left)) => {
+                    if left.is_none() {
+                        d.skip()?;
+                    }
+                    Value::Array(items)
+                }
+                Some(Open::Map(pairs, None, left)) => {
+                    if left.is_none() {
+                        d.skip()?;
+                    }
+                    Value::Map(pairs)
+                }
+                _ => {
+                    return Err(minicbor::decode::Error::message(
+                        "map with a key but no value",
+                    ));
+                }
+            }
+        } else {
+            let ty = d.datatype()?;
+            if matches!(
+                ty,
+                Type::Array | Type::ArrayIndef | Type::Map | Type::MapIndef | Type::Tag
+            ) && open.len() >= MAX_DEPTH
+            {
+                return Err(minicbor::decode::Error::message(format!(
+                    "arrays, maps and tags nested deeper than {MAX_DEPTH} levels"
+                )));
+            }
+            match ty {
+                Type::Array | Type::ArrayIndef => {
+                    open.push(Open::Array(Vec::new(), d.array()?));
+                    continue;
+                }
+                Type::Map | Type::MapIndef => {
+                    open.push(Open::Map(Vec::new(), None, d.map()?));
+                    continue;
+                }
+                Type::Tag => {
+                    open.push(Open::Tag(d.tag()?.as_u64()));
+                    continue;
+                }
+                _ => scalar(d, ty)?,
+            }
+        };
+        // Put the finished value into its container, closing tags on the way up.
+        loop {
+            match open.last_mut() {
+                None => return Ok(value),
+                Some(Open::Tag(tag)) => {
+                    value = Value::Tagged(*tag, Box::new(value));
+                    open.pop();
+                }
+                Some(Open::Array(items, left)) => {
+                    items.push(value);
+                    if let Some(n) = left {
+                        *n -= 1;
+                    }
+                    break;
+                }
+                Some(Open::Map(pairs, key, left)) => {
+                    match key.take() {
+                        None => *key = Some(value),
+                        Some(k) => {
+                            pairs.push((k, value));
+                            if let Some(n) = left {
+                                *n -= 1;
+                            }
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Decodes an item that holds no other items.
+fn scalar(d: &mut Decoder, ty: Type) -> Result<Value, minicbor::decode::Error> {
+    Ok(match ty {
         Type::Null => {
             d.skip()?;
             Value::Null
@@ -242,84 +346,46 @@ fn decode(d: &mut Decoder) -> Result<Value, minicbor::decode::Error> {
             }
             Value::Text(s)
         }
-        Type::Array | Type::ArrayIndef => {
-            let mut items = Vec::new();
-            match d.array()? {
-                Some(n) => {
-                    for _ in 0..n {
-                        items.push(decode(d)?);
-                    }
-                }
-                None => {
-                    while d.datatype()? != Type::Break {
-                        items.push(decode(d)?);
-                    }
-                    d.skip()?;
-                }
-            }
-            Value::Array(items)
-        }
-        Type::Map | Type::MapIndef => {
-            let mut pairs = Vec::new();
-            match d.map()? {
-                Some(n) => {
-                    for _ in 0..n {
-                        pairs.push((decode(d)?, decode(d)?));
-                    }
-                }
-                None => {
-                    while d.datatype()? != Type::Break {
-                        pairs.push((decode(d)?, decode(d)?));
-                    }
-                    d.skip()?;
-                }
-            }
-            Value::Map(pairs)
-        }
-        Type::Tag => {
-            let tag = d.tag()?;
-            Value::Tagged(tag.as_u64(), Box::new(decode(d)?))
-        }
         Type::Simple => Value::Simple(d.simple()?),
         other => return Err(minicbor::decode::Error::type_mismatch(other)),
     })
 }
 
+/// Encodes without recursion: values built by an application may nest deeper than any
+/// limit, and are refused by the limits only after they are encoded.
 fn encode(v: &Value, e: &mut Encoder<&mut Vec<u8>>) {
-    // Writing into a Vec cannot fail.
-    let _ = match v {
-        Value::Null => e.null(),
-        Value::Undefined => e.undefined(),
-        Value::Bool(b) => e.bool(*b),
-        Value::Int(i) => match minicbor::data::Int::try_from(*i) {
-            Ok(i) => e.int(i),
-            Err(_) => e.f64(*i as f64),
-        },
-        Value::Float(f) => e.f64(*f),
-        Value::Bytes(b) => e.bytes(b),
-        Value::Text(s) => e.str(s),
-        Value::Array(items) => {
-            let _ = e.array(items.len() as u64);
-            for item in items {
-                encode(item, e);
+    let mut todo = vec![v];
+    while let Some(v) = todo.pop() {
+        // Writing into a Vec cannot fail.
+        let _ = match v {
+            Value::Null => e.null(),
+            Value::Undefined => e.undefined(),
+            Value::Bool(b) => e.bool(*b),
+            Value::Int(i) => match minicbor::data::Int::try_from(*i) {
+                Ok(i) => e.int(i),
+                Err(_) => e.f64(*i as f64),
+            },
+            Value::Float(f) => e.f64(*f),
+            Value::Bytes(b) => e.bytes(b),
+            Value::Text(s) => e.str(s),
+            Value::Array(items) => {
+                todo.extend(items.iter().rev());
+                e.array(items.len() as u64)
             }
-            Ok(&mut *e)
-        }
-        Value::Map(pairs) => {
-            let _ = e.map(pairs.len() as u64);
-            for (k, v) in pairs {
-                encode(k, e);
-                encode(v, e);
+            Value::Map(pairs) => {
+                for (k, v) in pairs.iter().rev() {
+                    todo.push(v);
+                    todo.push(k);
+                }
+                e.map(pairs.len() as u64)
             }
-            Ok(&mut *e)
-        }
-        Value::Tagged(tag, inner) => {
-            let _ = e.tag(Tag::new(*tag));
-            encode(inner, e);
-            Ok(&mut *e)
-        }
-        Value::Simple(s) => e.simple(*s),
-    };
+            Value::Tagged(tag, inner) => {
+                todo.push(inner);
+                e.tag(Tag::new(*tag))
+            }
+            Value::Simple(s) => e.simple(*s),
+        };
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +413,51 @@ mod tests {
         assert_eq!(Value::Int(1).as_name(), None);
         assert!(Value::decode(b"\x80\x80").is_err());
         assert!(Value::decode(b"\x82\x01").is_err());
+    }
+
+    /// `levels` arrays (or tags around an array) nested inside each other.
+    fn nested(levels: usize, tags: bool) -> Vec<u8> {
+        let mut bytes = vec![if tags { 0xc6 } else { 0x81 }; levels - 1];
+        bytes.push(0x80);
+        bytes
+    }
+
+    #[test]
+    fn depth_is_bounded_and_tags_count() {
+        assert!(Value::decode(&nested(MAX_DEPTH, false)).is_ok());
+        // What walks a decoded value afterwards has the stack for the deepest one.
+        let deepest = Value::decode(&nested(MAX_DEPTH, true)).unwrap();
+        let mut json = Vec::new();
+        deepest.write_json(&mut json).unwrap();
+        assert_eq!(json, b"[]");
+        let deepest = Value::decode(&nested(MAX_DEPTH, false)).unwrap();
+        deepest.write_json(&mut json).unwrap();
+        assert_eq!(serde_json::to_vec(&deepest).unwrap(), &json[2..]);
+        for tags in [false, true] {
+            let err = Value::decode(&nested(MAX_DEPTH + 1, tags)).unwrap_err();
+            assert!(err.to_string().contains("nested deeper than 512"), "{err}");
+            // Far past the limit: an error, not a stack overflow.
+            assert!(Value::decode(&nested(100_000, tags)).is_err());
+        }
+    }
+
+    #[test]
+    fn encoding_does_not_recurse() {
+        let mut v = Value::Array(Vec::new());
+        for i in 0..4 * MAX_DEPTH as i128 {
+            v = if i % 2 == 0 {
+                Value::Tagged(6, Box::new(v))
+            } else {
+                Value::Map(vec![(Value::Int(i), v)])
+            };
+        }
+        let bytes = v.encode();
+        assert!(Value::decode(&bytes).is_err());
+        let shallow = Value::Map(vec![(
+            Value::text("k"),
+            Value::Tagged(1, Box::new(Value::Array(vec![Value::Int(1), Value::Null]))),
+        )]);
+        assert_eq!(Value::decode(&shallow.encode()).unwrap(), shallow);
     }
 }
 

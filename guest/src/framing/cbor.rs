@@ -26,6 +26,9 @@ enum Frame {
     Indefinite { map: bool, count: u64 },
     /// An indefinite byte (2) or text (3) string: definite chunks of that type until break.
     Chunks(u8),
+    /// A tag, waiting for the one item it wraps. Tags nest like arrays (every decoder
+    /// recurses into them), so each one counts toward the depth limit.
+    Tag,
 }
 
 /// Resumable end-of-item finder for one message; positions are relative to its first byte.
@@ -33,7 +36,6 @@ enum Frame {
 pub(crate) struct Scanner {
     pos: usize,
     depth: usize,
-    after_tag: bool,
     stack: Vec<Frame>,
 }
 
@@ -91,7 +93,6 @@ impl Scanner {
             {
                 return Err(malformed("bad chunk in an indefinite-length string"));
             }
-            let after_tag = std::mem::take(&mut self.after_tag);
             let mut advance = h.len;
             let mut done = true;
             match (h.major, h.info) {
@@ -143,27 +144,24 @@ impl Scanner {
                     }
                 }
                 (6, _) => {
-                    self.after_tag = true;
+                    self.enter(limits)?;
+                    self.stack.push(Frame::Tag);
                     done = false;
                 }
                 (7, 24) if h.arg < 32 => {
                     return Err(malformed("two-byte encoding of a simple value below 32"));
                 }
-                (7, 31) => {
-                    if after_tag {
-                        return Err(malformed("break after a tag"));
-                    }
-                    match self.stack.pop() {
-                        Some(Frame::Chunks(_)) => {}
-                        Some(Frame::Indefinite { map, count }) => {
-                            if map && count % 2 == 1 {
-                                return Err(malformed("map with a key but no value"));
-                            }
-                            self.depth -= 1;
+                (7, 31) => match self.stack.pop() {
+                    Some(Frame::Chunks(_)) => {}
+                    Some(Frame::Tag) => return Err(malformed("break after a tag")),
+                    Some(Frame::Indefinite { map, count }) => {
+                        if map && count % 2 == 1 {
+                            return Err(malformed("map with a key but no value"));
                         }
-                        _ => return Err(malformed("unexpected break")),
+                        self.depth -= 1;
                     }
-                }
+                    _ => return Err(malformed("unexpected break")),
+                },
                 _ => {}
             }
             self.pos += advance;
@@ -204,6 +202,11 @@ impl Scanner {
                     return false;
                 }
                 Some(Frame::Chunks(_)) => return false,
+                // The tagged item is done, and with it the tag: count it in its parent.
+                Some(Frame::Tag) => {
+                    self.stack.pop();
+                    self.depth -= 1;
+                }
             }
         }
     }
@@ -310,6 +313,22 @@ mod tests {
             Err(MessageError::TooDeep(4))
         );
         assert_eq!(scan_all(b"\x81\x81\x81\x80", &small), Ok(Scan::Complete(4)));
+        // Tags nest like arrays: each counts as a level until the item it wraps is done.
+        assert_eq!(
+            scan_all(b"\x81\xc6\xc6\x81\x80", &small),
+            Err(MessageError::TooDeep(4))
+        );
+        assert_eq!(
+            scan_all(b"\x82\xc6\xc6\x80\xc6\xc6\x01", &small),
+            Ok(Scan::Complete(7))
+        );
+        let mut tags = vec![0x81];
+        tags.extend([0xc6; 100_000]);
+        assert_eq!(scan_all(&tags, &LIMITS), Err(MessageError::TooDeep(128)));
+        assert!(matches!(
+            scan_all(b"\x9f\xc6\xff", &LIMITS),
+            Err(MessageError::Malformed { .. })
+        ));
     }
 
     #[test]
