@@ -205,10 +205,13 @@ async fn a_node_over_its_memory_limit_stops_alone() {
     big.send("tiny#inbox", vec![Value::Bytes(vec![7; 8 << 20])])
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tiny.stopped().is_none() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let closed = tokio::time::timeout(WAIT, tiny.closed())
+        .await
+        .expect("the tiny node stopped");
+    assert_eq!(
+        closed.to_string(),
+        "node stopped: the engine ran out of sandbox memory"
+    );
     let reason = tiny.stopped().expect("the tiny node stopped");
     assert_eq!(reason, "the engine ran out of sandbox memory");
     let err = tiny.port().await.unwrap_err();

@@ -516,6 +516,17 @@ impl Node {
         self.status.borrow().clone()
     }
 
+    /// Waits until the node stops on its own (a trap, a sandbox limit) and returns why, as
+    /// [`NodeError::Stopped`]. A program that runs a node should wait on this beside its
+    /// other work, so that a stopped node ends it instead of lingering. Cancel-safe.
+    pub async fn closed(&self) -> NodeError {
+        let mut status = self.status.clone();
+        match status.wait_for(Option::is_some).await {
+            Ok(reason) => NodeError::Stopped(reason.clone().unwrap_or_default()),
+            Err(_) => self.gone(),
+        }
+    }
+
     /// Events: node up/down, monitors firing, registered requests, database changes.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
