@@ -1,0 +1,268 @@
+//! Whom a node trusts: the one decision both TLS roles make about the peer's
+//! certificate, matching what OpenSSL decides for AnyEvent::MP.
+//!
+//! A peer certificate that is byte for byte one of the certificates of our
+//! file is trusted while it is within its validity period, whatever its basic
+//! constraints say: `aemp gencert` (like AnyEvent::MP's) makes one self-signed
+//! CA:TRUE certificate that every node presents and trusts. Any other
+//! certificate must chain to one of ours under webpki's rules (which refuse a
+//! CA:TRUE or X.509 v1 end entity), without a host-name check. Handshake
+//! signatures are always verified by rustls with the peer certificate's key.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::verify_server_cert_signed_by_trust_anchor;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::TlsError;
+
+/// Which side the peer plays, so a chained certificate is checked for the
+/// matching extended key usage (as OpenSSL checks its purpose).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Server,
+    Client,
+}
+
+/// The trust decision over the certificates of a node's file; serves as both
+/// the server certificate verifier (we are the TLS client) and the client
+/// certificate verifier (we are the TLS server).
+#[derive(Debug)]
+pub(super) struct PeerTrust {
+    /// The file's certificates, compared byte for byte with the peer's.
+    trusted: Vec<CertificateDer<'static>>,
+    /// The same certificates as webpki trust anchors, for chains.
+    roots: Arc<RootCertStore>,
+    /// Their subjects, sent as acceptable CAs in the certificate request.
+    subjects: Vec<DistinguishedName>,
+    /// webpki's client-certificate chain check over `roots`.
+    client_chains: Arc<dyn ClientCertVerifier>,
+    /// The provider's signature algorithms, for chains and handshakes.
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PeerTrust {
+    /// Trusts `certs` (the whole file), with `provider`'s algorithms.
+    pub(super) fn new(
+        certs: &[CertificateDer<'static>],
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<PeerTrust, TlsError> {
+        let roots = Arc::new(root_store(certs)?);
+        // build() without allow_unauthenticated() makes the client
+        // certificate mandatory, as AnyEvent::MP's verify_require_client_cert.
+        let client_chains =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(TlsError::Verifier)?;
+        Ok(PeerTrust {
+            trusted: certs.to_vec(),
+            subjects: roots.subjects(),
+            roots,
+            client_chains,
+            algorithms: provider.signature_verification_algorithms,
+        })
+    }
+
+    /// Whether the certificate a `peer` presented (with its chain) is trusted
+    /// at `now`.
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        peer: Peer,
+    ) -> Result<(), rustls::Error> {
+        if self
+            .trusted
+            .iter()
+            .any(|t| t.as_ref() == end_entity.as_ref())
+        {
+            return check_validity(end_entity, now);
+        }
+        refuse_foreign_self_issued_ca(end_entity)?;
+        match peer {
+            Peer::Server => verify_server_cert_signed_by_trust_anchor(
+                &ParsedCertificate::try_from(end_entity)?,
+                &self.roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            ),
+            Peer::Client => self
+                .client_chains
+                .verify_client_cert(end_entity, intermediates, now)
+                .map(|_| ()),
+        }
+    }
+
+    /// Checks a TLS 1.2 handshake signature with the peer certificate's key,
+    /// by rustls with the provider's algorithms.
+    fn tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    /// Checks a TLS 1.3 handshake signature, as [`PeerTrust::tls12_signature`].
+    fn tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+}
+
+/// Trust anchors from every certificate of the node's file, as the
+/// reference passes the same file as cert and ca_cert.
+pub(super) fn root_store(certs: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert.clone())
+            .map_err(TlsError::InvalidCertificate)?;
+    }
+    Ok(roots)
+}
+
+/// Parses a certificate for the checks webpki does not do for us.
+fn parse<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, rustls::Error> {
+    X509Certificate::from_der(cert.as_ref())
+        .map(|(_, parsed)| parsed)
+        .map_err(|_| CertificateError::BadEncoding.into())
+}
+
+/// Refuses a certificate outside notBefore..=notAfter at `now`, with
+/// rustls' own errors so the message reads as for a chained certificate.
+fn check_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
+    let parsed = parse(cert)?;
+    let validity = parsed.validity();
+    let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    let not_before = validity.not_before.timestamp();
+    let not_after = validity.not_after.timestamp();
+    if now_secs < not_before {
+        return Err(CertificateError::NotValidYetContext {
+            time: now,
+            not_before: unix_time(not_before),
+        }
+        .into());
+    }
+    if now_secs > not_after {
+        return Err(CertificateError::ExpiredContext {
+            time: now,
+            not_after: unix_time(not_after),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// A certificate timestamp for an error message (times before 1970 as 0).
+fn unix_time(secs: i64) -> UnixTime {
+    UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(secs).unwrap_or(0),
+    ))
+}
+
+/// webpki refuses every CA:TRUE end entity with `CaUsedAsEndEntity`, which
+/// for the usual case, another network's self-signed certificate, hides the
+/// reason: it is not one of ours. Say so instead; the decision is the same.
+fn refuse_foreign_self_issued_ca(cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    let parsed = parse(cert)?;
+    if parsed.is_ca() && parsed.subject().as_raw() == parsed.issuer().as_raw() {
+        return Err(CertificateError::UnknownIssuer.into());
+    }
+    Ok(())
+}
+
+impl ServerCertVerifier for PeerTrust {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        // Nodes are named by node id, not by DNS: no name to check.
+        _server_name: &ServerName<'_>,
+        // AnyEvent::MP checks no revocation either.
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, Peer::Server)
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[DistinguishedName]> {
+        Some(&self.subjects)
+    }
+}
+
+impl ClientCertVerifier for PeerTrust {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.subjects
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(end_entity, intermediates, now, Peer::Client)
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
