@@ -266,3 +266,161 @@ impl ClientCertVerifier for PeerTrust {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use time::{Duration, OffsetDateTime};
+
+    /// A certificate named `name`, CA:TRUE or not, valid from `from` to
+    /// `until` days from now, signed by `issuer` or self-signed.
+    fn cert(
+        name: &str,
+        ca: bool,
+        from: i64,
+        until: i64,
+        issuer: Option<&Issuer<'_, KeyPair>>,
+    ) -> (CertificateDer<'static>, KeyPair) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = if ca {
+            IsCa::Ca(BasicConstraints::Unconstrained)
+        } else {
+            IsCa::ExplicitNoCa
+        };
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now + Duration::days(from);
+        params.not_after = now + Duration::days(until);
+        let cert = match issuer {
+            Some(issuer) => params.signed_by(&key, issuer).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert.der().clone(), key)
+    }
+
+    /// A valid self-signed CA:TRUE certificate and its issuer handle.
+    fn ca(name: &str) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+        let (der, key) = cert(name, true, -1, 30, None);
+        let issuer = Issuer::from_ca_cert_der(&der, key).unwrap();
+        (der, issuer)
+    }
+
+    fn trust(certs: &[CertificateDer<'static>]) -> PeerTrust {
+        PeerTrust::new(certs, &Arc::new(rustls::crypto::ring::default_provider())).unwrap()
+    }
+
+    /// The decision for `cert` presented by a server and by a client; both
+    /// must agree.
+    fn decide(trust: &PeerTrust, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let now = UnixTime::now();
+        let as_server = trust.verify(cert, &[], now, Peer::Server);
+        let as_client = trust.verify(cert, &[], now, Peer::Client);
+        // OtherError never compares equal; compare what it says.
+        assert_eq!(format!("{as_server:?}"), format!("{as_client:?}"));
+        as_server
+    }
+
+    fn certificate_error(result: Result<(), rustls::Error>) -> CertificateError {
+        match result {
+            Err(rustls::Error::InvalidCertificate(e)) => e,
+            other => panic!("expected a certificate error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn own_ca_certificate_is_trusted() {
+        let (network, _) = ca("AnyEvent::MP");
+        decide(&trust(std::slice::from_ref(&network)), &network).unwrap();
+    }
+
+    #[test]
+    fn any_certificate_of_the_file_is_trusted() {
+        let (network, _) = ca("AnyEvent::MP");
+        let (extra, _) = ca("extra CA");
+        let (leaf, _) = cert("self-signed leaf", false, -1, 30, None);
+        let trust = trust(&[network.clone(), extra.clone(), leaf.clone()]);
+        for c in [&network, &extra, &leaf] {
+            decide(&trust, c).unwrap();
+        }
+    }
+
+    #[test]
+    fn expired_own_certificate_is_refused() {
+        let (expired, _) = cert("AnyEvent::MP", true, -30, -1, None);
+        let e = certificate_error(decide(&trust(std::slice::from_ref(&expired)), &expired));
+        assert!(matches!(e, CertificateError::ExpiredContext { .. }), "{e}");
+    }
+
+    #[test]
+    fn not_yet_valid_own_certificate_is_refused() {
+        let (early, _) = cert("AnyEvent::MP", true, 1, 30, None);
+        let e = certificate_error(decide(&trust(std::slice::from_ref(&early)), &early));
+        assert!(
+            matches!(e, CertificateError::NotValidYetContext { .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn leaf_signed_by_a_certificate_of_the_file_is_trusted() {
+        let (root, issuer) = ca("network CA");
+        let (leaf, _) = cert("node", false, -1, 30, Some(&issuer));
+        decide(&trust(&[root]), &leaf).unwrap();
+    }
+
+    #[test]
+    fn leaf_through_an_intermediate_it_presents_is_trusted() {
+        let (root, root_issuer) = ca("network CA");
+        let (mid, mid_key) = cert("intermediate", true, -1, 30, Some(&root_issuer));
+        let mid_issuer = Issuer::from_ca_cert_der(&mid, mid_key).unwrap();
+        let (leaf, _) = cert("node", false, -1, 30, Some(&mid_issuer));
+        let trust = trust(&[root]);
+        let now = UnixTime::now();
+        for peer in [Peer::Server, Peer::Client] {
+            trust.verify(&leaf, &[mid.clone()], now, peer).unwrap();
+            assert!(trust.verify(&leaf, &[], now, peer).is_err());
+        }
+    }
+
+    #[test]
+    fn expired_leaf_of_our_ca_is_refused() {
+        let (root, issuer) = ca("network CA");
+        let (leaf, _) = cert("node", false, -30, -1, Some(&issuer));
+        let e = certificate_error(decide(&trust(&[root]), &leaf));
+        assert!(matches!(e, CertificateError::ExpiredContext { .. }), "{e}");
+    }
+
+    #[test]
+    fn another_networks_certificate_is_refused() {
+        let (ours, _) = ca("AnyEvent::MP");
+        let (theirs, _) = ca("AnyEvent::MP");
+        let e = certificate_error(decide(&trust(&[ours]), &theirs));
+        assert_eq!(e, CertificateError::UnknownIssuer);
+    }
+
+    #[test]
+    fn leaf_of_another_ca_is_refused() {
+        let (ours, _) = ca("network CA");
+        let trust = trust(&[ours]);
+        let (_, other_issuer) = ca("other CA");
+        let (leaf, _) = cert("node", false, -1, 30, Some(&other_issuer));
+        let e = certificate_error(decide(&trust, &leaf));
+        assert_eq!(e, CertificateError::UnknownIssuer);
+        // Another CA with our CA's name: found by name, refused by signature.
+        let (_, namesake_issuer) = ca("network CA");
+        let (leaf, _) = cert("node", false, -1, 30, Some(&namesake_issuer));
+        let e = certificate_error(decide(&trust, &leaf));
+        assert_eq!(e, CertificateError::BadSignature);
+    }
+
+    /// webpki's rule, where OpenSSL would accept: a CA certificate that is
+    /// not itself in the file is no end entity, even when ours signed it.
+    #[test]
+    fn ca_certificate_signed_by_ours_but_not_in_the_file_is_refused() {
+        let (root, issuer) = ca("network CA");
+        let (sub, _) = cert("sub CA", true, -1, 30, Some(&issuer));
+        assert!(decide(&trust(&[root]), &sub).is_err());
+    }
+}
