@@ -2,12 +2,13 @@
 //! them (`openssl req`, see `reference_pem`): the same network certificate, a node
 //! certificate signed by it, RSA or ECDSA, the key first, extra CA certificates connect;
 //! another network, an expired or not yet valid certificate, a missing client certificate
-//! are refused. These tests need the `openssl` command (scripts/setup installs it).
+//! are refused; OpenSSL set up as AnyEvent::MP sets it up accepts our `gencert` file. These
+//! tests need the `openssl` command (scripts/setup installs it).
 
 use std::sync::Arc;
 
 use aemp_host::Value;
-use aemp_host::tls::{TlsConfig, generate_ca, generate_network_pem, generate_node_pem};
+use aemp_host::tls::{Role, TlsConfig, generate_ca, generate_network_pem, generate_node_pem};
 use aemp_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -337,4 +338,89 @@ fn gencert_file_loads_in_openssl() {
     std::fs::write(dir.path().join("net.pem"), generate_network_pem().unwrap()).unwrap();
     openssl(dir.path(), &["x509", "-noout", "-in", "net.pem"]);
     openssl(dir.path(), &["pkey", "-noout", "-in", "net.pem"]);
+}
+
+/// OpenSSL, set up as AnyEvent::MP sets it up (the one file as certificate, key and CA list,
+/// the peer verified, a client certificate required), accepts our `gencert` file in both
+/// roles, and we accept it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_and_aemp_accept_each_other_with_gencert_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = generate_network_pem().unwrap();
+    std::fs::write(dir.path().join("net.pem"), &pem).unwrap();
+    let ours = tls(&pem);
+    let file = ["-cert", "net.pem", "-key", "net.pem", "-CAfile", "net.pem"];
+
+    // OpenSSL as TLS server: it reverses each line we send, once it accepted us.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let accept = format!("127.0.0.1:{port}");
+    let mut args = vec!["s_server", "-accept", &accept, "-naccept", "1", "-rev"];
+    args.extend(file);
+    args.extend(["-Verify", "1", "-verify_return_error"]);
+    let _server = openssl_process(dir.path(), &args);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stream = loop {
+        match tokio::net::TcpStream::connect(&accept).await {
+            Ok(stream) => break stream,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("openssl s_server: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    let mut tls_stream = ours.start(stream, Role::Client).await.unwrap();
+    tls_stream.write_all(b"ping\n").await.unwrap();
+    tls_stream.flush().await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("gnip") {
+        let n = tokio::time::timeout(WAIT, tls_stream.read(&mut buf))
+            .await
+            .expect("openssl s_server answers")
+            .expect("openssl s_server accepted our certificate");
+        assert!(n > 0, "openssl s_server closed: it refused our certificate");
+        got.extend_from_slice(&buf[..n]);
+    }
+
+    // OpenSSL as TLS client.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connect = listener.local_addr().unwrap().to_string();
+    let mut args = vec!["s_client", "-connect", &connect, "-ign_eof"];
+    args.extend(file);
+    args.extend(["-verify", "1", "-verify_return_error"]);
+    let client = openssl_process(dir.path(), &args);
+    let (stream, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut tls_stream = ours.start(stream, Role::Server).await.unwrap();
+    tls_stream.write_all(b"pong\n").await.unwrap();
+    tls_stream.shutdown().await.unwrap();
+    drop(tls_stream);
+    let out = tokio::time::timeout(WAIT, client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Verify return code: 0 (ok)"), "{stdout}");
+    assert!(stdout.contains("pong"), "{stdout}");
+}
+
+/// `openssl ARGS` in `dir` as a child process, killed when dropped.
+fn openssl_process(dir: &std::path::Path, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run openssl ({e}): run scripts/setup as root or `apt-get install openssl`"
+            )
+        })
 }
