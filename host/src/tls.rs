@@ -1,10 +1,11 @@
 //! TLS for AEMP connections, the way AnyEvent::MP uses it.
 //!
 //! A network shares one PEM file holding a node certificate (the first
-//! certificate in the file), its private key and the CA certificate(s). Every
-//! certificate in the file is a trust anchor, both sides must present a
-//! certificate chaining to one of them, and host names are not checked because
-//! nodes are named by node id, not by DNS.
+//! certificate in the file), its private key and any CA certificates; often,
+//! as `aemp gencert` makes it, just one self-signed certificate and its key.
+//! Both sides must present a certificate that is one of the file's or chains
+//! to one of them (see the `trust` module for exactly what is accepted), and
+//! host names are not checked because nodes are named by node id, not by DNS.
 //!
 //! The TLS role is decided by the AEMP protocol, not by who connected, so
 //! [`TlsConfig::start`] takes the role explicitly.
