@@ -179,12 +179,14 @@ fn unix_time(secs: i64) -> UnixTime {
 /// webpki refuses every CA:TRUE end entity with `CaUsedAsEndEntity`, which
 /// for the usual case, another network's self-signed certificate, hides the
 /// reason: it is not one of ours. Say so instead; the decision is the same.
+/// A certificate x509-parser cannot read is left to webpki to judge.
 fn refuse_foreign_self_issued_ca(cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-    let parsed = parse(cert)?;
-    if parsed.is_ca() && parsed.subject().as_raw() == parsed.issuer().as_raw() {
-        return Err(CertificateError::UnknownIssuer.into());
+    match parse(cert) {
+        Ok(parsed) if parsed.is_ca() && parsed.subject().as_raw() == parsed.issuer().as_raw() => {
+            Err(CertificateError::UnknownIssuer.into())
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 impl ServerCertVerifier for PeerTrust {
