@@ -206,3 +206,146 @@ impl RawPeer {
         Some(self.messages.remove(0))
     }
 }
+
+/// `openssl req -newkey` options for the reference's RSA 2048 key.
+pub const RSA: &[&str] = &["-newkey", "rsa:2048"];
+
+/// `openssl req -newkey` options for an ECDSA P-256 key.
+pub const ECDSA: &[&str] = &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+
+/// Runs `openssl ARGS` in `dir`. The TLS tests make their certificates the way
+/// AnyEvent::MP does, so a missing `openssl` is a loud failure, not a skip.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = match std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => panic!(
+            "cannot run openssl ({e}): the TLS tests need it; run scripts/setup as root \
+             or `apt-get install openssl`"
+        ),
+    };
+    assert!(
+        out.status.success(),
+        "openssl {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Reads `name` in `dir` as text.
+fn read(dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).expect("openssl output")
+}
+
+/// A network certificate made exactly as AnyEvent::MP's `aemp gencert` makes
+/// it (`openssl req -new -nodes -x509 -days 3650 -batch -subj /CN=AnyEvent::MP`
+/// with the `key` options): the certificate followed by its key.
+pub fn reference_pem(key: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = vec!["req", "-new", "-nodes", "-x509", "-days", "3650"];
+    args.extend_from_slice(key);
+    args.extend([
+        "-batch",
+        "-subj",
+        "/CN=AnyEvent::MP",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.pem",
+    ]);
+    openssl(dir.path(), &args);
+    read(dir.path(), "cert.pem") + &read(dir.path(), "key.pem")
+}
+
+/// Like [`reference_pem`] (RSA 2048, self-signed, CA:TRUE) but valid only from
+/// `start` to `end` (`YYYYMMDDHHMMSSZ`), which `openssl req` cannot set: made
+/// with `openssl ca -selfsign`.
+pub fn reference_pem_valid(start: &str, end: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = "[ca]\ndefault_ca = window\n\
+                  [window]\ndatabase = index.txt\nserial = serial\nnew_certs_dir = .\n\
+                  default_md = sha256\npolicy = any\nx509_extensions = ext\n\
+                  [any]\ncommonName = supplied\n\
+                  [ext]\nbasicConstraints = critical,CA:TRUE\nsubjectKeyIdentifier = hash\n";
+    std::fs::write(dir.path().join("ca.cnf"), config).expect("write");
+    std::fs::write(dir.path().join("index.txt"), "").expect("write");
+    std::fs::write(dir.path().join("serial"), "01\n").expect("write");
+    let mut args = vec!["req", "-new", "-nodes"];
+    args.extend_from_slice(RSA);
+    args.extend([
+        "-batch",
+        "-subj",
+        "/CN=AnyEvent::MP",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "req.csr",
+    ]);
+    openssl(dir.path(), &args);
+    openssl(
+        dir.path(),
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-selfsign",
+            "-keyfile",
+            "key.pem",
+            "-in",
+            "req.csr",
+            "-startdate",
+            start,
+            "-enddate",
+            end,
+            "-notext",
+            "-out",
+            "cert.pem",
+        ],
+    );
+    read(dir.path(), "cert.pem") + &read(dir.path(), "key.pem")
+}
+
+/// A node certificate (X.509 v3, CA:FALSE, ECDSA) signed by the network
+/// certificate `network` (certificate then key, as [`reference_pem`]), as one
+/// node file: node certificate, node key, network certificate.
+pub fn leaf_pem(network: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("network.pem"), network).expect("write");
+    std::fs::write(dir.path().join("ext"), "basicConstraints = CA:FALSE\n").expect("write");
+    let mut args = vec!["req", "-new", "-nodes"];
+    args.extend_from_slice(ECDSA);
+    args.extend([
+        "-batch", "-subj", "/CN=node", "-keyout", "key.pem", "-out", "req.csr",
+    ]);
+    openssl(dir.path(), &args);
+    openssl(
+        dir.path(),
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "network.pem",
+            "-CAkey",
+            "network.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "ext",
+            "-out",
+            "cert.pem",
+        ],
+    );
+    let network_cert = network
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .expect("network certificate");
+    read(dir.path(), "cert.pem") + &read(dir.path(), "key.pem") + network_cert
+}

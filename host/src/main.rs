@@ -68,7 +68,7 @@ enum Command {
     Gensecret,
     /// Store a secret in the configuration.
     Setsecret { secret: String },
-    /// Generate a network certificate (CA, node certificate and key) and store it.
+    /// Generate a network certificate (self-signed, as AnyEvent::MP's) and store it.
     Gencert,
     /// Store the certificate PEM file in the configuration.
     Setcert { file: PathBuf },

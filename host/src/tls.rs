@@ -1,10 +1,11 @@
 //! TLS for AEMP connections, the way AnyEvent::MP uses it.
 //!
 //! A network shares one PEM file holding a node certificate (the first
-//! certificate in the file), its private key and the CA certificate(s). Every
-//! certificate in the file is a trust anchor, both sides must present a
-//! certificate chaining to one of them, and host names are not checked because
-//! nodes are named by node id, not by DNS.
+//! certificate in the file), its private key and any CA certificates; often,
+//! as `aemp gencert` makes it, just one self-signed certificate and its key.
+//! Both sides must present a certificate that is one of the file's or chains
+//! to one of them (see the `trust` module for exactly what is accepted), and
+//! host names are not checked because nodes are named by node id, not by DNS.
 //!
 //! The TLS role is decided by the AEMP protocol, not by who connected, so
 //! [`TlsConfig::start`] takes the role explicitly.
@@ -12,29 +13,36 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
-    SignatureScheme,
-};
+use rustls::{ClientConfig, ServerConfig};
+use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use trust::{PeerTrust, root_store};
+
+mod trust;
 
 /// Either side of an established TLS connection.
 pub use tokio_rustls::TlsStream;
 
 /// Server name the client hands to rustls. It is never checked (see
-/// [`AnyNameServerVerifier`]) and SNI is disabled, so it never leaves the host.
+/// [`PeerTrust`]) and SNI is disabled, so it never leaves the host.
 const PLACEHOLDER_SERVER_NAME: &str = "aemp.invalid";
+
+/// Subject common name of `aemp gencert`'s certificate, as AnyEvent::MP's.
+const NETWORK_COMMON_NAME: &str = "AnyEvent::MP";
+
+/// How long generated certificates are valid: AnyEvent::MP's 3650 days.
+const VALIDITY: Duration = Duration::from_secs(3650 * 24 * 60 * 60);
 
 /// Subject common name of generated CA certificates.
 const CA_COMMON_NAME: &str = "aemp network CA";
@@ -130,18 +138,8 @@ impl TlsConfig {
         })?;
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = Arc::new(root_store(&certs)?);
-
-        let server_cert_verifier =
-            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(TlsError::Verifier)?;
-        // build() without allow_unauthenticated() makes the client
-        // certificate mandatory, as AnyEvent::MP's verify_require_client_cert.
-        let client_cert_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(TlsError::Verifier)?;
+        // One trust decision for both roles.
+        let trust = Arc::new(PeerTrust::new(&certs, &provider)?);
 
         // The whole file is sent as the chain: the peer may only trust the
         // root, and extra CA certificates are harmless.
@@ -149,9 +147,7 @@ impl TlsConfig {
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Config)?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyNameServerVerifier {
-                inner: server_cert_verifier,
-            }))
+            .with_custom_certificate_verifier(trust.clone())
             .with_client_auth_cert(certs.clone(), key.clone_key())
             .map_err(TlsError::Config)?;
         // The server name is a placeholder; don't put it on the wire.
@@ -160,7 +156,7 @@ impl TlsConfig {
         let server = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Config)?
-            .with_client_cert_verifier(client_cert_verifier)
+            .with_client_cert_verifier(trust)
             .with_single_cert(certs, key)
             .map_err(TlsError::Config)?;
 
@@ -206,107 +202,43 @@ impl TlsConfig {
     }
 }
 
-/// Trust anchors from every certificate of the node's file, as the
-/// reference passes the same file as cert and ca_cert.
-fn root_store(certs: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in certs {
-        roots
-            .add(cert.clone())
-            .map_err(TlsError::InvalidCertificate)?;
-    }
-    Ok(roots)
-}
-
-/// Server certificate verifier that checks the chain and signatures like
-/// WebPKI but accepts any name, because AEMP nodes are not named by DNS.
-#[derive(Debug)]
-struct AnyNameServerVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for AnyNameServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // WebPkiServerVerifier checks the name last, after the chain, so a
-        // name error means everything else passed.
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        self.inner.requires_raw_public_keys()
-    }
-
-    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
-        self.inner.root_hint_subjects()
-    }
-}
-
-/// A new network certificate: a fresh CA (self-signed, CA:true) and a node
-/// certificate (CA:false, signed by that CA, subject "aemp node") with its
-/// key, rendered as one PEM: node certificate, node private key, CA
-/// certificate — the file every node of the network shares.
+/// A new network certificate as AnyEvent::MP's `aemp gencert` makes it: one
+/// self-signed certificate (subject `CN=AnyEvent::MP`, CA:TRUE, valid for
+/// 3650 days from now) followed by its private key (PKCS#8), in one PEM that
+/// every node of the network shares as its certificate and its trust. The
+/// key is ECDSA P-256 where the reference's OpenSSL makes RSA 2048: ring, our
+/// crypto provider, cannot generate RSA keys.
 pub fn generate_network_pem() -> Result<String, TlsError> {
-    let (ca_cert, ca_key) = generate_ca()?;
-    generate_node_pem(&ca_cert, &ca_key)
+    let (cert, key) = self_signed_ca(NETWORK_COMMON_NAME)?;
+    Ok(format!("{}{}", cert.pem(), key.serialize_pem()))
 }
 
 /// A new self-signed CA (subject "aemp network CA"), returned as
 /// (CA certificate PEM, CA private key PEM in PKCS#8).
 pub fn generate_ca() -> Result<(String, String), TlsError> {
+    let (cert, key) = self_signed_ca(CA_COMMON_NAME)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A fresh key and a self-signed CA:TRUE certificate for it named
+/// `common_name`, valid from now for [`VALIDITY`].
+fn self_signed_ca(common_name: &str) -> Result<(rcgen::Certificate, KeyPair), TlsError> {
     let key = KeyPair::generate().map_err(TlsError::Generate)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
-        .push(DnType::CommonName, CA_COMMON_NAME);
+        .push(DnType::CommonName, common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    params.not_before = OffsetDateTime::now_utc();
+    params.not_after = params.not_before + VALIDITY;
     let cert = params.self_signed(&key).map_err(TlsError::Generate)?;
-    Ok((cert.pem(), key.serialize_pem()))
+    Ok((cert, key))
 }
 
 /// A new node certificate and key signed by an existing CA, rendered as the
@@ -437,7 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn network_pem_layout() {
+    fn network_pem_is_the_references_layout() {
         let pem = generate_network_pem().unwrap();
         let labels: Vec<&str> = pem
             .lines()
@@ -445,12 +377,22 @@ mod tests {
             .collect();
         assert_eq!(
             labels,
-            [
-                "-----BEGIN CERTIFICATE-----",
-                "-----BEGIN PRIVATE KEY-----",
-                "-----BEGIN CERTIFICATE-----"
-            ]
+            ["-----BEGIN CERTIFICATE-----", "-----BEGIN PRIVATE KEY-----"]
         );
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (_, cert) =
+            <x509_parser::certificate::X509Certificate as x509_parser::prelude::FromDer<_>>::from_der(&der)
+                .unwrap();
+        assert_eq!(cert.subject().to_string(), "CN=AnyEvent::MP");
+        assert_eq!(cert.issuer(), cert.subject());
+        assert!(cert.is_ca());
+        let validity = cert.validity();
+        assert_eq!(
+            validity.not_after.timestamp() - validity.not_before.timestamp(),
+            3650 * 24 * 60 * 60
+        );
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert!((validity.not_before.timestamp() - now).abs() < 60);
 
         // The CA certificate is re-encoded from DER; rcgen's PEM must survive.
         let (ca_cert, ca_key) = generate_ca().unwrap();
@@ -459,6 +401,57 @@ mod tests {
                 .unwrap()
                 .ends_with(&ca_cert)
         );
+    }
+
+    const BAD_SIGNATURE: rustls::Error =
+        rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature);
+
+    /// The rustls error inside a failed handshake's I/O error.
+    fn rustls_error(err: &io::Error) -> Option<&rustls::Error> {
+        err.get_ref().and_then(|e| e.downcast_ref())
+    }
+
+    /// A peer presenting the network's certificate without its key (here
+    /// with another key) cannot sign the handshake, in either role.
+    #[tokio::test]
+    async fn network_certificate_with_another_key_is_refused() {
+        let pem = generate_network_pem().unwrap();
+        let ours = TlsConfig::from_pem(pem.as_bytes()).unwrap();
+        let certs = vec![CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()];
+        let other_pem = generate_network_pem().unwrap();
+        let other_key = PrivateKeyDer::from_pem_slice(other_pem.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let signer = provider.key_provider.load_private_key(other_key).unwrap();
+        let impostor_key = Arc::new(rustls::sign::SingleCertAndKey::from(
+            rustls::sign::CertifiedKey::new(certs.clone(), signer),
+        ));
+        let trust = Arc::new(PeerTrust::new(&certs, &provider).unwrap());
+        let impostor = TlsConfig {
+            client: Arc::new(
+                ClientConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .dangerous()
+                    .with_custom_certificate_verifier(trust.clone())
+                    .with_client_cert_resolver(impostor_key.clone()),
+            ),
+            server: Arc::new(
+                ServerConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_client_cert_verifier(trust)
+                    .with_cert_resolver(impostor_key),
+            ),
+        };
+
+        let (c, s) = handshake(&ours, &impostor).await;
+        let err = c.expect_err("client must refuse the impostor server");
+        assert_eq!(rustls_error(&err), Some(&BAD_SIGNATURE), "{err}");
+        drop(s);
+        let (c, s) = handshake(&impostor, &ours).await;
+        let err = s.expect_err("server must refuse the impostor client");
+        assert_eq!(rustls_error(&err), Some(&BAD_SIGNATURE), "{err}");
+        drop(c);
     }
 
     #[tokio::test]
@@ -533,17 +526,12 @@ mod tests {
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let inner = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(root_store(&certs).unwrap()),
-            provider.clone(),
-        )
-        .build()
-        .unwrap();
+        let trust = Arc::new(PeerTrust::new(&certs, &provider).unwrap());
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyNameServerVerifier { inner }))
+            .with_custom_certificate_verifier(trust)
             .with_no_client_auth();
         let connector = TlsConnector::from(Arc::new(config));
 
