@@ -204,7 +204,10 @@ impl Net {
 
     /// Adds the scripted global node `seed`.
     pub fn add_seed(&mut self) -> usize {
-        let i = self.add(node_config("seed", &[]));
+        let mut config = node_config("seed", &[]);
+        // The script, not the engine, plays the global node.
+        config.serve_global = false;
+        let i = self.add(config);
         for tag in SEED_TAGS {
             self.nodes[i].register_handler(tag);
         }
