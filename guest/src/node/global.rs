@@ -204,12 +204,14 @@ impl Node {
 
     /// Picks the first seed that is up as master, if any.
     pub(super) fn master_search(&mut self) {
+        // The seed just lost may still be marked up: skip nodes that are not.
         let up = self
             .seeds
             .iter()
-            .find(|s| s.up)
-            .and_then(|s| s.node.clone());
-        if let Some(node) = up.filter(|n| self.is_up(n)) {
+            .filter(|s| s.up)
+            .filter_map(|s| s.node.clone())
+            .find(|n| self.is_up(n));
+        if let Some(node) = up {
             let now = self.now;
             self.master_set(&node, now);
         }
