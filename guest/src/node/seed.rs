@@ -155,10 +155,6 @@ impl Service {
             merged.insert(key.clone(), value.clone());
             true
         });
-        if shard.families.is_empty() && shard.entries == 0 {
-            // Nothing was stored (all dropped, or an empty set): no empty shard is kept.
-            self.shards.remove(node);
-        }
         let mut local_set = Family::new();
         let (mut del_local, mut del_global) = (Vec::new(), Vec::new());
         let from_slave = self.slaves.contains_key(node);
@@ -204,6 +200,7 @@ impl Service {
         if self.db.get(family).is_some_and(BTreeMap::is_empty) {
             self.db.remove(family);
         }
+        // No empty family or shard is kept (a node that only deleted holds nothing).
         if self.shards.get(node).is_some_and(|s| s.families.is_empty()) {
             self.shards.remove(node);
         }
