@@ -556,3 +556,76 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fam(pairs: &[(&str, i128)]) -> Family {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::Int(*v)))
+            .collect()
+    }
+
+    #[test]
+    fn deleting_a_key_another_node_holds_keeps_its_value() {
+        let limits = GlobalLimits::default();
+        let mut s = Service::default();
+        s.slaves.insert("slave1".into(), BTreeSet::new());
+        s.slaves.insert("slave2".into(), BTreeSet::new());
+        // A global node's shard and two slaves, all holding "k".
+        s.update(&limits, "global", "f", fam(&[("k", 1)]), vec![]);
+        s.update(&limits, "slave1", "f", fam(&[("k", 2)]), vec![]);
+        let e = s.update(&limits, "slave2", "f", fam(&[("k", 3)]), vec![]);
+        assert_eq!(e.relay, Some((fam(&[("k", 3)]), vec![])));
+        assert_eq!(s.db["f"]["k"], Value::Int(3));
+        // slave2 deletes: slave1's value wins over the global node's, and is relayed.
+        let e = s.update(&limits, "slave2", "f", Family::new(), vec!["k".into()]);
+        assert_eq!(e.relay, Some((fam(&[("k", 2)]), vec![])));
+        assert_eq!(e.notify, Some((fam(&[("k", 2)]), vec![])));
+        // slave1 deletes: only the global node holds it; other global nodes delete theirs.
+        let e = s.update(&limits, "slave1", "f", Family::new(), vec!["k".into()]);
+        assert_eq!(e.relay, Some((Family::new(), vec!["k".into()])));
+        assert_eq!(e.notify, Some((fam(&[("k", 1)]), vec![])));
+        // The global node's deletion is not relayed; the key is gone.
+        let e = s.update(&limits, "global", "f", Family::new(), vec!["k".into()]);
+        assert_eq!(e.relay, None);
+        assert_eq!(e.notify, Some((Family::new(), vec!["k".into()])));
+        assert!(s.db.is_empty() && s.shards.is_empty());
+    }
+
+    #[test]
+    fn limits_count_entries_and_bytes_per_node() {
+        let limits = GlobalLimits {
+            max_entries_per_node: 2,
+            max_bytes_per_node: 8,
+            ..GlobalLimits::default()
+        };
+        let mut s = Service::default();
+        // "f" + "a" + one CBOR byte = 3 bytes each.
+        let e = s.update(
+            &limits,
+            "n",
+            "f",
+            fam(&[("a", 1), ("b", 2), ("c", 3)]),
+            vec![],
+        );
+        assert_eq!(e.dropped, 1);
+        assert_eq!((s.shards["n"].entries, s.shards["n"].bytes), (2, 6));
+        // Replacing fits; a larger value does not.
+        let e = s.update(&limits, "n", "f", fam(&[("a", 5)]), vec![]);
+        assert_eq!(e.dropped, 0);
+        let e = s.update(&limits, "n", "f", fam(&[("a", 1 << 40)]), vec![]);
+        assert_eq!(e.dropped, 1);
+        assert_eq!(s.db["f"]["a"], Value::Int(5));
+        s.update(
+            &limits,
+            "n",
+            "f",
+            Family::new(),
+            vec!["a".into(), "b".into()],
+        );
+        assert!(s.shards.is_empty());
+    }
+}
