@@ -115,6 +115,9 @@ test('js nodes find each other and share the database through a rust seed', asyn
   try {
     await a.waitUp('rust-seed');
     await b.waitUp('rust-seed');
+    // b's listeners reach the seed with its g_slave, which may still be on the way when b
+    // sees the seed up: wait until the seed knows them.
+    while (!(await a.dbKeys("'l")).includes('js-b')) await new Promise((r) => setTimeout(r, 20));
     // a knows only the seed, yet reaches b.
     const port = b.port();
     a.send(port.id, 'through the seed');
