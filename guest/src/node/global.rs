@@ -1,6 +1,6 @@
-//! The global protocol as a normal (non-seed) node: keep seeds connected, slave to the
-//! first seed that is up (the master), find nodes through it, and share a key/value
-//! database.
+//! The client side of the global protocol: keep seeds connected, slave to the first seed
+//! that is up (the master; a global node is its own), find nodes through it, and share a
+//! key/value database. The global node side is in `seed`.
 //!
 //! Requests to the master (`g_find`, `g_mon1`, `g_db_*`) are kept until answered and sent
 //! again to every new master, as the reference does.

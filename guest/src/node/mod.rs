@@ -1,5 +1,6 @@
 //! The node kernel: one AEMP node with many connections, local ports, monitors, the node
-//! port and the global protocol as a normal (non-seed) node. Sans-IO like the transport:
+//! port and the global protocol (client side in `global`, global node side in `seed`).
+//! Sans-IO like the transport:
 //! every input names the connection it concerns and carries the time; everything the host
 //! must do comes out of [`Node::poll_output`].
 //!
