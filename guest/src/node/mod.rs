@@ -1,8 +1,7 @@
 //! The node kernel: one AEMP node with many connections, local ports, monitors, the node
 //! port and the global protocol (client side in `global`, global node side in `seed`).
-//! Sans-IO like the transport:
-//! every input names the connection it concerns and carries the time; everything the host
-//! must do comes out of [`Node::poll_output`].
+//! Sans-IO like the transport: every input names the connection it concerns and carries
+//! the time; everything the host must do comes out of [`Node::poll_output`].
 //!
 //! Connection ids are chosen by the node: [`Node::handle_accept`] returns one for an
 //! incoming socket, [`NodeOutput::Connect`] names one for an outgoing socket.
