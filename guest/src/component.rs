@@ -8,8 +8,8 @@ use exports::aemp::engine::node as wnode;
 use exports::aemp::engine::transport as wit;
 
 use crate::{
-    AuthMethod, Config, Connection, Error, Framing, Limits, LogLevel, NONCE_LEN, Node, NodeConfig,
-    NodeOutput, Output, TlsRole, Verdict,
+    AuthMethod, Config, Connection, Error, Framing, GlobalLimits, Limits, LogLevel, NONCE_LEN,
+    Node, NodeConfig, NodeOutput, Output, TlsRole, Verdict,
 };
 
 wit_bindgen::generate!({
@@ -136,6 +136,10 @@ impl wnode::GuestNode for NodeResource {
             connect_interval_ms: config.connect_interval_ms,
             max_queue_bytes: usize::try_from(config.max_queue_bytes).unwrap_or(usize::MAX),
             wall_clock_offset_ms: config.wall_clock_offset_ms,
+            // Every node may become global, with the default limits (neither is
+            // configurable through WIT).
+            serve_global: true,
+            global_limits: GlobalLimits::default(),
         };
         let node = Node::new(config, random::<16>(), now_ms).map_err(|e| e.to_string())?;
         Ok(wnode::Node::new(NodeResource(RefCell::new(node))))

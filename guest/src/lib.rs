@@ -23,7 +23,7 @@ pub use connection::{Connection, Output, Session, TlsRole, Verdict};
 pub use error::{ConfigError, Error, MessageError, SendError};
 pub use framing::{Framing, Limits, split_sequence};
 pub use greeting::{Greeting, NONCE_LEN};
-pub use node::{ConnId, LogLevel, Node, NodeConfig, NodeError, NodeOutput};
+pub use node::{ConnId, GlobalLimits, LogLevel, Node, NodeConfig, NodeError, NodeOutput};
 pub use value::Value;
 
 /// The AEMP protocol version this engine speaks.

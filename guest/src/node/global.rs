@@ -1,13 +1,13 @@
-//! The global protocol as a normal (non-seed) node: keep seeds connected, slave to the
-//! first seed that is up (the master), find nodes through it, and share a key/value
-//! database.
+//! The client side of the global protocol: keep seeds connected, slave to the first seed
+//! that is up (the master; a global node is its own), find nodes through it, and share a
+//! key/value database. The global node side is in `seed`.
 //!
 //! Requests to the master (`g_find`, `g_mon1`, `g_db_*`) are kept until answered and sent
 //! again to every new master, as the reference does.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{LogLevel, Node, NodeError, NodeOutput, ids, msg};
+use super::{ConnId, LogLevel, Node, NodeError, NodeOutput, ids, msg};
 use crate::error::MessageError;
 use crate::value::Value;
 
@@ -59,6 +59,26 @@ impl Global {
         true
     }
 
+    /// Whether `node` announced itself as global and is still up.
+    pub(super) fn is_global(&self, node: &str) -> bool {
+        self.globals.contains(node)
+    }
+
+    /// Notes that `node` is a global node.
+    pub(super) fn add_global(&mut self, node: &str) {
+        self.globals.insert(node.to_owned());
+    }
+
+    /// `node` went down or is forgotten as a global node.
+    pub(super) fn remove_global(&mut self, node: &str) {
+        self.globals.remove(node);
+    }
+
+    /// The global nodes that are up.
+    pub(super) fn globals(&self) -> Vec<String> {
+        self.globals.iter().cloned().collect()
+    }
+
     /// Drops a pending `g_find` for `node`.
     pub(super) fn forget_find(&mut self, node: &str) {
         self.pending.remove(&format!("g_find {node}"));
@@ -91,7 +111,7 @@ impl Global {
 }
 
 /// A map value as string keys and values (keys that are not names are skipped).
-fn entries(value: &Value) -> BTreeMap<String, Value> {
+pub(super) fn entries(value: &Value) -> BTreeMap<String, Value> {
     match value {
         Value::Map(pairs) => pairs
             .iter()
@@ -101,7 +121,7 @@ fn entries(value: &Value) -> BTreeMap<String, Value> {
     }
 }
 
-fn map_value(entries: &BTreeMap<String, Value>) -> Value {
+pub(super) fn map_value(entries: &BTreeMap<String, Value>) -> Value {
     Value::Map(
         entries
             .iter()
@@ -123,7 +143,7 @@ impl Node {
     /// (doubling up to `monitor_timeout`) while any seed is not up.
     pub(super) fn seed_all(&mut self, now: u64) {
         for i in 0..self.seeds.len() {
-            if self.seeds[i].up || self.seeds[i].conn.is_some() {
+            if self.seeds[i].up || self.seeds[i].myself || self.seeds[i].conn.is_some() {
                 continue;
             }
             let addr = self.seeds[i].addr.clone();
@@ -131,7 +151,7 @@ impl Node {
             self.seeds[i].conn = Some(conn);
             self.outputs.push_back(NodeOutput::Connect { conn, addr });
         }
-        if self.seeds.iter().all(|s| s.up) {
+        if self.seeds.iter().all(|s| s.up || s.myself) {
             self.next_seed_at = None;
         } else {
             self.next_seed_at = Some(now.saturating_add(self.seed_retry));
@@ -156,6 +176,19 @@ impl Node {
         }
     }
 
+    /// A connection reached ourselves: if it was dialled for a seed, that seed is us, so we
+    /// become a global node (as every seed is).
+    pub(super) fn found_myself(&mut self, conn: ConnId) {
+        let Some(i) = self.conns.get(&conn).and_then(|c| c.seed) else {
+            return;
+        };
+        if let Some(seed) = self.seeds.get_mut(i) {
+            seed.myself = true;
+        }
+        let now = self.now;
+        self.become_global(now);
+    }
+
     /// A seed completed its handshake as `node`.
     pub(super) fn seed_up(&mut self, i: usize, node: &str) {
         if let Some(seed) = self.seeds.get_mut(i) {
@@ -171,19 +204,21 @@ impl Node {
 
     /// Picks the first seed that is up as master, if any.
     pub(super) fn master_search(&mut self) {
+        // The seed just lost may still be marked up: skip nodes that are not.
         let up = self
             .seeds
             .iter()
-            .find(|s| s.up)
-            .and_then(|s| s.node.clone());
-        if let Some(node) = up.filter(|n| self.is_up(n)) {
+            .filter(|s| s.up)
+            .filter_map(|s| s.node.clone())
+            .find(|n| self.is_up(n));
+        if let Some(node) = up {
             let now = self.now;
             self.master_set(&node, now);
         }
     }
 
     /// Makes `node` our master: sends it our database and every pending request.
-    fn master_set(&mut self, node: &str, now: u64) {
+    pub(super) fn master_set(&mut self, node: &str, now: u64) {
         self.global.master = Some(node.to_owned());
         self.log(LogLevel::Info, format!("global master is {node}"));
         let db = self.global.local_db_value();
@@ -194,9 +229,15 @@ impl Node {
         self.flush_global(now);
     }
 
+    /// The master, when it can be reached now (a global node is its own master).
+    fn master_up(&self) -> Option<String> {
+        let master = self.global.master.as_ref()?;
+        (*master == self.node_id || self.is_up(master)).then(|| master.clone())
+    }
+
     /// Sends requests the current master has not seen yet.
     pub(super) fn flush_global(&mut self, now: u64) {
-        let Some(master) = self.global.master.clone().filter(|m| self.is_up(m)) else {
+        let Some(master) = self.master_up() else {
             return;
         };
         let unsent: Vec<Vec<Value>> = self
@@ -215,7 +256,7 @@ impl Node {
     }
 
     /// Sends `["", items...]` to `node`.
-    fn send_node(&mut self, node: &str, items: Vec<Value>, now: u64) {
+    pub(super) fn send_node(&mut self, node: &str, items: Vec<Value>, now: u64) {
         if let Err(e) = self.route(node, msg::build("", items), now) {
             self.log(
                 LogLevel::Warn,
@@ -226,7 +267,7 @@ impl Node {
 
     /// Asks the master where `node` listens; false when there is nobody to ask.
     pub(super) fn find(&mut self, node: &str) -> bool {
-        if self.seeds.is_empty() {
+        if self.seeds.is_empty() && self.service.is_none() {
             return false;
         }
         self.global.request(
@@ -243,9 +284,7 @@ impl Node {
         let from_master = self.global.master.as_deref() == Some(src);
         let name = |i: usize| args.get(i).and_then(Value::as_name).map(|n| n.into_owned());
         match tag {
-            "g_global" => {
-                self.global.globals.insert(src.to_owned());
-            }
+            "g_global" => self.global.add_global(src),
             "g_reply" => {
                 let Some(id) = name(0) else { return };
                 if self.global.pending.remove(&id).is_some() {
@@ -428,7 +467,7 @@ impl Node {
             return;
         }
         self.global.pending.remove(&format!("mon1 {family}"));
-        if let Some(master) = self.global.master.clone().filter(|m| self.is_up(m)) {
+        if let Some(master) = self.master_up() {
             self.send_node(
                 &master,
                 vec![Value::text("g_mon0"), Value::text(family)],

@@ -83,7 +83,9 @@ impl Node {
             }
             "can" => {
                 let Some(query) = name(0) else { return };
-                let known = KNOWN.contains(&query.as_str()) || self.handlers.contains(&query);
+                let known = KNOWN.contains(&query.as_str())
+                    || self.serves(&query)
+                    || self.handlers.contains(&query);
                 let mut reply = rest(2);
                 reply.push(Value::Bool(known));
                 self.reply_to_port(args.get(1), reply, now);
@@ -94,6 +96,7 @@ impl Node {
                 reply.push(Value::Float(wall as f64 / 1000.0));
                 self.reply_to_port(args.first(), reply, now);
             }
+            _ if self.serves(&tag) => self.seed_request(src, &tag, args, now),
             "g_global" | "g_reply" | "g_found" | "g_chg1" | "g_chg2" => {
                 self.global_request(src, &tag, args, now)
             }

@@ -1,7 +1,7 @@
 //! The node kernel: one AEMP node with many connections, local ports, monitors, the node
-//! port and the global protocol as a normal (non-seed) node. Sans-IO like the transport:
-//! every input names the connection it concerns and carries the time; everything the host
-//! must do comes out of [`Node::poll_output`].
+//! port and the global protocol (client side in `global`, global node side in `seed`).
+//! Sans-IO like the transport: every input names the connection it concerns and carries
+//! the time; everything the host must do comes out of [`Node::poll_output`].
 //!
 //! Connection ids are chosen by the node: [`Node::handle_accept`] returns one for an
 //! incoming socket, [`NodeOutput::Connect`] names one for an outgoing socket.
@@ -10,14 +10,16 @@ mod global;
 mod ids;
 mod kernel;
 mod msg;
+mod seed;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 pub use ids::{expand_node_id, split_port_id};
+pub use seed::GlobalLimits;
 
 use crate::config::Config;
 use crate::connection::{Connection, Output, TlsRole, Verdict};
-use crate::error::{ConfigError, MessageError};
+use crate::error::{ConfigError, Error, MessageError};
 use crate::greeting::NONCE_LEN;
 use crate::value::Value;
 use global::Global;
@@ -41,6 +43,12 @@ pub struct NodeConfig {
     pub max_queue_bytes: usize,
     /// Added to `now` to get milliseconds since the UNIX epoch (for `time` requests).
     pub wall_clock_offset_ms: i64,
+    /// Whether this node becomes a global node when asked (`g_slave`) or when it finds
+    /// itself among its seeds (default true, as in AnyEvent::MP). When false, `g_slave`
+    /// is an unknown request like any other.
+    pub serve_global: bool,
+    /// What peers can make this node hold once it is global.
+    pub global_limits: GlobalLimits,
 }
 
 impl NodeConfig {
@@ -53,6 +61,8 @@ impl NodeConfig {
             connect_interval_ms: 2_000,
             max_queue_bytes: 16 << 20,
             wall_clock_offset_ms: 0,
+            serve_global: true,
+            global_limits: GlobalLimits::default(),
         }
     }
 }
@@ -175,6 +185,8 @@ struct Seed {
     conn: Option<ConnId>,
     node: Option<String>,
     up: bool,
+    /// The address is our own: not dialled again (and we are global).
+    myself: bool,
 }
 
 /// One AEMP node. See the module documentation.
@@ -200,6 +212,8 @@ pub struct Node {
     seed_retry: u64,
     next_seed_at: Option<u64>,
     global: Global,
+    /// The global-node state, once this node is global.
+    service: Option<seed::Service>,
     /// A small generator for jitter (not for secrets), seeded by the host.
     jitter: u64,
     outputs: VecDeque<NodeOutput>,
@@ -220,6 +234,7 @@ impl Node {
                 conn: None,
                 node: None,
                 up: false,
+                myself: false,
             })
             .collect();
         let jitter = u64::from_le_bytes(seed[8..16].try_into().unwrap_or_default()) | 1;
@@ -238,6 +253,7 @@ impl Node {
             seed_retry: 0,
             next_seed_at: None,
             global: Global::default(),
+            service: None,
             jitter,
             outputs: VecDeque::new(),
             now,
@@ -344,6 +360,14 @@ impl Node {
         if self.next_seed_at.is_some_and(|t| t <= now) {
             self.seed_all(now);
         }
+        if self
+            .service
+            .as_ref()
+            .and_then(|s| s.keep_at)
+            .is_some_and(|t| t <= now)
+        {
+            self.keep_all(now);
+        }
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next, if ever.
@@ -360,7 +384,12 @@ impl Node {
                 dial.next_at.min(*until)
             })
         });
-        conns.chain(dials).chain(self.next_seed_at).min()
+        let keep = self.service.as_ref().and_then(|s| s.keep_at);
+        conns
+            .chain(dials)
+            .chain(self.next_seed_at)
+            .chain(keep)
+            .min()
     }
 
     /// The next thing for the host to do.
@@ -590,7 +619,12 @@ impl Node {
                         "upgraded protocols are not supported by the node".into(),
                     );
                 }
-                Output::Closed(error) => self.connection_gone(conn, error.to_string(), true),
+                Output::Closed(error) => {
+                    if error == Error::SelfConnection {
+                        self.found_myself(conn);
+                    }
+                    self.connection_gone(conn, error.to_string(), true)
+                }
             }
         }
     }
@@ -659,10 +693,13 @@ impl Node {
                 node: node.to_owned(),
                 reason: reason.to_owned(),
             });
+            self.global.remove_global(node);
             if self.global.master() == Some(node) {
                 self.global.master_lost();
                 self.master_search();
             }
+            let now = self.now;
+            self.seed_node_down(node, now);
         }
     }
 
@@ -712,6 +749,8 @@ impl Node {
         for message in queue {
             self.transmit(conn, &message);
         }
+        let now = self.now;
+        self.seed_node_up(&node, now);
     }
 
     /// Sends `message` on `conn`'s transport.

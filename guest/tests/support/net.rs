@@ -172,6 +172,8 @@ pub struct Net {
     links: HashMap<(usize, ConnId), (usize, ConnId)>,
     /// Nodes whose listener is down (connects are refused).
     pub unreachable: Vec<usize>,
+    /// Nodes that crashed: unreachable, and nothing they do has any effect.
+    pub dead: Vec<usize>,
     pub now: u64,
     nonce: u8,
 }
@@ -186,6 +188,7 @@ impl Net {
             listen: HashMap::new(),
             links: HashMap::new(),
             unreachable: Vec::new(),
+            dead: Vec::new(),
             now: 1_000,
             nonce: 0,
         }
@@ -204,7 +207,10 @@ impl Net {
 
     /// Adds the scripted global node `seed`.
     pub fn add_seed(&mut self) -> usize {
-        let i = self.add(node_config("seed", &[]));
+        let mut config = node_config("seed", &[]);
+        // The script, not the engine, plays the global node.
+        config.serve_global = false;
+        let i = self.add(config);
         for tag in SEED_TAGS {
             self.nodes[i].register_handler(tag);
         }
@@ -225,7 +231,9 @@ impl Net {
             let mut round = Vec::new();
             for x in 0..self.nodes.len() {
                 while let Some(o) = self.nodes[x].poll_output() {
-                    round.push((x, o));
+                    if !self.dead.contains(&x) {
+                        round.push((x, o));
+                    }
                 }
             }
             if round.is_empty() {
@@ -290,13 +298,17 @@ impl Net {
             let next = self
                 .nodes
                 .iter()
-                .filter_map(Node::poll_timeout)
+                .enumerate()
+                .filter(|(i, _)| !self.dead.contains(i))
+                .filter_map(|(_, n)| n.poll_timeout())
                 .filter(|&t| t <= end)
                 .min();
             let Some(t) = next else { break };
             self.now = self.now.max(t);
             for i in 0..self.nodes.len() {
-                if self.nodes[i].poll_timeout().is_some_and(|d| d <= self.now) {
+                if self.nodes[i].poll_timeout().is_some_and(|d| d <= self.now)
+                    && !self.dead.contains(&i)
+                {
                     self.nodes[i].handle_timeout(self.now);
                 }
             }
@@ -322,6 +334,56 @@ impl Net {
             self.nodes[i].handle_conn_error(mine.1, "cut", now);
         }
         self.run();
+    }
+
+    /// Node `i` crashes: its connections drop and it never comes back.
+    pub fn kill_node(&mut self, i: usize) {
+        self.dead.push(i);
+        self.unreachable.push(i);
+        self.cut(i);
+    }
+
+    /// Answers to database queries of node `i`: (id, result).
+    pub fn db_replies(&self, i: usize) -> Vec<(String, Value)> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                NodeOutput::DbReply { id, result } => {
+                    Some((id.clone(), Value::decode(result).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The answer to query `id` of node `i`.
+    pub fn db_reply(&self, i: usize, id: &str) -> Option<Value> {
+        self.db_replies(i)
+            .into_iter()
+            .find_map(|(r, v)| (r == id).then_some(v))
+    }
+
+    /// Changes of `family` reported to node `i`: (set, deleted keys).
+    pub fn db_changes(&self, i: usize, family: &str) -> Vec<(Value, Vec<String>)> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                NodeOutput::DbChange {
+                    family: f,
+                    set,
+                    del,
+                } if f == family => Some((Value::decode(set).unwrap(), del.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether node `i` logged a line containing `text`.
+    pub fn logged(&self, i: usize, text: &str) -> bool {
+        self.has(
+            i,
+            |e| matches!(e, NodeOutput::Log { message, .. } if message.contains(text)),
+        )
     }
 
     pub fn delivered(&self, i: usize) -> Vec<(String, Value)> {

@@ -78,7 +78,9 @@ export class Port {
 
 /**
  * A running node. Events: 'node-up' (node), 'node-down' (node, reason), 'port-down'
- * (port, reason), 'log' (level, message).
+ * (port, reason), 'db-change' (family, set, del) for monitored database families (`set`
+ * an object of new or changed keys, `del` an array of deleted keys; the first report
+ * holds the whole family), 'log' (level, message).
  */
 export class Node extends EventEmitter {
   #engine;
@@ -87,6 +89,7 @@ export class Node extends EventEmitter {
   #servers = [];
   #timer = null;
   #tls;
+  #dbWaiters = new Map(); // database query id -> resolve
 
   /**
    * Starts a node. Options: nodeId (default `<hostname>/`; %n, %u and a trailing / are
@@ -255,11 +258,20 @@ export class Node extends EventEmitter {
       case 'port-down':
         this.emit('port-down', val.port, uncbor.decode(val.reason));
         break;
+      case 'db-reply': {
+        const resolve = this.#dbWaiters.get(val.id);
+        this.#dbWaiters.delete(val.id);
+        resolve?.(uncbor.decode(val.result));
+        break;
+      }
+      case 'db-change':
+        this.emit('db-change', val.family, uncbor.decode(val.set), val.del);
+        break;
       case 'log':
         this.emit('log', val.level, val.message);
         break;
       default:
-        break; // requests and database events are not used by this host yet
+        break; // node-port requests are not used by this host yet
     }
   }
 
@@ -310,6 +322,52 @@ export class Node extends EventEmitter {
       };
       this.on('node-up', onUp);
     });
+  }
+
+  /** Sets this node's entry `key` of database `family` to `value` (any CBOR value). */
+  dbSet(family, key, value) {
+    this.#engine.dbSet(family, key, cbor.encode(value), now());
+    this.#flush();
+  }
+
+  /** Deletes this node's entries `keys` of `family`. */
+  dbDel(family, ...keys) {
+    this.#engine.dbDel(family, keys, now());
+    this.#flush();
+  }
+
+  /** Resolves to the whole `family` (an object), as the master knows it. */
+  dbFamily(family) {
+    return this.#query(this.#engine.dbFamily(family, now()));
+  }
+
+  /** Resolves to the keys of `family` (an array). */
+  dbKeys(family) {
+    return this.#query(this.#engine.dbKeys(family, now()));
+  }
+
+  /** Resolves to the values of `family` (an array). */
+  dbValues(family) {
+    return this.#query(this.#engine.dbValues(family, now()));
+  }
+
+  /** Monitors `family`: 'db-change' reports its contents, then every change. */
+  dbMon(family) {
+    this.#engine.dbMon(family, now());
+    this.#flush();
+  }
+
+  /** Stops monitoring `family`. */
+  dbUnmon(family) {
+    this.#engine.dbUnmon(family, now());
+    this.#flush();
+  }
+
+  /** Waits for the answer to database query `id` (kept until the master answers). */
+  #query(id) {
+    const answer = new Promise((resolve) => this.#dbWaiters.set(id, resolve));
+    this.#flush();
+    return answer;
   }
 
   _kill(portId) {

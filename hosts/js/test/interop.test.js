@@ -1,5 +1,6 @@
 // The JavaScript node and a Rust `aemp` node on loopback: handshake (hmac_sha3_512) in
-// json and cbor, messages both ways, and the same refusal text for a wrong secret.
+// json and cbor, messages both ways, the same refusal text for a wrong secret, and two JS
+// nodes finding each other and sharing the database through a Rust seed.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -90,6 +91,54 @@ test('js node and rust node over TLS with one network certificate', async () => 
     assert.deepEqual([...bytes], [0, 1, 255]);
   } finally {
     js.close();
+    child.kill();
+  }
+});
+
+/** The next change of `family` reported to `node`: [set, del]. */
+function nextChange(node, family) {
+  return new Promise((resolve) => {
+    const on = (f, set, del) => {
+      if (f !== family) return;
+      node.off('db-change', on);
+      resolve([set, del]);
+    };
+    node.on('db-change', on);
+  });
+}
+
+test('js nodes find each other and share the database through a rust seed', async () => {
+  const { addr, child } = await rustNode('rust-seed', 'shared', 'cbor');
+  const options = { secret: 'shared', binds: ['127.0.0.1:0'], seeds: [addr] };
+  const a = await Node.start({ nodeId: 'js-a', ...options });
+  const b = await Node.start({ nodeId: 'js-b', ...options });
+  try {
+    await a.waitUp('rust-seed');
+    await b.waitUp('rust-seed');
+    // b's listeners reach the seed with its g_slave, which may still be on the way when b
+    // sees the seed up: wait until the seed knows them.
+    while (!(await a.dbKeys("'l")).includes('js-b')) await new Promise((r) => setTimeout(r, 20));
+    // a knows only the seed, yet reaches b.
+    const port = b.port();
+    a.send(port.id, 'through the seed');
+    assert.deepEqual(await port.recv(), ['through the seed']);
+
+    let change = nextChange(b, 'fam');
+    b.dbMon('fam');
+    assert.deepEqual(await change, [{}, []]);
+    change = nextChange(b, 'fam');
+    a.dbSet('fam', 'k', { x: 1 });
+    assert.deepEqual(await change, [{ k: { x: 1 } }, []]);
+    assert.deepEqual(await b.dbFamily('fam'), { k: { x: 1 } });
+    assert.deepEqual(await b.dbKeys('fam'), ['k']);
+    assert.deepEqual(await b.dbValues('fam'), [{ x: 1 }]);
+    assert.deepEqual(await b.dbKeys('js-unknown-family'), []);
+    change = nextChange(b, 'fam');
+    a.dbDel('fam', 'k');
+    assert.deepEqual(await change, [{}, ['k']]);
+  } finally {
+    a.close();
+    b.close();
     child.kill();
   }
 });

@@ -1,0 +1,127 @@
+//! An aemp-only network on loopback sockets: a seed that becomes a global node and three
+//! nodes that know only the seed. They find each other and share the database through it.
+
+use aemp_host::{Event, Node, Value};
+use aemp_tests::*;
+use tokio::sync::broadcast::Receiver;
+
+fn map(pairs: &[(&str, Value)]) -> Value {
+    Value::Map(pairs.iter().map(|(k, v)| (t(k), v.clone())).collect())
+}
+
+/// The next change of `family` reported to a node: (set, deleted keys).
+async fn next_change(events: &mut Receiver<Event>, family: &str) -> (Value, Vec<String>) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Event::DbChange {
+                family: f,
+                set,
+                del,
+            }) = events.recv().await
+                && f == family
+            {
+                return (set, del);
+            }
+        }
+    })
+    .await
+    .expect("database change in time")
+}
+
+/// Asks `node` for `family` until the answer is `expected` (changes travel through the
+/// seed while the question does too).
+async fn family_becomes(node: &Node, family: &str, expected: &Value) {
+    answer_becomes(node, family, expected, false).await
+}
+
+/// Asks `node` for the keys of `family` until they are `expected`.
+async fn keys_become(node: &Node, family: &str, expected: &Value) {
+    answer_becomes(node, family, expected, true).await
+}
+
+async fn answer_becomes(node: &Node, family: &str, expected: &Value, keys: bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let query = async {
+            if keys {
+                node.db_keys(family).await
+            } else {
+                node.db_family(family).await
+            }
+        };
+        let got = tokio::time::timeout(WAIT, query)
+            .await
+            .expect("answer in time")
+            .unwrap();
+        if got == *expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{family} is {got:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_and_three_nodes_find_each_other_and_share_the_database() {
+    let seed = builder("gl-seed", "g").start().await.unwrap();
+    let at = addr(&seed);
+    let a = builder("gl-a", "g").seed(&at).start().await.unwrap();
+    let b = builder("gl-b", "g").seed(&at).start().await.unwrap();
+    let c = builder("gl-c", "g").seed(&at).start().await.unwrap();
+    for n in [&a, &b, &c] {
+        n.wait_up(seed.id(), WAIT).await.unwrap();
+    }
+    assert!(logged_by("gl-seed", "acting as a global node").await);
+    // Each node's listeners reach the seed with its g_slave, which may still be on the way
+    // when the node sees the seed up: wait until the seed knows all of them.
+    let listeners = |names: &[&str]| Value::Array(names.iter().map(|n| t(n)).collect());
+    keys_become(&a, "'l", &listeners(&["gl-a", "gl-b", "gl-c", "gl-seed"])).await;
+
+    // a knows only the seed's address, yet reaches b and c.
+    let mut pb = b.port().await.unwrap();
+    let mut pc = c.port().await.unwrap();
+    a.send(pb.id(), vec![t("to b")]).await.unwrap();
+    a.send(pc.id(), vec![t("to c")]).await.unwrap();
+    assert_eq!(recv(&mut pb).await, [t("to b")]);
+    assert_eq!(recv(&mut pc).await, [t("to c")]);
+    assert!(a.is_up(b.id()).await.unwrap() && a.is_up(c.id()).await.unwrap());
+
+    // Set on b, seen by c's monitor and by a's queries.
+    let mut events = c.events();
+    c.db_mon("fam", true).unwrap();
+    assert_eq!(next_change(&mut events, "fam").await, (map(&[]), vec![]));
+    b.db_set("fam", "kb", Value::Int(1)).unwrap();
+    assert_eq!(
+        next_change(&mut events, "fam").await,
+        (map(&[("kb", Value::Int(1))]), vec![])
+    );
+    family_becomes(&a, "fam", &map(&[("kb", Value::Int(1))])).await;
+    assert_eq!(a.db_keys("fam").await.unwrap(), Value::Array(vec![t("kb")]));
+    assert_eq!(
+        a.db_values("fam").await.unwrap(),
+        Value::Array(vec![Value::Int(1)])
+    );
+    b.db_del("fam", &["kb"]).unwrap();
+    assert_eq!(
+        next_change(&mut events, "fam").await,
+        (map(&[]), vec!["kb".to_string()])
+    );
+
+    // b's entries vanish when it leaves.
+    b.db_set("fam", "leaving", t("soon")).unwrap();
+    assert_eq!(
+        next_change(&mut events, "fam").await,
+        (map(&[("leaving", t("soon"))]), vec![])
+    );
+    drop(pb);
+    drop(b);
+    assert_eq!(
+        next_change(&mut events, "fam").await,
+        (map(&[]), vec!["leaving".to_string()])
+    );
+    family_becomes(&a, "fam", &map(&[])).await;
+    keys_become(&a, "'l", &listeners(&["gl-a", "gl-c", "gl-seed"])).await;
+}
