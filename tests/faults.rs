@@ -136,6 +136,30 @@ async fn deeply_nested_tags_close_only_that_connection() {
     still_serves(&a, "s").await;
 }
 
+/// Peer text reaches the log escaped: a tag with a newline cannot forge a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_text_cannot_forge_log_lines() {
+    let a = builder("inject-a", "s").start().await.unwrap();
+    let mut raw = RawPeer::connect(&addr(&a), "inject\u{1b}[2J", "s").await;
+    raw.handshake().await.unwrap();
+    raw.send(vec![t(""), t("x\nWARN forged")]).await;
+    assert!(
+        logged_by(
+            "inject-a",
+            "request 'x\\nWARN forged' from inject\\u{1b}[2J dropped"
+        )
+        .await
+    );
+    let lines = logs();
+    let lines = lines.lock().unwrap();
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains("\nWARN forged") && !l.contains('\u{1b}')),
+        "raw peer text in the log"
+    );
+}
+
 /// The spec's "simple handshake": three lines of text, cleartext auth, json.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simple_handshake_from_a_minimal_peer() {

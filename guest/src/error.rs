@@ -129,3 +129,36 @@ pub enum ConfigError {
     #[error("invalid greeting value for '{0}'")]
     InvalidGreetingValue(String),
 }
+
+/// `text` with control characters (newlines, escape sequences, ...) escaped as Rust
+/// escapes them (`\n`, `\u{1b}`): for putting peer-controlled text (node ids, tags,
+/// greeting words, reasons) into a log line.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn escapes_only_control_characters() {
+        assert_eq!(printable("plain ünïcode 'x'"), "plain ünïcode 'x'");
+        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(
+            printable("tag\nWARN forged\r\u{1b}[31m\0"),
+            "tag\\nWARN forged\\r\\u{1b}[31m\\u{0}"
+        );
+    }
+}

@@ -20,7 +20,7 @@ mod component;
 pub use auth::AuthMethod;
 pub use config::Config;
 pub use connection::{Connection, Output, Session, TlsRole, Verdict};
-pub use error::{ConfigError, Error, MessageError, SendError};
+pub use error::{ConfigError, Error, MessageError, SendError, printable};
 pub use framing::{Framing, Limits, split_sequence};
 pub use greeting::{Greeting, NONCE_LEN};
 pub use node::{ConnId, GlobalLimits, LogLevel, Node, NodeConfig, NodeError, NodeOutput};

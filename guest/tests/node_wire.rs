@@ -3,7 +3,9 @@
 
 mod support;
 
-use aemp_engine::{Config, ConnId, Connection, Framing, Node, NodeOutput, Output, Value, Verdict};
+use aemp_engine::{
+    Config, ConnId, Connection, Framing, LogLevel, Node, NodeOutput, Output, Value, Verdict,
+};
 use support::net::{SECRET, args, node_config, t};
 
 /// Node `n` connected to a raw transport peer `peer` (which speaks json).
@@ -346,4 +348,45 @@ mod arbitrary_requests {
             prop_assert_eq!(got.last(), Some(&m(vec![t("ok"), Value::Bool(true)])));
         }
     }
+}
+
+/// Peer text in log lines is escaped, and junk requests from one peer log a bounded
+/// number of warnings per minute.
+#[test]
+fn peer_text_in_logs_is_escaped_and_rate_limited() {
+    let mut w = Wire::new(false);
+    let warnings = |w: &mut Wire| -> Vec<String> {
+        std::mem::take(&mut w.events)
+            .into_iter()
+            .filter_map(|e| match e {
+                NodeOutput::Log {
+                    level: LogLevel::Warn,
+                    message,
+                } => Some(message),
+                _ => None,
+            })
+            .collect()
+    };
+    w.send(vec![t(""), t("junk\n2026-11-26 WARN forged line\u{1b}[2J")]);
+    let logged = warnings(&mut w);
+    assert_eq!(
+        logged,
+        [
+            "remote execution not allowed: request 'junk\\n2026-11-26 WARN forged line\\u{1b}[2J' from peer dropped"
+        ]
+    );
+    for _ in 0..100 {
+        w.send(vec![t(""), t("junk")]);
+    }
+    let logged = warnings(&mut w);
+    assert_eq!(logged.len(), 10, "{logged:?}");
+    assert_eq!(
+        logged.last().map(String::as_str),
+        Some("more warnings about requests from peer suppressed for up to 60 s")
+    );
+    // A minute later the peer has a fresh budget.
+    w.now += 60_000;
+    w.node.handle_timeout(w.now);
+    w.send(vec![t(""), t("junk")]);
+    assert_eq!(warnings(&mut w).len(), 1);
 }

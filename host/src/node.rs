@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aemp_engine::{AuthMethod, Framing, Value};
+use aemp_engine::{AuthMethod, Framing, Value, printable};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::{
     UnboundedReceiver, UnboundedSender, WeakUnboundedSender, unbounded_channel,
@@ -1107,7 +1107,7 @@ impl Driver {
             O::Close(c) => {
                 self.dialing.remove(&c.conn);
                 if let Some(handle) = self.conns.remove(&c.conn) {
-                    tracing::debug!("closing connection {}: {}", c.conn, c.reason);
+                    tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason));
                     let _ = handle.tx.send(ConnCmd::Close);
                 }
             }
@@ -1117,12 +1117,12 @@ impl Driver {
                 }
             }
             O::NodeUp(node) => {
-                tracing::info!("{node} is up");
+                tracing::info!("{} is up", printable(&node));
                 self.up.insert(node.clone());
                 let _ = self.events.send(Event::NodeUp(node));
             }
             O::NodeDown(d) => {
-                tracing::info!("{} is down: {}", d.node, d.reason);
+                tracing::info!("{} is down: {}", printable(&d.node), printable(&d.reason));
                 self.up.remove(&d.node);
                 let _ = self.events.send(Event::NodeDown {
                     node: d.node,

@@ -21,8 +21,8 @@ impl Node {
         let mut items = items.into_iter();
         let Some(tag) = items.next() else { return };
         let Some(tag) = tag.as_name().map(|t| t.into_owned()) else {
-            return self.log(
-                LogLevel::Warn,
+            return self.warn_peer(
+                src,
                 format!("node-port request from {src} without a tag dropped"),
             );
         };
@@ -75,10 +75,7 @@ impl Node {
                 let (node, port) = (node.to_owned(), port.to_owned());
                 let relayed = msg::build(&port, rest(1));
                 if let Err(e) = self.route(&node, relayed, now) {
-                    self.log(
-                        LogLevel::Warn,
-                        format!("relay from {src} to {port_id} failed: {e}"),
-                    );
+                    self.warn_peer(src, format!("relay from {src} to {port_id} failed: {e}"));
                 }
             }
             "can" => {
@@ -109,8 +106,8 @@ impl Node {
                 });
             }
             "eval" => {
-                self.log(
-                    LogLevel::Warn,
+                self.warn_peer(
+                    src,
                     format!("remote execution not allowed: eval from {src} refused"),
                 );
                 if args.len() > 1 {
@@ -119,8 +116,8 @@ impl Node {
                     self.reply_to_port(args.get(1), reply, now);
                 }
             }
-            _ => self.log(
-                LogLevel::Warn,
+            _ => self.warn_peer(
+                src,
                 format!("remote execution not allowed: request '{tag}' from {src} dropped"),
             ),
         }

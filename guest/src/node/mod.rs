@@ -218,6 +218,20 @@ pub struct Node {
     jitter: u64,
     outputs: VecDeque<NodeOutput>,
     now: u64,
+    /// Warnings about each connected peer's requests in the current window.
+    warned: HashMap<String, WarnBudget>,
+}
+
+/// Warnings logged about one peer's requests per window; past it they are dropped, so a
+/// peer sending junk cannot flood the log.
+const PEER_WARNINGS: u32 = 10;
+const PEER_WARNING_WINDOW_MS: u64 = 60_000;
+
+/// One peer's warnings in the current window.
+#[derive(Debug, Clone, Copy)]
+struct WarnBudget {
+    since: u64,
+    count: u32,
 }
 
 impl Node {
@@ -257,6 +271,7 @@ impl Node {
             jitter,
             outputs: VecDeque::new(),
             now,
+            warned: HashMap::new(),
             config,
         };
         let binds = node
@@ -689,6 +704,7 @@ impl Node {
             });
         }
         if was_up {
+            self.warned.remove(node);
             self.outputs.push_back(NodeOutput::NodeDown {
                 node: node.to_owned(),
                 reason: reason.to_owned(),
@@ -910,8 +926,43 @@ impl Node {
         self.outputs.push_back(NodeOutput::Connect { conn, addr });
     }
 
+    /// Every log line goes through here. Lines quote peer text (node ids, tags, reasons):
+    /// control characters in it are escaped, so a peer can neither forge a line with a
+    /// newline nor send a terminal escape sequence through the log.
     fn log(&mut self, level: LogLevel, message: String) {
+        let message = match crate::error::printable(&message) {
+            std::borrow::Cow::Borrowed(_) => message,
+            std::borrow::Cow::Owned(escaped) => escaped,
+        };
         self.outputs.push_back(NodeOutput::Log { level, message });
+    }
+
+    /// A warning about a request from `peer`: at most [`PEER_WARNINGS`] per peer and
+    /// window, then one line saying the rest are suppressed.
+    fn warn_peer(&mut self, peer: &str, message: String) {
+        let now = self.now;
+        let budget = self.warned.entry(peer.to_owned()).or_insert(WarnBudget {
+            since: now,
+            count: 0,
+        });
+        if now.saturating_sub(budget.since) >= PEER_WARNING_WINDOW_MS {
+            *budget = WarnBudget {
+                since: now,
+                count: 0,
+            };
+        }
+        budget.count = budget.count.saturating_add(1);
+        match budget.count {
+            n if n <= PEER_WARNINGS => self.log(LogLevel::Warn, message),
+            n if n == PEER_WARNINGS + 1 => self.log(
+                LogLevel::Warn,
+                format!(
+                    "more warnings about requests from {peer} suppressed for up to {} s",
+                    PEER_WARNING_WINDOW_MS / 1000
+                ),
+            ),
+            _ => {}
+        }
     }
 
     /// Jitter factor in [1, 2) as thousandths (xorshift; timing only, not secret).

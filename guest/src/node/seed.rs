@@ -343,8 +343,8 @@ impl Node {
                 if !watched.contains(&family)
                     && watched.len() >= self.config.global_limits.max_monitors_per_node
                 {
-                    return self.log(
-                        LogLevel::Warn,
+                    return self.warn_peer(
+                        src,
                         format!("g_mon1 {family} from {src} ignored: too many monitors"),
                     );
                 }
@@ -406,8 +406,8 @@ impl Node {
             .cloned()
             .collect();
         if effects.dropped > 0 {
-            self.log(
-                LogLevel::Warn,
+            self.warn_peer(
+                node,
                 format!(
                     "{} entries of {node} in family {family} ignored: database limit reached",
                     effects.dropped
