@@ -356,9 +356,10 @@ pub fn set_key(rc: &mut Value, profile: Option<&str>, key: &str, value: Value) {
 }
 
 /// Removes a top-level key (profile None) or a key of a profile, so it is inherited again.
+/// The other keys keep their order.
 pub fn del_key(rc: &mut Value, profile: Option<&str>, key: &str) {
     if let Some(map) = section(rc, profile) {
-        map.remove(key);
+        map.shift_remove(key);
     }
 }
 
@@ -419,7 +420,7 @@ pub fn add_profile(rc: &mut Value, name: &str) {
 /// Removes profile `name` altogether.
 pub fn del_profile(rc: &mut Value, name: &str) {
     if let Some(Value::Object(profiles)) = rc.get_mut("profile") {
-        profiles.remove(name);
+        profiles.shift_remove(name);
     }
 }
 
@@ -562,8 +563,8 @@ pub fn effective(rc: &Value, name: Option<&str>, extra: &Object) -> Result<Objec
         .into_iter()
         .map(|(key, (value, _))| (key.to_owned(), value.clone()))
         .collect();
-    out.remove("profile");
-    out.remove("parent");
+    out.shift_remove("profile");
+    out.shift_remove("parent");
     Ok(out)
 }
 
@@ -1136,6 +1137,11 @@ mod tests {
             matches!(&err, ConfigError::Type { key, .. } if key == "profile.p.binds"),
             "{err}"
         );
+
+        // Deleting keeps the order of the others.
+        let mut ordered = json!({"a": 1, "b": 2, "c": 3});
+        del_key(&mut ordered, None, "a");
+        assert_eq!(pretty(&ordered), "{\n   \"b\" : 2,\n   \"c\" : 3\n}\n");
 
         del_key(&mut rc, Some("p"), "binds");
         del_key(&mut rc, None, "seeds");
