@@ -4,6 +4,7 @@
 
 mod cli;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -53,6 +54,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Reporting a failed log write goes to stderr too and panics when it is closed
+        // (`aemp mon ... 2>&1 | head`), which would stop the node.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -73,7 +77,8 @@ fn main() -> ExitCode {
 }
 
 fn fail(message: String) -> ExitCode {
-    eprintln!("aemp: {message}");
+    // Not eprintln!, which panics if stderr is closed.
+    let _ = writeln!(std::io::stderr(), "aemp: {message}");
     ExitCode::FAILURE
 }
 

@@ -471,6 +471,29 @@ fn bare_node_ids_and_snd_confirmation() {
     // An empty node id is no port id.
     let err = refused(&rc, &["snd", "#x", "--connect", &addr]);
     assert!(err.contains("invalid port id '#x'"), "{err}");
+
+    // `mon NODE` watches the node port: it fires when the node goes away.
+    let mut mon = Command::new(AEMP)
+        .args(["mon", "srv", "--connect", &addr, "-v"])
+        .env("PERL_ANYEVENT_MP_RC", &rc)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = mon.stderr.take().unwrap();
+    let stdout = mon.stdout.take().unwrap();
+    let mon = Running(mon);
+    // Wait for the connection (the -v log says so) before stopping the node. Its stderr is
+    // closed after that line: logging must not stop it.
+    let connected = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("connected as srv"));
+    assert!(connected);
+    drop(_server);
+    let line = BufReader::new(stdout).lines().next().unwrap().unwrap();
+    assert!(line.starts_with("[\"transport_error\",\"srv\""), "{line}");
+    drop(mon);
 }
 
 /// The next message on `port` (a panic after 10 s).
