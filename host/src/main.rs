@@ -30,11 +30,11 @@ fn main() -> ExitCode {
         Err(e) => return fail(e.to_string()),
     };
     if opts.help {
-        print!("{}", cli::USAGE);
+        say(cli::USAGE);
         return ExitCode::SUCCESS;
     }
     if opts.version {
-        println!("aemp {}", env!("CARGO_PKG_VERSION"));
+        say(&format!("aemp {}\n", env!("CARGO_PKG_VERSION")));
         return ExitCode::SUCCESS;
     }
     let verbs = match args::type_args(rest)
@@ -74,6 +74,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+/// Writes `text` to stdout; unlike print!, no panic if stdout is closed (`| head`).
+fn say(text: &str) {
+    let mut out = std::io::stdout();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 fn fail(message: String) -> ExitCode {
@@ -168,14 +174,14 @@ impl Session {
             }
             Verb::DelProfile { name } => config::del_profile(&mut self.rc, &name),
             Verb::ShowProfile { name } => {
-                print!("{}", config::pretty(&config::own_profile(&self.rc, &name)));
+                say(&config::pretty(&config::own_profile(&self.rc, &name)));
                 return Ok(());
             }
             Verb::ShowConfig { name, settings } => {
                 let name = name.or_else(|| self.opts.profile.clone());
                 let shown = config::effective(&self.rc, name.as_deref(), &settings)
                     .map_err(|e| e.to_string())?;
-                print!("{}", config::pretty(&Json::Object(shown)));
+                say(&config::pretty(&Json::Object(shown)));
                 return Ok(());
             }
             Verb::Run { profile, settings } => {
@@ -333,7 +339,7 @@ impl Session {
                 Err(_) => break,
             }
         }
-        println!("{}", words(&confirmed));
+        say(&format!("{}\n", words(&confirmed)));
         Ok(())
     }
 
@@ -345,7 +351,7 @@ impl Session {
         node.send(port, args).await.map_err(|e| e.to_string())?;
         match tokio::time::timeout(self.timeout(), reply.recv()).await {
             Ok(Some(reply)) => {
-                println!("{}", json(&Value::Array(reply)));
+                say(&format!("{}\n", json(&Value::Array(reply))));
                 Ok(())
             }
             _ => Err(format!(
@@ -364,7 +370,7 @@ impl Session {
         loop {
             match events.recv().await {
                 Ok(Event::PortDown { port: p, reason }) if p == watched => {
-                    println!("{}", json(&Value::Array(reason)));
+                    say(&format!("{}\n", json(&Value::Array(reason))));
                     return Ok(());
                 }
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
@@ -376,18 +382,18 @@ impl Session {
     async fn run_node(&self, profile: Option<String>, settings: Map<String, Json>) -> Result<()> {
         let node = self.start(self.builder(profile, &settings, true)?).await?;
         let addrs: Vec<String> = node.listen_addrs().iter().map(|a| a.to_string()).collect();
-        println!(
-            "node {} listening on {}",
+        say(&format!(
+            "node {} listening on {}\n",
             node.id(),
             if addrs.is_empty() {
                 "nothing".into()
             } else {
                 addrs.join(" ")
             }
-        );
+        ));
         if self.opts.echo {
             let mut port = node.named_port("echo").await.map_err(|e| e.to_string())?;
-            println!("echo port {}", port.id());
+            say(&format!("echo port {}\n", port.id()));
             let echoer = node.clone();
             tokio::spawn(async move {
                 while let Some(mut args) = port.recv().await {
