@@ -175,10 +175,35 @@ fn local_monitors_and_unmonitor() {
     net.nodes[a].kill(&q, &args(vec![]), now).unwrap();
     net.run();
     assert_eq!(net.port_downs(a).len(), 2);
+    // Only an empty node id is invalid: a bare node id names the node port (next test).
     assert_eq!(
-        net.nodes[a].send("nohash", &args(vec![]), now),
-        Err(NodeError::InvalidPortId("nohash".into()))
+        net.nodes[a].send("#nohash", &args(vec![]), now),
+        Err(NodeError::InvalidPortId("#nohash".into()))
     );
+    assert_eq!(
+        net.nodes[a].send("", &args(vec![]), now),
+        Err(NodeError::InvalidPortId(String::new()))
+    );
+}
+
+#[test]
+fn bare_node_id_is_the_node_port() {
+    let (mut net, a, b, c) = three();
+    let pc = net.nodes[c].register_port("inbox").unwrap();
+    let now = net.now;
+    // As the reference's `snd`: no `#` means the node port, here relaying with `snd`.
+    net.nodes[a]
+        .send("b", &args(vec![t("snd"), t(&pc), t("bare")]), now)
+        .unwrap();
+    net.run();
+    assert_eq!(net.delivered(c), [(pc, Value::Array(vec![t("bare")]))]);
+    // A monitor of a bare node id watches that node's node port, reported as `NODE#`.
+    net.nodes[a].monitor("b", now).unwrap();
+    net.run();
+    net.cut(b);
+    let downs = net.port_downs(a);
+    assert_eq!(downs.len(), 1, "{downs:?}");
+    assert_eq!(downs[0].0, "b#");
 }
 
 #[test]

@@ -23,7 +23,6 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 /// Framing formats AnyEvent::MP knows but this implementation cannot speak; dropped from
@@ -240,38 +239,88 @@ fn strip_relaxed(input: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Writes the file back (pretty JSON, written to a temporary file in the same directory then
-/// renamed), used by `setsecret`/`setcert`.
+/// Writes the file back the way AnyEvent::MP does, so both tools can share it: [`pretty`]
+/// JSON written to `<path>~new~`, the old file kept as `<path>~` (a hard link, else a copy),
+/// then the new one renamed over `<path>`.
 ///
-/// The temporary file is `<path>~new~`, as in AnyEvent::MP. An existing file's permissions are
-/// kept; a new file is created readable by its owner only, since it may hold the secret.
+/// An existing file's permissions are kept; a new file is created readable by its owner
+/// only, since it may hold the secret.
 pub fn save_rc(path: &Path, rc: &Value) -> Result<(), ConfigError> {
-    let mut text = Vec::new();
-    // Three-space indent, like JSON::XS's pretty output.
-    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"   ");
-    let mut ser = serde_json::Serializer::with_formatter(&mut text, formatter);
-    rc.serialize(&mut ser).map_err(|e| ConfigError::Io {
-        path: show(path),
-        source: io::Error::other(e),
-    })?;
-    text.push(b'\n');
-
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push("~new~");
-    let tmp = PathBuf::from(tmp);
+    let text = pretty(rc);
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let (tmp, backup) = (with_suffix("~new~"), with_suffix("~"));
     let io_err = |at: &Path| {
         let path = show(at);
         move |source| ConfigError::Io { path, source }
     };
-    write_new(&tmp, path, &text).map_err(|e| {
+    write_new(&tmp, path, text.as_bytes()).map_err(|e| {
         // Best effort: a half-written temporary file is useless.
         let _ = fs::remove_file(&tmp);
         io_err(&tmp)(e)
     })?;
+    keep_backup(path, &backup).map_err(io_err(&backup))?;
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         io_err(path)(e)
     })
+}
+
+/// Replaces `backup` by the current `path` (nothing to keep if `path` does not exist).
+fn keep_backup(path: &Path, backup: &Path) -> io::Result<()> {
+    match fs::remove_file(backup) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    match fs::hard_link(path, backup) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        // Some file systems have no hard links.
+        Err(_) => fs::copy(path, backup).map(drop),
+    }
+}
+
+/// `value` as JSON::XS's pretty output, which AnyEvent::MP writes and `aemp showconfig`
+/// prints: three-space indent, `"key" : value`, one item per line, a final newline.
+pub fn pretty(value: &Value) -> String {
+    let mut out = String::new();
+    write_pretty(&mut out, value, 0);
+    out.push('\n');
+    out
+}
+
+/// Appends `value` at nesting `depth` (bounded: serde_json parses at most 128 levels).
+fn write_pretty(out: &mut String, value: &Value, depth: usize) {
+    let indent = |out: &mut String, depth: usize| out.extend(std::iter::repeat_n("   ", depth));
+    match value {
+        Value::Array(items) if !items.is_empty() => {
+            out.push_str("[\n");
+            for (i, item) in items.iter().enumerate() {
+                indent(out, depth + 1);
+                write_pretty(out, item, depth + 1);
+                out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
+            }
+            indent(out, depth);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            out.push_str("{\n");
+            for (i, (key, item)) in map.iter().enumerate() {
+                indent(out, depth + 1);
+                out.push_str(&Value::from(key.as_str()).to_string());
+                out.push_str(" : ");
+                write_pretty(out, item, depth + 1);
+                out.push_str(if i + 1 < map.len() { ",\n" } else { "\n" });
+            }
+            indent(out, depth);
+            out.push('}');
+        }
+        // Scalars, `[]` and `{}` print as compact JSON.
+        _ => out.push_str(&value.to_string()),
+    }
 }
 
 /// Creates `tmp` afresh with `text`, taking `original`'s permissions if it exists.
@@ -301,29 +350,106 @@ fn write_new(tmp: &Path, original: &Path, text: &[u8]) -> io::Result<()> {
 /// Anything in the way that is not an object (the top level, `profile`, the profile entry)
 /// is replaced by an empty object first.
 pub fn set_key(rc: &mut Value, profile: Option<&str>, key: &str, value: Value) {
-    if !rc.is_object() {
-        *rc = Value::Object(Map::new());
-    }
-    let target = match profile {
-        None => Some(rc),
-        Some(name) => child_object(rc, "profile").and_then(|p| child_object(p, name)),
-    };
-    if let Some(Value::Object(map)) = target {
+    if let Some(map) = section(rc, profile) {
         map.insert(key.to_owned(), value);
     }
 }
 
-/// The object at `parent[key]`, created (or replacing a non-object) as needed; `None` only if
-/// `parent` is not an object.
-fn child_object<'a>(parent: &'a mut Value, key: &str) -> Option<&'a mut Value> {
-    let slot = parent
-        .as_object_mut()?
-        .entry(key)
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !slot.is_object() {
-        *slot = Value::Object(Map::new());
+/// Removes a top-level key (profile None) or a key of a profile, so it is inherited again.
+/// The other keys keep their order.
+pub fn del_key(rc: &mut Value, profile: Option<&str>, key: &str) {
+    if let Some(map) = section(rc, profile) {
+        map.shift_remove(key);
     }
-    Some(slot)
+}
+
+/// Appends `item` to the list at `key` (a missing or `null` list counts as empty), first
+/// dropping equal items so it is listed once, as `aemp addseed`/`addbind` do.
+pub fn list_add(
+    rc: &mut Value,
+    profile: Option<&str>,
+    key: &str,
+    item: Value,
+) -> Result<(), ConfigError> {
+    let list = list_at(rc, profile, key)?;
+    list.retain(|x| *x != item);
+    list.push(item);
+    Ok(())
+}
+
+/// Removes every item equal to `item` from the list at `key` (`aemp delseed`/`delbind`).
+pub fn list_remove(
+    rc: &mut Value,
+    profile: Option<&str>,
+    key: &str,
+    item: &Value,
+) -> Result<(), ConfigError> {
+    list_at(rc, profile, key)?.retain(|x| x != item);
+    Ok(())
+}
+
+/// The list at `key` of the section, created empty if missing or `null`.
+fn list_at<'a>(
+    rc: &'a mut Value,
+    profile: Option<&str>,
+    key: &str,
+) -> Result<&'a mut Vec<Value>, ConfigError> {
+    let at = match profile {
+        Some(name) => format!("profile.{name}.{key}"),
+        None => key.to_owned(),
+    };
+    let err = || ConfigError::Type {
+        key: at.clone(),
+        expected: "a list",
+    };
+    let slot = section(rc, profile)
+        .ok_or_else(err)?
+        .entry(key)
+        .or_insert(Value::Null);
+    if slot.is_null() {
+        *slot = Value::Array(Vec::new());
+    }
+    slot.as_array_mut().ok_or_else(err)
+}
+
+/// Creates profile `name` (empty) unless it exists, as the reference's `aemp profile` does.
+pub fn add_profile(rc: &mut Value, name: &str) {
+    section(rc, Some(name));
+}
+
+/// Removes profile `name` altogether.
+pub fn del_profile(rc: &mut Value, name: &str) {
+    if let Some(Value::Object(profiles)) = rc.get_mut("profile") {
+        profiles.shift_remove(name);
+    }
+}
+
+/// The keys set in profile `name` itself, nothing inherited (`{}` if it does not exist).
+pub fn own_profile(rc: &Value, name: &str) -> Value {
+    rc.get("profile")
+        .and_then(|p| p.get(name))
+        .cloned()
+        .unwrap_or_else(|| Value::Object(Map::new()))
+}
+
+/// The object holding the keys of `profile` (the top level for None), created (or
+/// replacing a non-object in the way) as needed; `None` never happens in practice, it only
+/// spares a panic path.
+fn section<'a>(rc: &'a mut Value, profile: Option<&str>) -> Option<&'a mut Object> {
+    let mut target = object(rc)?;
+    if let Some(name) = profile {
+        target = object(target.entry("profile").or_insert(Value::Null))?;
+        target = object(target.entry(name).or_insert(Value::Null))?;
+    }
+    Some(target)
+}
+
+/// `value` as an object, replacing it by an empty one if it is something else.
+fn object(value: &mut Value) -> Option<&mut Object> {
+    if !value.is_object() {
+        *value = Value::Object(Map::new());
+    }
+    value.as_object_mut()
 }
 
 /// The embedded default configuration used when there is no file: just the built-in defaults.
@@ -355,38 +481,21 @@ pub fn defaults() -> Value {
 /// (or missing parent) contributes nothing, as in Perl. A `null` value means "not set": the
 /// built-in default applies (or no secret/cert).
 pub fn resolve(rc: &Value, name: Option<&str>) -> Result<Profile, ConfigError> {
-    let mut hostname = None;
-    let name = match name {
-        Some(name) => name.to_owned(),
-        None => host_name(&mut hostname)?.to_owned(),
-    };
-    let top = match rc {
-        Value::Object(map) => Some(map),
-        Value::Null => None,
-        _ => {
-            return Err(ConfigError::Type {
-                key: "(top level)".into(),
-                expected: "a JSON object",
-            });
-        }
-    };
+    resolve_with(rc, name, &Object::new())
+}
 
+/// [`resolve`] with `extra` settings layered just above the built-in defaults, below the file:
+/// AnyEvent::MP's `configure` arguments (`aemp run KEY VALUE...`), which the file overrides.
+pub fn resolve_with(
+    rc: &Value,
+    name: Option<&str>,
+    extra: &Object,
+) -> Result<Profile, ConfigError> {
+    let mut hostname = None;
+    let name = profile_name(name, &mut hostname)?;
     let builtin = defaults();
     let builtin_map = builtin.as_object();
-    // Lowest priority first, each with the key prefix used in error messages.
-    let mut layers: Vec<(&Object, String)> = Vec::new();
-    layers.extend(builtin_map.map(|m| (m, String::new())));
-    layers.extend(top.map(|m| (m, String::new())));
-    for (pname, map) in profile_chain(top, &name)?.into_iter().rev() {
-        layers.push((map, format!("profile.{pname}.")));
-    }
-    // Key -> (value, where it came from).
-    let mut merged: BTreeMap<&str, (&Value, String)> = BTreeMap::new();
-    for (map, prefix) in &layers {
-        for (key, value) in *map {
-            merged.insert(key.as_str(), (value, format!("{prefix}{key}")));
-        }
-    }
+    let merged = merge(&layers(rc, builtin_map, extra, &name)?);
 
     // The value of `key`, falling back to the built-in default when unset or null.
     let get = |key: &'static str| -> Option<(&Value, String)> {
@@ -442,6 +551,69 @@ pub fn resolve(rc: &Value, name: Option<&str>) -> Result<Profile, ConfigError> {
         secure: get("secure").is_some_and(|(value, _)| perl_true(value)),
         name,
     })
+}
+
+/// The effective configuration of profile `name` (None: the host name) as plain JSON, the
+/// way `aemp showconfig` shows it: the same layers as [`resolve_with`], without the
+/// `profile` and `parent` keys and with the node id not yet expanded.
+pub fn effective(rc: &Value, name: Option<&str>, extra: &Object) -> Result<Object, ConfigError> {
+    let name = profile_name(name, &mut None)?;
+    let builtin = defaults();
+    let mut out: Object = merge(&layers(rc, builtin.as_object(), extra, &name)?)
+        .into_iter()
+        .map(|(key, (value, _))| (key.to_owned(), value.clone()))
+        .collect();
+    out.shift_remove("profile");
+    out.shift_remove("parent");
+    Ok(out)
+}
+
+/// `name`, or the host name (looked up into `cache`) without one.
+fn profile_name(name: Option<&str>, cache: &mut Option<String>) -> Result<String, ConfigError> {
+    match name {
+        Some(name) => Ok(name.to_owned()),
+        None => host_name(cache).map(str::to_owned),
+    }
+}
+
+/// The layers making up profile `name`, lowest priority first, each with the key prefix used
+/// in error messages: `builtin`, `extra`, the top level, then the `parent` chain from the
+/// farthest ancestor down to the profile itself.
+fn layers<'a>(
+    rc: &'a Value,
+    builtin: Option<&'a Object>,
+    extra: &'a Object,
+    name: &'a str,
+) -> Result<Vec<(&'a Object, String)>, ConfigError> {
+    let top = match rc {
+        Value::Object(map) => Some(map),
+        Value::Null => None,
+        _ => {
+            return Err(ConfigError::Type {
+                key: "(top level)".into(),
+                expected: "a JSON object",
+            });
+        }
+    };
+    let mut layers: Vec<(&Object, String)> = Vec::new();
+    layers.extend(builtin.map(|m| (m, String::new())));
+    layers.push((extra, String::new()));
+    layers.extend(top.map(|m| (m, String::new())));
+    for (pname, map) in profile_chain(top, name)?.into_iter().rev() {
+        layers.push((map, format!("profile.{pname}.")));
+    }
+    Ok(layers)
+}
+
+/// Key -> (value, where it came from), later layers winning.
+fn merge<'a>(layers: &[(&'a Object, String)]) -> BTreeMap<&'a str, (&'a Value, String)> {
+    let mut merged = BTreeMap::new();
+    for (map, prefix) in layers {
+        for (key, value) in *map {
+            merged.insert(key.as_str(), (value, format!("{prefix}{key}")));
+        }
+    }
+    merged
 }
 
 /// The profiles named by `name` and its `parent` links, nearest first.
@@ -867,16 +1039,22 @@ mod tests {
         assert!(text.ends_with("}\n"));
         assert!(text.contains("\n   \""), "three-space indent: {text}");
 
-        // Overwrite; no temporary file left behind.
+        // Overwrite; no temporary file left behind, the old file kept as `rc~` (as
+        // AnyEvent::MP keeps it).
         let mut rc2 = rc.clone();
         set_key(&mut rc2, None, "secret", json!("new"));
         save_rc(&path, &rc2).unwrap();
         assert_eq!(load_rc(&path).unwrap(), rc2);
-        let names: Vec<_> = fs::read_dir(dir.path())
+        let mut names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, [OsString::from("rc")]);
+        names.sort();
+        assert_eq!(names, [OsString::from("rc"), OsString::from("rc~")]);
+        assert_eq!(load_rc(&dir.path().join("rc~")).unwrap(), rc);
+        // The next save replaces the backup.
+        save_rc(&path, &json!({})).unwrap();
+        assert_eq!(load_rc(&dir.path().join("rc~")).unwrap(), rc2);
 
         #[cfg(unix)]
         {
@@ -918,5 +1096,94 @@ mod tests {
         let mut rc = json!(null);
         set_key(&mut rc, None, "k", json!(1));
         assert_eq!(rc, json!({"k": 1}));
+    }
+
+    #[test]
+    fn pretty_is_json_xs_style() {
+        let v = json!({"a": [1, "x"], "b": {}, "c": [], "d": {"e": null}, "s": "q\"/é"});
+        assert_eq!(
+            pretty(&v),
+            "{\n   \"a\" : [\n      1,\n      \"x\"\n   ],\n   \"b\" : {},\n   \"c\" : [],\n   \"d\" : {\n      \"e\" : null\n   },\n   \"s\" : \"q\\\"/é\"\n}\n"
+        );
+        assert_eq!(pretty(&json!({})), "{}\n");
+        // What it writes reads back the same.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rc");
+        save_rc(&path, &v).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), pretty(&v));
+        assert_eq!(load_rc(&path).unwrap(), v);
+    }
+
+    #[test]
+    fn editing_keys_lists_and_profiles() {
+        let mut rc = json!({"version": 1});
+        set_key(&mut rc, None, "seeds", json!(["a:1"]));
+        list_add(&mut rc, None, "seeds", json!("b:2")).unwrap();
+        list_add(&mut rc, None, "seeds", json!("a:1")).unwrap();
+        assert_eq!(rc["seeds"], json!(["b:2", "a:1"]));
+        list_remove(&mut rc, None, "seeds", &json!("b:2")).unwrap();
+        list_remove(&mut rc, None, "seeds", &json!("nope")).unwrap();
+        assert_eq!(rc["seeds"], json!(["a:1"]));
+        // A missing (or null) list starts empty; in a profile, created as needed.
+        list_add(&mut rc, Some("p"), "binds", json!("*:4040")).unwrap();
+        assert_eq!(rc["profile"]["p"]["binds"], json!(["*:4040"]));
+        set_key(&mut rc, Some("p"), "seeds", Value::Null);
+        list_remove(&mut rc, Some("p"), "seeds", &json!("x")).unwrap();
+        assert_eq!(rc["profile"]["p"]["seeds"], json!([]));
+        // Not a list: an error naming the key.
+        set_key(&mut rc, Some("p"), "binds", json!("*:1"));
+        let err = list_add(&mut rc, Some("p"), "binds", json!("x")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Type { key, .. } if key == "profile.p.binds"),
+            "{err}"
+        );
+
+        // Deleting keeps the order of the others.
+        let mut ordered = json!({"a": 1, "b": 2, "c": 3});
+        del_key(&mut ordered, None, "a");
+        assert_eq!(pretty(&ordered), "{\n   \"b\" : 2,\n   \"c\" : 3\n}\n");
+
+        del_key(&mut rc, Some("p"), "binds");
+        del_key(&mut rc, None, "seeds");
+        del_key(&mut rc, None, "absent");
+        assert_eq!(rc, json!({"version": 1, "profile": {"p": {"seeds": []}}}));
+        assert_eq!(own_profile(&rc, "p"), json!({"seeds": []}));
+        assert_eq!(own_profile(&rc, "q"), json!({}));
+        add_profile(&mut rc, "q");
+        add_profile(&mut rc, "p");
+        assert_eq!(rc["profile"], json!({"p": {"seeds": []}, "q": {}}));
+        del_profile(&mut rc, "p");
+        del_profile(&mut rc, "absent");
+        assert_eq!(rc["profile"], json!({"q": {}}));
+    }
+
+    #[test]
+    fn effective_configuration() {
+        let rc = json!({
+            "version": 1,
+            "secret": "top",
+            "profile": {
+                "base": {"binds": ["*:4040"], "nodeid": "b/"},
+                "p": {"parent": "base", "secret": "mine"},
+            },
+        });
+        let extra = json!({"secret": "arg", "seeds": ["s:1"], "autocork": 1});
+        let extra = extra.as_object().unwrap();
+        let got = effective(&rc, Some("p"), extra).unwrap();
+        // The file overrides the extra settings, which override the built-in defaults.
+        assert_eq!(got["secret"], "mine");
+        assert_eq!(got["seeds"], json!(["s:1"]));
+        assert_eq!(got["autocork"], 1);
+        assert_eq!(got["binds"], json!(["*:4040"]));
+        assert_eq!(got["nodeid"], "b/");
+        assert_eq!(got["monitor_timeout"], 30);
+        assert_eq!(got["version"], 1);
+        assert!(!got.contains_key("profile") && !got.contains_key("parent"));
+        // resolve_with layers the same way.
+        let p = resolve_with(&rc, Some("p"), extra).unwrap();
+        assert_eq!(p.secret.as_deref(), Some("mine"));
+        assert_eq!(p.seeds, ["s:1"]);
+        let p = resolve_with(&json!({}), Some("x"), extra).unwrap();
+        assert_eq!(p.secret.as_deref(), Some("arg"));
     }
 }

@@ -131,3 +131,527 @@ fn errors_are_one_clear_line() {
         "{err}"
     );
 }
+
+/// The file read back as JSON.
+fn read_rc(rc: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(rc).unwrap()).unwrap()
+}
+
+/// Runs `aemp` with `args` and asserts it succeeded.
+fn ok(rc: &std::path::Path, args: &[&str]) -> String {
+    let (code, out, err) = aemp(rc, args);
+    assert_eq!(code, 0, "aemp {args:?}: {err}");
+    out
+}
+
+/// Runs `aemp` with `args` and asserts it failed with one line on stderr.
+fn refused(rc: &std::path::Path, args: &[&str]) -> String {
+    let (code, out, err) = aemp(rc, args);
+    assert_eq!((code, out.as_str()), (1, ""), "aemp {args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("aemp: "), "{err}");
+    err
+}
+
+#[test]
+fn chained_verbs_write_the_file_as_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    let old = "{ \"seeds\": [\"old:1\"], # relaxed\n }";
+    std::fs::write(&rc, old).unwrap();
+    ok(
+        &rc,
+        &[
+            "gensecret",
+            "profile",
+            "xyzzy",
+            "binds",
+            "4040,4041",
+            "nodeid",
+            "anon/",
+        ],
+    );
+    let v = read_rc(&rc);
+    let secret = v["secret"].as_str().unwrap();
+    assert!(
+        secret.len() >= 32 && secret.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{secret}"
+    );
+    assert_eq!(v["seeds"], serde_json::json!(["old:1"]));
+    assert_eq!(
+        v["profile"]["xyzzy"],
+        serde_json::json!({"binds": ["4040", "4041"], "nodeid": "anon/"})
+    );
+    // The old file is kept as `rc~`, untouched; no temporary file is left.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("rc~")).unwrap(),
+        old
+    );
+    assert!(!dir.path().join("rc~new~").exists());
+    // JSON::XS's pretty style: three-space indent, `"key" : value`, final newline.
+    let text = std::fs::read_to_string(&rc).unwrap();
+    assert!(text.starts_with("{\n   \""), "{text}");
+    assert!(text.contains("\"nodeid\" : \"anon/\""), "{text}");
+    assert!(
+        text.contains("\"binds\" : [\n            \"4040\",\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("}\n"), "{text}");
+
+    // A new file starts as the reference starts one.
+    let fresh = dir.path().join("fresh");
+    ok(&fresh, &["setsecret", "s"]);
+    assert_eq!(
+        read_rc(&fresh),
+        serde_json::json!({"version": 1, "secret": "s"})
+    );
+    assert!(!dir.path().join("fresh~").exists());
+
+    // A bad verb anywhere in the chain: nothing is written.
+    let before = std::fs::read_to_string(&rc).unwrap();
+    let err = refused(&rc, &["setsecret", "changed", "frobnicate"]);
+    assert_eq!(
+        err,
+        "aemp: frobnicate: no such aemp command (try aemp --help)\n"
+    );
+    assert_eq!(std::fs::read_to_string(&rc).unwrap(), before);
+}
+
+#[test]
+fn each_verb_edits_the_file() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    let at = |path: &[&str]| {
+        let mut v = read_rc(&rc);
+        for key in path {
+            v = v.get(*key).cloned().unwrap_or(serde_json::Value::Null);
+        }
+        v
+    };
+
+    // Node id and secret, top level and with --profile.
+    ok(&rc, &["setnodeid", "n1", "secret", "s1"]);
+    assert_eq!(
+        (at(&["nodeid"]), at(&["secret"])),
+        (json!("n1"), json!("s1"))
+    );
+    ok(&rc, &["delnodeid", "delsecret", "nodeid", "n2"]);
+    assert_eq!(
+        (at(&["nodeid"]), at(&["secret"])),
+        (json!("n2"), json!(null))
+    );
+    ok(&rc, &["--profile", "p", "setsecret", "ps"]);
+    assert_eq!(at(&["profile", "p", "secret"]), json!("ps"));
+    assert_eq!(at(&["secret"]), json!(null));
+
+    // Certificates: gencert stores PEM text, setcert reads a file, delcert removes it.
+    ok(&rc, &["gencert"]);
+    let pem = at(&["cert"]).as_str().unwrap().to_owned();
+    assert!(pem.contains("-----BEGIN"), "{pem}");
+    let file = dir.path().join("cert.pem");
+    std::fs::write(&file, &pem).unwrap();
+    ok(&rc, &["delcert"]);
+    assert_eq!(at(&["cert"]), json!(null));
+    ok(&rc, &["profile", "p", "setcert", file.to_str().unwrap()]);
+    assert_eq!(at(&["profile", "p", "cert"]), json!(pem));
+    ok(&rc, &["profile", "p", "delcert"]);
+    assert_eq!(at(&["profile", "p", "cert"]), json!(null));
+    refused(
+        &rc,
+        &["setcert", dir.path().join("missing").to_str().unwrap()],
+    );
+
+    // Seeds and binds: set (comma list or JSON array), add (once), del one, del all.
+    ok(
+        &rc,
+        &["setseeds", "a:1,b:2", "addseed", "c:3", "addseed", "a:1"],
+    );
+    assert_eq!(at(&["seeds"]), json!(["b:2", "c:3", "a:1"]));
+    ok(&rc, &["delseed", "c:3"]);
+    assert_eq!(at(&["seeds"]), json!(["b:2", "a:1"]));
+    ok(&rc, &["seeds", "x:1", "y:2,z:3"]);
+    assert_eq!(at(&["seeds"]), json!(["x:1", "y:2", "z:3"]));
+    ok(&rc, &["delseeds"]);
+    assert_eq!(at(&["seeds"]), json!(null));
+    ok(&rc, &["setbinds", "[\"*:4040\"]", "addbind", "*:4041"]);
+    assert_eq!(at(&["binds"]), json!(["*:4040", "*:4041"]));
+    ok(&rc, &["delbind", "*:4040"]);
+    assert_eq!(at(&["binds"]), json!(["*:4041"]));
+    ok(&rc, &["binds", "*", "delbinds", "addbind", "1.2.3.4:5"]);
+    assert_eq!(at(&["binds"]), json!(["1.2.3.4:5"]));
+    ok(&rc, &["setbinds", ""]);
+    assert_eq!(at(&["binds"]), json!([]));
+
+    // Profiles: parent, delete.
+    ok(
+        &rc,
+        &[
+            "profile",
+            "q",
+            "setparent",
+            "p",
+            "profile",
+            "r",
+            "parent",
+            "q",
+        ],
+    );
+    assert_eq!(at(&["profile", "q", "parent"]), json!("p"));
+    assert_eq!(at(&["profile", "r", "parent"]), json!("q"));
+    ok(&rc, &["profile", "q", "delparent"]);
+    assert_eq!(at(&["profile", "q"]), json!({}));
+    ok(&rc, &["delprofile", "r", "profile", "empty"]);
+    assert_eq!(at(&["profile", "r"]), json!(null));
+    assert_eq!(at(&["profile", "empty"]), json!({}));
+
+    // Low-level settings: setX and X, typed as given, delX.
+    for attr in [
+        "monitor_timeout",
+        "connect_interval",
+        "framing_format",
+        "auth_offer",
+        "auth_accept",
+        "autocork",
+        "nodelay",
+    ] {
+        ok(&rc, &[&format!("set{attr}"), "1"]);
+        assert_eq!(at(&[attr]), json!("1"), "{attr}");
+        ok(&rc, &[attr, "[\"x\",2]"]);
+        assert_eq!(at(&[attr]), json!(["x", 2]), "{attr}");
+        ok(&rc, &[&format!("del{attr}")]);
+        assert_eq!(at(&[attr]), json!(null), "{attr}");
+    }
+
+    // Missing arguments in the reference's words.
+    assert_eq!(refused(&rc, &["addseed"]), "aemp: seed address missing\n");
+    assert_eq!(
+        refused(&rc, &["profile"]),
+        "aemp: profile name is missing\n"
+    );
+    assert_eq!(
+        refused(&rc, &["setmonitor_timeout"]),
+        "aemp: monitor_timeout value is missing\n"
+    );
+}
+
+#[test]
+fn showprofile_and_showconfig() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    std::fs::write(
+        &rc,
+        r#"{"secret": "top", "profile": {"base": {"binds": ["*:4040"]},
+            "p": {"parent": "base", "nodeid": "p/"}}}"#,
+    )
+    .unwrap();
+    // Only the profile's own keys, in the file's order.
+    let out = ok(&rc, &["showprofile", "p"]);
+    assert_eq!(
+        out,
+        "{\n   \"parent\" : \"base\",\n   \"nodeid\" : \"p/\"\n}\n"
+    );
+    assert_eq!(ok(&rc, &["showprofile", "none"]), "{}\n");
+    // The effective configuration: defaults, extra settings, file, parent chain.
+    let out = ok(
+        &rc,
+        &["showconfig", "p", "seeds", "[\"s:1\"]", "secret", "arg"],
+    );
+    assert!(out.starts_with("{\n   \""), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["secret"], "top");
+    assert_eq!(v["seeds"], serde_json::json!(["s:1"]));
+    assert_eq!(v["binds"], serde_json::json!(["*:4040"]));
+    assert_eq!(v["nodeid"], "p/");
+    assert_eq!(v["monitor_timeout"], 30);
+    assert!(
+        v.get("parent").is_none() && v.get("profile").is_none(),
+        "{out}"
+    );
+    // Showing changes nothing.
+    assert!(!dir.path().join("rc~").exists());
+    // Edits earlier on the line are shown.
+    let out = ok(
+        &rc,
+        &["profile", "p", "setsecret", "new", "showconfig", "p"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["secret"], "new");
+}
+
+#[test]
+fn perl_code_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    std::fs::write(&rc, "{}").unwrap();
+    for args in [
+        &["eval", "node", "$$"][..],
+        &["setservices", "My::Service::"],
+        &["services", "My::Service::"],
+        &["addservice", "My::Service::"],
+        &["delservice", "My::Service::"],
+        &["shell"],
+        &["restart", "node"],
+        &["run", "services", "[\"My::Service::\"]"],
+        &["run", "eval", "1"],
+    ] {
+        let err = refused(&rc, args);
+        assert!(err.contains("not supported"), "{args:?}: {err}");
+        assert!(err.contains("Perl"), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read_to_string(&rc).unwrap(), "{}");
+    // Services already in the file: refused rather than ignored.
+    std::fs::write(&rc, r#"{"services": ["My::Service::"]}"#).unwrap();
+    let err = refused(&rc, &["run", "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("services"), "{err}");
+    ok(&rc, &["delservices"]);
+    assert!(read_rc(&rc).get("services").is_none());
+}
+
+/// `aemp run` for node `srv` in the background: the guard and its address.
+fn server(rc: &std::path::Path) -> (Running, String) {
+    let mut child = Command::new(AEMP)
+        .args(["run", "srv", "--listen", "127.0.0.1:0"])
+        .env("PERL_ANYEVENT_MP_RC", rc)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let first = BufReader::new(stdout).lines().next().unwrap().unwrap();
+    let addr = first
+        .strip_prefix("node srv listening on ")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_owned();
+    (running, addr)
+}
+
+#[test]
+fn bare_node_ids_and_snd_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    std::fs::write(
+        &rc,
+        r#"{"secret": "bare", "profile": {"srv": {"nodeid": "srv"}}}"#,
+    )
+    .unwrap();
+    // `run PROFILE`, as the reference's `aemp run database-backend`.
+    let (_server, addr) = server(&rc);
+
+    // A bare node id is the node port: `time` answers with the node's clock.
+    let out = ok(&rc, &["cal", "srv", "time", "--connect", &addr]);
+    let reply: Vec<f64> = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply.len(), 1, "{out}");
+    // The whole command line as one JSON array.
+    let out = ok(&rc, &["[\"cal\",\"srv\",\"time\"]", "--connect", &addr]);
+    assert!(out.starts_with('[') && out.ends_with("]\n"), "{out}");
+
+    // snd confirms delivery as the reference does.
+    let out = ok(&rc, &["snd", "srv", "devnull", "--connect", &addr]);
+    assert_eq!(out, "message sent successfully\n");
+    let out = ok(&rc, &["snd", "srv#", "devnull", "-1", "--connect", &addr]);
+    assert_eq!(out, "message sent successfully\n");
+    // A port that does not exist: the monitor says so.
+    let err = refused(&rc, &["snd", "srv#nope", "x", "--connect", &addr]);
+    assert!(err.contains("no_such_port"), "{err}");
+    // A node that cannot be reached.
+    let err = refused(
+        &rc,
+        &[
+            "snd",
+            "ghost",
+            "devnull",
+            "--connect",
+            "127.0.0.1:1",
+            "--timeout",
+            "1",
+        ],
+    );
+    assert!(err.starts_with("aemp: cannot reach ghost"), "{err}");
+    // An empty node id is no port id.
+    let err = refused(&rc, &["snd", "#x", "--connect", &addr]);
+    assert!(err.contains("invalid port id '#x'"), "{err}");
+
+    // `mon NODE` watches the node port: it fires when the node goes away.
+    let mut mon = Command::new(AEMP)
+        .args(["mon", "srv", "--connect", &addr, "-v"])
+        .env("PERL_ANYEVENT_MP_RC", &rc)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = mon.stderr.take().unwrap();
+    let stdout = mon.stdout.take().unwrap();
+    let mon = Running(mon);
+    // Wait for the connection (the -v log says so) before stopping the node. Its stderr is
+    // closed after that line: logging must not stop it.
+    let connected = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.contains("connected as srv"));
+    assert!(connected);
+    drop(_server);
+    let line = BufReader::new(stdout).lines().next().unwrap().unwrap();
+    assert!(line.starts_with("[\"transport_error\",\"srv\""), "{line}");
+    drop(mon);
+}
+
+/// The next message on `port` (a panic after 10 s).
+async fn next(port: &mut aemp_host::Port) -> Vec<aemp_host::Value> {
+    tokio::time::timeout(std::time::Duration::from_secs(10), port.recv())
+        .await
+        .expect("message in time")
+        .expect("port open")
+}
+
+/// Arguments arrive as the reference types them: checked by a node of our own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_typed_as_the_reference() {
+    use aemp_host::{Node, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    std::fs::write(&rc, r#"{"secret": "typed"}"#).unwrap();
+    let node = Node::builder()
+        .node_id("sink")
+        .secret("typed")
+        .bind("127.0.0.1:0")
+        .start()
+        .await
+        .unwrap();
+    let addr = node.listen_addrs()[0].to_string();
+    let mut port = node.named_port("in").await.unwrap();
+    let send = |args: Vec<String>| {
+        let rc = rc.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            aemp(&rc, &args)
+        })
+    };
+    let strings = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    // Plain arguments are strings, `-1` and numbers included; `[`, `{`, `"` start JSON.
+    let (code, out, err) = send(strings(&[
+        "snd",
+        "sink#in",
+        "-1",
+        "42",
+        "--connect",
+        &addr,
+        "[1,\"a\"]",
+        "{\"k\":null}",
+        "\"quoted\"",
+        "x[",
+        "--",
+        "--timeout",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "message sent successfully\n"),
+        "{err}"
+    );
+    let got = next(&mut port).await;
+    let text = |s: &str| Value::text(s);
+    assert_eq!(
+        got,
+        [
+            text("-1"),
+            text("42"),
+            Value::from(serde_json::json!([1, "a"])),
+            Value::from(serde_json::json!({"k": null})),
+            text("quoted"),
+            text("x["),
+            text("--timeout"),
+        ]
+    );
+    // A lone leading `[` replaces all arguments, its values keep their JSON types.
+    let (code, _, err) = send(strings(&[
+        "[\"snd\",\"sink#in\",-1,true,\"s\"]",
+        "--connect",
+        &addr,
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        next(&mut port).await,
+        [
+            Value::from(serde_json::json!(-1)),
+            Value::Bool(true),
+            text("s")
+        ]
+    );
+    // Invalid JSON is an error, not a string.
+    let (code, _, err) = send(strings(&["snd", "sink#in", "{oops", "--connect", &addr]))
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("aemp: argument '{oops' is not valid JSON"),
+        "{err}"
+    );
+}
+
+/// A node that stops on its own ends `aemp run` at once, with status 1 and the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_exits_when_its_node_stops() {
+    use aemp_host::{Node, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    std::fs::write(&rc, r#"{"secret": "oom"}"#).unwrap();
+    let mut child = Command::new(AEMP)
+        .args(["run", "--nodeid", "tiny", "--listen", "127.0.0.1:0"])
+        .args(["--max-memory", "3"])
+        .env("PERL_ANYEVENT_MP_RC", &rc)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().next().unwrap().unwrap()
+    })
+    .await
+    .unwrap();
+    let addr = first
+        .strip_prefix("node tiny listening on ")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_owned();
+    let big = Node::builder()
+        .node_id("big")
+        .secret("oom")
+        .start()
+        .await
+        .unwrap();
+    big.connect(&addr).unwrap();
+    big.wait_up("tiny", std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    // 8 MiB cannot fit in 3 MiB of sandbox memory.
+    big.send("tiny#nothing", vec![Value::Bytes(vec![7; 8 << 20])])
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                return Some((status, err));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    let (status, err) = out.expect("aemp run exits when its node stops");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        err.contains("aemp: node stopped: the engine ran out of sandbox memory"),
+        "{err}"
+    );
+}

@@ -1,13 +1,16 @@
 //! Node ids and port ids.
 //!
 //! A node id is free text without `#`; a port id is `NODEID#NAME`; the node port of node
-//! `N` is `N#` (empty name).
+//! `N` is `N#` (empty name), which a bare `N` also names, as in AnyEvent::MP.
 
 const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
-/// Splits a port id into node id and port name; `None` without `#`.
+/// Splits a port id into node id and port name at the first `#`; a bare node id (no `#`)
+/// names that node's node port (empty name), as the reference's `snd` treats it. `None` for
+/// an empty node id, which the reference refuses too.
 pub fn split_port_id(port_id: &str) -> Option<(&str, &str)> {
-    port_id.split_once('#')
+    let (node, port) = port_id.split_once('#').unwrap_or((port_id, ""));
+    (!node.is_empty()).then_some((node, port))
 }
 
 /// Expands a configured node id as AnyEvent::MP does: `%n` becomes `hostname`, `%u` and a
@@ -58,7 +61,10 @@ mod tests {
     fn splits_and_expands() {
         assert_eq!(split_port_id("a/b#c#d"), Some(("a/b", "c#d")));
         assert_eq!(split_port_id("node#"), Some(("node", "")));
-        assert_eq!(split_port_id("node"), None);
+        assert_eq!(split_port_id("node"), Some(("node", "")));
+        assert_eq!(split_port_id(""), None);
+        assert_eq!(split_port_id("#x"), None);
+        assert_eq!(split_port_id("#"), None);
         let mut n = 0u8;
         let mut rnd = || {
             n = n.wrapping_add(1);

@@ -477,11 +477,13 @@ impl Node {
 
     /// Monitors `port_id`: a [`NodeOutput::PortDown`] reports its death (at once with
     /// `no_such_port` if a local port does not exist; with `transport_error` if its node's
-    /// connection is lost).
+    /// connection is lost). A bare node id is that node's node port, reported as `NODE#`.
     pub fn monitor(&mut self, port_id: &str, now: u64) -> Result<(), NodeError> {
         self.now = now;
         let (node, port) =
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        // One spelling per port, so that a connection loss finds every monitor of its node.
+        let port_id = &format!("{node}#{port}");
         if node == self.node_id && !self.ports.contains(port) {
             let reason = no_such_port(port_id);
             self.outputs.push_back(NodeOutput::PortDown {
@@ -509,6 +511,7 @@ impl Node {
         self.now = now;
         let (node, port) =
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let port_id = &format!("{node}#{port}");
         let Some(count) = self.monitors.get_mut(port_id) else {
             return Ok(());
         };

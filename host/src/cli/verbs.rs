@@ -1,0 +1,647 @@
+//! The verbs of the reference's `aemp`, read from the typed arguments: a verb takes the
+//! arguments it needs and the rest is the next verb, so verbs chain
+//! (`aemp gensecret profile xyzzy binds 4040,4041 nodeid anon/`).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+/// The low-level transport settings, each with `setX`/`X` and `delX` verbs.
+pub const ATTRS: &[&str] = &[
+    "monitor_timeout",
+    "connect_interval",
+    "framing_format",
+    "auth_offer",
+    "auth_accept",
+    "autocork",
+    "nodelay",
+];
+
+/// One verb with its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verb {
+    /// `run [PROFILE] [KEY VALUE]...`: run a node; the settings sit below the file's, as the
+    /// reference's `configure` arguments do.
+    Run {
+        /// The profile to use, if named.
+        profile: Option<String>,
+        /// The other `KEY VALUE` pairs.
+        settings: Map<String, Value>,
+    },
+    /// `snd PORT ARGS...`: send, then confirm delivery.
+    Snd {
+        /// Where to.
+        port: String,
+        /// The message.
+        args: Vec<Value>,
+    },
+    /// `cal PORT ARGS...`: send with a reply port appended, print the reply.
+    Cal {
+        /// Where to.
+        port: String,
+        /// The message, without the reply port.
+        args: Vec<Value>,
+    },
+    /// `mon PORT`: wait until the port dies.
+    Mon {
+        /// The port (a bare node id: its node port).
+        port: String,
+    },
+    /// `setX VALUE` / `X VALUE`: set a key of the current profile.
+    Set {
+        /// The configuration key.
+        key: &'static str,
+        /// Its new value, typed as given.
+        value: Value,
+    },
+    /// `delX`: remove a key, so it is inherited again.
+    Del {
+        /// The configuration key.
+        key: &'static str,
+    },
+    /// `gensecret`: a random shared secret.
+    GenSecret,
+    /// `gencert`: a new network certificate.
+    GenCert,
+    /// `setcert FILE`: the certificate PEM text read from a file.
+    SetCert {
+        /// The PEM file.
+        file: PathBuf,
+    },
+    /// `setseeds`/`setbinds` (and `seeds`/`binds`): replace a list.
+    SetList {
+        /// `seeds` or `binds`.
+        key: &'static str,
+        /// The new list.
+        items: Vec<Value>,
+    },
+    /// `addseed`/`addbind`: add one item (once).
+    AddItem {
+        /// `seeds` or `binds`.
+        key: &'static str,
+        /// The item.
+        item: Value,
+    },
+    /// `delseed`/`delbind`: remove one item.
+    DelItem {
+        /// `seeds` or `binds`.
+        key: &'static str,
+        /// The item.
+        item: Value,
+    },
+    /// `profile NAME`: the following verbs edit this profile (created if needed).
+    Profile {
+        /// The profile.
+        name: String,
+    },
+    /// `delprofile NAME`: remove a profile.
+    DelProfile {
+        /// The profile.
+        name: String,
+    },
+    /// `showprofile NAME`: print a profile's own keys.
+    ShowProfile {
+        /// The profile.
+        name: String,
+    },
+    /// `showconfig [NAME [KEY VALUE]...]`: print the effective configuration.
+    ShowConfig {
+        /// The profile (default: `--profile`, else the host name).
+        name: Option<String>,
+        /// Settings below the file's, as for `run`.
+        settings: Map<String, Value>,
+    },
+}
+
+/// Why the verbs could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum VerbError {
+    /// No verb at all.
+    #[error("Usage: aemp subcommand ... (try aemp --help)")]
+    Usage,
+    /// Not a verb.
+    #[error("{0}: no such aemp command (try aemp --help)")]
+    Unknown(String),
+    /// A required argument is missing (the reference's wording, e.g. "seed address missing").
+    #[error("{0}")]
+    Missing(String),
+    /// A verb name, port id, profile name, key or file name that is not a string.
+    #[error("{what} must be a string, not {value}")]
+    NotText {
+        /// What the argument is.
+        what: &'static str,
+        /// The JSON value given.
+        value: String,
+    },
+    /// A list argument that is neither a comma-separated string nor a JSON array.
+    #[error("{verb}: expected a comma-separated list or a JSON array, not {value}")]
+    NotList {
+        /// The verb.
+        verb: String,
+        /// The JSON value given.
+        value: String,
+    },
+    /// `KEY VALUE` arguments with a key alone at the end.
+    #[error("{verb}: value missing for key {key}")]
+    Unpaired {
+        /// The verb.
+        verb: String,
+        /// The key without a value.
+        key: String,
+    },
+    /// Something the reference does by running Perl code, which this implementation never does.
+    #[error("{0}: not supported: {1}")]
+    Refused(String, &'static str),
+}
+
+/// Why services, `eval` and the other Perl-only verbs are refused.
+pub const PERL_ONLY: &str = "it runs Perl code (services are Perl functions or modules), \
+     which aemp never does";
+
+/// Reads all verbs from the typed arguments.
+pub fn parse(args: Vec<Value>) -> Result<Vec<Verb>, VerbError> {
+    if args.is_empty() {
+        return Err(VerbError::Usage);
+    }
+    let mut args = VecDeque::from(args);
+    let mut verbs = Vec::new();
+    while let Some(name) = args.pop_front() {
+        let name = text("a command", name)?;
+        verbs.push(parse_one(&name, &mut args)?);
+    }
+    Ok(verbs)
+}
+
+/// Whether `value` names a verb (it ends `seeds`/`binds` address lists).
+fn is_verb(value: &Value) -> bool {
+    value.as_str().is_some_and(|name| {
+        !matches!(
+            parse_one(name, &mut VecDeque::new()),
+            Err(VerbError::Unknown(_))
+        )
+    })
+}
+
+/// Reads verb `name`, taking its arguments from the front of `args`.
+fn parse_one(name: &str, args: &mut VecDeque<Value>) -> Result<Verb, VerbError> {
+    let need = |args: &mut VecDeque<Value>, missing: &str| {
+        args.pop_front()
+            .ok_or_else(|| VerbError::Missing(missing.to_owned()))
+    };
+    // `setX` has the alias `X`.
+    let set = name.strip_prefix("set").unwrap_or(name);
+    let verb = match (name, set) {
+        ("run", _) => {
+            let mut rest: Vec<Value> = args.drain(..).collect();
+            // As the reference's `configure`: an odd count starts with the profile.
+            let mut profile = None;
+            if rest.len() % 2 == 1 {
+                profile = Some(text("a profile name", rest.remove(0))?);
+            }
+            let mut settings = pairs(name, rest)?;
+            if let Some(named) = settings.remove("profile") {
+                profile = Some(text("a profile name", named)?);
+            }
+            if settings.contains_key("services") || settings.contains_key("eval") {
+                return Err(VerbError::Refused(
+                    format!("{name} services/eval"),
+                    PERL_ONLY,
+                ));
+            }
+            Verb::Run { profile, settings }
+        }
+        ("snd" | "cal", _) => {
+            let port = text("a port id", need(args, "port id missing")?)?;
+            let args = args.drain(..).collect();
+            if name == "snd" {
+                Verb::Snd { port, args }
+            } else {
+                Verb::Cal { port, args }
+            }
+        }
+        ("mon", _) => Verb::Mon {
+            port: text("a port id", need(args, "port id missing")?)?,
+        },
+        ("eval" | "shell" | "restart", _) | (_, "services") | ("addservice" | "delservice", _) => {
+            return Err(VerbError::Refused(name.to_owned(), PERL_ONLY));
+        }
+        ("trace", _) => {
+            return Err(VerbError::Refused(
+                name.to_owned(),
+                "tracing the network is not implemented",
+            ));
+        }
+        (_, "nodeid") => Verb::Set {
+            key: "nodeid",
+            value: need(args, "node id missing")?,
+        },
+        (_, "secret") => Verb::Set {
+            key: "secret",
+            value: need(args, "shared secret missing")?,
+        },
+        (_, "parent") => Verb::Set {
+            key: "parent",
+            value: need(args, "profile name is missing")?,
+        },
+        (_, "cert") => Verb::SetCert {
+            file: PathBuf::from(text(
+                "a file name",
+                need(args, "key+certificate pem filename missing")?,
+            )?),
+        },
+        ("setseeds" | "setbinds", key) => {
+            let key = list_key(key);
+            let missing = format!("{} addresses missing", singular(key));
+            Verb::SetList {
+                key,
+                items: list(name, need(args, &missing)?)?,
+            }
+        }
+        // Our older spelling: any number of addresses, up to the next verb.
+        ("seeds" | "binds", key) => {
+            let mut items = Vec::new();
+            while let Some(arg) = args.front()
+                && !is_verb(arg)
+            {
+                if let Some(arg) = args.pop_front() {
+                    items.extend(list(name, arg)?);
+                }
+            }
+            Verb::SetList {
+                key: list_key(key),
+                items,
+            }
+        }
+        ("addseed" | "addbind" | "delseed" | "delbind", _) => {
+            let key = list_key(&name[3..]);
+            let item = need(args, &format!("{} address missing", singular(key)))?;
+            if name.starts_with("add") {
+                Verb::AddItem { key, item }
+            } else {
+                Verb::DelItem { key, item }
+            }
+        }
+        ("gensecret", _) => Verb::GenSecret,
+        ("gencert", _) => Verb::GenCert,
+        ("profile" | "delprofile" | "showprofile", _) => {
+            let name_arg = text("a profile name", need(args, "profile name is missing")?)?;
+            match name {
+                "profile" => Verb::Profile { name: name_arg },
+                "delprofile" => Verb::DelProfile { name: name_arg },
+                _ => Verb::ShowProfile { name: name_arg },
+            }
+        }
+        ("showconfig", _) => {
+            let mut rest: Vec<Value> = args.drain(..).collect();
+            let profile = if rest.is_empty() {
+                None
+            } else {
+                Some(text("a profile name", rest.remove(0))?)
+            };
+            Verb::ShowConfig {
+                name: profile,
+                settings: pairs(name, rest)?,
+            }
+        }
+        _ => {
+            if let Some(key) = ATTRS.iter().find(|a| **a == set) {
+                Verb::Set {
+                    key,
+                    value: need(args, &format!("{key} value is missing"))?,
+                }
+            } else if let Some(key) = name.strip_prefix("del").and_then(del_key) {
+                Verb::Del { key }
+            } else {
+                return Err(VerbError::Unknown(name.to_owned()));
+            }
+        }
+    };
+    Ok(verb)
+}
+
+/// The key a `delX` verb removes.
+fn del_key(x: &str) -> Option<&'static str> {
+    const KEYS: &[&str] = &[
+        "nodeid", "secret", "cert", "seeds", "binds", "parent", "services",
+    ];
+    KEYS.iter().chain(ATTRS).find(|k| **k == x).copied()
+}
+
+/// `seeds` or `binds` from a verb's suffix (`seed`, `seeds`, `bind`, `binds`).
+fn list_key(suffix: &str) -> &'static str {
+    if suffix.starts_with("seed") {
+        "seeds"
+    } else {
+        "binds"
+    }
+}
+
+/// `seed` for `seeds`, `bind` for `binds`, for messages.
+fn singular(key: &str) -> &str {
+    key.strip_suffix('s').unwrap_or(key)
+}
+
+/// A list argument: a JSON array as is, or a string split at commas (trailing empty fields
+/// dropped, as Perl's `split` does, so an empty string is an empty list).
+fn list(verb: &str, value: Value) -> Result<Vec<Value>, VerbError> {
+    match value {
+        Value::Array(items) => Ok(items),
+        Value::String(s) => {
+            let mut items: Vec<&str> = s.split(',').collect();
+            while items.last().is_some_and(|i| i.is_empty()) {
+                items.pop();
+            }
+            Ok(items.into_iter().map(Value::from).collect())
+        }
+        other => Err(VerbError::NotList {
+            verb: verb.to_owned(),
+            value: other.to_string(),
+        }),
+    }
+}
+
+/// `KEY VALUE...` arguments as an object (a later key wins).
+fn pairs(verb: &str, args: Vec<Value>) -> Result<Map<String, Value>, VerbError> {
+    let mut map = Map::new();
+    let mut args = args.into_iter();
+    while let Some(key) = args.next() {
+        let key = text("a configuration key", key)?;
+        let value = args.next().ok_or_else(|| VerbError::Unpaired {
+            verb: verb.to_owned(),
+            key: key.clone(),
+        })?;
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+/// A string argument; numbers are written out, as Perl would use them.
+fn text(what: &'static str, value: Value) -> Result<String, VerbError> {
+    match value {
+        Value::String(s) => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(VerbError::NotText {
+            what,
+            value: other.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn verbs(args: &[Value]) -> Result<Vec<Verb>, VerbError> {
+        parse(args.to_vec())
+    }
+
+    #[test]
+    fn chained_configuration() {
+        let got = verbs(&[
+            json!("gensecret"),
+            json!("profile"),
+            json!("xyzzy"),
+            json!("binds"),
+            json!("4040,4041"),
+            json!("nodeid"),
+            json!("anon/"),
+        ])
+        .unwrap();
+        assert_eq!(
+            got,
+            [
+                Verb::GenSecret,
+                Verb::Profile {
+                    name: "xyzzy".into()
+                },
+                Verb::SetList {
+                    key: "binds",
+                    items: vec![json!("4040"), json!("4041")]
+                },
+                Verb::Set {
+                    key: "nodeid",
+                    value: json!("anon/")
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn set_aliases_del_and_lists() {
+        let one = |args: &[Value]| {
+            let mut v = verbs(args).unwrap();
+            assert_eq!(v.len(), 1, "{v:?}");
+            v.remove(0)
+        };
+        for name in ["setmonitor_timeout", "monitor_timeout"] {
+            assert_eq!(
+                one(&[json!(name), json!("5")]),
+                Verb::Set {
+                    key: "monitor_timeout",
+                    value: json!("5")
+                }
+            );
+        }
+        assert_eq!(
+            one(&[json!("framing_format"), json!(["json"])]),
+            Verb::Set {
+                key: "framing_format",
+                value: json!(["json"])
+            }
+        );
+        for (name, key) in [
+            ("delnodeid", "nodeid"),
+            ("delsecret", "secret"),
+            ("delcert", "cert"),
+            ("delseeds", "seeds"),
+            ("delbinds", "binds"),
+            ("delparent", "parent"),
+            ("delservices", "services"),
+            ("delautocork", "autocork"),
+            ("delnodelay", "nodelay"),
+        ] {
+            assert_eq!(one(&[json!(name)]), Verb::Del { key });
+        }
+        assert_eq!(
+            one(&[json!("setparent"), json!("base")]),
+            Verb::Set {
+                key: "parent",
+                value: json!("base")
+            }
+        );
+        assert_eq!(
+            one(&[json!("cert"), json!("/x.pem")]),
+            Verb::SetCert {
+                file: "/x.pem".into()
+            }
+        );
+        // setseeds takes exactly one list: a string split at commas, or a JSON array.
+        assert_eq!(
+            verbs(&[json!("setseeds"), json!("a:1,,b:2,"), json!("delsecret")]).unwrap(),
+            [
+                Verb::SetList {
+                    key: "seeds",
+                    items: vec![json!("a:1"), json!(""), json!("b:2")]
+                },
+                Verb::Del { key: "secret" }
+            ]
+        );
+        assert_eq!(
+            one(&[json!("setbinds"), json!("")]),
+            Verb::SetList {
+                key: "binds",
+                items: vec![]
+            }
+        );
+        assert_eq!(
+            one(&[json!("setbinds"), json!(["*:4040"])]),
+            Verb::SetList {
+                key: "binds",
+                items: vec![json!("*:4040")]
+            }
+        );
+        // `seeds` (our older spelling) takes addresses up to the next verb.
+        assert_eq!(
+            verbs(&[
+                json!("seeds"),
+                json!("a:1"),
+                json!("b:2,c:3"),
+                json!("gensecret")
+            ])
+            .unwrap(),
+            [
+                Verb::SetList {
+                    key: "seeds",
+                    items: vec![json!("a:1"), json!("b:2"), json!("c:3")]
+                },
+                Verb::GenSecret
+            ]
+        );
+        assert_eq!(
+            one(&[json!("seeds")]),
+            Verb::SetList {
+                key: "seeds",
+                items: vec![]
+            }
+        );
+        assert_eq!(
+            one(&[json!("addbind"), json!("*:1")]),
+            Verb::AddItem {
+                key: "binds",
+                item: json!("*:1")
+            }
+        );
+        assert_eq!(
+            one(&[json!("delseed"), json!("a:1")]),
+            Verb::DelItem {
+                key: "seeds",
+                item: json!("a:1")
+            }
+        );
+    }
+
+    #[test]
+    fn protocol_verbs_take_the_rest() {
+        assert_eq!(
+            verbs(&[
+                json!("snd"),
+                json!("n"),
+                json!("-1"),
+                json!("profile"),
+                json!([1])
+            ])
+            .unwrap(),
+            [Verb::Snd {
+                port: "n".into(),
+                args: vec![json!("-1"), json!("profile"), json!([1])]
+            }]
+        );
+        assert_eq!(
+            verbs(&[json!("mon"), json!("n#p"), json!("delsecret")]).unwrap(),
+            [
+                Verb::Mon { port: "n#p".into() },
+                Verb::Del { key: "secret" }
+            ]
+        );
+        assert_eq!(
+            verbs(&[json!("run"), json!("seed"), json!("nodeid"), json!("x")]).unwrap(),
+            [Verb::Run {
+                profile: Some("seed".into()),
+                settings: Map::from_iter([("nodeid".to_owned(), json!("x"))])
+            }]
+        );
+        assert_eq!(
+            verbs(&[
+                json!("run"),
+                json!("profile"),
+                json!("p"),
+                json!("binds"),
+                json!(["*"])
+            ])
+            .unwrap(),
+            [Verb::Run {
+                profile: Some("p".into()),
+                settings: Map::from_iter([("binds".to_owned(), json!(["*"]))])
+            }]
+        );
+        assert_eq!(
+            verbs(&[json!("showconfig"), json!("p"), json!("secret"), json!("s")]).unwrap(),
+            [Verb::ShowConfig {
+                name: Some("p".into()),
+                settings: Map::from_iter([("secret".to_owned(), json!("s"))])
+            }]
+        );
+    }
+
+    #[test]
+    fn errors_in_the_references_words() {
+        assert_eq!(verbs(&[]), Err(VerbError::Usage));
+        assert_eq!(
+            verbs(&[json!("frobnicate")]).unwrap_err().to_string(),
+            "frobnicate: no such aemp command (try aemp --help)"
+        );
+        let missing = |args: &[Value]| verbs(args).unwrap_err().to_string();
+        assert_eq!(missing(&[json!("addseed")]), "seed address missing");
+        assert_eq!(missing(&[json!("setbinds")]), "bind addresses missing");
+        assert_eq!(missing(&[json!("profile")]), "profile name is missing");
+        assert_eq!(missing(&[json!("setsecret")]), "shared secret missing");
+        assert_eq!(
+            missing(&[json!("setcert")]),
+            "key+certificate pem filename missing"
+        );
+        assert_eq!(
+            missing(&[json!("connect_interval")]),
+            "connect_interval value is missing"
+        );
+        assert_eq!(missing(&[json!("snd")]), "port id missing");
+        assert!(matches!(
+            verbs(&[json!("setseeds"), json!({"a": 1})]),
+            Err(VerbError::NotList { .. })
+        ));
+        assert!(matches!(
+            verbs(&[json!("snd"), json!(["x"])]),
+            Err(VerbError::NotText { .. })
+        ));
+        assert!(matches!(
+            verbs(&[json!("showconfig"), json!("p"), json!("secret")]),
+            Err(VerbError::Unpaired { .. })
+        ));
+        // Perl-only verbs are refused, not ignored.
+        for args in [
+            vec![json!("eval"), json!("n"), json!("1")],
+            vec![json!("setservices"), json!("Foo::")],
+            vec![json!("services"), json!("Foo::")],
+            vec![json!("addservice"), json!("Foo::")],
+            vec![json!("run"), json!("services"), json!(["Foo::"])],
+            vec![json!("run"), json!("eval"), json!("1")],
+        ] {
+            let err = parse(args.clone()).unwrap_err();
+            assert!(
+                matches!(err, VerbError::Refused(..)) && err.to_string().contains("Perl"),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
