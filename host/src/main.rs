@@ -16,7 +16,7 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use cli::args::{self, Options};
-use cli::verbs::{self, PERL_ONLY, Verb};
+use cli::verbs::{self, DbQuery, PERL_ONLY, Verb};
 
 /// What `snd` asks the target node to send back to confirm delivery (the reference's text).
 const CONFIRMATION: &str = "message sent successfully";
@@ -200,6 +200,10 @@ impl Session {
                 self.save()?;
                 return self.mon(&port).await;
             }
+            Verb::Db { query, family } => {
+                self.save()?;
+                return self.db(query, &family).await;
+            }
         }
         self.dirty = true;
         Ok(())
@@ -365,6 +369,30 @@ impl Session {
                 self.opts.timeout
             )),
         }
+    }
+
+    /// Asks the network database (through the seeds: the master answers) and prints the
+    /// result as JSON.
+    async fn db(&self, query: DbQuery, family: &str) -> Result<()> {
+        let node = self.client().await?;
+        let asked = async {
+            match query {
+                DbQuery::Family => node.db_family(family).await,
+                DbQuery::Keys => node.db_keys(family).await,
+                DbQuery::Values => node.db_values(family).await,
+            }
+        };
+        let answer = tokio::time::timeout(self.timeout(), asked)
+            .await
+            .map_err(|_| {
+                format!(
+                    "no answer from a global node within {}s (are seeds configured?)",
+                    self.opts.timeout
+                )
+            })?
+            .map_err(|e| e.to_string())?;
+        say(&format!("{}\n", json(&answer)));
+        Ok(())
     }
 
     /// Prints the reason (a JSON array) when the port dies.

@@ -655,3 +655,62 @@ async fn run_exits_when_its_node_stops() {
         "{err}"
     );
 }
+
+/// An aemp seed (it finds itself among the seeds and becomes a global node), a node found
+/// through it, and the network database read from the command line.
+#[test]
+fn a_seed_its_network_and_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let seed = format!("127.0.0.1:{port}");
+    std::fs::write(&rc, r#"{"secret": "net"}"#).unwrap();
+    ok(&rc, &["setseeds", &seed]);
+    let start = |args: &[&str]| {
+        let mut child = Command::new(AEMP)
+            .arg("run")
+            .args(args)
+            .env("PERL_ANYEVENT_MP_RC", &rc)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let first = BufReader::new(stdout).lines().next().unwrap().unwrap();
+        (Running(child), first)
+    };
+    let (_seed, first) = start(&["--nodeid", "seed", "--listen", &seed]);
+    assert_eq!(first, format!("node seed listening on {seed}"));
+    let (_one, _) = start(&["--echo", "--nodeid", "one", "--listen", "127.0.0.1:0"]);
+    // `one` registers its listener with the seed; nobody gives `cal` its address.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let keys = loop {
+        let keys = ok(&rc, &["dbkeys", "'l"]);
+        if keys.contains("\"one\"") || std::time::Instant::now() > deadline {
+            break keys;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        keys.contains("\"one\"") && keys.contains("\"seed\""),
+        "{keys}"
+    );
+    let family = ok(&rc, &["dbfamily", "'l"]);
+    assert!(
+        family.contains(&format!("\"seed\":[\"{seed}\"]")),
+        "{family}"
+    );
+    assert_eq!(ok(&rc, &["cal", "one#echo"]), "[]\n");
+    let (code, _, err) = aemp(
+        &rc,
+        &["dbfamily", "'l", "--timeout", "1", "--secret", "wrong"],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("aemp: no answer from a global node"),
+        "{err}"
+    );
+}

@@ -14,6 +14,7 @@ Protocol (a bare node id is that node's node port):
   cal PORT ARGS...          append a reply port, print the reply as JSON
   mon PORT                  print the reason (JSON) when the port dies
   run [PROFILE] [KEY VALUE]...   run a node until interrupted
+  dbfamily|dbkeys|dbvalues FAMILY   read the network database (needs seeds)
 
 Configuration (edits the top level, or the profile chosen by `profile`/--profile):
   setnodeid ID | delnodeid

@@ -48,6 +48,14 @@ pub enum Verb {
         /// The port (a bare node id: its node port).
         port: String,
     },
+    /// `dbfamily`/`dbkeys`/`dbvalues FAMILY`: read the network database (through the
+    /// configured seeds).
+    Db {
+        /// Which read.
+        query: DbQuery,
+        /// The family.
+        family: String,
+    },
     /// `setX VALUE` / `X VALUE`: set a key of the current profile.
     Set {
         /// The configuration key.
@@ -112,6 +120,17 @@ pub enum Verb {
         /// Settings below the file's, as for `run`.
         settings: Map<String, Value>,
     },
+}
+
+/// What `dbfamily`, `dbkeys` and `dbvalues` read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbQuery {
+    /// The whole family, key to value.
+    Family,
+    /// Its keys.
+    Keys,
+    /// Its values.
+    Values,
 }
 
 /// Why the verbs could not be read.
@@ -222,6 +241,14 @@ fn parse_one(name: &str, args: &mut VecDeque<Value>) -> Result<Verb, VerbError> 
         }
         ("mon", _) => Verb::Mon {
             port: text("a port id", need(args, "port id missing")?)?,
+        },
+        ("dbfamily" | "dbkeys" | "dbvalues", _) => Verb::Db {
+            query: match name {
+                "dbfamily" => DbQuery::Family,
+                "dbkeys" => DbQuery::Keys,
+                _ => DbQuery::Values,
+            },
+            family: text("a family name", need(args, "family name missing")?)?,
         },
         ("eval" | "shell" | "restart", _) | (_, "services") | ("addservice" | "delservice", _) => {
             return Err(VerbError::Refused(name.to_owned(), PERL_ONLY));
@@ -564,6 +591,23 @@ mod tests {
                 Verb::Mon { port: "n#p".into() },
                 Verb::Del { key: "secret" }
             ]
+        );
+        assert_eq!(
+            verbs(&[json!("dbkeys"), json!("'l"), json!("dbfamily"), json!("f")]).unwrap(),
+            [
+                Verb::Db {
+                    query: DbQuery::Keys,
+                    family: "'l".into()
+                },
+                Verb::Db {
+                    query: DbQuery::Family,
+                    family: "f".into()
+                }
+            ]
+        );
+        assert_eq!(
+            verbs(&[json!("dbvalues")]),
+            Err(VerbError::Missing("family name missing".into()))
         );
         assert_eq!(
             verbs(&[json!("run"), json!("seed"), json!("nodeid"), json!("x")]).unwrap(),
