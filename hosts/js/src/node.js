@@ -7,6 +7,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import os from 'node:os';
 import { EventEmitter } from 'node:events';
+import { Duplex } from 'node:stream';
 import { performance } from 'node:perf_hooks';
 import * as cborg from 'cborg';
 import { node as api } from '../gen/engine.js';
@@ -28,6 +29,32 @@ export function tlsFromPem(pem) {
   const key = blocks.find((b) => b.includes('PRIVATE KEY'));
   if (!certs.length || !key) throw new Error('certificate file needs a certificate and a private key');
   return { cert: certs[0], key, ca: certs };
+}
+
+/** A duplex stream over `socket` that first yields `head`, then what the socket reads. */
+function prefixed(socket, head) {
+  const stream = new Duplex({
+    read() {
+      socket.resume();
+    },
+    write(chunk, encoding, done) {
+      socket.write(chunk, encoding, done);
+    },
+    final(done) {
+      socket.end(done);
+    },
+    destroy(error, done) {
+      socket.destroy(error ?? undefined);
+      done(error);
+    },
+  });
+  stream.push(head);
+  socket.on('data', (chunk) => {
+    if (!stream.push(chunk)) socket.pause();
+  });
+  socket.on('end', () => stream.push(null));
+  socket.on('error', (error) => stream.destroy(error));
+  return stream;
 }
 
 /** A local port: an async iterator of the argument arrays sent to it. */
@@ -183,8 +210,10 @@ export class Node extends EventEmitter {
       return;
     }
     raw.removeAllListeners('data').removeAllListeners('end').removeAllListeners('error');
-    // Bytes the engine read past the greeting are TLS records: give them back.
-    if (leftover.length) raw.unshift(Buffer.from(leftover));
+    // Bytes the engine read past the greeting are TLS records: TLS must read them first.
+    // A TLSSocket over a net.Socket reads from its handle, past anything unshifted onto
+    // the stream, so such bytes go through a stream that yields them before the socket's.
+    const transport = leftover.length ? prefixed(raw, Buffer.from(leftover)) : raw;
     const options = {
       ...this.#tls,
       requestCert: true,
@@ -192,8 +221,8 @@ export class Node extends EventEmitter {
       checkServerIdentity: () => undefined, // nodes are named by node id, not DNS
     };
     const secure = role === 'client'
-      ? tls.connect({ socket: raw, ...options })
-      : new tls.TLSSocket(raw, { isServer: true, ...options });
+      ? tls.connect({ socket: transport, ...options })
+      : new tls.TLSSocket(transport, { isServer: true, ...options });
     this.#attach(conn, secure);
   }
 
