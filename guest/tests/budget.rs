@@ -142,10 +142,15 @@ fn partial_messages_past_the_budget_close_only_their_connections() {
                 break;
             }
             hub.feed(p, chunk);
-            assert!(hub.node.buffered_bytes() <= BUDGET, "{}", hub.node.buffered_bytes());
+            assert!(
+                hub.node.buffered_bytes() <= BUDGET,
+                "{}",
+                hub.node.buffered_bytes()
+            );
         }
     }
-    let text = format!("node memory budget for peers ({BUDGET} bytes) exhausted, connection closed");
+    let text =
+        format!("node memory budget for peers ({BUDGET} bytes) exhausted, connection closed");
     assert_eq!(
         text,
         Error::NodeBudgetExhausted(BUDGET).to_string(),
@@ -180,7 +185,10 @@ fn partial_messages_past_the_budget_close_only_their_connections() {
     let message = Value::Array(vec![t("inbox"), t("hello")]).encode();
     hub.node.handle_input(conn, &message, 0);
     hub.pump();
-    assert_eq!(hub.delivered().last(), Some(&Value::Array(vec![t("hello")])));
+    assert_eq!(
+        hub.delivered().last(),
+        Some(&Value::Array(vec![t("hello")]))
+    );
 }
 
 #[test]

@@ -351,7 +351,10 @@ impl Node {
         let conn = self.alloc_conn(peer_addr, None, None);
         if handshakes >= self.config.max_handshakes {
             let max = self.config.max_handshakes;
-            self.close(conn, format!("too many connections in their handshake ({max})"));
+            self.close(
+                conn,
+                format!("too many connections in their handshake ({max})"),
+            );
             return conn;
         }
         if let Some(c) = self.conns.get_mut(&conn) {
