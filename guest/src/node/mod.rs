@@ -189,6 +189,8 @@ struct Conn {
     remote: Option<String>,
     /// Accepted from a listener (counts toward `max_handshakes` until authenticated).
     accepted: bool,
+    /// What its transport held at the last [`Node::recount`].
+    held: usize,
 }
 
 /// An attempt to reach a node through its addresses.
@@ -260,6 +262,10 @@ pub struct Node {
     now: u64,
     /// Warnings about each connected peer's requests in the current window.
     warned: HashMap<String, WarnBudget>,
+    /// The connections' share of [`Node::buffered_bytes`] (the sum of their `held`).
+    conns_held: usize,
+    /// The queues' share of [`Node::buffered_bytes`] (the sum of their `queued_bytes`).
+    queued_held: usize,
 }
 
 /// Warnings logged about one peer's requests per window; past it they are dropped, so a
@@ -312,6 +318,8 @@ impl Node {
             outputs: VecDeque::new(),
             now,
             warned: HashMap::new(),
+            conns_held: 0,
+            queued_held: 0,
             config,
         };
         let binds = node
@@ -383,7 +391,7 @@ impl Node {
     /// ([`Error::NodeBudgetExhausted`]).
     pub fn handle_input(&mut self, conn: ConnId, data: &[u8], now: u64) {
         self.now = now;
-        let Some(held) = self.transport(conn).map(|t| t.buffered_bytes()) else {
+        let Some(held) = self.conns.get(&conn).map(|c| c.held) else {
             return;
         };
         let max = self.config.max_buffered_bytes;
@@ -400,18 +408,19 @@ impl Node {
 
     /// Bytes the node holds on behalf of peers, the figure `max_buffered_bytes` limits:
     /// what every connection holds ([`Connection::buffered_bytes`]), the queues for
-    /// nodes not connected yet, and outputs not polled yet. Computed on demand (one
-    /// pass over the connections).
+    /// nodes not connected yet, and outputs not polled yet (a host drains them after
+    /// each call, so they are few).
     pub fn buffered_bytes(&self) -> usize {
-        let conns: usize = self
-            .conns
-            .values()
-            .filter_map(|c| c.transport.as_ref())
-            .map(Connection::buffered_bytes)
-            .sum();
-        let queues: usize = self.peers.values().map(|p| p.queued_bytes).sum();
+        debug_assert_eq!(
+            self.conns_held,
+            self.conns.values().map(|c| c.held).sum::<usize>()
+        );
+        debug_assert_eq!(
+            self.queued_held,
+            self.peers.values().map(|p| p.queued_bytes).sum::<usize>()
+        );
         let outputs: usize = self.outputs.iter().map(NodeOutput::buffered_bytes).sum();
-        conns + queues + outputs
+        self.conns_held + self.queued_held + outputs
     }
 
     /// The peer closed `conn`.
@@ -650,6 +659,7 @@ impl Node {
                 seed,
                 remote: None,
                 accepted: false,
+                held: 0,
             },
         );
         id
@@ -729,6 +739,26 @@ impl Node {
                 }
             }
         }
+        self.recount(conn);
+    }
+
+    /// Brings `conn`'s share of [`Node::buffered_bytes`] up to date. Every change to a
+    /// transport is followed by [`pump`](Self::pump), which ends here, so the total is
+    /// kept without a pass over all connections on every input.
+    fn recount(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let now = c.transport.as_ref().map_or(0, Connection::buffered_bytes);
+        self.conns_held = self.conns_held - c.held + now;
+        c.held = now;
+    }
+
+    /// Removes `conn`, with its share of [`Node::buffered_bytes`].
+    fn remove_conn(&mut self, conn: ConnId) -> Option<Conn> {
+        let c = self.conns.remove(&conn)?;
+        self.conns_held -= c.held;
+        Some(c)
     }
 
     fn close(&mut self, conn: ConnId, reason: String) {
@@ -738,7 +768,7 @@ impl Node {
     /// A connection is over: frees it and handles what depended on it. `tell_host` is
     /// false when the host reported the end itself.
     fn connection_gone(&mut self, conn: ConnId, reason: String, tell_host: bool) {
-        let Some(c) = self.conns.remove(&conn) else {
+        let Some(c) = self.remove_conn(conn) else {
             return;
         };
         if tell_host {
@@ -766,9 +796,10 @@ impl Node {
     fn transport_error(&mut self, node: &str, reason: &str, was_up: bool) {
         // Nothing of the peer survives (queue, monitors, attempts), so the entry goes:
         // nodes a peer merely named (in `snd` relays, say) cannot pile up.
-        if self.peers.remove(node).is_none() {
+        let Some(peer) = self.peers.remove(node) else {
             return;
-        }
+        };
+        self.queued_held -= peer.queued_bytes;
         self.global.forget_find(node);
         let prefix = format!("{node}#");
         let fired: Vec<String> = self
@@ -811,7 +842,7 @@ impl Node {
         let old = self.peers.get(&node).and_then(|p| p.conn);
         if let Some(old) = old.filter(|&o| o != conn) {
             self.transport_error(&node, "switched connections", true);
-            if self.conns.remove(&old).is_some() {
+            if self.remove_conn(old).is_some() {
                 self.outputs.push_back(NodeOutput::Close {
                     conn: old,
                     reason: "switched connections".into(),
@@ -831,7 +862,7 @@ impl Node {
         peer.conn = Some(conn);
         peer.connecting = None;
         let queue = std::mem::take(&mut peer.queue);
-        peer.queued_bytes = 0;
+        self.queued_held -= std::mem::take(&mut peer.queued_bytes);
         self.outputs
             .push_back(NodeOutput::NodeUp { node: node.clone() });
         // Other attempts to reach this node are no longer needed.
@@ -889,6 +920,7 @@ impl Node {
         }
         let peer = self.peers.entry(node.to_owned()).or_default();
         peer.queued_bytes += message.len();
+        self.queued_held += message.len();
         peer.queue.push_back(message);
         self.connect(node, now);
         Ok(())
