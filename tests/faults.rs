@@ -253,3 +253,39 @@ async fn a_node_over_its_memory_limit_stops_alone() {
     down.await.expect("big sees tiny go down");
     still_serves(&big, "s").await;
 }
+
+/// The scenario: many peers each sending most of a big message. Under the
+/// default sandbox (256 MiB) and budget (64 MiB) the node refuses the connections that
+/// would pass the budget with a clear error, keeps the others, and goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_holding_big_partial_messages_cannot_exhaust_the_node() {
+    let a = builder("hoard-a", "s").start().await.unwrap();
+    let _inbox = a.named_port("inbox").await.unwrap();
+    // ["inbox", BYTES] declaring 15 MiB of bytes, of which 14 MiB are sent.
+    let mut head = vec![0x82, 0x65];
+    head.extend_from_slice(b"inbox");
+    head.push(0x5a);
+    head.extend_from_slice(&(15u32 << 20).to_be_bytes());
+    let body = vec![b'x'; 14 << 20];
+    let mut peers = Vec::new();
+    for i in 0..15 {
+        let mut raw =
+            RawPeer::connect_framing(&addr(&a), &format!("hoarder{i}"), "s", Framing::Cbor).await;
+        raw.handshake().await.unwrap();
+        // Once the node closes this connection, writing fails: that is expected.
+        if raw.stream.write_all(&head).await.is_ok() {
+            let _ = raw.stream.write_all(&body).await;
+        }
+        peers.push(raw);
+    }
+    assert!(
+        logged_by(
+            "hoard-a",
+            "node memory budget for peers (67108864 bytes) exhausted, connection closed"
+        )
+        .await
+    );
+    assert_eq!(a.stopped(), None, "the node is still running");
+    still_serves(&a, "s").await;
+    drop(peers);
+}

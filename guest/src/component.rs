@@ -112,6 +112,8 @@ impl wnode::Guest for Component {
             connect_interval_ms: c.connect_interval_ms,
             max_queue_bytes: c.max_queue_bytes as u64,
             wall_clock_offset_ms: c.wall_clock_offset_ms,
+            max_buffered_bytes: c.max_buffered_bytes as u64,
+            max_handshakes: u32::try_from(c.max_handshakes).unwrap_or(u32::MAX),
         }
     }
 
@@ -136,6 +138,8 @@ impl wnode::GuestNode for NodeResource {
             connect_interval_ms: config.connect_interval_ms,
             max_queue_bytes: usize::try_from(config.max_queue_bytes).unwrap_or(usize::MAX),
             wall_clock_offset_ms: config.wall_clock_offset_ms,
+            max_buffered_bytes: usize::try_from(config.max_buffered_bytes).unwrap_or(usize::MAX),
+            max_handshakes: config.max_handshakes as usize,
             // Every node may become global, with the default limits (neither is
             // configurable through WIT).
             serve_global: true,
@@ -151,6 +155,10 @@ impl wnode::GuestNode for NodeResource {
 
     fn is_up(&self, node: String) -> bool {
         self.0.borrow().is_up(&node)
+    }
+
+    fn buffered_bytes(&self) -> u64 {
+        self.0.borrow().buffered_bytes() as u64
     }
 
     fn handle_accept(&self, peer_addr: String, now_ms: u64) -> u64 {
@@ -449,6 +457,8 @@ fn error_kind(e: &Error) -> wit::ErrorKind {
         Error::PeerClosed => K::PeerClosed,
         Error::TruncatedMessage => K::TruncatedMessage,
         Error::InputAfterHandover => K::InputAfterHandover,
+        Error::ConnectionBufferFull(_) => K::ConnectionBufferFull,
+        Error::NodeBudgetExhausted(_) => K::NodeBudgetExhausted,
         Error::Message(_) => K::Message,
     }
 }

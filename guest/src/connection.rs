@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 
 use crate::auth::{self, AuthMethod, Transcript};
+use crate::buffer;
 use crate::config::{Config, is_protocol};
 use crate::error::{ConfigError, Error, SendError};
 use crate::framing::{self, Decoder, Framing};
@@ -223,16 +224,61 @@ impl Connection {
         matches!(self.state, State::Closed | State::HandedOver)
     }
 
-    /// Feeds bytes received from the peer (decrypted, once TLS has started).
+    /// Feeds bytes received from the peer (decrypted, once TLS has started). Input that
+    /// would make the connection hold more than
+    /// [`Limits::max_buffered_bytes`](crate::Limits::max_buffered_bytes) closes it with
+    /// [`Error::ConnectionBufferFull`] before anything is buffered.
     pub fn handle_input(&mut self, data: &[u8]) {
         match self.state {
-            State::Closed => {}
-            State::HandedOver => self.fail(Error::InputAfterHandover),
-            State::Data => self.decode(data),
-            _ => {
-                self.input.extend_from_slice(data);
-                self.advance();
+            State::Closed => return,
+            State::HandedOver => return self.fail(Error::InputAfterHandover),
+            _ => {}
+        }
+        let limit = self.config.limits.max_buffered_bytes();
+        if self.buffered_after(data.len()) > limit {
+            return self.fail(Error::ConnectionBufferFull(limit));
+        }
+        if self.state == State::Data {
+            self.decode(data);
+        } else {
+            buffer::append(&mut self.input, data, MAX_LINE);
+            self.advance();
+            buffer::release(&mut self.input);
+        }
+    }
+
+    /// Bytes this connection holds for its peer: handshake input not consumed, the
+    /// partial message, and outputs not polled yet (buffer capacities, not just contents).
+    pub fn buffered_bytes(&self) -> usize {
+        let outputs: usize = self.outputs.iter().map(output_bytes).sum();
+        let decoder = self.decoder.as_ref().map_or(0, Decoder::buffered_bytes);
+        self.input.capacity() + decoder + outputs
+    }
+
+    /// At most what [`buffered_bytes`](Self::buffered_bytes) becomes when `extra` more
+    /// bytes arrive: the input buffer's growth, plus the bytes themselves once more for
+    /// the messages they complete (received JSON converted to CBOR can come out a
+    /// little larger; that slack is not counted).
+    pub fn buffered_after(&self, extra: usize) -> usize {
+        let buffer = match &self.decoder {
+            Some(decoder) => {
+                decoder.buffered_after(extra, &self.config.limits) - decoder.buffered_bytes()
             }
+            None => {
+                let (len, capacity) = (self.input.len(), self.input.capacity());
+                buffer::capacity_after(len, capacity, extra, MAX_LINE) - capacity
+            }
+        };
+        self.buffered_bytes()
+            .saturating_add(buffer)
+            .saturating_add(extra)
+    }
+
+    /// Closes the connection with `error` (for a host enforcing a limit of its own,
+    /// such as the node's memory budget); ignored once closed.
+    pub fn abort(&mut self, error: Error) {
+        if !self.is_closed() {
+            self.fail(error);
         }
     }
 
@@ -564,5 +610,18 @@ impl Connection {
         if let Err(e) = result {
             self.fail(e.into());
         }
+    }
+}
+
+/// The bytes an output holds.
+fn output_bytes(output: &Output) -> usize {
+    match output {
+        Output::Transmit(bytes)
+        | Output::Message(bytes)
+        | Output::StartTls {
+            leftover: bytes, ..
+        }
+        | Output::HandedOver { leftover: bytes } => bytes.capacity(),
+        Output::Greeting(_) | Output::Connected(_) | Output::Closed(_) => 0,
     }
 }

@@ -62,6 +62,14 @@ pub enum Error {
     /// Bytes arrived after the stream was handed over to TLS or to an upgraded protocol.
     #[error("input after the stream was handed over")]
     InputAfterHandover,
+    /// The peer sent more than the connection may hold at once (see
+    /// [`Limits::max_buffered_bytes`](crate::Limits::max_buffered_bytes)).
+    #[error("peer input would need more than {0} bytes of buffers on this connection")]
+    ConnectionBufferFull(usize),
+    /// Buffering the peer's input would take the node past its memory budget for peers
+    /// (`NodeConfig::max_buffered_bytes`); this connection is closed, the node goes on.
+    #[error("node memory budget for peers ({0} bytes) exhausted, connection closed")]
+    NodeBudgetExhausted(usize),
     /// A received message breaks the configured limits or the framing's syntax.
     #[error("received message rejected: {0}")]
     Message(#[from] MessageError),

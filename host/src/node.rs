@@ -91,6 +91,8 @@ pub struct NodeBuilder {
     monitor_timeout: Duration,
     connect_interval: Duration,
     max_write_queue: usize,
+    max_buffered_bytes: Option<usize>,
+    max_handshakes: Option<usize>,
     sandbox_limits: sandbox::Limits,
     sandbox: Option<Arc<Sandbox>>,
 }
@@ -110,6 +112,8 @@ impl Default for NodeBuilder {
             monitor_timeout: Duration::from_secs(30),
             connect_interval: Duration::from_secs(2),
             max_write_queue: 64 << 20,
+            max_buffered_bytes: None,
+            max_handshakes: None,
             sandbox_limits: sandbox::Limits::default(),
             sandbox: None,
         }
@@ -219,6 +223,20 @@ impl NodeBuilder {
         self
     }
 
+    /// Bytes the engine may hold on behalf of peers, all together (default 64 MiB): input
+    /// past it closes its connection, a message past it is refused.
+    pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
+        self.max_buffered_bytes = Some(bytes);
+        self
+    }
+
+    /// Accepted connections that may be in their handshake at once (default 256); past
+    /// it a new connection is closed at once.
+    pub fn max_handshakes(mut self, count: usize) -> Self {
+        self.max_handshakes = Some(count);
+        self
+    }
+
     /// Memory and CPU limits of the sandbox.
     pub fn sandbox_limits(mut self, limits: sandbox::Limits) -> Self {
         self.sandbox_limits = limits;
@@ -288,6 +306,12 @@ impl NodeBuilder {
         }
         config.transport.monitor_timeout_ms = self.monitor_timeout.as_millis() as u64;
         config.connect_interval_ms = self.connect_interval.as_millis() as u64;
+        if let Some(bytes) = self.max_buffered_bytes {
+            config.max_buffered_bytes = bytes as u64;
+        }
+        if let Some(count) = self.max_handshakes {
+            config.max_handshakes = u32::try_from(count).unwrap_or(u32::MAX);
+        }
         config.binds = announced(&bound, &hostname);
         config.seeds = self.seeds.clone();
         let started = Instant::now();

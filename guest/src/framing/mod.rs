@@ -7,6 +7,7 @@
 mod cbor;
 mod json;
 
+use crate::buffer;
 use crate::error::MessageError;
 
 /// A wire framing for messages.
@@ -43,6 +44,17 @@ pub struct Limits {
     pub max_message_size: usize,
     /// Deepest nesting of arrays and maps; the message array itself is level 1 (default 128).
     pub max_depth: usize,
+}
+
+impl Limits {
+    /// What one connection may hold for its peer at once (the partial message, bytes
+    /// not parsed yet, outputs not polled yet): twice the message size limit plus a
+    /// little, room for a whole message and the input that completes it.
+    pub fn max_buffered_bytes(&self) -> usize {
+        self.max_message_size
+            .saturating_mul(2)
+            .saturating_add(buffer::KEEP)
+    }
 }
 
 impl Default for Limits {
@@ -162,6 +174,18 @@ impl Decoder {
         !self.partial.is_empty()
     }
 
+    /// Bytes the decoder holds (the partial message buffer's capacity).
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        self.partial.capacity()
+    }
+
+    /// At most what [`buffered_bytes`](Self::buffered_bytes) becomes after decoding
+    /// `extra` more bytes.
+    pub(crate) fn buffered_after(&self, extra: usize, limits: &Limits) -> usize {
+        let (len, capacity) = (self.partial.len(), self.partial.capacity());
+        buffer::capacity_after(len, capacity, extra, limits.max_message_size)
+    }
+
     /// Decodes `input`, handing each complete message except keepalives, as CBOR, to `sink`.
     /// Messages complete before an error are handed over before it is returned.
     pub(crate) fn decode(
@@ -173,12 +197,15 @@ impl Decoder {
         if self.partial.is_empty() {
             // The common case: complete messages are read straight from the input.
             let used = self.drain(input, limits, sink)?;
-            self.partial.extend_from_slice(&input[used..]);
+            let rest = input.get(used..).unwrap_or_default();
+            buffer::append(&mut self.partial, rest, limits.max_message_size);
         } else {
             let mut buf = std::mem::take(&mut self.partial);
-            buf.extend_from_slice(input);
+            buffer::append(&mut buf, input, limits.max_message_size);
             let used = self.drain(&buf, limits, sink)?;
             buf.drain(..used);
+            // A big message just delivered leaves its room behind: give it back.
+            buffer::release(&mut buf);
             self.partial = buf;
         }
         Ok(())

@@ -41,6 +41,17 @@ pub struct NodeConfig {
     pub connect_interval_ms: u64,
     /// Bytes of messages queued for one node that is not connected yet (default 16 MiB).
     pub max_queue_bytes: usize,
+    /// Bytes the node may hold on behalf of peers, all together (default 64 MiB, well
+    /// under the host's 256 MiB sandbox, which also needs room for the copies of a
+    /// message in flight): every connection's handshake input, partial message and
+    /// unpolled outputs, every queue for a node that is not connected, and the node's
+    /// own unpolled outputs. Input that would pass it closes its connection
+    /// ([`Error::NodeBudgetExhausted`]); a message that would pass it is refused
+    /// ([`NodeError::BudgetExhausted`]). See [`Node::buffered_bytes`].
+    pub max_buffered_bytes: usize,
+    /// Accepted connections that may be in their handshake at once (default 256); at
+    /// the cap a newly accepted connection is closed at once, before our greeting.
+    pub max_handshakes: usize,
     /// Added to `now` to get milliseconds since the UNIX epoch (for `time` requests).
     pub wall_clock_offset_ms: i64,
     /// Whether this node becomes a global node when asked (`g_slave`) or when it finds
@@ -60,6 +71,8 @@ impl NodeConfig {
             seeds: Vec::new(),
             connect_interval_ms: 2_000,
             max_queue_bytes: 16 << 20,
+            max_buffered_bytes: 64 << 20,
+            max_handshakes: 256,
             wall_clock_offset_ms: 0,
             serve_global: true,
             global_limits: GlobalLimits::default(),
@@ -119,6 +132,28 @@ pub enum NodeOutput {
     Log { level: LogLevel, message: String },
 }
 
+impl NodeOutput {
+    /// The message bytes this output holds (what counts toward `max_buffered_bytes`).
+    fn buffered_bytes(&self) -> usize {
+        match self {
+            NodeOutput::Transmit { bytes, .. }
+            | NodeOutput::StartTls {
+                leftover: bytes, ..
+            }
+            | NodeOutput::Deliver { args: bytes, .. }
+            | NodeOutput::PortDown { reason: bytes, .. }
+            | NodeOutput::Request { args: bytes, .. }
+            | NodeOutput::DbReply { result: bytes, .. }
+            | NodeOutput::DbChange { set: bytes, .. } => bytes.capacity(),
+            NodeOutput::Connect { .. }
+            | NodeOutput::Close { .. }
+            | NodeOutput::NodeUp { .. }
+            | NodeOutput::NodeDown { .. }
+            | NodeOutput::Log { .. } => 0,
+        }
+    }
+}
+
 /// Why an application call was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -129,6 +164,9 @@ pub enum NodeError {
     /// The node is not connected and its queue is full.
     #[error("queue for node {0} is full")]
     QueueFull(String),
+    /// Queueing the message would take the node past `max_buffered_bytes`.
+    #[error("node memory budget for peers ({0} bytes) exhausted, message refused")]
+    BudgetExhausted(usize),
     /// A local port of that name exists already.
     #[error("port {0} exists already")]
     PortExists(String),
@@ -149,6 +187,10 @@ struct Conn {
     seed: Option<usize>,
     /// The remote node, once greeted.
     remote: Option<String>,
+    /// Accepted from a listener (counts toward `max_handshakes` until authenticated).
+    accepted: bool,
+    /// What its transport held at the last [`Node::recount`].
+    held: usize,
 }
 
 /// An attempt to reach a node through its addresses.
@@ -220,6 +262,10 @@ pub struct Node {
     now: u64,
     /// Warnings about each connected peer's requests in the current window.
     warned: HashMap<String, WarnBudget>,
+    /// The connections' share of [`Node::buffered_bytes`] (the sum of their `held`).
+    conns_held: usize,
+    /// The queues' share of [`Node::buffered_bytes`] (the sum of their `queued_bytes`).
+    queued_held: usize,
 }
 
 /// Warnings logged about one peer's requests per window; past it they are dropped, so a
@@ -272,6 +318,8 @@ impl Node {
             outputs: VecDeque::new(),
             now,
             warned: HashMap::new(),
+            conns_held: 0,
+            queued_held: 0,
             config,
         };
         let binds = node
@@ -298,9 +346,28 @@ impl Node {
     // ---- sockets -------------------------------------------------------------------
 
     /// An incoming socket from `peer_addr` was accepted; `nonce` is 66 fresh random bytes.
+    /// With `max_handshakes` accepted connections already in their handshake, it is
+    /// closed at once ([`NodeOutput::Close`] follows) without a greeting: a flood of
+    /// silent connections costs one id each, and the ones already talking go on.
     pub fn handle_accept(&mut self, peer_addr: &str, nonce: [u8; NONCE_LEN], now: u64) -> ConnId {
         self.now = now;
+        let handshakes = self
+            .conns
+            .values()
+            .filter(|c| c.accepted && c.transport.as_ref().is_none_or(|t| t.session().is_none()))
+            .count();
         let conn = self.alloc_conn(peer_addr, None, None);
+        if handshakes >= self.config.max_handshakes {
+            let max = self.config.max_handshakes;
+            self.close(
+                conn,
+                format!("too many connections in their handshake ({max})"),
+            );
+            return conn;
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.accepted = true;
+        }
         self.start_transport(conn, nonce, now);
         conn
     }
@@ -319,13 +386,41 @@ impl Node {
         self.connection_gone(conn, reason.to_owned(), false);
     }
 
-    /// Bytes received on `conn` (decrypted once TLS has started).
+    /// Bytes received on `conn` (decrypted once TLS has started). When buffering them
+    /// could take the node past `max_buffered_bytes`, the connection is closed instead
+    /// ([`Error::NodeBudgetExhausted`]).
     pub fn handle_input(&mut self, conn: ConnId, data: &[u8], now: u64) {
         self.now = now;
+        let Some(held) = self.conns.get(&conn).map(|c| c.held) else {
+            return;
+        };
+        let max = self.config.max_buffered_bytes;
+        let others = self.buffered_bytes() - held;
         if let Some(t) = self.transport(conn) {
-            t.handle_input(data);
-            self.pump(conn);
+            if others.saturating_add(t.buffered_after(data.len())) > max {
+                t.abort(Error::NodeBudgetExhausted(max));
+            } else {
+                t.handle_input(data);
+            }
         }
+        self.pump(conn);
+    }
+
+    /// Bytes the node holds on behalf of peers, the figure `max_buffered_bytes` limits:
+    /// what every connection holds ([`Connection::buffered_bytes`]), the queues for
+    /// nodes not connected yet, and outputs not polled yet (a host drains them after
+    /// each call, so they are few).
+    pub fn buffered_bytes(&self) -> usize {
+        debug_assert_eq!(
+            self.conns_held,
+            self.conns.values().map(|c| c.held).sum::<usize>()
+        );
+        debug_assert_eq!(
+            self.queued_held,
+            self.peers.values().map(|p| p.queued_bytes).sum::<usize>()
+        );
+        let outputs: usize = self.outputs.iter().map(NodeOutput::buffered_bytes).sum();
+        self.conns_held + self.queued_held + outputs
     }
 
     /// The peer closed `conn`.
@@ -566,6 +661,8 @@ impl Node {
                 dialled_for,
                 seed,
                 remote: None,
+                accepted: false,
+                held: 0,
             },
         );
         id
@@ -645,6 +742,26 @@ impl Node {
                 }
             }
         }
+        self.recount(conn);
+    }
+
+    /// Brings `conn`'s share of [`Node::buffered_bytes`] up to date. Every change to a
+    /// transport is followed by [`pump`](Self::pump), which ends here, so the total is
+    /// kept without a pass over all connections on every input.
+    fn recount(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let now = c.transport.as_ref().map_or(0, Connection::buffered_bytes);
+        self.conns_held = self.conns_held - c.held + now;
+        c.held = now;
+    }
+
+    /// Removes `conn`, with its share of [`Node::buffered_bytes`].
+    fn remove_conn(&mut self, conn: ConnId) -> Option<Conn> {
+        let c = self.conns.remove(&conn)?;
+        self.conns_held -= c.held;
+        Some(c)
     }
 
     fn close(&mut self, conn: ConnId, reason: String) {
@@ -654,7 +771,7 @@ impl Node {
     /// A connection is over: frees it and handles what depended on it. `tell_host` is
     /// false when the host reported the end itself.
     fn connection_gone(&mut self, conn: ConnId, reason: String, tell_host: bool) {
-        let Some(c) = self.conns.remove(&conn) else {
+        let Some(c) = self.remove_conn(conn) else {
             return;
         };
         if tell_host {
@@ -682,9 +799,10 @@ impl Node {
     fn transport_error(&mut self, node: &str, reason: &str, was_up: bool) {
         // Nothing of the peer survives (queue, monitors, attempts), so the entry goes:
         // nodes a peer merely named (in `snd` relays, say) cannot pile up.
-        if self.peers.remove(node).is_none() {
+        let Some(peer) = self.peers.remove(node) else {
             return;
-        }
+        };
+        self.queued_held -= peer.queued_bytes;
         self.global.forget_find(node);
         let prefix = format!("{node}#");
         let fired: Vec<String> = self
@@ -727,7 +845,7 @@ impl Node {
         let old = self.peers.get(&node).and_then(|p| p.conn);
         if let Some(old) = old.filter(|&o| o != conn) {
             self.transport_error(&node, "switched connections", true);
-            if self.conns.remove(&old).is_some() {
+            if self.remove_conn(old).is_some() {
                 self.outputs.push_back(NodeOutput::Close {
                     conn: old,
                     reason: "switched connections".into(),
@@ -747,7 +865,7 @@ impl Node {
         peer.conn = Some(conn);
         peer.connecting = None;
         let queue = std::mem::take(&mut peer.queue);
-        peer.queued_bytes = 0;
+        self.queued_held -= std::mem::take(&mut peer.queued_bytes);
         self.outputs
             .push_back(NodeOutput::NodeUp { node: node.clone() });
         // Other attempts to reach this node are no longer needed.
@@ -799,7 +917,13 @@ impl Node {
         if peer.queued_bytes + message.len() > max {
             return Err(NodeError::QueueFull(node.to_owned()));
         }
+        let budget = self.config.max_buffered_bytes;
+        if self.buffered_bytes().saturating_add(message.len()) > budget {
+            return Err(NodeError::BudgetExhausted(budget));
+        }
+        let peer = self.peers.entry(node.to_owned()).or_default();
         peer.queued_bytes += message.len();
+        self.queued_held += message.len();
         peer.queue.push_back(message);
         self.connect(node, now);
         Ok(())

@@ -1,0 +1,316 @@
+//! The memory budget: what peers can make a node (or a lone connection) hold, and what
+//! happens at the limits. Plain transport peers talk to one node in memory.
+
+mod support;
+
+use aemp_engine::{
+    Config, ConnId, Connection, Error, Framing, Limits, Node, NodeConfig, NodeError, NodeOutput,
+    Output, Value, Verdict,
+};
+use support::net::{SECRET, args, node_config, t};
+
+const BUDGET: usize = 1 << 20;
+const CHUNK: usize = 64 << 10;
+
+/// One plain transport peer of the node under test.
+struct Peer {
+    raw: Connection,
+    conn: ConnId,
+    /// Why the node closed this connection, if it did.
+    closed: Option<String>,
+}
+
+/// A node and the peers that dialled in to it.
+struct Hub {
+    node: Node,
+    peers: Vec<Peer>,
+    /// Everything the node output except transmits and closes.
+    events: Vec<NodeOutput>,
+    /// Every `Close` the node output.
+    closes: Vec<(ConnId, String)>,
+}
+
+impl Hub {
+    fn new(config: NodeConfig) -> Hub {
+        Hub {
+            node: Node::new(config, [7; 16], 0).unwrap(),
+            peers: Vec::new(),
+            events: Vec::new(),
+            closes: Vec::new(),
+        }
+    }
+
+    /// A peer named `name` connects and completes its handshake (it sends cbor).
+    fn connect(&mut self, name: &str) -> usize {
+        let mut config = Config::new(name);
+        config.secret = Some(SECRET.to_vec());
+        config.framings = vec![Framing::Cbor];
+        let raw = Connection::new(config, [9; 66], 0).unwrap();
+        let conn = self.node.handle_accept(name, [8; 66], 0);
+        self.peers.push(Peer {
+            raw,
+            conn,
+            closed: None,
+        });
+        self.pump();
+        assert!(self.node.is_up(name), "{name} is up");
+        self.peers.len() - 1
+    }
+
+    fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(o) = self.node.poll_output() {
+                moved = true;
+                match o {
+                    NodeOutput::Transmit { conn, bytes } => {
+                        if let Some(p) = self.peers.iter_mut().find(|p| p.conn == conn) {
+                            p.raw.handle_input(&bytes);
+                        }
+                    }
+                    NodeOutput::Close { conn, reason } => {
+                        if let Some(p) = self.peers.iter_mut().find(|p| p.conn == conn) {
+                            p.closed = Some(reason.clone());
+                        }
+                        self.closes.push((conn, reason));
+                    }
+                    other => self.events.push(other),
+                }
+            }
+            for p in &mut self.peers {
+                while let Some(o) = p.raw.poll_output() {
+                    moved = true;
+                    match o {
+                        Output::Transmit(bytes) if p.closed.is_none() => {
+                            self.node.handle_input(p.conn, &bytes, 0)
+                        }
+                        Output::Greeting(_) => p.raw.handle_verdict(Verdict::Accept),
+                        _ => {}
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Raw bytes from peer `i` to the node, as the host would feed a socket read.
+    fn feed(&mut self, i: usize, bytes: &[u8]) {
+        let conn = self.peers[i].conn;
+        self.node.handle_input(conn, bytes, 0);
+        self.pump();
+    }
+
+    fn delivered(&self) -> Vec<Value> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                NodeOutput::Deliver { args, .. } => Some(Value::decode(args).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The CBOR message `["inbox", BYTES]` with `len` bytes, split into the head and body.
+fn big_message(len: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut head = vec![0x82, 0x65];
+    head.extend_from_slice(b"inbox");
+    head.push(0x5a);
+    head.extend_from_slice(&(len as u32).to_be_bytes());
+    (head, vec![b'x'; len])
+}
+
+fn budget_config(id: &str) -> NodeConfig {
+    let mut config = node_config(id, &[]);
+    config.max_buffered_bytes = BUDGET;
+    config
+}
+
+#[test]
+fn partial_messages_past_the_budget_close_only_their_connections() {
+    let mut hub = Hub::new(budget_config("n"));
+    hub.node.register_port("inbox").unwrap();
+    let peers: Vec<usize> = (0..5).map(|i| hub.connect(&format!("p{i}"))).collect();
+    let (head, body) = big_message(400 << 10);
+    // Each peer sends most of a 400 KiB message; the node never holds more than its budget.
+    for &p in &peers {
+        hub.feed(p, &head);
+        for chunk in body[..300 << 10].chunks(CHUNK) {
+            if hub.peers[p].closed.is_some() {
+                break;
+            }
+            hub.feed(p, chunk);
+            assert!(
+                hub.node.buffered_bytes() <= BUDGET,
+                "{}",
+                hub.node.buffered_bytes()
+            );
+        }
+    }
+    let text =
+        format!("node memory budget for peers ({BUDGET} bytes) exhausted, connection closed");
+    assert_eq!(
+        text,
+        Error::NodeBudgetExhausted(BUDGET).to_string(),
+        "the reason is the error's text"
+    );
+    let closed: Vec<usize> = peers
+        .iter()
+        .copied()
+        .filter(|&p| hub.peers[p].closed.is_some())
+        .collect();
+    assert!(!closed.is_empty(), "some peer hit the budget");
+    for &p in &closed {
+        assert_eq!(hub.peers[p].closed.as_deref(), Some(text.as_str()));
+        assert!(!hub.node.is_up(&format!("p{p}")));
+    }
+    // The first peer was within the budget: it finishes its message and it arrives.
+    assert!(hub.peers[0].closed.is_none());
+    hub.feed(0, &body[300 << 10..]);
+    assert_eq!(
+        hub.delivered(),
+        [Value::Array(vec![Value::Bytes(body.clone())])]
+    );
+    // Its buffer went back down once the message was delivered.
+    assert!(
+        hub.node.buffered_bytes() < BUDGET / 2,
+        "{}",
+        hub.node.buffered_bytes()
+    );
+    // The node goes on: a new peer connects and is served.
+    let fresh = hub.connect("fresh");
+    let conn = hub.peers[fresh].conn;
+    let message = Value::Array(vec![t("inbox"), t("hello")]).encode();
+    hub.node.handle_input(conn, &message, 0);
+    hub.pump();
+    assert_eq!(
+        hub.delivered().last(),
+        Some(&Value::Array(vec![t("hello")]))
+    );
+}
+
+#[test]
+fn queues_for_nodes_that_never_connect_share_the_budget() {
+    let mut hub = Hub::new(budget_config("n"));
+    let payload = args(vec![Value::Bytes(vec![1; 300 << 10])]);
+    for i in 0..3 {
+        hub.node
+            .send(&format!("absent{i}#p"), &payload, 0)
+            .unwrap_or_else(|e| panic!("message {i} refused: {e}"));
+    }
+    // Each queue is far below max_queue_bytes, but together they reach the budget.
+    assert_eq!(
+        hub.node.send("absent3#p", &payload, 0),
+        Err(NodeError::BudgetExhausted(BUDGET))
+    );
+    assert_eq!(
+        NodeError::BudgetExhausted(BUDGET).to_string(),
+        format!("node memory budget for peers ({BUDGET} bytes) exhausted, message refused")
+    );
+    assert!(hub.node.buffered_bytes() <= BUDGET);
+    // When the attempts to reach those nodes time out, the queues go and so does the
+    // pressure.
+    hub.node.handle_timeout(60_000);
+    hub.pump();
+    assert_eq!(hub.node.buffered_bytes(), 0);
+    hub.node.send("absent3#p", &payload, 60_000).unwrap();
+}
+
+#[test]
+fn connections_in_their_handshake_are_capped() {
+    let mut config = node_config("n", &[]);
+    config.max_handshakes = 2;
+    let mut hub = Hub::new(config);
+    let silent: Vec<ConnId> = (0..2)
+        .map(|i| hub.node.handle_accept(&format!("silent{i}"), [8; 66], 0))
+        .collect();
+    let refused = hub.node.handle_accept("one too many", [8; 66], 0);
+    hub.pump();
+    assert_eq!(
+        hub.closes,
+        [(
+            refused,
+            "too many connections in their handshake (2)".to_owned()
+        )]
+    );
+    // The refused connection got nothing, the others their greeting.
+    let greeted: Vec<ConnId> = hub
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            NodeOutput::Transmit { conn, .. } => Some(*conn),
+            _ => None,
+        })
+        .collect();
+    assert!(!greeted.contains(&refused));
+    // Closing one makes room: a real peer completes its handshake, and once it is
+    // authenticated it no longer counts.
+    hub.node.handle_eof(silent[0], 0);
+    hub.pump();
+    hub.connect("real");
+    let again = hub.node.handle_accept("another", [8; 66], 0);
+    hub.pump();
+    assert!(hub.closes.iter().all(|(c, _)| *c != again));
+}
+
+/// A connection used alone bounds what it holds too: a host that never polls cannot be
+/// made to pile up received messages.
+#[test]
+fn a_lone_connection_is_bounded_by_twice_the_message_size() {
+    let limits = Limits {
+        max_message_size: 1000,
+        max_depth: 16,
+    };
+    let mut a_config = support::config("a");
+    a_config.limits = limits;
+    let mut b_config = support::config("b");
+    b_config.limits = limits;
+    let mut pair = support::Pair::new(a_config, b_config);
+    pair.drive();
+    assert!(pair.connected());
+    let a = &mut pair.a.conn;
+    let message = Value::Array(vec![t("p"), Value::Bytes(vec![0; 900])]).encode();
+    let limit = limits.max_buffered_bytes();
+    let mut fed = 0;
+    while !a.is_closed() {
+        a.handle_input(&message);
+        fed += 1;
+        assert!(fed * message.len() < 2 * limit, "never closed");
+    }
+    assert!(a.buffered_bytes() <= limit + message.len());
+    let mut messages = 0;
+    let mut error = None;
+    while let Some(o) = a.poll_output() {
+        match o {
+            Output::Message(_) => messages += 1,
+            Output::Closed(e) => error = Some(e),
+            _ => {}
+        }
+    }
+    // Messages received before the limit are still delivered, then the error.
+    assert_eq!(messages, fed - 1);
+    assert_eq!(error, Some(Error::ConnectionBufferFull(limit)));
+    assert_eq!(
+        Error::ConnectionBufferFull(limit).to_string(),
+        format!("peer input would need more than {limit} bytes of buffers on this connection")
+    );
+}
+
+/// After a big message the connection's buffer shrinks back.
+#[test]
+fn buffers_shrink_after_a_big_message() {
+    let mut hub = Hub::new(node_config("n", &[]));
+    hub.node.register_port("inbox").unwrap();
+    let p = hub.connect("p");
+    let idle = hub.node.buffered_bytes();
+    let (head, body) = big_message(4 << 20);
+    hub.feed(p, &head);
+    for chunk in body.chunks(CHUNK) {
+        hub.feed(p, chunk);
+    }
+    assert_eq!(hub.delivered().len(), 1);
+    let after = hub.node.buffered_bytes();
+    assert!(after <= idle + (64 << 10), "idle {idle}, after {after}");
+}
