@@ -333,8 +333,8 @@ async fn a_slow_port_pushes_back_on_a_flood() {
         assert_eq!(msg, [Value::Int(*expect)], "lost or out of order");
         *expect += 1;
     }
-    // Read slowly for two seconds.
-    let slow = tokio::time::Instant::now() + Duration::from_secs(2);
+    // Read slowly for a few seconds.
+    let slow = tokio::time::Instant::now() + Duration::from_secs(4);
     while tokio::time::Instant::now() < slow {
         for _ in 0..50 {
             take(&mut inbox, &mut expect).await;
@@ -353,6 +353,9 @@ async fn a_slow_port_pushes_back_on_a_flood() {
     })
     .await
     .expect("the sender is held back while the port reads nothing");
+    // And stays held back (a node merely behind would catch up and read on).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sent.load(Ordering::Acquire), held_back, "the sender went on");
     stop.store(true, Ordering::Release);
     // Read everything: nothing was dropped.
     tokio::time::timeout(Duration::from_secs(60), async {
