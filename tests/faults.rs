@@ -355,7 +355,11 @@ async fn a_slow_port_pushes_back_on_a_flood() {
     .expect("the sender is held back while the port reads nothing");
     // And stays held back (a node merely behind would catch up and read on).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(sent.load(Ordering::Acquire), held_back, "the sender went on");
+    assert_eq!(
+        sent.load(Ordering::Acquire),
+        held_back,
+        "the sender went on"
+    );
     stop.store(true, Ordering::Release);
     // Read everything: nothing was dropped.
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -398,7 +402,13 @@ async fn a_port_never_read_is_dropped_from_after_its_stall() {
     }
     let bytes = transmitted(&mut raw);
     raw.stream.write_all(&bytes).await.unwrap();
-    assert!(logged_by("deaf-a", "port deaf-a#deaf took no message for 300 ms: dropped").await);
+    assert!(
+        logged_by(
+            "deaf-a",
+            "port deaf-a#deaf took no message for 300 ms: dropped"
+        )
+        .await
+    );
     still_serves(&a, "s").await;
 }
 
