@@ -494,3 +494,50 @@ fn the_open_file_limit_is_raised() {
     assert_eq!(raised, hard);
     assert_eq!(limits(), (hard, hard));
 }
+
+/// A close does not wait behind a stuck TLS handshake: a peer that asks for TLS and then
+/// sends nothing is closed at the handshake deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_tls_handshake_is_closed_at_the_handshake_deadline() {
+    let pem = aemp_host::tls::generate_network_pem().unwrap();
+    let a = builder("stucktls-a", "s")
+        .tls(aemp_host::TlsConfig::from_pem(pem.as_bytes()).unwrap())
+        .monitor_timeout(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr(&a)).await.unwrap();
+    let mut config = aemp_engine::Config::new("stuck");
+    config.tls = true;
+    // A nonce whose base64 is all '+', the lowest: we are the TLS client, and never start.
+    let lowest: [u8; 66] = std::array::from_fn(|i| [0xfb, 0xef, 0xbe][i % 3]);
+    let mut conn = aemp_engine::Connection::new(config, lowest, 0).unwrap();
+    let mut buf = vec![0; 65536];
+    'handshake: loop {
+        while let Some(o) = conn.poll_output() {
+            match o {
+                aemp_engine::Output::Transmit(b) => stream.write_all(&b).await.unwrap(),
+                aemp_engine::Output::Greeting(_) => {
+                    conn.handle_verdict(aemp_engine::Verdict::Accept)
+                }
+                aemp_engine::Output::StartTls { .. } => break 'handshake,
+                other => panic!("{other:?}"),
+            }
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        conn.handle_input(&buf[..n]);
+    }
+    // The node, waiting for our TLS hello, must close the socket at its deadline.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket stayed open");
+    assert!(logged_by("stucktls-a", "Connection timed out").await);
+    still_serves(&a, "s").await;
+}
