@@ -289,3 +289,291 @@ async fn peers_holding_big_partial_messages_cannot_exhaust_the_node() {
     still_serves(&a, "s").await;
     drop(peers);
 }
+
+// ---------------------------------------------------------------------------------------
+// Host bounds: bounded port inboxes push back on the sockets, writes have a deadline, the
+// open-file limit is raised.
+// ---------------------------------------------------------------------------------------
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// What the raw peer's engine has to send, as bytes.
+fn transmitted(raw: &mut RawPeer) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    while let Some(o) = raw.conn.poll_output() {
+        if let aemp_engine::Output::Transmit(b) = o {
+            bytes.extend_from_slice(&b);
+        }
+    }
+    bytes
+}
+
+/// A flood of small messages at a port that reads slowly: the process's memory stays
+/// bounded, the sender is held back once the port stops reading, and every message
+/// arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_port_pushes_back_on_a_flood() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    /// How much the process may grow while flooded.
+    const MAX_GROWTH: u64 = 100 << 20;
+    let a = builder("flood-a", "s")
+        .port_stall(Duration::from_secs(120))
+        .start()
+        .await
+        .unwrap();
+    let mut inbox = a.named_port("inbox").await.unwrap();
+    let mut raw = RawPeer::connect_framing(&addr(&a), "flooder", "s", Framing::Cbor).await;
+    raw.handshake().await.unwrap();
+    let base = rss();
+    let peak = Arc::new(AtomicU64::new(base));
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn({
+        let (sent, stop) = (sent.clone(), stop.clone());
+        async move {
+            let mut next = 0i128;
+            while !stop.load(Ordering::Acquire) {
+                for _ in 0..1000 {
+                    let message = Value::Array(vec![t("inbox"), Value::Int(next)]).encode();
+                    raw.conn.send(&message).unwrap();
+                    next += 1;
+                }
+                let bytes = transmitted(&mut raw);
+                raw.stream.write_all(&bytes).await.unwrap();
+                sent.store(next as u64, Ordering::Release);
+            }
+            raw
+        }
+    });
+    let watcher = tokio::spawn({
+        let (peak, stop) = (peak.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::Acquire) {
+                peak.fetch_max(rss(), Ordering::AcqRel);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let mut expect = 0i128;
+    async fn take(inbox: &mut aemp_host::Port, expect: &mut i128) {
+        let msg = recv(inbox).await;
+        assert_eq!(msg, [Value::Int(*expect)], "lost or out of order");
+        *expect += 1;
+    }
+    // Read slowly for a few seconds.
+    let slow = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < slow {
+        for _ in 0..50 {
+            take(&mut inbox, &mut expect).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Stop reading: the sender must come to a standstill (the node stops reading it).
+    let held_back = tokio::time::timeout(WAIT, async {
+        loop {
+            let before = sent.load(Ordering::Acquire);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if sent.load(Ordering::Acquire) == before {
+                return before;
+            }
+        }
+    })
+    .await
+    .expect("the sender is held back while the port reads nothing");
+    // And stays held back (a node merely behind would catch up and read on).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sent.load(Ordering::Acquire),
+        held_back,
+        "the sender went on"
+    );
+    stop.store(true, Ordering::Release);
+    // Read everything: nothing was dropped.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !sender.is_finished() || (expect as u64) < sent.load(Ordering::Acquire) {
+            take(&mut inbox, &mut expect).await;
+        }
+    })
+    .await
+    .expect("every message arrives");
+    let _raw = sender.await.unwrap();
+    watcher.await.unwrap();
+    let total = sent.load(Ordering::Acquire);
+    assert_eq!(expect as u64, total);
+    let growth = peak.load(Ordering::Acquire).saturating_sub(base);
+    eprintln!(
+        "flood: {total} messages, sender held at {held_back}, memory grew {} KiB",
+        growth >> 10
+    );
+    assert!(growth < MAX_GROWTH, "memory grew by {growth} bytes");
+    still_serves(&a, "s").await;
+}
+
+/// A port nobody reads cannot stop the node: after `port_stall`, messages for it are
+/// dropped with a warning and everything else goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_never_read_is_dropped_from_after_its_stall() {
+    let a = builder("deaf-a", "s")
+        .port_capacity(4)
+        .port_stall(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let _deaf = a.named_port("deaf").await.unwrap();
+    let mut raw = RawPeer::connect_framing(&addr(&a), "shouter", "s", Framing::Cbor).await;
+    raw.handshake().await.unwrap();
+    for i in 0..100 {
+        raw.conn
+            .send(&Value::Array(vec![t("deaf"), Value::Int(i)]).encode())
+            .unwrap();
+    }
+    let bytes = transmitted(&mut raw);
+    raw.stream.write_all(&bytes).await.unwrap();
+    assert!(
+        logged_by(
+            "deaf-a",
+            "port deaf-a#deaf took no message for 300 ms: dropped"
+        )
+        .await
+    );
+    still_serves(&a, "s").await;
+}
+
+/// A peer that sends requests and never reads the replies is cut off when a write makes
+/// no progress for the write timeout (its queue never reaches the write-queue limit),
+/// and the node serves the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_replies_is_cut_off_at_the_write_deadline() {
+    let timeout = Duration::from_secs(1);
+    let a = builder("deadline-a", "s")
+        .write_timeout(timeout)
+        .start()
+        .await
+        .unwrap();
+    let mut echo = a.named_port("echo").await.unwrap();
+    let echoer = a.clone();
+    tokio::spawn(async move {
+        while let Some(mut args) = echo.recv().await {
+            let to = args.remove(0);
+            let _ = echoer.send(&to.as_name().unwrap_or_default(), args).await;
+        }
+    });
+    let mut events = a.events();
+    let mut raw = RawPeer::connect_framing(&addr(&a), "lazy", "s", Framing::Cbor).await;
+    raw.handshake().await.unwrap();
+    a.wait_up("lazy", WAIT).await.unwrap();
+    let payload = Value::Bytes(vec![b'r'; 64 * 1024]);
+    for _ in 0..400 {
+        raw.conn
+            .send(&Value::Array(vec![t("echo"), t("lazy#r"), payload.clone()]).encode())
+            .unwrap();
+    }
+    let bytes = transmitted(&mut raw);
+    let mut stream = raw.stream;
+    // Writes until the node stops reading us (or cuts us off); never reads.
+    tokio::spawn(async move {
+        let _ = stream.write_all(&bytes).await;
+        tokio::time::sleep(WAIT * 2).await;
+        drop(stream);
+    });
+    let reason = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Event::NodeDown { node, reason }) = events.recv().await
+                && node == "lazy"
+            {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect("the peer is cut off within the write deadline");
+    assert!(
+        reason.contains("peer does not read: nothing written for 1000 ms"),
+        "{reason}"
+    );
+    still_serves(&a, "s").await;
+}
+
+/// The soft open-file limit is raised to the hard limit.
+#[test]
+fn the_open_file_limit_is_raised() {
+    fn limits() -> (u64, u64) {
+        let text = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let mut nums = line
+            .split_whitespace()
+            .filter_map(|w| w.parse::<u64>().ok());
+        (nums.next().unwrap(), nums.next().unwrap())
+    }
+    let (_, hard) = limits();
+    let low = (hard / 2).max(64);
+    let pid = std::process::id().to_string();
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--nofile={low}:")])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(status.success());
+    assert_eq!(limits().0, low);
+    let raised = aemp_host::raise_open_file_limit().unwrap();
+    assert_eq!(raised, hard);
+    assert_eq!(limits(), (hard, hard));
+}
+
+/// A close does not wait behind a stuck TLS handshake: a peer that asks for TLS and then
+/// sends nothing is closed at the handshake deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_tls_handshake_is_closed_at_the_handshake_deadline() {
+    let pem = aemp_host::tls::generate_network_pem().unwrap();
+    let a = builder("stucktls-a", "s")
+        .tls(aemp_host::TlsConfig::from_pem(pem.as_bytes()).unwrap())
+        .monitor_timeout(Duration::from_secs(1))
+        .start()
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr(&a)).await.unwrap();
+    let mut config = aemp_engine::Config::new("stuck");
+    config.tls = true;
+    // A nonce whose base64 is all '+', the lowest: we are the TLS client, and never start.
+    let lowest: [u8; 66] = std::array::from_fn(|i| [0xfb, 0xef, 0xbe][i % 3]);
+    let mut conn = aemp_engine::Connection::new(config, lowest, 0).unwrap();
+    let mut buf = vec![0; 65536];
+    'handshake: loop {
+        while let Some(o) = conn.poll_output() {
+            match o {
+                aemp_engine::Output::Transmit(b) => stream.write_all(&b).await.unwrap(),
+                aemp_engine::Output::Greeting(_) => {
+                    conn.handle_verdict(aemp_engine::Verdict::Accept)
+                }
+                aemp_engine::Output::StartTls { .. } => break 'handshake,
+                other => panic!("{other:?}"),
+            }
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        conn.handle_input(&buf[..n]);
+    }
+    // The node, waiting for our TLS hello, must close the socket at its deadline.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket stayed open");
+    assert!(logged_by("stucktls-a", "Connection timed out").await);
+    still_serves(&a, "s").await;
+}

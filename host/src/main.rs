@@ -58,6 +58,10 @@ fn main() -> ExitCode {
         // (`aemp mon ... 2>&1 | head`), which would stop the node.
         .log_internal_errors(false)
         .init();
+    // Every connection is a file descriptor: use all the hard limit allows.
+    if let Err(e) = aemp_host::raise_open_file_limit() {
+        tracing::warn!("cannot raise the open file limit: {e}");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),

@@ -12,17 +12,25 @@
 //!
 //! One tokio task drives the engine instance of a node; socket tasks feed it (see
 //! `net`). Every call into the sandbox is made by that task, so the engine needs no locks.
+//!
+//! Every queue is bounded. Commands from the application wait for room ([`Node::send`])
+//! or are refused with [`NodeError::Busy`] (the calls that do not wait). A port's inbox
+//! holds [`NodeBuilder::port_capacity`] messages; a message for a full inbox is held by
+//! the driver, and while anything is held no connection reads on (TCP pushes back to the
+//! senders) and the application's messages wait once a port's worth of its own is held.
+//! A port that takes nothing for [`NodeBuilder::port_stall`] is stalled: what is held for
+//! it is dropped, with a warning, and so is every message that finds its inbox full until
+//! it reads again, so one port that is never read cannot stop the node serving the others.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aemp_engine::{AuthMethod, Framing, Value, printable};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc::{
-    UnboundedReceiver, UnboundedSender, WeakUnboundedSender, unbounded_channel,
-};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{Receiver, Sender, WeakSender, channel};
 use tokio::sync::{broadcast, oneshot, watch};
 use wasmtime::component::ResourceAny;
 
@@ -50,6 +58,9 @@ pub enum NodeError {
     /// No answer in time.
     #[error("timed out")]
     Timeout,
+    /// The node's command queue is full: a call that does not wait was refused; try again.
+    #[error("node is busy: command queue full")]
+    Busy,
 }
 
 /// Something that happened to the node.
@@ -93,6 +104,9 @@ pub struct NodeBuilder {
     max_write_queue: usize,
     max_buffered_bytes: Option<usize>,
     max_handshakes: Option<usize>,
+    write_timeout: Option<Duration>,
+    port_capacity: usize,
+    port_stall: Duration,
     sandbox_limits: sandbox::Limits,
     sandbox: Option<Arc<Sandbox>>,
 }
@@ -114,6 +128,9 @@ impl Default for NodeBuilder {
             max_write_queue: 64 << 20,
             max_buffered_bytes: None,
             max_handshakes: None,
+            write_timeout: None,
+            port_capacity: 1024,
+            port_stall: Duration::from_secs(10),
             sandbox_limits: sandbox::Limits::default(),
             sandbox: None,
         }
@@ -237,6 +254,27 @@ impl NodeBuilder {
         self
     }
 
+    /// How long a write may make no progress before the connection fails as a peer that
+    /// does not read (default: the monitor timeout).
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = Some(timeout);
+        self
+    }
+
+    /// Messages a port's inbox holds (default 1024, at least 1). When an inbox is full the
+    /// node stops reading from its connections until it has room.
+    pub fn port_capacity(mut self, messages: usize) -> Self {
+        self.port_capacity = messages.max(1);
+        self
+    }
+
+    /// How long a port with a full inbox may take nothing before messages for it are
+    /// dropped and the node reads on (default 10 s).
+    pub fn port_stall(mut self, timeout: Duration) -> Self {
+        self.port_stall = timeout;
+        self
+    }
+
     /// Memory and CPU limits of the sandbox.
     pub fn sandbox_limits(mut self, limits: sandbox::Limits) -> Self {
         self.sandbox_limits = limits;
@@ -326,8 +364,8 @@ impl NodeBuilder {
             .map_err(trap)?
             .map_err(NodeError::Config)?;
 
-        let (tx, rx) = unbounded_channel();
-        let (sock_tx, sock_rx) = unbounded_channel();
+        let (tx, rx) = channel(CMD_QUEUE);
+        let (sock_tx, sock_rx) = channel(net::EVENT_QUEUE);
         let listeners = listeners
             .into_iter()
             .map(|l| net::spawn_listener(l, sock_tx.clone()))
@@ -348,6 +386,14 @@ impl NodeBuilder {
             sock_tx,
             monitor_timeout: self.monitor_timeout,
             max_write_queue: self.max_write_queue,
+            write_timeout: self.write_timeout.unwrap_or(self.monitor_timeout),
+            port_capacity: self.port_capacity,
+            port_stall: self.port_stall,
+            held: VecDeque::new(),
+            held_app: 0,
+            app_round: false,
+            held_ports: HashMap::new(),
+            stalled: HashSet::new(),
             status: status_tx,
             cmd_tx: tx.downgrade(),
             listeners,
@@ -419,7 +465,7 @@ fn wit_auth(m: AuthMethod) -> wit::AuthMethod {
 pub struct Node {
     id: String,
     listen: Vec<SocketAddr>,
-    tx: UnboundedSender<Cmd>,
+    tx: Sender<Cmd>,
     events: broadcast::Sender<Event>,
     status: watch::Receiver<Option<String>>,
 }
@@ -428,8 +474,8 @@ pub struct Node {
 #[derive(Debug)]
 pub struct Port {
     id: String,
-    rx: UnboundedReceiver<Vec<Value>>,
-    tx: UnboundedSender<Cmd>,
+    rx: Receiver<Vec<Value>>,
+    tx: Sender<Cmd>,
 }
 
 impl Port {
@@ -446,11 +492,21 @@ impl Port {
 
 impl Drop for Port {
     fn drop(&mut self) {
-        let _ = self.tx.send(Cmd::Kill {
+        let kill = Cmd::Kill {
             port: self.id.clone(),
             reason: Vec::new(),
             reply: None,
-        });
+        };
+        // A drop cannot wait: when the command queue is full, a task waits for room (one
+        // per port, so this is bounded by the ports there are).
+        if let Err(TrySendError::Full(kill)) = self.tx.try_send(kill)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let tx = self.tx.clone();
+            runtime.spawn(async move {
+                let _ = tx.send(kill).await;
+            });
+        }
     }
 }
 
@@ -558,7 +614,7 @@ impl Node {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, NodeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| self.gone())?;
+        self.tx.send(make(reply)).await.map_err(|_| self.gone())?;
         rx.await.map_err(|_| self.gone())?
     }
 
@@ -567,7 +623,10 @@ impl Node {
     }
 
     fn tell(&self, cmd: Cmd) -> Result<(), NodeError> {
-        self.tx.send(cmd).map_err(|_| self.gone())
+        self.tx.try_send(cmd).map_err(|e| match e {
+            TrySendError::Full(_) => NodeError::Busy,
+            TrySendError::Closed(_) => self.gone(),
+        })
     }
 
     /// A new local port with a fresh unique name.
@@ -584,7 +643,8 @@ impl Node {
         .await
     }
 
-    /// Sends `args` to `port_id` (queued if its node is not connected yet).
+    /// Sends `args` to `port_id` (queued if its node is not connected yet). Waits while
+    /// the node's command queue is full.
     pub async fn send(&self, port_id: &str, args: Vec<Value>) -> Result<(), NodeError> {
         self.send_batch(vec![(port_id.to_owned(), args)]).await
     }
@@ -754,23 +814,59 @@ struct Driver {
     started: Instant,
     conns: HashMap<u64, ConnHandle>,
     dialing: HashSet<u64>,
-    ports: HashMap<String, UnboundedSender<Vec<Value>>>,
+    ports: HashMap<String, Sender<Vec<Value>>>,
     db_waiters: HashMap<String, Reply<Value>>,
     events: broadcast::Sender<Event>,
     up: HashSet<String>,
     tls: Option<TlsConfig>,
-    sock_tx: UnboundedSender<SocketEvent>,
+    sock_tx: Sender<SocketEvent>,
     monitor_timeout: Duration,
     max_write_queue: usize,
+    write_timeout: Duration,
+    port_capacity: usize,
+    port_stall: Duration,
+    /// Messages for ports whose inbox was full, in arrival order. While any is held, no
+    /// connection reads on: bounded by one read per connection, plus `held_app`.
+    held: VecDeque<Held>,
+    /// How many of `held` came from the application's commands; at a port's capacity
+    /// the driver takes no more commands.
+    held_app: usize,
+    /// Whether the outputs being handled answer the application's commands.
+    app_round: bool,
+    /// The ports messages are held for.
+    held_ports: HashMap<String, HeldPort>,
+    /// Ports that took nothing for `port_stall`: messages finding them full are dropped.
+    stalled: HashSet<String>,
     status: watch::Sender<Option<String>>,
-    cmd_tx: WeakUnboundedSender<Cmd>,
+    cmd_tx: WeakSender<Cmd>,
     listeners: Vec<tokio::task::JoinHandle<()>>,
     /// Connections whose data was handed to the engine in this round.
     read_again: Vec<u64>,
 }
 
+/// A message waiting for room in its port's inbox.
+struct Held {
+    port: String,
+    args: Vec<Value>,
+    from_app: bool,
+}
+
+/// A port messages are held for.
+struct HeldPort {
+    /// How many.
+    count: usize,
+    /// When it last took a message (or the first was held).
+    progress: tokio::time::Instant,
+}
+
+/// How often held messages are offered again to their ports.
+const HELD_RETRY: Duration = Duration::from_millis(10);
+
 /// Inputs handled between two polls of the engine's outputs.
 const BATCH: usize = 64;
+
+/// Commands from the application waiting for the node, at most.
+const CMD_QUEUE: usize = 1024;
 
 fn decode_args(bytes: &[u8]) -> Vec<Value> {
     match Value::decode(bytes) {
@@ -784,11 +880,7 @@ impl Driver {
         self.started.elapsed().as_millis() as u64
     }
 
-    async fn run(
-        mut self,
-        mut cmds: UnboundedReceiver<Cmd>,
-        mut sockets: UnboundedReceiver<SocketEvent>,
-    ) {
+    async fn run(mut self, mut cmds: Receiver<Cmd>, mut sockets: Receiver<SocketEvent>) {
         let result = self.serve(&mut cmds, &mut sockets).await;
         if let Err(e) = result {
             let reason = sandbox::describe(&e);
@@ -807,8 +899,8 @@ impl Driver {
 
     async fn serve(
         &mut self,
-        cmds: &mut UnboundedReceiver<Cmd>,
-        sockets: &mut UnboundedReceiver<SocketEvent>,
+        cmds: &mut Receiver<Cmd>,
+        sockets: &mut Receiver<SocketEvent>,
     ) -> wasmtime::Result<()> {
         self.flush()?;
         loop {
@@ -820,9 +912,24 @@ impl Driver {
                 }
                 None => tokio::time::sleep(Duration::from_secs(3600)),
             };
+            // Room in the inbox of the port the first held message is for, or a moment
+            // passed (for the other ports, and to notice stalls).
+            let waiting = self.held.front().map(|h| self.ports.get(&h.port).cloned());
+            let room = async move {
+                match waiting {
+                    Some(Some(port)) => {
+                        let _ = tokio::time::timeout(HELD_RETRY, port.reserve_owned()).await;
+                    }
+                    Some(None) => {}
+                    None => std::future::pending().await,
+                }
+            };
+            let take_cmds = self.held_app < self.port_capacity;
+            self.app_round = false;
             tokio::select! {
-                cmd = cmds.recv() => {
+                cmd = cmds.recv(), if take_cmds => {
                     let Some(cmd) = cmd else { return Ok(()) };
+                    self.app_round = true;
                     self.command(cmd)?;
                     for _ in 0..BATCH {
                         match cmds.try_recv() {
@@ -844,15 +951,111 @@ impl Driver {
                     let now = self.now();
                     self.node_api(|s, n, b| b.aemp_engine_node().node().call_handle_timeout(s, n, now))?;
                 }
+                () = room => self.deliver_held(),
             }
             self.flush()?;
             // Only now, after any StartTls the engine asked for in reply to that data has
-            // been queued for the task, may a connection read on (see `net`).
-            for conn in self.read_again.drain(..) {
-                if let Some(handle) = self.conns.get(&conn) {
-                    let _ = handle.tx.send(ConnCmd::Read);
+            // been queued for the task, may a connection read on (see `net`); and only
+            // when no message waits for room in a port, so that full ports push back.
+            if self.held.is_empty() {
+                for conn in self.read_again.drain(..) {
+                    if let Some(handle) = self.conns.get(&conn) {
+                        let _ = handle.tx.send(ConnCmd::Read);
+                    }
                 }
             }
+        }
+    }
+
+    /// Hands a message to its port; holds it when the inbox is full or messages for the
+    /// port are held already (to keep their order); drops it when the port is stalled.
+    fn deliver(&mut self, port: String, args: Vec<Value>) {
+        let Some(inbox) = self.ports.get(&port) else {
+            return;
+        };
+        if !self.held_ports.contains_key(&port) {
+            match inbox.try_send(args) {
+                Ok(()) => {
+                    self.stalled.remove(&port);
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => return,
+                // Logged once, when the port stalled.
+                Err(TrySendError::Full(_)) if self.stalled.contains(&port) => return,
+                Err(TrySendError::Full(args)) => return self.hold(port, args),
+            }
+        }
+        self.hold(port, args);
+    }
+
+    fn hold(&mut self, port: String, args: Vec<Value>) {
+        let now = tokio::time::Instant::now();
+        self.held_ports
+            .entry(port.clone())
+            .or_insert(HeldPort {
+                count: 0,
+                progress: now,
+            })
+            .count += 1;
+        self.held_app += usize::from(self.app_round);
+        self.held.push_back(Held {
+            port,
+            args,
+            from_app: self.app_round,
+        });
+    }
+
+    /// Moves held messages into their inboxes, in order for each port, and stalls the
+    /// ports that took nothing for `port_stall`.
+    fn deliver_held(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut full = HashSet::new();
+        let mut kept = VecDeque::new();
+        for h in std::mem::take(&mut self.held) {
+            if full.contains(&h.port) {
+                kept.push_back(h);
+                continue;
+            }
+            let result = match self.ports.get(&h.port) {
+                Some(inbox) => inbox.try_send(h.args),
+                None => Ok(()),
+            };
+            match result {
+                Ok(()) | Err(TrySendError::Closed(_)) => {
+                    self.held_app -= usize::from(h.from_app);
+                    if let Some(p) = self.held_ports.get_mut(&h.port) {
+                        p.count -= 1;
+                        p.progress = now;
+                        if p.count == 0 {
+                            self.held_ports.remove(&h.port);
+                        }
+                    }
+                }
+                Err(TrySendError::Full(args)) => {
+                    full.insert(h.port.clone());
+                    kept.push_back(Held { args, ..h });
+                }
+            }
+        }
+        self.held = kept;
+        let stalled: Vec<String> = self
+            .held_ports
+            .iter()
+            .filter(|(_, p)| now >= p.progress + self.port_stall)
+            .map(|(port, _)| port.clone())
+            .collect();
+        for port in stalled {
+            let before = self.held.len();
+            self.held.retain(|h| h.port != port);
+            tracing::warn!(
+                "port {} took no message for {} ms: dropped {} messages for it",
+                printable(&port),
+                self.port_stall.as_millis(),
+                before - self.held.len()
+            );
+            self.held_ports.remove(&port);
+            self.stalled.insert(port);
+            self.held_app = self.held.iter().filter(|h| h.from_app).count();
         }
     }
 
@@ -885,7 +1088,7 @@ impl Driver {
                             .map_err(NodeError::Refused),
                     };
                 let port = id.map(|id| {
-                    let (tx, rx) = unbounded_channel();
+                    let (tx, rx) = channel(self.port_capacity);
                     self.ports.insert(id.clone(), tx);
                     Port {
                         id,
@@ -906,6 +1109,7 @@ impl Driver {
                 reply,
             } => {
                 self.ports.remove(&port);
+                self.stalled.remove(&port);
                 let reason = Value::Array(reason).encode();
                 let result = self.node_api(|s, n, b| {
                     b.aemp_engine_node()
@@ -1003,10 +1207,18 @@ impl Driver {
     /// A sender for a port to report its drop. Ports keep the node alive like handles;
     /// the driver itself holds only a weak sender, so the node stops once every handle
     /// and port is gone.
-    fn command_sender(&self) -> UnboundedSender<Cmd> {
-        self.cmd_tx
-            .upgrade()
-            .unwrap_or_else(|| unbounded_channel().0)
+    fn command_sender(&self) -> Sender<Cmd> {
+        self.cmd_tx.upgrade().unwrap_or_else(|| channel(1).0)
+    }
+
+    fn spawn_conn(&self, conn: u64, stream: tokio::net::TcpStream) -> ConnHandle {
+        net::spawn_conn(
+            conn,
+            stream,
+            self.tls.clone(),
+            self.write_timeout,
+            self.sock_tx.clone(),
+        )
     }
 
     fn socket(&mut self, event: SocketEvent) -> wasmtime::Result<()> {
@@ -1018,13 +1230,12 @@ impl Driver {
                         .node()
                         .call_handle_accept(s, n, &peer, now)
                 })?;
-                let handle = net::spawn_conn(conn, stream, self.tls.clone(), self.sock_tx.clone());
+                let handle = self.spawn_conn(conn, stream);
                 self.conns.insert(conn, handle);
             }
             SocketEvent::Connected(conn, stream) => {
                 if self.dialing.remove(&conn) {
-                    let handle =
-                        net::spawn_conn(conn, stream, self.tls.clone(), self.sock_tx.clone());
+                    let handle = self.spawn_conn(conn, stream);
                     self.conns.insert(conn, handle);
                     self.node_api(|s, n, b| {
                         b.aemp_engine_node()
@@ -1132,14 +1343,10 @@ impl Driver {
                 self.dialing.remove(&c.conn);
                 if let Some(handle) = self.conns.remove(&c.conn) {
                     tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason));
-                    let _ = handle.tx.send(ConnCmd::Close);
+                    handle.close();
                 }
             }
-            O::Deliver(d) => {
-                if let Some(port) = self.ports.get(&d.port) {
-                    let _ = port.send(decode_args(&d.args));
-                }
-            }
+            O::Deliver(d) => self.deliver(d.port, decode_args(&d.args)),
             O::NodeUp(node) => {
                 tracing::info!("{} is up", printable(&node));
                 self.up.insert(node.clone());
