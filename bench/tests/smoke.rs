@@ -48,7 +48,13 @@ fn quick_run_prints_every_figure() {
             .get(*name)
             .and_then(serde_json::Value::as_f64)
             .unwrap_or_else(|| panic!("{name} missing"));
-        assert!(value.is_finite() && value >= 0.0, "{name} = {value}");
+        // A difference of two timings: with --quick's tiny counts, noise can make the wasm
+        // run the faster one, so only its sign is not checked.
+        let difference = *name == "boundary_ns_per_message";
+        assert!(
+            value.is_finite() && (difference || value >= 0.0),
+            "{name} = {value}"
+        );
     }
     assert_eq!(figures.len(), FIGURES.len(), "{figures:?}");
     for name in [
