@@ -10,12 +10,50 @@ import { EventEmitter } from 'node:events';
 import { Duplex } from 'node:stream';
 import { performance } from 'node:perf_hooks';
 import * as cborg from 'cborg';
+import { bigIntDecoder, bigNegIntDecoder } from 'cborg/taglib';
 import { node as api } from '../gen/engine.js';
 
 // Plain CBOR (cborg, pure JS): Uint8Array/Buffer as byte strings, strings as text,
-// objects as maps; decoded maps become objects.
+// objects as maps.
 const cbor = { encode: (value) => cborg.encode(value) };
-const uncbor = { decode: (bytes) => cborg.decode(bytes, { useMaps: false }) };
+
+// Every tag a peer may send: bignums (2, 3) as BigInt, epoch times (1) as Date, any other
+// as the value it wraps (as the engine's JSON output drops tags).
+const tags = new Proxy({}, {
+  get(_, key) {
+    if (typeof key !== 'string' || !/^\d+$/.test(key)) return undefined;
+    if (key === '2') return bigIntDecoder;
+    if (key === '3') return bigNegIntDecoder;
+    if (key === '1') {
+      return (decode) => {
+        const t = decode();
+        return typeof t === 'number' || typeof t === 'bigint' ? new Date(Number(t) * 1000) : t;
+      };
+    }
+    return (decode) => decode();
+  },
+});
+
+/** Maps become objects when every key is a string or a number (keys as text, as the
+ * engine's JSON output writes them); a map with other keys stays a Map. The engine has
+ * bounded the nesting, so the recursion is bounded too. */
+function plain(value) {
+  if (Array.isArray(value)) return value.map(plain);
+  if (!(value instanceof Map)) return value;
+  const entries = [...value].map(([k, v]) => [k, plain(v)]);
+  return entries.every(([k]) => ['string', 'number', 'bigint'].includes(typeof k))
+    ? Object.fromEntries(entries.map(([k, v]) => [String(k), v]))
+    : new Map(entries);
+}
+
+/**
+ * Decodes CBOR a peer sent (message arguments, reasons, database values) into JS values:
+ * byte strings as Uint8Array, text as strings, maps as objects (see above), tags as above.
+ * Throws on what is not CBOR.
+ */
+export function decodeCbor(bytes) {
+  return plain(cborg.decode(bytes, { useMaps: true, tags }));
+}
 
 const now = () => BigInt(Math.floor(performance.now()));
 
@@ -226,6 +264,17 @@ export class Node extends EventEmitter {
     this.#attach(conn, secure);
   }
 
+  /** Peer data decoded, or undefined (with a log line) when it cannot be: never a throw
+   * from inside a socket handler, which would end the process. */
+  #decode(bytes, what) {
+    try {
+      return decodeCbor(bytes);
+    } catch (e) {
+      this.emit('log', 'warn', `${what} dropped: ${e.message}`);
+      return undefined;
+    }
+  }
+
   /** Acts on everything the engine has to say, then re-arms its timer. */
   #flush() {
     for (;;) {
@@ -275,9 +324,11 @@ export class Node extends EventEmitter {
         socket?.end();
         break;
       }
-      case 'deliver':
-        this.#ports.get(val.port)?._push(uncbor.decode(val.args));
+      case 'deliver': {
+        const args = this.#decode(val.args, `message for ${val.port}`);
+        if (args !== undefined) this.#ports.get(val.port)?._push(args);
         break;
+      }
       case 'node-up':
         this.emit('node-up', val);
         break;
@@ -285,16 +336,16 @@ export class Node extends EventEmitter {
         this.emit('node-down', val.node, val.reason);
         break;
       case 'port-down':
-        this.emit('port-down', val.port, uncbor.decode(val.reason));
+        this.emit('port-down', val.port, this.#decode(val.reason, 'reason') ?? []);
         break;
       case 'db-reply': {
         const resolve = this.#dbWaiters.get(val.id);
         this.#dbWaiters.delete(val.id);
-        resolve?.(uncbor.decode(val.result));
+        resolve?.(this.#decode(val.result, 'database reply') ?? null);
         break;
       }
       case 'db-change':
-        this.emit('db-change', val.family, uncbor.decode(val.set), val.del);
+        this.emit('db-change', val.family, this.#decode(val.set, 'database change') ?? {}, val.del);
         break;
       case 'log':
         this.emit('log', val.level, val.message);
