@@ -20,6 +20,8 @@ struct Counts {
 }
 
 const SECRET: &[u8] = b"bench secret";
+/// How long a run waits for a message before it calls the connection lost.
+const STALL: Duration = Duration::from_secs(30);
 
 fn small_message() -> Vec<u8> {
     // ["port", "ping", 123]
@@ -245,7 +247,7 @@ async fn e2e(
         })
     };
     for _ in 0..n {
-        inbox.recv().await.expect("message");
+        recv(&mut inbox).await;
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     producer.await.expect("producer");
@@ -269,12 +271,20 @@ async fn e2e(
             .send(&echo_id, vec![Value::Int(1)])
             .await
             .expect("send");
-        back.recv().await.expect("pong");
+        recv(&mut back).await;
         rtts.push(t.elapsed().as_secs_f64() * 1e6);
     }
     rtts.sort_by(f64::total_cmp);
     let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize];
     (rate, pct(0.5), pct(0.99))
+}
+
+/// The next message of `port`; a lost connection fails the run instead of hanging it.
+async fn recv(port: &mut aemp_host::Port) -> Vec<Value> {
+    tokio::time::timeout(STALL, port.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no message for {STALL:?}: the connection was lost"))
+        .expect("port open")
 }
 
 /// A node named `id` listening on a free loopback port, in the shared sandbox.

@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio::sync::mpsc::{Receiver, Sender, channel};
+use tokio::sync::mpsc::{Sender, UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -68,20 +68,14 @@ pub(crate) enum ConnCmd {
     Close,
 }
 
-/// Writes queued for one connection task at most (besides the bytes limit the node keeps
-/// with `pending`); past it the peer is cut off as one that does not read.
-pub(crate) const MAX_QUEUED_WRITES: usize = 1024;
-
-/// Slots of a connection's command queue kept for the other commands: the node has at
-/// most one `Read`, one `StartTls` and one `Close` outstanding, so they always fit, in
-/// order behind the writes.
-const CONTROL_SLOTS: usize = 4;
-
-/// The node's side of a connection task, whose command queue is bounded
-/// ([`MAX_QUEUED_WRITES`] writes plus room for the other commands).
+/// The node's side of a connection task.
+///
+/// Its command channel is unbounded but bounded in fact: `Write`s are counted in
+/// `pending`, which the node keeps under its write-queue limit, and the node sends at most
+/// one `Read` per data event, one `StartTls` per handshake and one `Close`.
 #[derive(Debug)]
 pub(crate) struct ConnHandle {
-    tx: Sender<ConnCmd>,
+    pub(crate) tx: UnboundedSender<ConnCmd>,
     /// Bytes queued but not written yet.
     pub(crate) pending: Arc<AtomicUsize>,
     /// Signalled on close, so that a write in progress stops waiting for a stuck peer.
@@ -90,28 +84,18 @@ pub(crate) struct ConnHandle {
 }
 
 impl ConnHandle {
-    /// Queues bytes; returns how many bytes are now waiting to be written, or `None` when
-    /// [`MAX_QUEUED_WRITES`] writes are already waiting.
-    pub(crate) fn write(&self, bytes: Vec<u8>) -> Option<usize> {
-        // The node is the only sender, so the room seen here is still there below.
-        if self.tx.capacity() <= CONTROL_SLOTS {
-            return None;
-        }
+    /// Queues bytes; returns how many bytes are now waiting to be written.
+    pub(crate) fn write(&self, bytes: Vec<u8>) -> usize {
         let total = self.pending.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
         // A send error means the task ended; its end is reported separately.
-        let _ = self.tx.try_send(ConnCmd::Write(bytes));
-        Some(total)
-    }
-
-    /// Queues a command other than a write, behind the writes (room is kept for it).
-    pub(crate) fn command(&self, cmd: ConnCmd) {
-        let _ = self.tx.try_send(cmd);
+        let _ = self.tx.send(ConnCmd::Write(bytes));
+        total
     }
 
     /// Writes what is queued (for at most [`CLOSE_GRACE`]), then closes the socket.
     pub(crate) fn close(&self) {
         self.closing.notify_one();
-        self.command(ConnCmd::Close);
+        let _ = self.tx.send(ConnCmd::Close);
     }
 
     /// Ends the task at once, dropping unwritten bytes.
@@ -185,7 +169,7 @@ pub(crate) fn spawn_conn(
     write_timeout: Duration,
     events: Sender<SocketEvent>,
 ) -> ConnHandle {
-    let (tx, rx) = channel(MAX_QUEUED_WRITES + CONTROL_SLOTS);
+    let (tx, rx) = unbounded_channel();
     let pending = Arc::new(AtomicUsize::new(0));
     let closing = Arc::new(Notify::new());
     let task = tokio::spawn(run_conn(
@@ -223,7 +207,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 async fn run_conn(
     c: Conn,
     stream: TcpStream,
-    mut rx: Receiver<ConnCmd>,
+    mut rx: UnboundedReceiver<ConnCmd>,
     events: Sender<SocketEvent>,
 ) {
     let conn = c.id;
@@ -353,45 +337,5 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_connection_queue_holds_a_bounded_number_of_writes() {
-        let (tx, mut rx) = channel(MAX_QUEUED_WRITES + CONTROL_SLOTS);
-        let handle = ConnHandle {
-            tx,
-            pending: Arc::default(),
-            closing: Arc::default(),
-            task: tokio::spawn(async {}),
-        };
-        for i in 1..=MAX_QUEUED_WRITES {
-            assert_eq!(handle.write(vec![0; 2]), Some(2 * i));
-        }
-        assert_eq!(
-            handle.write(vec![0; 2]),
-            None,
-            "the task is this far behind"
-        );
-        // The other commands still fit, behind the writes.
-        handle.command(ConnCmd::Read);
-        handle.close();
-        let mut writes = 0;
-        while let Ok(cmd) = rx.try_recv() {
-            match cmd {
-                ConnCmd::Write(_) => writes += 1,
-                ConnCmd::Read => assert_eq!(writes, MAX_QUEUED_WRITES),
-                ConnCmd::Close => {
-                    assert_eq!(writes, MAX_QUEUED_WRITES);
-                    return;
-                }
-                ConnCmd::StartTls(..) => panic!("no StartTls was queued"),
-            }
-        }
-        panic!("Close did not fit");
     }
 }

@@ -960,7 +960,7 @@ impl Driver {
             if self.held.is_empty() {
                 for conn in self.read_again.drain(..) {
                     if let Some(handle) = self.conns.get(&conn) {
-                        handle.command(ConnCmd::Read);
+                        let _ = handle.tx.send(ConnCmd::Read);
                     }
                 }
             }
@@ -1304,18 +1304,16 @@ impl Driver {
         use wit_node::NodeOutput as O;
         match output {
             O::Transmit(t) => {
-                let overflow = match self.conns.get(&t.conn).map(|c| c.write(t.bytes)) {
-                    Some(None) => Some(format!(
-                        "peer does not read: more than {} writes waiting",
-                        net::MAX_QUEUED_WRITES
-                    )),
-                    Some(Some(queued)) if queued > self.max_write_queue => Some(format!(
+                let overflow = self
+                    .conns
+                    .get(&t.conn)
+                    .map(|c| c.write(t.bytes))
+                    .is_some_and(|q| q > self.max_write_queue);
+                if overflow {
+                    let reason = format!(
                         "peer does not read: more than {} bytes waiting",
                         self.max_write_queue
-                    )),
-                    _ => None,
-                };
-                if let Some(reason) = overflow {
+                    );
                     tracing::warn!("connection {}: {reason}", t.conn);
                     if let Some(handle) = self.conns.remove(&t.conn) {
                         handle.abort();
@@ -1338,7 +1336,7 @@ impl Driver {
                     wit::TlsRole::Server => Role::Server,
                 };
                 if let Some(c) = self.conns.get(&t.conn) {
-                    c.command(ConnCmd::StartTls(role, t.leftover));
+                    let _ = c.tx.send(ConnCmd::StartTls(role, t.leftover));
                 }
             }
             O::Close(c) => {
