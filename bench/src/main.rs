@@ -194,29 +194,66 @@ fn boundary_call(sandbox: &Sandbox, n: usize) -> f64 {
 
 // ---- nodes end to end ----------------------------------------------------------------
 
-async fn node_pair(
+/// A receiving node and `senders` nodes connected to it, all up.
+async fn nodes(
     sandbox: &std::sync::Arc<Sandbox>,
     tls: Option<&TlsConfig>,
     tag: &str,
-) -> (Node, Node) {
-    let mut builders = Vec::new();
-    for name in ["recv", "send"] {
-        let mut b = listening(&format!("{name}-{tag}"), sandbox);
+    senders: usize,
+) -> (Node, Vec<Node>) {
+    let start = |name: String| {
+        let mut b = listening(&name, sandbox);
         if let Some(tls) = tls {
             b = b.tls(tls.clone());
         }
-        builders.push(b.start().await.expect("node"));
+        b.start()
+    };
+    let receiver = start(format!("recv-{tag}")).await.expect("node");
+    let addr = receiver.listen_addrs()[0].to_string();
+    let mut nodes = Vec::new();
+    for i in 0..senders {
+        let sender = start(format!("send{i}-{tag}")).await.expect("node");
+        sender.connect(&addr).expect("connect");
+        sender
+            .wait_up(receiver.id(), Duration::from_secs(10))
+            .await
+            .expect("up");
+        nodes.push(sender);
     }
-    let sender = builders.pop().expect("sender");
-    let receiver = builders.pop().expect("receiver");
-    sender
-        .connect(&receiver.listen_addrs()[0].to_string())
-        .expect("connect");
-    sender
-        .wait_up(receiver.id(), Duration::from_secs(10))
-        .await
-        .expect("up");
-    (receiver, sender)
+    (receiver, nodes)
+}
+
+/// Messages per second into one port of `receiver`: each of `senders` sends its share of
+/// `n` messages `args`, in batches of 1000, all at once.
+async fn one_way(receiver: &Node, senders: &[Node], args: &[Value], n: usize) -> f64 {
+    let mut inbox = receiver.port().await.expect("port");
+    let share = n / senders.len();
+    let start = Instant::now();
+    let producers: Vec<_> = senders
+        .iter()
+        .map(|sender| {
+            let (sender, target, args) = (sender.clone(), inbox.id().to_owned(), args.to_vec());
+            tokio::spawn(async move {
+                let mut sent = 0;
+                while sent < share {
+                    let k = 1000.min(share - sent);
+                    sender
+                        .send_batch(vec![(target.clone(), args.clone()); k])
+                        .await
+                        .expect("send");
+                    sent += k;
+                }
+            })
+        })
+        .collect();
+    for _ in 0..share * senders.len() {
+        recv(&mut inbox).await;
+    }
+    let rate = (share * senders.len()) as f64 / start.elapsed().as_secs_f64();
+    for producer in producers {
+        producer.await.expect("producer");
+    }
+    rate
 }
 
 /// Messages per second one way, and round-trip percentiles in microseconds.
@@ -227,30 +264,15 @@ async fn e2e(
     n: usize,
     pings: usize,
 ) -> (f64, f64, f64) {
-    let (receiver, sender) = node_pair(sandbox, tls, tag).await;
-    let mut inbox = receiver.port().await.expect("port");
-    let target = inbox.id().to_owned();
-    let args = vec![Value::text("ping"), Value::Int(123)];
-    let start = Instant::now();
-    let producer = {
-        let sender = sender.clone();
-        tokio::spawn(async move {
-            let mut sent = 0;
-            while sent < n {
-                let k = 1000.min(n - sent);
-                sender
-                    .send_batch(vec![(target.clone(), args.clone()); k])
-                    .await
-                    .expect("send");
-                sent += k;
-            }
-        })
-    };
-    for _ in 0..n {
-        recv(&mut inbox).await;
-    }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    producer.await.expect("producer");
+    let (receiver, senders) = nodes(sandbox, tls, tag, 1).await;
+    let sender = &senders[0];
+    let rate = one_way(
+        &receiver,
+        &senders,
+        &[Value::text("ping"), Value::Int(123)],
+        n,
+    )
+    .await;
 
     // Ping-pong, cal-style: the receiver echoes to the sender's port.
     let mut echo = receiver.port().await.expect("port");
@@ -497,6 +519,25 @@ fn main() {
                 "e2e_handshake_ms",
                 e2e_handshake(&sandbox, if quick { 3 } else { 50 }).await,
                 "median ms from connect to node up, hmac, loopback",
+            );
+            let (receiver, senders) = nodes(&sandbox, None, "1k", 1).await;
+            let kib = [Value::text("data"), Value::Bytes(vec![7; 1024])];
+            add(
+                "e2e_msgs_per_s_1k_plain",
+                one_way(&receiver, &senders, &kib, c.e2e).await,
+                "1 KiB messages/s one way between two nodes, loopback TCP",
+            );
+            let (receiver, senders) = nodes(&sandbox, None, "eight", 8).await;
+            add(
+                "e2e_msgs_per_s_8_senders_plain",
+                one_way(
+                    &receiver,
+                    &senders,
+                    &[Value::text("ping"), Value::Int(123)],
+                    c.e2e,
+                )
+                .await,
+                "small messages/s from eight nodes into one port of one node, loopback TCP",
             );
             for (tag, tls) in [("plain", None), ("tls", Some(&tls))] {
                 let (rate, p50, p99) = e2e(&sandbox, tls, tag, c.e2e, c.pings).await;

@@ -19,6 +19,8 @@ const FIGURES: &[&str] = &[
     "boundary_ns_per_call",
     "boundary_ns_per_message",
     "e2e_handshake_ms",
+    "e2e_msgs_per_s_1k_plain",
+    "e2e_msgs_per_s_8_senders_plain",
     "e2e_msgs_per_s_plain",
     "e2e_rtt_p50_us_plain",
     "e2e_rtt_p99_us_plain",
@@ -58,6 +60,8 @@ fn quick_run_prints_every_figure() {
     }
     assert_eq!(figures.len(), FIGURES.len(), "{figures:?}");
     for name in [
+        "e2e_msgs_per_s_1k_plain",
+        "e2e_msgs_per_s_8_senders_plain",
         "e2e_msgs_per_s_plain",
         "engine_native_small_msgs_per_s_cbor",
         "sandbox_memory_bytes",
