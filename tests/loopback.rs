@@ -95,3 +95,36 @@ async fn dropping_the_last_handle_stops_the_node_and_frees_its_port() {
         "{addr} still listens"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_values_travel_as_serialized_arguments() {
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Job {
+        id: u64,
+        tags: Vec<String>,
+        due: Option<f64>,
+    }
+    let a = builder("ser-a", "s").start().await.unwrap();
+    let b = builder("ser-b", "s").start().await.unwrap();
+    b.connect(&addr(&a)).unwrap();
+    b.wait_up(a.id(), WAIT).await.unwrap();
+    let mut inbox = a.port().await.unwrap();
+    let job = Job {
+        id: 7,
+        tags: vec!["x".into()],
+        due: None,
+    };
+    b.send_ser(inbox.id(), &("job", &job)).await.unwrap();
+    let got = recv(&mut inbox).await;
+    assert_eq!(got[0], t("job"));
+    assert_eq!(aemp_host::from_value::<Job>(&got[1]).unwrap(), job);
+    // Arguments are a sequence; anything else is refused before it is sent.
+    let refused = b.send_ser(inbox.id(), &job).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            aemp_host::NodeError::Value(aemp_host::ValueError::NotASequence(_))
+        ),
+        "{refused:?}"
+    );
+}

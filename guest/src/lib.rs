@@ -25,7 +25,7 @@ pub use error::{ConfigError, Error, MessageError, SendError, printable};
 pub use framing::{Framing, Limits, split_sequence};
 pub use greeting::{Greeting, NONCE_LEN};
 pub use node::{ConnId, GlobalLimits, LogLevel, Node, NodeConfig, NodeError, NodeOutput};
-pub use value::Value;
+pub use value::{DecodeError, Value};
 
 /// The AEMP protocol version this engine speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

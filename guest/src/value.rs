@@ -10,13 +10,27 @@ use minicbor::{Decoder, Encoder};
 
 pub use crate::config::MAX_DEPTH;
 
+/// Why bytes are not exactly one [`Value`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Not well-formed CBOR, cut short, or nested deeper than [`MAX_DEPTH`] (the message
+    /// says which).
+    #[error("{0}")]
+    Malformed(String),
+    /// More bytes follow the item.
+    #[error("trailing bytes after the item")]
+    Trailing,
+}
+
 /// One CBOR data item.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Null,
     Undefined,
     Bool(bool),
-    /// Any CBOR integer (-2^64 ..= 2^64-1).
+    /// An integer. CBOR integers are -2^64 ..= 2^64-1; one outside that range encodes as
+    /// a bignum (tag 2 or 3), which decodes as [`Value::Tagged`].
     Int(i128),
     Float(f64),
     Bytes(Vec<u8>),
@@ -61,13 +75,11 @@ impl Value {
     /// Decodes exactly one item (trailing bytes are an error). Arrays, maps and tags may
     /// nest [`MAX_DEPTH`] levels deep: whatever walks the value afterwards (JSON output,
     /// serde, drop) recurses once per level, so deeper input is refused.
-    pub fn decode(bytes: &[u8]) -> Result<Value, minicbor::decode::Error> {
+    pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
         let mut d = Decoder::new(bytes);
-        let v = decode(&mut d)?;
+        let v = decode(&mut d).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if d.position() != bytes.len() {
-            return Err(minicbor::decode::Error::message(
-                "trailing bytes after the item",
-            ));
+            return Err(DecodeError::Trailing);
         }
         Ok(v)
     }
@@ -181,33 +193,35 @@ impl From<serde_json::Value> for Value {
     }
 }
 
-impl From<&str> for Value {
-    fn from(s: &str) -> Value {
-        Value::Text(s.to_owned())
+/// `From` for the common Rust types: strings become text, integers [`Value::Int`], floats
+/// [`Value::Float`], `None` null, vectors arrays. Byte strings are [`Value::Bytes`] (or
+/// `From<&[u8]>`); a `Vec<u8>` is an array of integers like any other vector.
+macro_rules! value_from {
+    ($($t:ty => $v:ident),* $(,)?) => {$(
+        impl From<$t> for Value {
+            fn from(x: $t) -> Value {
+                Value::$v(x.into())
+            }
+        }
+    )*};
+}
+
+value_from!(
+    &str => Text, String => Text, Cow<'_, str> => Text, bool => Bool,
+    i8 => Int, i16 => Int, i32 => Int, i64 => Int, i128 => Int,
+    u8 => Int, u16 => Int, u32 => Int, u64 => Int,
+    f32 => Float, f64 => Float, &[u8] => Bytes,
+);
+
+impl<T: Into<Value>> From<Vec<T>> for Value {
+    fn from(items: Vec<T>) -> Value {
+        Value::Array(items.into_iter().map(Into::into).collect())
     }
 }
 
-impl From<String> for Value {
-    fn from(s: String) -> Value {
-        Value::Text(s)
-    }
-}
-
-impl From<bool> for Value {
-    fn from(b: bool) -> Value {
-        Value::Bool(b)
-    }
-}
-
-impl From<i64> for Value {
-    fn from(i: i64) -> Value {
-        Value::Int(i.into())
-    }
-}
-
-impl From<Vec<Value>> for Value {
-    fn from(items: Vec<Value>) -> Value {
-        Value::Array(items)
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(x: Option<T>) -> Value {
+        x.map_or(Value::Null, Into::into)
     }
 }
 
@@ -363,7 +377,15 @@ fn encode(v: &Value, e: &mut Encoder<&mut Vec<u8>>) {
             Value::Bool(b) => e.bool(*b),
             Value::Int(i) => match minicbor::data::Int::try_from(*i) {
                 Ok(i) => e.int(i),
-                Err(_) => e.f64(*i as f64),
+                // Past CBOR's integer range: a bignum (tag 2, or 3 for -1 - n), never a
+                // float that would lose digits.
+                Err(_) => {
+                    let (tag, n) = if *i < 0 { (3, -1 - *i) } else { (2, *i) };
+                    let bytes = n.to_be_bytes();
+                    let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+                    e.tag(Tag::new(tag))
+                        .and_then(|e| e.bytes(bytes.get(first..).unwrap_or_default()))
+                }
             },
             Value::Float(f) => e.f64(*f),
             Value::Bytes(b) => e.bytes(b),
@@ -576,6 +598,65 @@ impl<'de> serde::de::Visitor<'de> for ValueVisitor {
             pairs.push(pair);
         }
         Ok(Value::Map(pairs))
+    }
+}
+
+#[cfg(test)]
+mod conversion_tests {
+    use super::{DecodeError, Value};
+
+    #[test]
+    fn integers_past_cbor_range_are_bignums_not_floats() {
+        let big = Value::Int(1 << 70);
+        // tag 2, a 9-byte string: 0x40 followed by eight zero bytes.
+        let mut expect = vec![0xc2, 0x49, 0x40];
+        expect.extend([0; 8]);
+        assert_eq!(big.encode(), expect);
+        let negative = Value::Int(-(1 << 70) - 1);
+        let mut expect = vec![0xc3, 0x49, 0x40];
+        expect.extend([0; 8]);
+        assert_eq!(negative.encode(), expect);
+        assert_eq!(
+            Value::decode(&big.encode()),
+            Ok(Value::Tagged(2, Box::new(Value::Bytes(big_bytes()))))
+        );
+        // The edges of CBOR's range stay plain integers.
+        for edge in [u64::MAX as i128, -(u64::MAX as i128) - 1] {
+            assert_eq!(
+                Value::decode(&Value::Int(edge).encode()),
+                Ok(Value::Int(edge))
+            );
+        }
+    }
+
+    fn big_bytes() -> Vec<u8> {
+        let mut b = vec![0x40];
+        b.extend([0; 8]);
+        b
+    }
+
+    #[test]
+    fn common_types_convert() {
+        assert_eq!(Value::from(7u8), Value::Int(7));
+        assert_eq!(Value::from(-7i32), Value::Int(-7));
+        assert_eq!(Value::from(u64::MAX), Value::Int(u64::MAX.into()));
+        assert_eq!(Value::from(0.5f32), Value::Float(0.5));
+        assert_eq!(Value::from(&b"ab"[..]), Value::Bytes(b"ab".to_vec()));
+        assert_eq!(Value::from(None::<i32>), Value::Null);
+        assert_eq!(Value::from(Some("x")), Value::text("x"));
+        assert_eq!(
+            Value::from(vec![1, 2]),
+            Value::Array(vec![Value::Int(1), Value::Int(2)])
+        );
+    }
+
+    #[test]
+    fn decode_errors_say_what_is_wrong() {
+        assert_eq!(Value::decode(b"\x01\x02"), Err(DecodeError::Trailing));
+        assert!(matches!(
+            Value::decode(b"\x82\x01"),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 }
 

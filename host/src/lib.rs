@@ -4,12 +4,14 @@
 //! [`ENGINE_COMPONENT`]. [`Sandbox`] compiles it once and instantiates it cheaply.
 
 pub mod config;
+mod convert;
 mod net;
 pub mod node;
 pub mod sandbox;
 pub mod tls;
 
-pub use aemp_engine::Value;
+pub use aemp_engine::{AuthMethod, DecodeError, Framing, Value};
+pub use convert::{ValueError, from_value, to_value};
 pub use node::{Event, Node, NodeBuilder, NodeError, Port};
 pub use sandbox::{EngineBindings, Instance, Sandbox, State, wit, wit_node};
 pub use tls::TlsConfig;

@@ -49,6 +49,9 @@ pub enum NodeError {
     /// Listening on an address failed.
     #[error("cannot listen on {addr}: {reason}")]
     Bind { addr: String, reason: String },
+    /// Arguments given as a Rust value could not become a message.
+    #[error(transparent)]
+    Value(#[from] crate::ValueError),
     /// The engine refused the call (invalid port id, full queue, bad message...).
     #[error("{0}")]
     Refused(String),
@@ -657,6 +660,24 @@ impl Node {
             .into_iter()
             .map(|(port, args)| (port, Value::Array(args).encode()))
             .collect();
+        self.call(|reply| Cmd::Send { batch, reply }).await
+    }
+
+    /// Sends a serializable Rust value as the arguments of a message: a tuple, array or
+    /// `Vec` whose items become the arguments (see [`crate::to_value`] for how types map).
+    /// Waits like [`Node::send`].
+    ///
+    /// ```no_run
+    /// # async fn example(node: aemp_host::Node) -> Result<(), aemp_host::NodeError> {
+    /// node.send_ser("other#inbox", &("job", 7, vec!["a", "b"])).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_ser<T: serde::Serialize + ?Sized>(
+        &self,
+        port_id: &str,
+        args: &T,
+    ) -> Result<(), NodeError> {
+        let batch = vec![(port_id.to_owned(), crate::convert::to_args(args)?)];
         self.call(|reply| Cmd::Send { batch, reply }).await
     }
 
