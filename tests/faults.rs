@@ -208,7 +208,7 @@ async fn simple_handshake_from_a_minimal_peer() {
 /// A sandbox limit stops that node with a clear error; the process and other nodes go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_over_its_memory_limit_stops_alone() {
-    let limits = aemp_host::sandbox::Limits {
+    let limits = aemp_host::SandboxLimits {
         max_memory: 3 << 20,
         ..Default::default()
     };

@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use aemp_engine::{Config, Connection, Framing, Output, Value, Verdict};
-use aemp_host::{Instance, Node, Sandbox, TlsConfig, wit};
+use aemp_host::raw::{Instance, ResourceAny, wit};
+use aemp_host::{Node, Sandbox, TlsConfig};
 use serde_json::json;
 
 /// How much work each measurement does.
@@ -103,7 +104,7 @@ fn native_messages(framing: Framing, message: &[u8], n: usize) -> f64 {
 // ---- the engine inside wasmtime -------------------------------------------------------
 
 struct WasmSide {
-    conn: aemp_host::ResourceAny,
+    conn: ResourceAny,
 }
 
 fn wasm_open(inst: &mut Instance, node: &str, framing: Framing) -> WasmSide {

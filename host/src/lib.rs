@@ -7,15 +7,24 @@ pub mod config;
 mod convert;
 mod net;
 pub mod node;
-pub mod sandbox;
+mod sandbox;
 pub mod tls;
 
 pub use aemp_engine::{AuthMethod, DecodeError, Framing, Value};
 pub use convert::{ValueError, from_value, to_value};
 pub use node::{Event, Node, NodeBuilder, NodeError, Port};
-pub use sandbox::{EngineBindings, Instance, Sandbox, State, wit, wit_node};
+pub(crate) use sandbox::EngineBindings;
+pub use sandbox::{Limits as SandboxLimits, Sandbox, SandboxError};
 pub use tls::TlsConfig;
-pub use wasmtime::component::ResourceAny;
+
+/// The engine's raw component bindings under wasmtime: an [`raw::Instance`] and the WIT
+/// types, for benchmarks and for hosts of the component's interfaces. Unstable: they
+/// change with every wasmtime major release, so they need the `unstable-raw` feature.
+#[cfg(feature = "unstable-raw")]
+pub mod raw {
+    pub use crate::sandbox::{EngineBindings, Instance, State, describe, wit, wit_node};
+    pub use wasmtime::component::ResourceAny;
+}
 
 /// Raises this process's soft limit on open files to its hard limit, as servers do at
 /// start: every connection costs a file descriptor, and the usual soft limit of 1024

@@ -268,7 +268,7 @@ impl Session {
             b = b.node_id(id);
         }
         if let Some(mib) = opts.max_memory_mib {
-            b = b.sandbox_limits(aemp_host::sandbox::Limits {
+            b = b.sandbox_limits(aemp_host::SandboxLimits {
                 max_memory: mib << 20,
                 ..Default::default()
             });

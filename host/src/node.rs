@@ -55,6 +55,9 @@ pub enum NodeError {
     /// The engine refused the call (invalid port id, full queue, bad message...).
     #[error("{0}")]
     Refused(String),
+    /// The sandbox could not be made or could not start the node's instance.
+    #[error(transparent)]
+    Sandbox(#[from] crate::SandboxError),
     /// The sandbox trapped or hit a limit: the node is gone.
     #[error("node stopped: {0}")]
     Stopped(String),
@@ -110,7 +113,7 @@ pub struct NodeBuilder {
     write_timeout: Option<Duration>,
     port_capacity: usize,
     port_stall: Duration,
-    sandbox_limits: sandbox::Limits,
+    sandbox_limits: Option<sandbox::Limits>,
     sandbox: Option<Arc<Sandbox>>,
 }
 
@@ -134,7 +137,7 @@ impl Default for NodeBuilder {
             write_timeout: None,
             port_capacity: 1024,
             port_stall: Duration::from_secs(10),
-            sandbox_limits: sandbox::Limits::default(),
+            sandbox_limits: None,
             sandbox: None,
         }
     }
@@ -278,13 +281,14 @@ impl NodeBuilder {
         self
     }
 
-    /// Memory and CPU limits of the sandbox.
+    /// Memory and CPU limits of this node's instance (default: the sandbox's, 256 MiB and
+    /// 2 s per call).
     pub fn sandbox_limits(mut self, limits: sandbox::Limits) -> Self {
-        self.sandbox_limits = limits;
+        self.sandbox_limits = Some(limits);
         self
     }
 
-    /// Runs in an existing sandbox (sharing its compiled code) instead of a new one.
+    /// Runs in this sandbox instead of the process's shared one ([`Sandbox::shared`]).
     pub fn sandbox(mut self, sandbox: Arc<Sandbox>) -> Self {
         self.sandbox = Some(sandbox);
         self
@@ -294,10 +298,7 @@ impl NodeBuilder {
     pub async fn start(self) -> Result<Node, NodeError> {
         let sandbox = match &self.sandbox {
             Some(s) => s.clone(),
-            None => Arc::new(
-                Sandbox::with_limits(self.sandbox_limits)
-                    .map_err(|e| NodeError::Stopped(format!("{e:#}")))?,
-            ),
+            None => Sandbox::shared()?,
         };
         let mut listeners = Vec::new();
         let mut bound = Vec::new();
@@ -317,7 +318,7 @@ impl NodeBuilder {
             listeners.push(listener);
         }
         let trap = |e: wasmtime::Error| NodeError::Stopped(sandbox::describe(&e));
-        let mut instance = sandbox.instantiate().map_err(trap)?;
+        let mut instance = sandbox.instantiate_with(self.sandbox_limits)?;
         let hostname = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());

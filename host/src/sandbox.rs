@@ -1,7 +1,12 @@
 //! Loading and instantiating the engine component under wasmtime, with limits: each
 //! instance gets its own capped memory (StoreLimits) and a CPU budget per call (epoch
 //! deadlines); a trap or a limit fails that call, never the process.
+//!
+//! wasmtime stays private: [`Sandbox`], [`Limits`] and [`SandboxError`] are the stable
+//! surface; the raw bindings ([`Instance`] and the WIT types) are public only through
+//! `aemp_host::raw` with the `unstable-raw` feature, since every wasmtime major changes them.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceAny};
@@ -127,6 +132,21 @@ pub(crate) fn fill_random(bytes: &mut [u8]) {
     }
 }
 
+/// Why a sandbox could not be made, or an instance started in it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// wasmtime could not compile or link the embedded engine component.
+    #[error("cannot compile the engine component: {0}")]
+    Compile(String),
+    /// The thread that measures CPU time per call could not start.
+    #[error("cannot start the sandbox's clock thread: {0}")]
+    Clock(#[source] Arc<std::io::Error>),
+    /// A new instance of the engine failed to start (out of memory, usually).
+    #[error("cannot start an engine instance: {0}")]
+    Instantiate(String),
+}
+
 /// The compiled engine component, ready to instantiate.
 pub struct Sandbox {
     engine: Engine,
@@ -143,17 +163,35 @@ impl std::fmt::Debug for Sandbox {
 }
 
 impl Sandbox {
-    /// Compiles the embedded component with default limits.
-    pub fn new() -> wasmtime::Result<Sandbox> {
+    /// Compiles the embedded component with default limits. Nodes share
+    /// [`Sandbox::shared`] unless given one of their own.
+    pub fn new() -> Result<Sandbox, SandboxError> {
         Sandbox::with_limits(Limits::default())
     }
 
+    /// The process's default sandbox, compiled on first use and shared by every node not
+    /// given another: one compiled engine and one clock thread for them all.
+    pub fn shared() -> Result<Arc<Sandbox>, SandboxError> {
+        static SHARED: Mutex<Option<Arc<Sandbox>>> = Mutex::new(None);
+        let mut shared = SHARED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(sandbox) = &*shared {
+            return Ok(sandbox.clone());
+        }
+        let sandbox = Arc::new(Sandbox::new()?);
+        *shared = Some(sandbox.clone());
+        Ok(sandbox)
+    }
+
     /// Compiles the embedded component and links its only import, `wasi:random/random`,
-    /// to the operating system's generator.
-    pub fn with_limits(limits: Limits) -> wasmtime::Result<Sandbox> {
+    /// to the operating system's generator. `limits` apply to instances that do not set
+    /// their own.
+    pub fn with_limits(limits: Limits) -> Result<Sandbox, SandboxError> {
+        let compile = |e: wasmtime::Error| SandboxError::Compile(format!("{e:#}"));
         let mut config = Config::new();
         config.epoch_interruption(true);
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&config).map_err(compile)?;
         // SAFETY: the precompiled bytes were produced by this crate's build script, with
         // this wasmtime version, from the embedded component, and are part of the
         // binary itself; deserialize checks the engine settings and refuses a mismatch.
@@ -161,12 +199,16 @@ impl Sandbox {
             Ok(component) => component,
             Err(e) => {
                 tracing::debug!("precompiled engine unusable ({e}); compiling it");
-                Component::new(&engine, ENGINE_COMPONENT)?
+                Component::new(&engine, ENGINE_COMPONENT).map_err(compile)?
             }
         };
         let mut linker = Linker::<State>::new(&engine);
-        bindings::Engine::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)?;
-        let pre = bindings::EnginePre::new(linker.instantiate_pre(&component)?)?;
+        bindings::Engine::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
+            .map_err(compile)?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(bindings::EnginePre::new)
+            .map_err(compile)?;
         // One ticker per sandbox; it stops once the engine is dropped.
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -177,7 +219,8 @@ impl Sandbox {
                     drop(engine);
                     std::thread::sleep(TICK);
                 }
-            })?;
+            })
+            .map_err(|e| SandboxError::Clock(Arc::new(e)))?;
         Ok(Sandbox {
             engine,
             pre,
@@ -185,17 +228,36 @@ impl Sandbox {
         })
     }
 
-    /// A fresh instance with its own memory.
-    pub fn instantiate(&self) -> wasmtime::Result<Instance> {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.max_memory)
+    /// A fresh instance with its own memory, under the sandbox's limits (unstable).
+    #[cfg(feature = "unstable-raw")]
+    pub fn instantiate(&self) -> Result<Instance, SandboxError> {
+        self.instantiate_with(Some(self.limits))
+    }
+
+    /// A fresh instance with its own memory, under `limits` (else the sandbox's).
+    pub(crate) fn instantiate_with(
+        &self,
+        limits: Option<Limits>,
+    ) -> Result<Instance, SandboxError> {
+        let limits = limits.unwrap_or(self.limits);
+        let memory = StoreLimitsBuilder::new()
+            .memory_size(limits.max_memory)
             .build();
-        let mut store = Store::new(&self.engine, State { limits, memory: 0 });
+        let mut store = Store::new(
+            &self.engine,
+            State {
+                limits: memory,
+                memory: 0,
+            },
+        );
         store.limiter(|state| state);
         store.epoch_deadline_trap();
-        let ticks = (self.limits.max_call_time.as_millis() / TICK.as_millis()).max(1) as u64;
+        let ticks = (limits.max_call_time.as_millis() / TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
-        let bindings = self.pre.instantiate(&mut store)?;
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| SandboxError::Instantiate(describe(&e)))?;
         Ok(Instance {
             store,
             bindings,
@@ -205,12 +267,16 @@ impl Sandbox {
 }
 
 /// One instance of the engine; connections opened in it live in its memory.
+///
+/// Unstable: part of wasmtime's generated bindings (`aemp_host::raw`).
 pub struct Instance {
     store: Store<State>,
     bindings: bindings::Engine,
     ticks: u64,
 }
 
+// The transport calls serve the raw API (benchmarks, component tests); nodes use `parts`.
+#[cfg_attr(not(feature = "unstable-raw"), allow(dead_code))]
 impl Instance {
     /// The store and the bindings, to call the `node` interface directly. The CPU budget
     /// of one call starts again with each use.
@@ -310,5 +376,20 @@ impl Instance {
     /// Frees a connection's state inside the instance.
     pub fn drop_connection(&mut self, conn: ResourceAny) -> wasmtime::Result<()> {
         conn.resource_drop(&mut self.store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_sandbox_is_compiled_once() {
+        let a = Sandbox::shared().unwrap();
+        let b = Sandbox::shared().unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        // Instances take their own limits (tests/faults.rs shows a node stopped by its
+        // own memory limit while others in the shared sandbox go on).
+        assert!(a.instantiate_with(Some(Limits::default())).is_ok());
     }
 }

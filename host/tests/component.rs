@@ -1,7 +1,8 @@
 //! The built component under wasmtime: the same back-to-back handshake as the engine's
 //! native tests, through the WIT interface.
 
-use aemp_host::{ENGINE_COMPONENT, Instance, Sandbox, wit, wit_node};
+use aemp_host::raw::{Instance, wit, wit_node};
+use aemp_host::{ENGINE_COMPONENT, Sandbox};
 use wasmtime::component::{Component, ResourceAny};
 
 const SECRET: &[u8] = b"geheim";
