@@ -125,7 +125,8 @@ const finish = Symbol('finish');
  * engine failed and the node stopped; `cause` says why), `REFUSED` (the engine refused
  * the call: an invalid port id, a full queue, a name already taken, ...), `PORT_FULL` (a
  * local port already holds `portCapacity` messages), `CONFIG` (invalid options), `BIND`
- * (a listener could not bind; `cause` is the socket error), `TIMEOUT`. For `send` and
+ * (a listener could not bind; `cause` is the socket error), `TIMEOUT`, `DECODE` (the
+ * answer to a database query could not be decoded). For `send` and
  * `sendBatch`, `sent` is how many messages of the batch went out before the refusal.
  */
 export class AempError extends Error {
@@ -648,7 +649,12 @@ export class Node extends EventEmitter {
       case 'db-reply': {
         const waiter = this.#dbWaiters.get(val.id);
         this.#dbWaiters.delete(val.id);
-        waiter?.resolve(this.#decode(val.result, 'database reply') ?? null);
+        if (!waiter) break;
+        try {
+          waiter.resolve(decodeCbor(val.result));
+        } catch (e) {
+          waiter.reject(new AempError('DECODE', `database reply not decodable: ${e.message}`, { cause: e }));
+        }
         break;
       }
       case 'db-change':
