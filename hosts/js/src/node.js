@@ -847,13 +847,10 @@ export class Node extends EventEmitter {
   /** Waits for the answer to a database query (kept until the master answers, rejected
    * when the node closes). */
   #query(ask) {
-    try {
-      return new Promise((resolve, reject) => {
-        this.#dbWaiters.set(this.#run(ask), { resolve, reject });
-      });
-    } catch (e) {
-      return Promise.reject(e);
-    }
+    // A throw inside the executor (closed node, refusal) rejects the promise.
+    return new Promise((resolve, reject) => {
+      this.#dbWaiters.set(this.#run(ask), { resolve, reject });
+    });
   }
 
   /**
