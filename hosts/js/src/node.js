@@ -170,10 +170,13 @@ export class Port {
     this.#node = node;
     this.#capacity = capacity;
     this.#stallMs = stallMs;
-    /** The node this port belongs to. */
-    this.node = node;
     /** The port id, `NODE#NAME`. */
     this.id = id;
+  }
+
+  /** The node this port belongs to. */
+  get node() {
+    return this.#node;
   }
 
   /** Messages received and not taken yet. */
@@ -297,7 +300,7 @@ export class Node extends EventEmitter {
   #ports = new Map(); // port id -> Port
   #servers = [];
   #timer = null;
-  #tls;
+  #tls; // tls.SecureContext when configured
   #limits;
   #writeTimeoutMs;
   #dbWaiters = new Map(); // database query id -> { resolve, reject }
@@ -340,6 +343,12 @@ export class Node extends EventEmitter {
     if (options.writeTimeoutMs !== undefined && !(options.writeTimeoutMs > 0)) {
       throw new AempError('CONFIG', 'writeTimeoutMs must be positive');
     }
+    try {
+      // Made once, so a bad certificate or key fails here, not at the first TLS peer.
+      this.#tls = options.tls && tls.createSecureContext(options.tls);
+    } catch (e) {
+      throw new AempError('CONFIG', `invalid TLS options: ${e.message}`, { cause: e });
+    }
     const hostname = os.hostname();
     try {
       const id = api.expandNodeId(options.nodeId ?? `${hostname}/`, hostname);
@@ -364,7 +373,6 @@ export class Node extends EventEmitter {
       if (e instanceof AempError) throw e;
       throw new AempError('CONFIG', `invalid node options: ${e.message}`, { cause: e });
     }
-    this.#tls = options.tls;
     /** The addresses this node listens on. */
     this.listenAddrs = [];
     this.#flush();
@@ -509,7 +517,7 @@ export class Node extends EventEmitter {
     // the stream, so such bytes go through a stream that yields them before the socket's.
     const transport = leftover.length ? prefixed(raw, Buffer.from(leftover)) : raw;
     const options = {
-      ...this.#tls,
+      secureContext: this.#tls,
       requestCert: true,
       rejectUnauthorized: true,
       checkServerIdentity: () => undefined, // nodes are named by node id, not DNS
@@ -558,19 +566,27 @@ export class Node extends EventEmitter {
    * failed engine stops the node. */
   #run(fn) {
     if (this.#state !== 'running') throw this.#closedError();
+    let result;
     try {
-      const result = fn();
-      this.#flush();
-      return result;
+      result = fn();
     } catch (e) {
       if (e !== null && typeof e === 'object' && Object.hasOwn(e, 'payload')) {
         const { payload } = e;
         if (typeof payload === 'string') throw new AempError('REFUSED', payload);
         throw new AempError('REFUSED', payload.message, { sent: payload.index });
       }
+      // An argument of the wrong type fails before the engine runs: it is unharmed.
+      if (!(e instanceof WebAssembly.RuntimeError)) throw e;
       this.#stop(e);
       throw this.#closedError();
     }
+    try {
+      this.#flush();
+    } catch (e) {
+      this.#stop(e);
+      throw this.#closedError();
+    }
+    return result;
   }
 
   #closedError() {

@@ -94,6 +94,11 @@ test('errors are AempError with a code', async (t) => {
     (e) => e.code === 'BIND' && e.cause.code === 'EADDRINUSE',
   );
   assert.throws(() => new Node({ portCapacity: 0 }), { code: 'CONFIG' });
+  assert.throws(() => new Node({ tls: { cert: 'no pem', key: 'no pem', ca: [] } }), { code: 'CONFIG' });
+  // An argument of the wrong type fails before it reaches the engine, which goes on.
+  assert.throws(() => a.monitor(42), TypeError);
+  assert.equal(a.state, 'running');
+  assert.equal(a.port().node, a);
 });
 
 test('the application fills a local port only to its capacity', async (t) => {
