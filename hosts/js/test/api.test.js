@@ -115,7 +115,7 @@ test('a full port stops the node reading, so the sender waits; every message arr
   const size = 16 * 1024;
   const [a, b] = await pair(t, { portCapacity: capacity });
   const port = a.port();
-  const total = 400; // 6.4 MB: more than loopback's socket buffers hold
+  const total = 1600; // 25 MiB: more than loopback's socket buffers hold
   const blob = Buffer.alloc(size, 7);
   let waited = false;
   for (let i = 0; i < total; i += 1) {
@@ -156,7 +156,7 @@ test('a peer that stops reading is cut off past maxWriteQueue', async (t) => {
   const cut = logged(b, /peer does not read: more than 1048576 bytes waiting/);
   const down = once(b, 'node-down');
   const blob = Buffer.alloc(64 * 1024);
-  for (let i = 0; i < 200 && b.isUp(a.id); i += 1) b.send(port.id, blob);
+  for (let i = 0; i < 2000 && b.isUp(a.id); i += 1) b.send(port.id, blob);
   await cut;
   assert.equal((await down)[0], a.id);
 });
