@@ -218,3 +218,20 @@ test('a listener that throws does not disturb the node', () => {
   const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 20000 });
   assert.deepEqual(JSON.parse(out), [['still served'], ['listener failed']]);
 });
+
+test('garbage from a raw socket closes that connection only', async (t) => {
+  const [a, b] = await pair(t);
+  const [host, port] = a.listenAddrs[0].split(':');
+  for (const junk of [Buffer.from('not a greeting\n'), Buffer.alloc(100000, 0xff), Buffer.from('aemp;2;x;;\n'.repeat(3))]) {
+    const raw = net.connect(Number(port), host);
+    raw.on('error', () => undefined);
+    await once(raw, 'connect');
+    raw.write(junk);
+    await Promise.race([once(raw, 'close'), sleep(2000)]);
+    raw.destroy();
+  }
+  assert.equal(a.state, 'running');
+  const inbox = a.port();
+  b.send(inbox.id, 'still here');
+  assert.deepEqual(await inbox.recv(), ['still here']);
+});
