@@ -95,26 +95,144 @@ function prefixed(socket, head) {
   return stream;
 }
 
-/** A local port: an async iterator of the argument arrays sent to it. */
+/** The host's limits, as `Node.start` options, with their defaults. */
+const defaultLimits = {
+  /** Messages a port holds before no connection reads on. */
+  portCapacity: 1024,
+  /** A full port that takes nothing this long is stalled (see `Port`). */
+  portStallMs: 10000,
+  /** Bytes waiting to be written to one connection before it is closed. */
+  maxWriteQueue: 64 * 1024 * 1024,
+  /** What `close()` waits for queued writes by default. */
+  closeTimeoutMs: 1000,
+};
+
+/** How long a connection the engine closes may take to write what is queued for it. */
+const LINGER_MS = 1000;
+
+const dispose = Symbol.dispose ?? Symbol.for('dispose');
+const asyncDispose = Symbol.asyncDispose ?? Symbol.for('asyncDispose');
+
+// What Node and Port say to each other, out of the public API's reach.
+const deliver = Symbol('deliver');
+const room = Symbol('room');
+const blocks = Symbol('blocks');
+const release = Symbol('release');
+const finish = Symbol('finish');
+
+/**
+ * An error of this node. `code`: `CLOSED` (the node is closed or closing), `STOPPED` (the
+ * engine failed and the node stopped; `cause` says why), `REFUSED` (the engine refused
+ * the call: an invalid port id, a full queue, a name already taken, ...), `PORT_FULL` (a
+ * local port already holds `portCapacity` messages), `CONFIG` (invalid options), `BIND`
+ * (a listener could not bind; `cause` is the socket error), `TIMEOUT`, `DECODE` (the
+ * answer to a database query could not be decoded). For `send` and
+ * `sendBatch`, `sent` is how many messages of the batch went out before the refusal.
+ */
+export class AempError extends Error {
+  constructor(code, message, { cause, sent } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = 'AempError';
+    this.code = code;
+    if (sent !== undefined) this.sent = sent;
+  }
+}
+
+/** `host:port` (the host possibly in brackets) as [host, port]. */
+function splitAddr(addr) {
+  const at = addr.lastIndexOf(':');
+  const host = addr.slice(0, at).replace(/^\[(.*)\]$/, '$1');
+  return [host, Number(addr.slice(at + 1))];
+}
+
+/**
+ * A local port: an async iterator of the argument arrays sent to it, in order. Leaving a
+ * `for await` loop (`break`, `return`, a throw) kills the port, as `close()` does.
+ *
+ * It holds at most `portCapacity` messages nobody has taken yet (plus what the read that
+ * filled it carried); while it is full no connection of the node reads on, so senders
+ * wait (TCP backpressure). A full port that takes nothing for `portStallMs` is stalled:
+ * what it holds past its capacity is dropped with a warning, and messages that find it
+ * full are dropped, until it takes one again, so one port nobody reads cannot stop the
+ * node.
+ */
 export class Port {
+  #node;
   #queue = [];
   #waiters = [];
   #closed = false;
+  #capacity;
+  #stallMs;
+  #stalled = false;
+  #stallTimer = null;
 
-  constructor(node, id) {
-    this.node = node;
+  constructor(node, id, capacity, stallMs) {
+    this.#node = node;
+    this.#capacity = capacity;
+    this.#stallMs = stallMs;
     /** The port id, `NODE#NAME`. */
     this.id = id;
   }
 
-  _push(args) {
-    const waiter = this.#waiters.shift();
-    if (waiter) waiter({ value: args, done: false });
-    else this.#queue.push(args);
+  /** The node this port belongs to. */
+  get node() {
+    return this.#node;
   }
 
-  _close() {
+  /** Messages received and not taken yet. */
+  get pending() {
+    return this.#queue.length;
+  }
+
+  /** Whether the port is closed (killed, or its node closed). */
+  get closed() {
+    return this.#closed;
+  }
+
+  /** Room for `count` more messages from this node's application. */
+  [room](count) {
+    return this.#queue.length + count <= this.#capacity;
+  }
+
+  [deliver](args) {
+    if (this.#closed) return;
+    const waiter = this.#waiters.shift();
+    if (waiter) {
+      waiter({ value: args, done: false });
+      return;
+    }
+    if (this.#stalled && this.#queue.length >= this.#capacity) return;
+    this.#queue.push(args);
+    this.#update();
+  }
+
+  /** Tells the node whether this port holds reading back, and arms the stall timer. */
+  #update() {
+    const full = !this.#closed && !this.#stalled && this.#queue.length >= this.#capacity;
+    if (full && !this.#stallTimer) {
+      this.#stallTimer = setTimeout(() => this.#stall(), this.#stallMs);
+      this.#stallTimer.unref();
+    } else if (!full && this.#stallTimer) {
+      clearTimeout(this.#stallTimer);
+      this.#stallTimer = null;
+    }
+    this.#node[blocks](this, full);
+  }
+
+  #stall() {
+    this.#stallTimer = null;
+    this.#stalled = true;
+    const dropped = this.#queue.splice(this.#capacity).length;
+    this.#node.emit('log', 'warn', `port ${this.id} took no message for ${this.#stallMs} ms: dropped ${dropped} messages for it`);
+    this.#update();
+  }
+
+  /** Ends the iteration: no more messages, waiting `next()` calls resolve as done. */
+  [finish]() {
+    if (this.#closed) return;
     this.#closed = true;
+    this.#queue = [];
+    this.#update();
     for (const waiter of this.#waiters.splice(0)) waiter({ value: undefined, done: true });
   }
 
@@ -124,136 +242,282 @@ export class Port {
     return value;
   }
 
+  /** The iterator protocol: the next message, or `done` once the port is closed. */
   next() {
-    if (this.#queue.length) return Promise.resolve({ value: this.#queue.shift(), done: false });
+    if (this.#queue.length) {
+      const value = this.#queue.shift();
+      this.#stalled = false;
+      this.#stallTimer?.refresh();
+      this.#update();
+      return Promise.resolve({ value, done: false });
+    }
     if (this.#closed) return Promise.resolve({ value: undefined, done: true });
     return new Promise((resolve) => this.#waiters.push(resolve));
+  }
+
+  /** The iterator protocol's end (a `break` out of `for await`): kills the port. */
+  return(value) {
+    this.close();
+    return Promise.resolve({ value, done: true });
   }
 
   [Symbol.asyncIterator]() {
     return this;
   }
 
-  /** Kills the port (monitors fire with an empty reason). */
+  /** `await using port = node.port()` kills the port at the end of the scope. */
+  async [asyncDispose]() {
+    this.close();
+  }
+
+  /** Kills the port: monitors fire with an empty reason. Does nothing when closed. */
   close() {
-    this.node._kill(this.id);
-    this._close();
+    this.kill();
+  }
+
+  /** Kills the port with `reason` (what monitors receive). Does nothing when closed. */
+  kill(...reason) {
+    if (this.#closed) return;
+    this[finish]();
+    this.#node[release](this, reason);
   }
 }
 
 /**
  * A running node. Events: 'node-up' (node), 'node-down' (node, reason), 'port-down'
- * (port, reason), 'db-change' (family, set, del) for monitored database families (`set`
- * an object of new or changed keys, `del` an array of deleted keys; the first report
- * holds the whole family), 'log' (level, message).
+ * (port, reason) for monitored ports, 'request' (node, tag, args) for node-port requests
+ * with a tag registered by `handleRequests`, 'db-change' (family, set, del) for monitored
+ * database families (`set` an object of new or changed keys, `del` an array of deleted
+ * keys; the first report holds the whole family), 'drain' when no connection has more
+ * queued than its socket's high-water mark any more (after `send` returned false),
+ * 'log' (level, message), 'close' (error, when the engine failed) once the node is closed.
+ * A listener that throws does not disturb the node: its error is rethrown on the next tick.
  */
 export class Node extends EventEmitter {
   #engine;
-  #sockets = new Map(); // conn id (string) -> socket
+  #conns = new Map(); // conn id (string) -> { conn, socket, writeBlocked, writeTimer, written }
+  #connecting = new Set(); // sockets still connecting
   #ports = new Map(); // port id -> Port
   #servers = [];
   #timer = null;
-  #tls;
-  #dbWaiters = new Map(); // database query id -> resolve
+  #tls; // tls.SecureContext when configured
+  #limits;
+  #writeTimeoutMs;
+  #dbWaiters = new Map(); // database query id -> { resolve, reject }
+  #blocking = new Set(); // full ports holding reading back
+  #writeBlocked = 0; // connections whose socket said "wait for drain"
+  #state = 'running';
+  #flushing = false;
+  #closing = null;
 
   /**
    * Starts a node. Options: nodeId (default `<hostname>/`; %n, %u and a trailing / are
    * expanded), secret, framings (['cbor', 'json']), binds (['127.0.0.1:4040', ...]),
    * seeds, tls ({ cert, key, ca } PEM strings: TLS with mandatory certificates from that CA,
-   * no host-name check), monitorTimeoutMs.
+   * no host-name check), monitorTimeoutMs, keepaliveIntervalMs, connectIntervalMs,
+   * maxQueueBytes, maxBufferedBytes, maxHandshakes (the engine's), and the host's limits:
+   * portCapacity (1024), portStallMs (10000), maxWriteQueue (64 MiB), writeTimeoutMs
+   * (monitorTimeoutMs, 30000), closeTimeoutMs (1000).
    */
   static async start(options = {}) {
     const node = new Node(options);
-    await node.#listen(options.binds ?? []);
+    try {
+      await node.#listen(options.binds ?? []);
+    } catch (e) {
+      await node.close();
+      throw e;
+    }
     return node;
   }
 
-  constructor(options) {
+  constructor(options = {}) {
     super();
+    this.#limits = { ...defaultLimits };
+    for (const key of Object.keys(defaultLimits)) {
+      if (options[key] === undefined) continue;
+      if (!Number.isSafeInteger(options[key]) || options[key] < 1) {
+        throw new AempError('CONFIG', `${key} must be a positive integer`);
+      }
+      this.#limits[key] = options[key];
+    }
+    if (options.writeTimeoutMs !== undefined && !(options.writeTimeoutMs > 0)) {
+      throw new AempError('CONFIG', 'writeTimeoutMs must be positive');
+    }
+    try {
+      // Made once, so a bad certificate or key fails here, not at the first TLS peer.
+      this.#tls = options.tls && tls.createSecureContext(options.tls);
+    } catch (e) {
+      throw new AempError('CONFIG', `invalid TLS options: ${e.message}`, { cause: e });
+    }
     const hostname = os.hostname();
-    const id = api.expandNodeId(options.nodeId ?? `${hostname}/`, hostname);
-    const config = api.defaultNodeConfig(id);
-    if (options.secret !== undefined) config.transport.secret = new TextEncoder().encode(options.secret);
-    if (options.framings) config.transport.framings = options.framings;
-    if (options.monitorTimeoutMs) config.transport.monitorTimeoutMs = BigInt(options.monitorTimeoutMs);
-    config.transport.tls = Boolean(options.tls);
-    config.seeds = options.seeds ?? [];
-    config.wallClockOffsetMs = BigInt(Date.now()) - now();
-    this.#tls = options.tls;
-    this.#engine = api.Node.create(config, now());
-    /** This node's id. */
-    this.id = id;
+    try {
+      const id = api.expandNodeId(options.nodeId ?? `${hostname}/`, hostname);
+      const config = api.defaultNodeConfig(id);
+      const transport = config.transport;
+      if (options.secret !== undefined) transport.secret = new TextEncoder().encode(options.secret);
+      if (options.framings) transport.framings = options.framings;
+      if (options.monitorTimeoutMs) transport.monitorTimeoutMs = BigInt(options.monitorTimeoutMs);
+      if (options.keepaliveIntervalMs) transport.keepaliveIntervalMs = BigInt(options.keepaliveIntervalMs);
+      for (const key of ['connectIntervalMs', 'maxQueueBytes', 'maxBufferedBytes']) {
+        if (options[key] !== undefined) config[key] = BigInt(options[key]);
+      }
+      if (options.maxHandshakes !== undefined) config.maxHandshakes = options.maxHandshakes;
+      transport.tls = Boolean(options.tls);
+      config.seeds = options.seeds ?? [];
+      config.wallClockOffsetMs = BigInt(Date.now()) - now();
+      this.#writeTimeoutMs = options.writeTimeoutMs ?? Number(transport.monitorTimeoutMs);
+      this.#engine = api.Node.create(config, now());
+      /** This node's id. */
+      this.id = id;
+    } catch (e) {
+      if (e instanceof AempError) throw e;
+      throw new AempError('CONFIG', `invalid node options: ${e.message}`, { cause: e });
+    }
+    /** The addresses this node listens on. */
+    this.listenAddrs = [];
     this.#flush();
+  }
+
+  /** `running`, `closing`, `closed`, or `stopped` (the engine failed). */
+  get state() {
+    return this.#state;
   }
 
   async #listen(binds) {
-    const addrs = [];
     for (const bind of binds) {
-      const at = bind.lastIndexOf(':');
-      const host = bind.slice(0, at) === '*' ? '0.0.0.0' : bind.slice(0, at);
-      const port = Number(bind.slice(at + 1)) || 0;
+      const [host, port] = splitAddr(bind);
       const server = net.createServer((socket) => this.#accepted(socket));
-      await new Promise((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(port, host, resolve);
-      });
       this.#servers.push(server);
+      await new Promise((resolve, reject) => {
+        server.once('error', (e) => reject(new AempError('BIND', `cannot listen on ${bind}: ${e.message}`, { cause: e })));
+        server.listen(port || 0, host === '*' ? '0.0.0.0' : host, resolve);
+      });
+      // Accept errors (out of files, ...) come here; the listener keeps listening.
+      server.removeAllListeners('error').on('error', (e) => this.#emitSafe('log', 'warn', `accept failed: ${e.message}`));
       const a = server.address();
-      addrs.push(`${a.address}:${a.port}`);
+      this.listenAddrs.push(`${a.address}:${a.port}`);
     }
-    /** The addresses this node listens on. */
-    this.listenAddrs = addrs;
-    if (addrs.length) this.#engine.setBinds(addrs, now());
-    this.#flush();
+    if (this.listenAddrs.length) this.#run(() => this.#engine.setBinds(this.listenAddrs, now()));
   }
 
   #accepted(socket) {
-    const conn = this.#engine.handleAccept(`${socket.remoteAddress}:${socket.remotePort}`, now());
-    this.#attach(conn, socket);
-    this.#flush();
+    if (this.#state !== 'running') {
+      socket.destroy();
+      return;
+    }
+    socket.on('error', () => undefined); // until attached: an early reset must not throw
+    this.#guard(() => this.#attach(this.#engine.handleAccept(`${socket.remoteAddress}:${socket.remotePort}`, now()), socket));
   }
 
   #attach(conn, socket) {
     const key = String(conn);
+    const c = { conn, socket, writeBlocked: false, writeTimer: null, written: 0 };
     socket.setNoDelay(true);
     socket.setKeepAlive(true);
-    this.#sockets.set(key, socket);
+    this.#conns.set(key, c);
+    if (this.#blocking.size) socket.pause();
+    const mine = () => this.#state === 'running' && this.#conns.get(key) === c;
     socket.on('data', (data) => {
-      if (this.#sockets.get(key) !== socket) return;
-      this.#engine.handleInput(conn, data, now());
-      this.#flush();
+      if (mine()) this.#guard(() => this.#engine.handleInput(conn, data, now()));
     });
     socket.on('end', () => {
-      if (this.#sockets.get(key) !== socket) return;
-      this.#sockets.delete(key);
-      this.#engine.handleEof(conn, now());
-      this.#flush();
+      if (!mine()) return;
+      this.#forget(c);
+      this.#guard(() => this.#engine.handleEof(conn, now()));
     });
     socket.on('error', (e) => {
-      if (this.#sockets.get(key) !== socket) return;
-      this.#sockets.delete(key);
-      this.#engine.handleConnError(conn, e.message, now());
-      this.#flush();
+      if (!mine()) return;
+      this.#drop(c, e.message);
+    });
+    socket.on('drain', () => {
+      if (this.#conns.get(key) === c) this.#drained(c);
     });
   }
 
+  /** The connection is no longer ours: no more input from it, no more writes to it. */
+  #forget(c) {
+    this.#conns.delete(String(c.conn));
+    clearTimeout(c.writeTimer);
+    if (c.writeBlocked) {
+      c.writeBlocked = false;
+      this.#writeBlocked -= 1;
+      if (!this.#writeBlocked) this.#emitSafe('drain');
+    }
+  }
+
+  /** Closes a connection the host gave up on, telling the engine why. */
+  #drop(c, reason) {
+    this.#forget(c);
+    c.socket.destroy();
+    this.#guard(() => this.#engine.handleConnError(c.conn, reason, now()));
+  }
+
+  /** Writes to a connection. A socket that asks to wait stops reading too, so a peer that
+   * does not read what we answer cannot make us queue more answers. */
+  #write(c, bytes) {
+    const { socket } = c;
+    if (!socket.write(bytes) && !c.writeBlocked) {
+      c.writeBlocked = true;
+      this.#writeBlocked += 1;
+      socket.pause();
+      c.written = socket.bytesWritten - socket.writableLength;
+      c.writeTimer = setTimeout(() => this.#writeCheck(c), this.#writeTimeoutMs);
+      c.writeTimer.unref();
+    }
+    if (socket.writableLength > this.#limits.maxWriteQueue) {
+      this.#drop(c, `peer does not read: more than ${this.#limits.maxWriteQueue} bytes waiting`);
+    }
+  }
+
+  /** A connection waiting for 'drain' must have written something since the last check. */
+  #writeCheck(c) {
+    const written = c.socket.bytesWritten - c.socket.writableLength;
+    if (written > c.written) {
+      c.written = written;
+      c.writeTimer.refresh();
+    } else {
+      this.#drop(c, `peer does not read: nothing written for ${this.#writeTimeoutMs} ms`);
+    }
+  }
+
+  #drained(c) {
+    if (!c.writeBlocked) return;
+    c.writeBlocked = false;
+    clearTimeout(c.writeTimer);
+    this.#writeBlocked -= 1;
+    if (!this.#blocking.size) c.socket.resume();
+    if (!this.#writeBlocked) this.#emitSafe('drain');
+  }
+
+  /** A port became full (`full`) or has room again: no connection reads while one is full. */
+  [blocks](port, full) {
+    const before = this.#blocking.size;
+    if (full) this.#blocking.add(port);
+    else this.#blocking.delete(port);
+    if (!before === !this.#blocking.size) return;
+    for (const c of this.#conns.values()) {
+      if (this.#blocking.size) c.socket.pause();
+      else if (!c.writeBlocked) c.socket.resume();
+    }
+  }
+
   #startTls(conn, role, leftover) {
-    const key = String(conn);
-    const raw = this.#sockets.get(key);
-    if (!raw) return;
+    const c = this.#conns.get(String(conn));
+    if (!c) return;
+    const raw = c.socket;
     if (!this.#tls) {
-      this.#sockets.delete(key);
-      raw.destroy();
-      this.#engine.handleConnError(conn, 'TLS requested but no certificate configured', now());
+      this.#drop(c, 'TLS requested but no certificate configured');
       return;
     }
-    raw.removeAllListeners('data').removeAllListeners('end').removeAllListeners('error');
+    this.#forget(c);
+    raw.removeAllListeners('data').removeAllListeners('end').removeAllListeners('error').removeAllListeners('drain');
+    raw.on('error', () => undefined); // the TLS socket reports what fails below it
     // Bytes the engine read past the greeting are TLS records: TLS must read them first.
     // A TLSSocket over a net.Socket reads from its handle, past anything unshifted onto
     // the stream, so such bytes go through a stream that yields them before the socket's.
     const transport = leftover.length ? prefixed(raw, Buffer.from(leftover)) : raw;
     const options = {
-      ...this.#tls,
+      secureContext: this.#tls,
       requestCert: true,
       rejectUnauthorized: true,
       checkServerIdentity: () => undefined, // nodes are named by node id, not DNS
@@ -270,198 +534,413 @@ export class Node extends EventEmitter {
     try {
       return decodeCbor(bytes);
     } catch (e) {
-      this.emit('log', 'warn', `${what} dropped: ${e.message}`);
+      this.#emitSafe('log', 'warn', `${what} dropped: ${e.message}`);
       return undefined;
     }
   }
 
-  /** Acts on everything the engine has to say, then re-arms its timer. */
+  /** Emits an event; a listener's throw is rethrown on the next tick, so it still reaches
+   * the process as an uncaught error but cannot leave the node half way through outputs. */
+  #emitSafe(event, ...args) {
+    try {
+      this.emit(event, ...args);
+    } catch (e) {
+      process.nextTick(() => {
+        throw e;
+      });
+    }
+  }
+
+  /** Runs engine input from a socket or timer: the node stops if the engine fails. */
+  #guard(fn) {
+    if (this.#state !== 'running') return;
+    try {
+      fn();
+      this.#flush();
+    } catch (e) {
+      this.#stop(e);
+    }
+  }
+
+  /** Runs an application call into the engine: refusals become `REFUSED` errors, a
+   * failed engine stops the node. */
+  #run(fn) {
+    if (this.#state !== 'running') throw this.#closedError();
+    let result;
+    try {
+      result = fn();
+    } catch (e) {
+      if (e !== null && typeof e === 'object' && Object.hasOwn(e, 'payload')) {
+        const { payload } = e;
+        if (typeof payload === 'string') throw new AempError('REFUSED', payload);
+        throw new AempError('REFUSED', payload.message, { sent: payload.index });
+      }
+      // An argument of the wrong type fails before the engine runs: it is unharmed.
+      if (!(e instanceof WebAssembly.RuntimeError)) throw e;
+      this.#stop(e);
+      throw this.#closedError();
+    }
+    try {
+      this.#flush();
+    } catch (e) {
+      this.#stop(e);
+      throw this.#closedError();
+    }
+    return result;
+  }
+
+  #closedError() {
+    return this.#state === 'stopped'
+      ? new AempError('STOPPED', `node ${this.id} stopped: the engine failed`, { cause: this.stoppedBy })
+      : new AempError('CLOSED', `node ${this.id} is closed`);
+  }
+
+  /** Acts on everything the engine has to say, then re-arms its timer. Outputs are taken
+   * in order: a call made from an event listener adds its outputs to this loop. */
   #flush() {
-    for (;;) {
-      const outputs = this.#engine.pollOutputs();
-      if (!outputs.length) break;
-      for (const { tag, val } of outputs) this.#output(tag, val);
+    if (this.#flushing || this.#state !== 'running') return;
+    this.#flushing = true;
+    try {
+      for (;;) {
+        const outputs = this.#engine.pollOutputs();
+        if (!outputs.length) break;
+        for (const { tag, val } of outputs) {
+          if (this.#state !== 'running') return;
+          this.#output(tag, val);
+        }
+      }
+    } finally {
+      this.#flushing = false;
     }
     clearTimeout(this.#timer);
     const at = this.#engine.pollTimeout();
     if (at !== undefined) {
       const delay = Math.max(0, Number(at - now()));
-      this.#timer = setTimeout(() => {
-        this.#engine.handleTimeout(now());
-        this.#flush();
-      }, delay);
+      this.#timer = setTimeout(() => this.#guard(() => this.#engine.handleTimeout(now())), delay);
       this.#timer.unref();
     }
   }
 
   #output(tag, val) {
     switch (tag) {
-      case 'transmit':
-        this.#sockets.get(String(val.conn))?.write(val.bytes);
-        break;
-      case 'connect': {
-        const at = val.addr.lastIndexOf(':');
-        const socket = net.connect(Number(val.addr.slice(at + 1)), val.addr.slice(0, at));
-        socket.once('connect', () => {
-          socket.removeAllListeners('error');
-          this.#attach(val.conn, socket);
-          this.#engine.handleConnected(val.conn, now());
-          this.#flush();
-        });
-        socket.once('error', (e) => {
-          this.#engine.handleConnectFailed(val.conn, e.message, now());
-          this.#flush();
-        });
+      case 'transmit': {
+        const c = this.#conns.get(String(val.conn));
+        if (c) this.#write(c, val.bytes);
         break;
       }
+      case 'connect':
+        this.#connect(val.conn, val.addr);
+        break;
       case 'start-tls':
         this.#startTls(val.conn, val.role, val.leftover);
         break;
       case 'close': {
-        const key = String(val.conn);
-        const socket = this.#sockets.get(key);
-        this.#sockets.delete(key);
-        socket?.end();
+        const c = this.#conns.get(String(val.conn));
+        if (!c) break;
+        this.#forget(c);
+        c.socket.end();
+        setTimeout(() => c.socket.destroy(), LINGER_MS).unref();
         break;
       }
       case 'deliver': {
-        const args = this.#decode(val.args, `message for ${val.port}`);
-        if (args !== undefined) this.#ports.get(val.port)?._push(args);
+        const port = this.#ports.get(val.port);
+        const args = port && this.#decode(val.args, `message for ${val.port}`);
+        if (args !== undefined) port[deliver](args);
         break;
       }
       case 'node-up':
-        this.emit('node-up', val);
+        this.#emitSafe('node-up', val);
         break;
       case 'node-down':
-        this.emit('node-down', val.node, val.reason);
+        this.#emitSafe('node-down', val.node, val.reason);
         break;
       case 'port-down':
-        this.emit('port-down', val.port, this.#decode(val.reason, 'reason') ?? []);
+        this.#emitSafe('port-down', val.port, this.#decode(val.reason, 'reason') ?? []);
         break;
+      case 'request': {
+        const args = this.#decode(val.args, `request ${val.tag} from ${val.node}`);
+        if (args !== undefined) this.#emitSafe('request', val.node, val.tag, args);
+        break;
+      }
       case 'db-reply': {
-        const resolve = this.#dbWaiters.get(val.id);
+        const waiter = this.#dbWaiters.get(val.id);
         this.#dbWaiters.delete(val.id);
-        resolve?.(this.#decode(val.result, 'database reply') ?? null);
+        if (!waiter) break;
+        try {
+          waiter.resolve(decodeCbor(val.result));
+        } catch (e) {
+          waiter.reject(new AempError('DECODE', `database reply not decodable: ${e.message}`, { cause: e }));
+        }
         break;
       }
       case 'db-change':
-        this.emit('db-change', val.family, this.#decode(val.set, 'database change') ?? {}, val.del);
+        this.#emitSafe('db-change', val.family, this.#decode(val.set, 'database change') ?? {}, val.del);
         break;
       case 'log':
-        this.emit('log', val.level, val.message);
+        this.#emitSafe('log', val.level, val.message);
         break;
       default:
-        break; // node-port requests are not used by this host yet
+        this.#emitSafe('log', 'debug', `engine output ${tag} not understood by this host`);
+        break;
     }
+  }
+
+  /** Dials `addr` for the engine's connection `conn`. Addresses come from peers (through
+   * the database), so a malformed one fails that connection only. */
+  #connect(conn, addr) {
+    const [host, port] = splitAddr(addr);
+    let socket;
+    try {
+      socket = net.connect(port, host);
+    } catch (e) {
+      this.#engine.handleConnectFailed(conn, e.message, now());
+      return;
+    }
+    this.#connecting.add(socket);
+    socket.once('connect', () => {
+      this.#connecting.delete(socket);
+      socket.removeAllListeners('error');
+      if (this.#state !== 'running') {
+        socket.destroy();
+        return;
+      }
+      this.#guard(() => {
+        this.#attach(conn, socket);
+        this.#engine.handleConnected(conn, now());
+      });
+    });
+    socket.once('error', (e) => {
+      this.#connecting.delete(socket);
+      this.#guard(() => this.#engine.handleConnectFailed(conn, e.message, now()));
+    });
   }
 
   /** A new local port (with `name`, else a fresh unique one). */
   port(name) {
-    const id = name === undefined ? this.#engine.newPort() : this.#engine.registerPort(name);
-    const port = new Port(this, id);
+    const id = this.#run(() => (name === undefined ? this.#engine.newPort() : this.#engine.registerPort(name)));
+    const port = new Port(this, id, this.#limits.portCapacity, this.#limits.portStallMs);
     this.#ports.set(id, port);
     return port;
   }
 
-  /** Sends the remaining arguments as a message to `portId`. */
+  /**
+   * Sends the remaining arguments as a message to `portId`. Returns false when a
+   * connection has more queued than its socket wants (wait for 'drain' before sending
+   * more), else true. Throws `AempError` (REFUSED, PORT_FULL, CLOSED, STOPPED).
+   */
   send(portId, ...args) {
-    this.#engine.send([[portId, cbor.encode(args)]], now());
-    this.#flush();
+    return this.sendBatch([[portId, args]]);
+  }
+
+  /**
+   * Sends `[portId, args]` pairs in order; on a refusal the error's `sent` says how many
+   * went out. Returns as `send` does.
+   */
+  sendBatch(messages) {
+    // A local port takes no more than its capacity from the application.
+    const counts = new Map();
+    let fits = messages.length;
+    for (const [i, [portId]] of messages.entries()) {
+      const port = this.#ports.get(portId);
+      if (!port) continue;
+      const count = (counts.get(port) ?? 0) + 1;
+      counts.set(port, count);
+      if (!port[room](count)) {
+        fits = i;
+        break;
+      }
+    }
+    const batch = messages.slice(0, fits).map(([portId, args]) => [portId, cbor.encode(args)]);
+    if (batch.length) this.#run(() => this.#engine.send(batch, now()));
+    if (fits < messages.length) {
+      const portId = messages[fits][0];
+      throw new AempError('PORT_FULL', `port ${portId} is full (${this.#limits.portCapacity} messages waiting)`, { sent: fits });
+    }
+    return this.#writeBlocked === 0;
+  }
+
+  /** Kills a port (local or remote) with `reason` (what its monitors receive). */
+  kill(portId, ...reason) {
+    const port = this.#ports.get(portId);
+    if (port) port.kill(...reason);
+    else this.#run(() => this.#engine.kill(portId, cbor.encode(reason), now()));
+  }
+
+  [release](port, reason) {
+    this.#ports.delete(port.id);
+    if (this.#state === 'running') this.#run(() => this.#engine.kill(port.id, cbor.encode(reason), now()));
   }
 
   /** Monitors a port: 'port-down' fires when it dies. */
   monitor(portId) {
-    this.#engine.monitor(portId, now());
-    this.#flush();
+    this.#run(() => this.#engine.monitor(portId, now()));
+  }
+
+  /** Stops monitoring a port. */
+  unmonitor(portId) {
+    this.#run(() => this.#engine.unmonitor(portId, now()));
+  }
+
+  /** Node-port requests tagged `tag` (a message `[tag, ...args]` to `NODE#`) come to this
+   * application as 'request' events instead of being refused. */
+  handleRequests(tag) {
+    this.#run(() => this.#engine.registerHandler(tag));
   }
 
   /** Connects to the node listening at `addr` (`host:port`). */
   connect(addr) {
-    this.#engine.connectAddr(addr, now());
-    this.#flush();
+    this.#run(() => this.#engine.connectAddr(addr, now()));
   }
 
-  /** Whether `node` has a working connection. */
+  /** Whether `node` has a working connection (false once this node is closed). */
   isUp(node) {
-    return this.#engine.isUp(node);
+    return this.#state === 'running' && this.#run(() => this.#engine.isUp(node));
   }
 
-  /** Resolves once `node` is up; rejects after `timeoutMs`. */
+  /** Bytes the engine holds on behalf of peers (what `maxBufferedBytes` limits). */
+  bufferedBytes() {
+    return Number(this.#run(() => this.#engine.bufferedBytes()));
+  }
+
+  /** Resolves once `node` is up; rejects (TIMEOUT) after `timeoutMs`, or when this node
+   * closes (CLOSED, STOPPED). */
   waitUp(node, timeoutMs = 10000) {
+    if (this.#state !== 'running') return Promise.reject(this.#closedError());
     if (this.isUp(node)) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.off('node-up', onUp);
-        reject(new Error(`${node} not up within ${timeoutMs} ms`));
-      }, timeoutMs);
-      const onUp = (up) => {
-        if (up !== node) return;
+      const done = (error) => {
         clearTimeout(timer);
         this.off('node-up', onUp);
-        resolve();
+        this.off('close', onClose);
+        if (error) reject(error);
+        else resolve();
       };
+      const timer = setTimeout(() => done(new AempError('TIMEOUT', `${node} not up within ${timeoutMs} ms`)), timeoutMs);
+      const onUp = (up) => {
+        if (up === node) done();
+      };
+      const onClose = () => done(this.#closedError());
       this.on('node-up', onUp);
+      this.on('close', onClose);
     });
   }
 
   /** Sets this node's entry `key` of database `family` to `value` (any CBOR value). */
   dbSet(family, key, value) {
-    this.#engine.dbSet(family, key, cbor.encode(value), now());
-    this.#flush();
+    this.#run(() => this.#engine.dbSet(family, key, cbor.encode(value), now()));
   }
 
   /** Deletes this node's entries `keys` of `family`. */
   dbDel(family, ...keys) {
-    this.#engine.dbDel(family, keys, now());
-    this.#flush();
+    this.#run(() => this.#engine.dbDel(family, keys, now()));
   }
 
   /** Resolves to the whole `family` (an object), as the master knows it. */
   dbFamily(family) {
-    return this.#query(this.#engine.dbFamily(family, now()));
+    return this.#query(() => this.#engine.dbFamily(family, now()));
   }
 
   /** Resolves to the keys of `family` (an array). */
   dbKeys(family) {
-    return this.#query(this.#engine.dbKeys(family, now()));
+    return this.#query(() => this.#engine.dbKeys(family, now()));
   }
 
   /** Resolves to the values of `family` (an array). */
   dbValues(family) {
-    return this.#query(this.#engine.dbValues(family, now()));
+    return this.#query(() => this.#engine.dbValues(family, now()));
   }
 
   /** Monitors `family`: 'db-change' reports its contents, then every change. */
   dbMon(family) {
-    this.#engine.dbMon(family, now());
-    this.#flush();
+    this.#run(() => this.#engine.dbMon(family, now()));
   }
 
   /** Stops monitoring `family`. */
   dbUnmon(family) {
-    this.#engine.dbUnmon(family, now());
-    this.#flush();
+    this.#run(() => this.#engine.dbUnmon(family, now()));
   }
 
-  /** Waits for the answer to database query `id` (kept until the master answers). */
-  #query(id) {
-    const answer = new Promise((resolve) => this.#dbWaiters.set(id, resolve));
-    this.#flush();
-    return answer;
+  /** Waits for the answer to a database query (kept until the master answers, rejected
+   * when the node closes). */
+  #query(ask) {
+    // A throw inside the executor (closed node, refusal) rejects the promise.
+    return new Promise((resolve, reject) => {
+      this.#dbWaiters.set(this.#run(ask), { resolve, reject });
+    });
   }
 
-  _kill(portId) {
-    this.#ports.delete(portId);
-    this.#engine.kill(portId, cbor.encode([]), now());
-    this.#flush();
+  /**
+   * Closes the node: stops listening and connecting, writes what is queued for each
+   * connection and ends it (waiting at most `timeoutMs`, then dropping what is left),
+   * closes every port, rejects pending database queries and frees the engine. Messages
+   * the engine still queues for nodes that never came up are dropped. Resolves when done;
+   * calling it again returns the same promise.
+   */
+  close({ timeoutMs = this.#limits.closeTimeoutMs } = {}) {
+    this.#closing ??= this.#shutdown(timeoutMs);
+    return this.#closing;
   }
 
-  /** Closes listeners and connections. */
-  close() {
+  /** `await using node = await Node.start(...)` closes the node at the end of the scope. */
+  [asyncDispose]() {
+    return this.close();
+  }
+
+  async #shutdown(timeoutMs) {
+    if (this.#state !== 'running') return;
+    this.#state = 'closing';
     clearTimeout(this.#timer);
     for (const server of this.#servers) server.close();
-    for (const socket of this.#sockets.values()) socket.destroy();
-    this.#sockets.clear();
-    for (const port of this.#ports.values()) port._close();
+    for (const socket of this.#connecting) socket.destroy();
+    const sockets = [...this.#conns.values()].map((c) => {
+      this.#forget(c);
+      return c.socket;
+    });
+    let timer;
+    await Promise.race([
+      Promise.all(sockets.map((socket) => new Promise((resolve) => {
+        socket.once('finish', resolve).once('close', resolve);
+        socket.end();
+      }))),
+      new Promise((resolve) => {
+        timer = setTimeout(resolve, timeoutMs);
+      }),
+    ]);
+    clearTimeout(timer);
+    for (const socket of sockets) socket.destroy();
+    this.#teardown('closed');
+    this.#emitSafe('close');
+  }
+
+  /** The engine failed: everything of this node goes at once. */
+  #stop(error) {
+    if (this.#state === 'stopped' || this.#state === 'closed') return;
+    /** What made the engine fail, once it has. */
+    this.stoppedBy = error;
+    for (const c of this.#conns.values()) {
+      this.#forget(c);
+      c.socket.destroy();
+    }
+    for (const socket of this.#connecting) socket.destroy();
+    for (const server of this.#servers) server.close();
+    this.#teardown('stopped');
+    this.#emitSafe('log', 'error', `node ${this.id} stopped: the engine failed: ${error?.message ?? error}`);
+    this.#emitSafe('close', error);
+  }
+
+  #teardown(state) {
+    this.#state = state;
+    clearTimeout(this.#timer);
+    this.#connecting.clear();
+    for (const port of this.#ports.values()) port[finish]();
+    this.#ports.clear();
+    const error = this.#closedError();
+    for (const { reject } of this.#dbWaiters.values()) reject(error);
+    this.#dbWaiters.clear();
+    try {
+      this.#engine?.[dispose]?.();
+    } catch {
+      // A failed engine may not take its handle back; it is dropped with the node.
+    }
   }
 }

@@ -4,35 +4,8 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, readFileSync, existsSync } from 'node:fs';
-import { execFileSync } from 'node:child_process';
-import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { createInterface } from 'node:readline';
 import { Node, tlsFromPem } from '../src/node.js';
-
-const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
-const aemp = [join(root, 'target', 'debug', 'aemp'), join(root, 'target', 'release', 'aemp')].find(existsSync);
-
-/** Starts `aemp run --echo` with `secret`; resolves to { addr, child }. */
-async function rustNode(id, secret, framing, withCert = false) {
-  assert.ok(aemp, 'build the aemp binary first (cargo build -p aemp-host)');
-  const dir = mkdtempSync(join(tmpdir(), 'aemp-js-'));
-  writeFileSync(join(dir, 'rc'), JSON.stringify({ secret }));
-  if (withCert) execFileSync(aemp, ['gencert'], { env: { ...process.env, PERL_ANYEVENT_MP_RC: join(dir, 'rc') }, stdio: 'ignore' });
-  const child = spawn(aemp, ['run', '--echo', '--nodeid', id, '--listen', '127.0.0.1:0', '--framing', framing], {
-    env: { ...process.env, PERL_ANYEVENT_MP_RC: join(dir, 'rc') },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const lines = createInterface({ input: child.stdout });
-  for await (const line of lines) {
-    const m = line.match(/^node \S+ listening on (\S+)$/);
-    if (m) return { addr: m[1], child, rc: JSON.parse(readFileSync(join(dir, 'rc'), 'utf8')) };
-  }
-  throw new Error('aemp run printed no address');
-}
+import { rustNode } from './support.js';
 
 for (const framing of ['json', 'cbor']) {
   test(`js node and rust node exchange messages (${framing})`, async () => {

@@ -1,0 +1,33 @@
+// What the tests share: the Rust `aemp` binary and a Rust node to talk to.
+
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdtempSync, writeFileSync, readFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { createInterface } from 'node:readline';
+
+/** The repository's root. */
+export const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+
+/** The `aemp` binary built by `cargo build -p aemp-host` (debug, else release). */
+export const aemp = [join(root, 'target', 'debug', 'aemp'), join(root, 'target', 'release', 'aemp')].find(existsSync);
+
+/** Starts `aemp run --echo` with `secret`; resolves to { addr, child, rc }. */
+export async function rustNode(id, secret, framing, withCert = false) {
+  assert.ok(aemp, 'build the aemp binary first (cargo build -p aemp-host)');
+  const dir = mkdtempSync(join(tmpdir(), 'aemp-js-'));
+  writeFileSync(join(dir, 'rc'), JSON.stringify({ secret }));
+  if (withCert) execFileSync(aemp, ['gencert'], { env: { ...process.env, PERL_ANYEVENT_MP_RC: join(dir, 'rc') }, stdio: 'ignore' });
+  const child = spawn(aemp, ['run', '--echo', '--nodeid', id, '--listen', '127.0.0.1:0', '--framing', framing], {
+    env: { ...process.env, PERL_ANYEVENT_MP_RC: join(dir, 'rc') },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const lines = createInterface({ input: child.stdout });
+  for await (const line of lines) {
+    const m = line.match(/^node \S+ listening on (\S+)$/);
+    if (m) return { addr: m[1], child, rc: JSON.parse(readFileSync(join(dir, 'rc'), 'utf8')) };
+  }
+  throw new Error('aemp run printed no address');
+}

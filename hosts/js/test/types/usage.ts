@@ -1,0 +1,42 @@
+// Compiled (not run) by test/types.test.js against the package's declarations, as a
+// TypeScript user imports them.
+import { AempError, Node, Port, decodeCbor, tlsFromPem } from 'aemp-js';
+import type { NodeOptions, Value, ValueObject } from 'aemp-js';
+
+const options: NodeOptions = { nodeId: 'ts/', secret: 's', binds: ['127.0.0.1:0'], portCapacity: 16 };
+
+export async function usage(pem: string): Promise<void> {
+  await using node = await Node.start({ ...options, tls: tlsFromPem(pem) });
+  const id: string = node.id;
+  node.on('node-up', (up: string) => console.log(up));
+  node.on('port-down', (port: string, reason: Value[]) => console.log(port, reason));
+  node.on('request', (from: string, tag: string, args: Value[]) => console.log(from, tag, args));
+  node.on('db-change', (family: string, set: ValueObject, del: string[]) => console.log(family, set, del));
+  node.on('log', (level, message) => console.log(level.toUpperCase(), message));
+  // @ts-expect-error: no such event
+  node.on('message', () => undefined);
+  node.handleRequests('ping');
+  node.connect('127.0.0.1:4040');
+  await node.waitUp('other', 5000);
+  const port: Port = node.port();
+  if (!node.send('other#echo', port.id, 'hello', 42, new Uint8Array([1]))) await new Promise<void>((r) => node.once('drain', () => r()));
+  // @ts-expect-error: a port id is a string
+  node.send(42, 'x');
+  for await (const args of port) {
+    const first: Value = args[0];
+    console.log(first);
+    break;
+  }
+  const reply: Value[] | undefined = await port.recv();
+  node.dbSet('family', 'key', { any: ['value'] });
+  const all: ValueObject = await node.dbFamily('family');
+  const keys: string[] = await node.dbKeys('family');
+  const values: Value[] = await node.dbValues('family');
+  try {
+    node.sendBatch([[id, [1]], ['other#x', [2]]]);
+  } catch (e) {
+    if (e instanceof AempError && e.code === 'PORT_FULL') console.log(e.sent);
+  }
+  console.log(reply, all, keys, values, decodeCbor(new Uint8Array([0xf6])), node.state);
+  await node.close({ timeoutMs: 500 });
+}
