@@ -8,8 +8,9 @@ use exports::aemp::engine::node as wnode;
 use exports::aemp::engine::transport as wit;
 
 use crate::{
-    AuthMethod, Config, Connection, Error, Framing, GlobalLimits, Limits, LogLevel, NONCE_LEN,
-    Node, NodeConfig, NodeOutput, Output, TlsRole, Verdict,
+    AuthMethod, Config, ConfigError, Connection, Error, Framing, GlobalLimits, Limits, LogLevel,
+    MessageError, NONCE_LEN, Node, NodeConfig, NodeError, NodeOutput, Output, SendError, TlsRole,
+    Verdict,
 };
 
 wit_bindgen::generate!({
@@ -45,9 +46,9 @@ impl wit::Guest for Component {
 struct ConnectionResource(RefCell<Connection>);
 
 impl wit::GuestConnection for ConnectionResource {
-    fn open(config: wit::Config, now_ms: u64) -> Result<wit::Connection, String> {
+    fn open(config: wit::Config, now_ms: u64) -> Result<wit::Connection, wit::Refusal> {
         let mut conn = Connection::new(config.into(), random::<NONCE_LEN>(), now_ms)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| refusal(Refused::Config(&e)))?;
         // Received messages cross the boundary as sequences anyway: build them in place.
         conn.set_message_sequences(true);
         Ok(wit::Connection::new(ConnectionResource(RefCell::new(conn))))
@@ -93,10 +94,7 @@ impl wit::GuestConnection for ConnectionResource {
         let mut conn = self.0.borrow_mut();
         conn.send_sequence(&messages)
             .map(|_| ())
-            .map_err(|(index, e)| wit::SendError {
-                index: index as u32,
-                message: e.to_string(),
-            })
+            .map_err(|(index, e)| send_error(index, Refused::Send(&e)))
     }
 }
 
@@ -130,7 +128,7 @@ impl wnode::Guest for Component {
 struct NodeResource(RefCell<Node>);
 
 impl wnode::GuestNode for NodeResource {
-    fn create(config: wnode::NodeConfig, now_ms: u64) -> Result<wnode::Node, String> {
+    fn create(config: wnode::NodeConfig, now_ms: u64) -> Result<wnode::Node, wit::Refusal> {
         let config = NodeConfig {
             transport: config.transport.into(),
             binds: config.binds,
@@ -145,7 +143,8 @@ impl wnode::GuestNode for NodeResource {
             serve_global: true,
             global_limits: GlobalLimits::default(),
         };
-        let node = Node::new(config, random::<16>(), now_ms).map_err(|e| e.to_string())?;
+        let node =
+            Node::new(config, random::<16>(), now_ms).map_err(|e| refusal(Refused::Config(&e)))?;
         Ok(wnode::Node::new(NodeResource(RefCell::new(node))))
     }
 
@@ -214,43 +213,41 @@ impl wnode::GuestNode for NodeResource {
         self.0.borrow_mut().new_port()
     }
 
-    fn register_port(&self, name: String) -> Result<String, String> {
+    fn register_port(&self, name: String) -> Result<String, wit::Refusal> {
         self.0
             .borrow_mut()
             .register_port(&name)
-            .map_err(|e| e.to_string())
+            .map_err(|e| refusal(Refused::Node(&e)))
     }
 
     fn send(&self, messages: Vec<(String, Vec<u8>)>, now_ms: u64) -> Result<(), wit::SendError> {
         let mut node = self.0.borrow_mut();
         for (index, (port, args)) in messages.iter().enumerate() {
-            node.send(port, args, now_ms).map_err(|e| wit::SendError {
-                index: index as u32,
-                message: e.to_string(),
-            })?;
+            node.send(port, args, now_ms)
+                .map_err(|e| send_error(index, Refused::Node(&e)))?;
         }
         Ok(())
     }
 
-    fn kill(&self, port_id: String, reason: Vec<u8>, now_ms: u64) -> Result<(), String> {
+    fn kill(&self, port_id: String, reason: Vec<u8>, now_ms: u64) -> Result<(), wit::Refusal> {
         self.0
             .borrow_mut()
             .kill(&port_id, &reason, now_ms)
-            .map_err(|e| e.to_string())
+            .map_err(|e| refusal(Refused::Node(&e)))
     }
 
-    fn monitor(&self, port_id: String, now_ms: u64) -> Result<(), String> {
+    fn monitor(&self, port_id: String, now_ms: u64) -> Result<(), wit::Refusal> {
         self.0
             .borrow_mut()
             .monitor(&port_id, now_ms)
-            .map_err(|e| e.to_string())
+            .map_err(|e| refusal(Refused::Node(&e)))
     }
 
-    fn unmonitor(&self, port_id: String, now_ms: u64) -> Result<(), String> {
+    fn unmonitor(&self, port_id: String, now_ms: u64) -> Result<(), wit::Refusal> {
         self.0
             .borrow_mut()
             .unmonitor(&port_id, now_ms)
-            .map_err(|e| e.to_string())
+            .map_err(|e| refusal(Refused::Node(&e)))
     }
 
     fn register_handler(&self, tag: String) {
@@ -267,11 +264,11 @@ impl wnode::GuestNode for NodeResource {
         key: String,
         value: Vec<u8>,
         now_ms: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), wit::Refusal> {
         self.0
             .borrow_mut()
             .db_set(&family, &key, &value, now_ms)
-            .map_err(|e| e.to_string())
+            .map_err(|e| refusal(Refused::Node(&e)))
     }
 
     fn db_del(&self, family: String, keys: Vec<String>, now_ms: u64) {
@@ -434,6 +431,57 @@ impl From<wit::Config> for Config {
                 max_depth: c.limits.max_depth as usize,
             },
         }
+    }
+}
+
+/// An error the engine refuses an API call with, from whichever of its enums.
+enum Refused<'a> {
+    Config(&'a ConfigError),
+    Send(&'a SendError),
+    Node(&'a NodeError),
+}
+
+/// The kind and message of a refusal, as the WIT carries them.
+fn refusal(e: Refused) -> wit::Refusal {
+    use wit::RefusalKind as K;
+    let message_kind = |m: &MessageError| match m {
+        MessageError::TooLarge(_) => K::TooLarge,
+        MessageError::TooDeep(_) => K::TooDeep,
+        MessageError::NotAnArray => K::NotAnArray,
+        MessageError::Malformed { .. } => K::Malformed,
+        MessageError::NotJson(_) => K::NotJson,
+    };
+    let (kind, message) = match e {
+        Refused::Config(e) => (K::InvalidConfig, e.to_string()),
+        Refused::Send(e) => (
+            match e {
+                SendError::NotConnected => K::NotConnected,
+                SendError::Closed => K::Closed,
+                SendError::Message(m) => message_kind(m),
+            },
+            e.to_string(),
+        ),
+        Refused::Node(e) => (
+            match e {
+                NodeError::InvalidPortId(_) => K::InvalidPortId,
+                NodeError::QueueFull(_) => K::QueueFull,
+                NodeError::BudgetExhausted(_) => K::BudgetExhausted,
+                NodeError::PortExists(_) => K::PortExists,
+                NodeError::Message(m) => message_kind(m),
+            },
+            e.to_string(),
+        ),
+    };
+    wit::Refusal { kind, message }
+}
+
+/// `send` stopped at message `index`: the ones before it were queued.
+fn send_error(index: usize, e: Refused) -> wit::SendError {
+    let wit::Refusal { kind, message } = refusal(e);
+    wit::SendError {
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+        kind,
+        message,
     }
 }
 

@@ -12,7 +12,7 @@ pub mod tls;
 
 pub use aemp_engine::{AuthMethod, DecodeError, Framing, Value};
 pub use convert::{ValueError, from_value, to_value};
-pub use node::{Event, Node, NodeBuilder, NodeError, Port};
+pub use node::{Event, Node, NodeBuilder, NodeError, Port, Refusal};
 pub(crate) use sandbox::EngineBindings;
 pub use sandbox::{Limits as SandboxLimits, Sandbox, SandboxError};
 pub use tls::TlsConfig;

@@ -39,7 +39,8 @@ use crate::net::{self, ConnCmd, ConnHandle, SocketEvent};
 use crate::sandbox::{self, Instance, Sandbox, wit, wit_node};
 use crate::tls::{Role, TlsConfig};
 
-/// Why a node could not start, or refused a call.
+/// Why a node could not start, or refused a call. Match on the variant (and on
+/// [`Refusal`] for what the engine refused); the messages are for people.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
@@ -47,17 +48,40 @@ pub enum NodeError {
     #[error("configuration: {0}")]
     Config(String),
     /// Listening on an address failed.
-    #[error("cannot listen on {addr}: {reason}")]
-    Bind { addr: String, reason: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address as given.
+        addr: String,
+        /// What the operating system said.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     /// Arguments given as a Rust value could not become a message.
     #[error(transparent)]
     Value(#[from] crate::ValueError),
-    /// The engine refused the call (invalid port id, full queue, bad message...).
-    #[error("{0}")]
-    Refused(String),
     /// The sandbox could not be made or could not start the node's instance.
     #[error(transparent)]
     Sandbox(#[from] crate::SandboxError),
+    /// The engine refused the call; `message` is its explanation.
+    #[error("{message}")]
+    Refused {
+        /// What was wrong, to match on.
+        kind: Refusal,
+        /// The engine's words.
+        message: String,
+    },
+    /// A batch was refused part way: the first `sent` messages went out, the rest did not.
+    #[error("{sent} messages of the batch sent, then: {cause}")]
+    Partial {
+        /// How many messages, from the start of the batch, were sent.
+        sent: usize,
+        /// Why the next one was refused.
+        #[source]
+        cause: Box<NodeError>,
+    },
+    /// A reply from the network could not be decoded.
+    #[error("undecodable reply: {0}")]
+    Decode(#[from] aemp_engine::DecodeError),
     /// The sandbox trapped or hit a limit: the node is gone.
     #[error("node stopped: {0}")]
     Stopped(String),
@@ -67,6 +91,79 @@ pub enum NodeError {
     /// The node's command queue is full: a call that does not wait was refused; try again.
     #[error("node is busy: command queue full")]
     Busy,
+}
+
+/// What the engine refused a call for (the kinds of [`NodeError::Refused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Port ids are `NODE#NAME`.
+    InvalidPortId,
+    /// A local port of that name exists already.
+    PortExists,
+    /// The destination node is not connected and its queue is full.
+    QueueFull,
+    /// Queueing would take the node past its memory budget for peers.
+    BudgetExhausted,
+    /// The connection has not completed its handshake.
+    NotConnected,
+    /// The connection is closed.
+    Closed,
+    /// The message is larger than the maximum message size.
+    TooLarge,
+    /// The message is nested deeper than the limit.
+    TooDeep,
+    /// A message must be an array `[PORT, ARGS...]`.
+    NotAnArray,
+    /// Not one well-formed CBOR item.
+    Malformed,
+    /// The value has no JSON form, for a peer that speaks json.
+    NotJson,
+    /// The configuration is invalid.
+    InvalidConfig,
+}
+
+impl Refusal {
+    fn from_wit(kind: wit::RefusalKind) -> Refusal {
+        use wit::RefusalKind as K;
+        match kind {
+            K::InvalidPortId => Refusal::InvalidPortId,
+            K::PortExists => Refusal::PortExists,
+            K::QueueFull => Refusal::QueueFull,
+            K::BudgetExhausted => Refusal::BudgetExhausted,
+            K::NotConnected => Refusal::NotConnected,
+            K::Closed => Refusal::Closed,
+            K::TooLarge => Refusal::TooLarge,
+            K::TooDeep => Refusal::TooDeep,
+            K::NotAnArray => Refusal::NotAnArray,
+            K::Malformed => Refusal::Malformed,
+            K::NotJson => Refusal::NotJson,
+            K::InvalidConfig => Refusal::InvalidConfig,
+        }
+    }
+}
+
+/// The engine's refusal of one call.
+fn refused(r: wit::Refusal) -> NodeError {
+    NodeError::Refused {
+        kind: Refusal::from_wit(r.kind),
+        message: r.message,
+    }
+}
+
+/// The engine's refusal of a batch: partial when some messages went out first.
+fn send_refused(e: wit::SendError) -> NodeError {
+    let cause = refused(wit::Refusal {
+        kind: e.kind,
+        message: e.message,
+    });
+    match e.index {
+        0 => cause,
+        sent => NodeError::Partial {
+            sent: sent as usize,
+            cause: Box::new(cause),
+        },
+    }
 }
 
 /// Something that happened to the node.
@@ -308,11 +405,11 @@ impl NodeBuilder {
                 .await
                 .map_err(|e| NodeError::Bind {
                     addr: addr.clone(),
-                    reason: e.to_string(),
+                    source: Arc::new(e),
                 })?;
             let local = listener.local_addr().map_err(|e| NodeError::Bind {
                 addr: addr.clone(),
-                reason: e.to_string(),
+                source: Arc::new(e),
             })?;
             bound.push(local);
             listeners.push(listener);
@@ -366,7 +463,7 @@ impl NodeBuilder {
             .node()
             .call_create(&mut *store, &config, 0)
             .map_err(trap)?
-            .map_err(NodeError::Config)?;
+            .map_err(|r| NodeError::Config(r.message))?;
 
         let (tx, rx) = channel(CMD_QUEUE);
         let (sock_tx, sock_rx) = channel(net::EVENT_QUEUE);
@@ -654,7 +751,8 @@ impl Node {
     }
 
     /// Sends many messages with one call into the engine. On a refusal the messages
-    /// before the refused one are sent, the rest are not.
+    /// before the refused one are sent, the rest are not: [`NodeError::Partial`] says how
+    /// many went out (a refusal of the first is [`NodeError::Refused`]).
     pub async fn send_batch(&self, messages: Vec<(String, Vec<Value>)>) -> Result<(), NodeError> {
         // Encoding happens here, on the caller's task, not on the node's.
         let batch = messages
@@ -1107,7 +1205,7 @@ impl Driver {
                             .node_api(|s, n, b| {
                                 b.aemp_engine_node().node().call_register_port(s, n, name)
                             })?
-                            .map_err(NodeError::Refused),
+                            .map_err(refused),
                     };
                 let port = id.map(|id| {
                     let (tx, rx) = channel(self.port_capacity);
@@ -1123,7 +1221,7 @@ impl Driver {
             Cmd::Send { batch, reply } => {
                 let result = self
                     .node_api(|s, n, b| b.aemp_engine_node().node().call_send(s, n, &batch, now))?;
-                let _ = reply.send(result.map_err(|e| NodeError::Refused(e.message)));
+                let _ = reply.send(result.map_err(send_refused));
             }
             Cmd::Kill {
                 port,
@@ -1139,7 +1237,7 @@ impl Driver {
                         .call_kill(s, n, &port, &reason, now)
                 })?;
                 if let Some(reply) = reply {
-                    let _ = reply.send(result.map_err(NodeError::Refused));
+                    let _ = reply.send(result.map_err(refused));
                 }
             }
             Cmd::Monitor { port, on, reply } => {
@@ -1151,7 +1249,7 @@ impl Driver {
                         api.call_unmonitor(s, n, &port, now)
                     }
                 })?;
-                let _ = reply.send(result.map_err(NodeError::Refused));
+                let _ = reply.send(result.map_err(refused));
             }
             Cmd::Connect { addr } => {
                 self.node_api(|s, n, b| {
@@ -1397,9 +1495,7 @@ impl Driver {
             }
             O::DbReply(r) => {
                 if let Some(waiter) = self.db_waiters.remove(&r.id) {
-                    let _ = waiter.send(
-                        Value::decode(&r.result).map_err(|e| NodeError::Refused(e.to_string())),
-                    );
+                    let _ = waiter.send(Value::decode(&r.result).map_err(NodeError::from));
                 }
             }
             O::DbChange(c) => {

@@ -302,7 +302,7 @@ impl Instance {
         &mut self,
         config: &wit::Config,
         now_ms: u64,
-    ) -> wasmtime::Result<Result<ResourceAny, String>> {
+    ) -> wasmtime::Result<Result<ResourceAny, wit::Refusal>> {
         let (store, b) = self.parts();
         b.aemp_engine_transport()
             .connection()

@@ -167,7 +167,8 @@ fn invalid_config_and_timeouts() {
     let mut instance = sandbox.instantiate().unwrap();
     let config = instance.default_config("a;b").unwrap();
     let err = instance.open(&config, 0).unwrap().unwrap_err();
-    assert!(err.starts_with("invalid node id"), "{err}");
+    assert_eq!(err.kind, wit::RefusalKind::InvalidConfig);
+    assert!(err.message.starts_with("invalid node id"), "{err:?}");
     let config = instance.default_config("alpha").unwrap();
     assert_eq!(config.monitor_timeout_ms, 30_000);
     assert_eq!(config.limits.max_message_size, 16 << 20);

@@ -37,10 +37,31 @@ export type AempErrorCode =
   | 'DECODE';
 
 /** An error of a node; `code` says which kind. */
+/** What the engine refused a call for (`REFUSED` errors). */
+export type RefusalKind =
+  | 'invalid-config'
+  | 'invalid-port-id'
+  | 'port-exists'
+  | 'queue-full'
+  | 'budget-exhausted'
+  | 'not-connected'
+  | 'closed'
+  | 'too-large'
+  | 'too-deep'
+  | 'not-an-array'
+  | 'malformed'
+  | 'not-json';
+
 export declare class AempError extends Error {
-  constructor(code: AempErrorCode, message: string, options?: { cause?: unknown; sent?: number });
+  constructor(
+    code: AempErrorCode,
+    message: string,
+    options?: { cause?: unknown; sent?: number; kind?: RefusalKind },
+  );
   readonly name: 'AempError';
   readonly code: AempErrorCode;
+  /** For `REFUSED`: what the engine refused the call for. */
+  readonly kind?: RefusalKind;
   /** For `send`/`sendBatch`: how many messages of the batch went out before the refusal. */
   readonly sent?: number;
 }

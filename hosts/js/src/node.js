@@ -126,14 +126,18 @@ const finish = Symbol('finish');
  * the call: an invalid port id, a full queue, a name already taken, ...), `PORT_FULL` (a
  * local port already holds `portCapacity` messages), `CONFIG` (invalid options), `BIND`
  * (a listener could not bind; `cause` is the socket error), `TIMEOUT`, `DECODE` (the
- * answer to a database query could not be decoded). For `send` and
- * `sendBatch`, `sent` is how many messages of the batch went out before the refusal.
+ * answer to a database query could not be decoded). A `REFUSED` error has `kind`, the
+ * engine's refusal kind (`invalid-port-id`, `port-exists`, `queue-full`,
+ * `budget-exhausted`, `too-large`, `too-deep`, `not-an-array`, `malformed`, `not-json`,
+ * ...). For `send` and `sendBatch`, `sent` is how many messages of the batch went out
+ * before the refusal.
  */
 export class AempError extends Error {
-  constructor(code, message, { cause, sent } = {}) {
+  constructor(code, message, { cause, sent, kind } = {}) {
     super(message, cause === undefined ? undefined : { cause });
     this.name = 'AempError';
     this.code = code;
+    if (kind !== undefined) this.kind = kind;
     if (sent !== undefined) this.sent = sent;
   }
 }
@@ -371,7 +375,7 @@ export class Node extends EventEmitter {
       this.id = id;
     } catch (e) {
       if (e instanceof AempError) throw e;
-      throw new AempError('CONFIG', `invalid node options: ${e.message}`, { cause: e });
+      throw new AempError('CONFIG', `invalid node options: ${e.payload?.message ?? e.message}`, { cause: e });
     }
     /** The addresses this node listens on. */
     this.listenAddrs = [];
@@ -572,8 +576,7 @@ export class Node extends EventEmitter {
     } catch (e) {
       if (e !== null && typeof e === 'object' && Object.hasOwn(e, 'payload')) {
         const { payload } = e;
-        if (typeof payload === 'string') throw new AempError('REFUSED', payload);
-        throw new AempError('REFUSED', payload.message, { sent: payload.index });
+        throw new AempError('REFUSED', payload.message, { kind: payload.kind, sent: payload.index });
       }
       // An argument of the wrong type fails before the engine runs: it is unharmed.
       if (!(e instanceof WebAssembly.RuntimeError)) throw e;

@@ -82,10 +82,17 @@ test('requests with a registered tag come as events; others stay refused', async
 
 test('errors are AempError with a code', async (t) => {
   const [a] = await pair(t);
-  assert.throws(() => a.send('', 1), (e) => e instanceof AempError && e.code === 'REFUSED' && e.sent === 0);
-  assert.throws(() => a.monitor(''), { name: 'AempError', code: 'REFUSED' });
+  assert.throws(
+    () => a.send('', 1),
+    (e) => e instanceof AempError && e.code === 'REFUSED' && e.kind === 'invalid-port-id' && e.sent === 0,
+  );
+  assert.throws(() => a.monitor(''), { name: 'AempError', code: 'REFUSED', kind: 'invalid-port-id' });
   a.port('taken');
-  assert.throws(() => a.port('taken'), { code: 'REFUSED', message: 'port taken exists already' });
+  assert.throws(() => a.port('taken'), {
+    code: 'REFUSED',
+    kind: 'port-exists',
+    message: 'port taken exists already',
+  });
   const busy = net.createServer();
   await new Promise((resolve) => busy.listen(0, '127.0.0.1', resolve));
   t.after(() => busy.close());
