@@ -4,7 +4,6 @@
 //! [`ENGINE_COMPONENT`]. [`Sandbox`] compiles it once and instantiates it cheaply.
 
 pub mod config;
-mod net;
 pub mod node;
 pub mod sandbox;
 pub mod tls;
