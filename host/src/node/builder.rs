@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aemp_engine::{AuthMethod, Framing};
@@ -300,6 +301,7 @@ impl NodeBuilder {
         let write_timeout = self.write_timeout.unwrap_or(self.monitor_timeout);
         let (events, _) = broadcast::channel(1024);
         let (status_tx, status) = watch::channel(None);
+        let unwritten = Arc::new(AtomicUsize::new(0));
         let driver = Driver {
             instance,
             node,
@@ -323,6 +325,7 @@ impl NodeBuilder {
             stalled: HashSet::new(),
             status: status_tx,
             cmd_tx: tx.downgrade(),
+            unwritten: unwritten.clone(),
         };
         // Every log line of this node carries its id.
         let span = tracing::info_span!("node", id = %node_id);
@@ -336,6 +339,7 @@ impl NodeBuilder {
             tx,
             events,
             status,
+            unwritten,
         })
     }
 }

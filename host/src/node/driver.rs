@@ -2,6 +2,8 @@
 //! through the engine, timers, and the port inboxes with the messages held for them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aemp_engine::{Value, printable};
@@ -49,6 +51,8 @@ pub(super) struct Driver {
     pub(super) stalled: HashSet<String>,
     pub(super) status: watch::Sender<Option<String>>,
     pub(super) cmd_tx: WeakSender<Cmd>,
+    /// What [`super::Node::pending_bytes`] reads.
+    pub(super) unwritten: Arc<AtomicUsize>,
 }
 
 /// A message waiting for room in its port's inbox.
@@ -80,6 +84,9 @@ const HELD_RETRY: Duration = Duration::from_millis(10);
 
 /// Commands taken in one go, at most.
 const BATCH: usize = 64;
+
+/// Bytes of messages taken from the application in one go, about (one command more).
+const BATCH_BYTES: usize = 64 * 1024;
 
 impl Driver {
     fn now(&self) -> u64 {
@@ -143,10 +150,19 @@ impl Driver {
                 Wake::Cmd(None) => return Ok(()),
                 Wake::Cmd(Some(cmd)) => {
                     self.app_round = true;
+                    // Bounded in bytes too, so that what one go adds to the write
+                    // buffers stays small beside the high-water mark.
+                    let mut bytes = cmd.bytes();
                     self.command(cmd)?;
                     for _ in 1..BATCH {
+                        if bytes >= BATCH_BYTES {
+                            break;
+                        }
                         match cmds.try_recv() {
-                            Ok(cmd) => self.command(cmd)?,
+                            Ok(cmd) => {
+                                bytes += cmd.bytes();
+                                self.command(cmd)?;
+                            }
                             Err(_) => break,
                         }
                     }
@@ -198,7 +214,9 @@ impl Driver {
                     .call_handle_inputs(s, n, &polled.inputs, now)
             })?;
         }
-        self.settle()
+        self.settle()?;
+        self.unwritten.store(self.io.pending(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Acts on the engine's outputs and writes the connections, until the engine has

@@ -591,6 +591,12 @@ impl Io {
                 return;
             }
         };
+        if !leftover.is_empty() {
+            tracing::debug!(
+                "connection {conn}: TLS starts with {} bytes read ahead",
+                leftover.len()
+            );
+        }
         // Our own write buffer bounds what waits for the peer.
         session.set_buffer_limit(None);
         c.tls = Some(session);

@@ -34,6 +34,8 @@
 //! again, so one port that is never read cannot stop the node serving the others.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aemp_engine::Value;
@@ -107,6 +109,8 @@ pub struct Node {
     tx: Sender<Cmd>,
     events: broadcast::Sender<Event>,
     status: watch::Receiver<Option<String>>,
+    /// Bytes waiting to be written to the sockets, as of the driver's last round.
+    unwritten: Arc<AtomicUsize>,
 }
 
 /// A local port: receives the messages sent to its id. Dropping it kills the port.
@@ -224,6 +228,19 @@ enum Cmd {
     Pending {
         reply: Reply<usize>,
     },
+}
+
+impl Cmd {
+    /// Bytes of messages the command sends.
+    fn bytes(&self) -> usize {
+        match self {
+            Cmd::Send { batch, .. } => batch
+                .iter()
+                .map(|(port, args)| port.len() + args.len())
+                .sum(),
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -399,6 +416,13 @@ impl Node {
         })
         .await
         .map_err(|_| NodeError::Timeout)?
+    }
+
+    /// Bytes waiting to be written to the node's sockets, over all connections, as of
+    /// the node's last round of I/O. Does not wait (it is read even while the node takes
+    /// no commands because a peer is behind).
+    pub fn pending_bytes(&self) -> usize {
+        self.unwritten.load(Ordering::Relaxed)
     }
 
     /// Node-port requests tagged `tag` come to this application as [`Event::Request`].
