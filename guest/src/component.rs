@@ -182,6 +182,13 @@ impl wnode::GuestNode for NodeResource {
         self.0.borrow_mut().handle_input(conn, &data, now_ms);
     }
 
+    fn handle_inputs(&self, inputs: Vec<(u64, Vec<u8>)>, now_ms: u64) {
+        let mut node = self.0.borrow_mut();
+        for (conn, data) in inputs {
+            node.handle_input(conn, &data, now_ms);
+        }
+    }
+
     fn handle_eof(&self, conn: u64, now_ms: u64) {
         self.0.borrow_mut().handle_eof(conn, now_ms);
     }

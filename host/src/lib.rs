@@ -5,7 +5,6 @@
 
 pub mod config;
 mod convert;
-mod net;
 pub mod node;
 mod sandbox;
 pub mod tls;

@@ -202,6 +202,21 @@ impl TlsConfig {
     }
 }
 
+impl TlsConfig {
+    /// A sans-IO TLS session in the given role, for a node that drives its sockets
+    /// itself.
+    pub(crate) fn session(&self, role: Role) -> Result<rustls::Connection, rustls::Error> {
+        Ok(match role {
+            Role::Client => {
+                let name = ServerName::try_from(PLACEHOLDER_SERVER_NAME)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                rustls::ClientConnection::new(self.client.clone(), name)?.into()
+            }
+            Role::Server => rustls::ServerConnection::new(self.server.clone())?.into(),
+        })
+    }
+}
+
 /// A new network certificate as AnyEvent::MP's `aemp gencert` makes it: one
 /// self-signed certificate (subject `CN=AnyEvent::MP`, CA:TRUE, valid for
 /// 3650 days from now) followed by its private key (PKCS#8), in one PEM that

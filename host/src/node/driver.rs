@@ -1,0 +1,661 @@
+//! The task that drives one node: commands from the application, rounds of socket I/O
+//! through the engine, timers, and the port inboxes with the messages held for them.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use aemp_engine::{Value, printable};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{Receiver, Sender, WeakSender, channel};
+use tokio::sync::{broadcast, watch};
+use wasmtime::component::ResourceAny;
+
+use super::io::{self, Dialed, End, Io};
+use super::{Cmd, DbQuery, Event, HIGH_WATER, NodeError, Port, Refusal, Reply, decode_args};
+use crate::sandbox::{self, Instance, wit, wit_node};
+use crate::tls::Role;
+
+/// The task that owns the engine instance and the sockets of one node.
+pub(super) struct Driver {
+    pub(super) instance: Instance,
+    pub(super) node: ResourceAny,
+    pub(super) started: Instant,
+    pub(super) io: Io,
+    /// Outgoing connects in progress.
+    pub(super) dialing: HashSet<u64>,
+    pub(super) dial_tx: Sender<Dialed>,
+    /// Each port's inbox: the arguments of each message, as a CBOR array.
+    pub(super) ports: HashMap<String, Sender<Vec<u8>>>,
+    pub(super) db_waiters: HashMap<String, Reply<Value>>,
+    pub(super) events: broadcast::Sender<Event>,
+    pub(super) up: HashSet<String>,
+    pub(super) monitor_timeout: Duration,
+    pub(super) max_write_queue: usize,
+    pub(super) port_capacity: usize,
+    pub(super) port_stall: Duration,
+    /// Messages for ports whose inbox was full, in arrival order. While any is held, no
+    /// connection reads on: bounded by one round of reads, plus `held_app`.
+    pub(super) held: VecDeque<Held>,
+    /// How many of `held` came from the application's commands; at a port's capacity
+    /// the driver takes no more commands.
+    pub(super) held_app: usize,
+    /// Whether the outputs being handled answer the application's commands.
+    pub(super) app_round: bool,
+    /// Whether the last round read (nothing was held).
+    pub(super) reading: bool,
+    /// The ports messages are held for.
+    pub(super) held_ports: HashMap<String, HeldPort>,
+    /// Ports that took nothing for `port_stall`: messages finding them full are dropped.
+    pub(super) stalled: HashSet<String>,
+    pub(super) status: watch::Sender<Option<String>>,
+    pub(super) cmd_tx: WeakSender<Cmd>,
+    /// What [`super::Node::pending_bytes`] reads.
+    pub(super) unwritten: Arc<AtomicUsize>,
+}
+
+/// A message waiting for room in its port's inbox.
+pub(super) struct Held {
+    port: String,
+    args: Vec<u8>,
+    from_app: bool,
+}
+
+/// A port messages are held for.
+pub(super) struct HeldPort {
+    /// How many.
+    count: usize,
+    /// When it last took a message (or the first was held).
+    progress: tokio::time::Instant,
+}
+
+/// What woke the driver.
+enum Wake {
+    Cmd(Option<Cmd>),
+    Dialed(Dialed),
+    Timer,
+    Room,
+    Io,
+}
+
+/// How often held messages are offered again to their ports.
+const HELD_RETRY: Duration = Duration::from_millis(10);
+
+/// Commands taken in one go, at most.
+const BATCH: usize = 64;
+
+/// Bytes of messages taken from the application in one go, about (one command more).
+const BATCH_BYTES: usize = 64 * 1024;
+
+impl Driver {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub(super) async fn run(mut self, mut cmds: Receiver<Cmd>, mut dialed: Receiver<Dialed>) {
+        let result = self.serve(&mut cmds, &mut dialed).await;
+        if let Err(e) = result {
+            let reason = sandbox::describe(&e);
+            tracing::error!("node stopped: {reason}");
+            tracing::debug!("node stopped: {e:?}");
+            let _ = self.status.send(Some(reason));
+        }
+        // Dropping the driver closes the node's listeners and connections.
+    }
+
+    async fn serve(
+        &mut self,
+        cmds: &mut Receiver<Cmd>,
+        dialed: &mut Receiver<Dialed>,
+    ) -> wasmtime::Result<()> {
+        self.round()?;
+        loop {
+            let engine_due = self
+                .node_api(|s, n, b| b.aemp_engine_node().node().call_poll_timeout(s, n))?
+                .map(|ms| tokio::time::Instant::from(self.started + Duration::from_millis(ms)));
+            let due = match (engine_due, self.io.deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let sleep = async move {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Room in the inbox of the port the first held message is for, or a moment
+            // passed (for the other ports, and to notice stalls).
+            let waiting = self.held.front().map(|h| self.ports.get(&h.port).cloned());
+            let room = async move {
+                match waiting {
+                    Some(Some(port)) => {
+                        let _ = tokio::time::timeout(HELD_RETRY, port.reserve_owned()).await;
+                    }
+                    Some(None) => {}
+                    None => std::future::pending().await,
+                }
+            };
+            // Commands wait while a peer is behind (see the module docs).
+            let take_cmds = self.held_app < self.port_capacity && !self.io.above(HIGH_WATER);
+            let ready = self.io.ready();
+            let wake = tokio::select! {
+                cmd = cmds.recv(), if take_cmds => Wake::Cmd(cmd),
+                Some(d) = dialed.recv() => Wake::Dialed(d),
+                () = sleep => Wake::Timer,
+                () = room => Wake::Room,
+                () = ready => Wake::Io,
+            };
+            match wake {
+                Wake::Cmd(None) => return Ok(()),
+                Wake::Cmd(Some(cmd)) => {
+                    self.app_round = true;
+                    // Bounded in bytes too, so that what one go adds to the write
+                    // buffers stays small beside the high-water mark.
+                    let mut bytes = cmd.bytes();
+                    self.command(cmd)?;
+                    for _ in 1..BATCH {
+                        if bytes >= BATCH_BYTES {
+                            break;
+                        }
+                        match cmds.try_recv() {
+                            Ok(cmd) => {
+                                bytes += cmd.bytes();
+                                self.command(cmd)?;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Dialed(d) => self.dialed(d)?,
+                Wake::Timer => {
+                    let now = self.now();
+                    if engine_due.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        self.node_api(|s, n, b| {
+                            b.aemp_engine_node().node().call_handle_timeout(s, n, now)
+                        })?;
+                    }
+                    self.io.expire(tokio::time::Instant::now());
+                }
+                Wake::Room => self.deliver_held(),
+                Wake::Io => {}
+            }
+            self.round()?;
+            // A busy node is always ready: let the other tasks of this thread run.
+            tokio::task::coop::consume_budget().await;
+        }
+    }
+
+    /// Acts on what woke the driver, then one round of socket I/O: every ready socket
+    /// is read (unless messages are held: full ports push back), everything read goes to
+    /// the engine in one call, its outputs are acted on and the connections written.
+    fn round(&mut self) -> wasmtime::Result<()> {
+        self.settle()?;
+        self.app_round = false;
+        let reading = self.held.is_empty();
+        if reading && !self.reading {
+            self.io.ready_all();
+        }
+        self.reading = reading;
+        let polled = self.io.poll(reading);
+        let now = self.now();
+        for (stream, peer) in polled.accepted {
+            let conn = self.node_api(|s, n, b| {
+                b.aemp_engine_node()
+                    .node()
+                    .call_handle_accept(s, n, &peer, now)
+            })?;
+            self.io.add(conn, stream);
+        }
+        if !polled.inputs.is_empty() {
+            self.node_api(|s, n, b| {
+                b.aemp_engine_node()
+                    .node()
+                    .call_handle_inputs(s, n, &polled.inputs, now)
+            })?;
+        }
+        self.settle()?;
+        self.unwritten.store(self.io.pending(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Acts on the engine's outputs and writes the connections, until the engine has
+    /// nothing more to say and every connection that ended was reported.
+    fn settle(&mut self) -> wasmtime::Result<()> {
+        loop {
+            self.flush()?;
+            self.io.write_all();
+            if self.io.ended.is_empty() {
+                return Ok(());
+            }
+            let now = self.now();
+            for (conn, end) in std::mem::take(&mut self.io.ended) {
+                match end {
+                    End::Eof => self.node_api(|s, n, b| {
+                        b.aemp_engine_node().node().call_handle_eof(s, n, conn, now)
+                    })?,
+                    End::Failed(reason) => {
+                        tracing::debug!("connection {conn} failed: {reason}");
+                        self.node_api(|s, n, b| {
+                            b.aemp_engine_node()
+                                .node()
+                                .call_handle_conn_error(s, n, conn, &reason, now)
+                        })?
+                    }
+                }
+            }
+        }
+    }
+
+    fn dialed(&mut self, dialed: Dialed) -> wasmtime::Result<()> {
+        let now = self.now();
+        match dialed {
+            Dialed::Connected(conn, stream) => {
+                if self.dialing.remove(&conn) {
+                    self.io.add(conn, stream);
+                    self.node_api(|s, n, b| {
+                        b.aemp_engine_node()
+                            .node()
+                            .call_handle_connected(s, n, conn, now)
+                    })?;
+                }
+            }
+            Dialed::Failed(conn, reason) => {
+                if self.dialing.remove(&conn) {
+                    tracing::debug!("connect {conn} failed: {reason}");
+                    self.node_api(|s, n, b| {
+                        b.aemp_engine_node()
+                            .node()
+                            .call_handle_connect_failed(s, n, conn, &reason, now)
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a message to its port; holds it when the inbox is full or messages for the
+    /// port are held already (to keep their order); drops it when the port is stalled.
+    fn deliver(&mut self, port: String, args: Vec<u8>) {
+        let Some(inbox) = self.ports.get(&port) else {
+            return;
+        };
+        if !self.held_ports.contains_key(&port) {
+            match inbox.try_send(args) {
+                Ok(()) => {
+                    self.stalled.remove(&port);
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => return,
+                // Logged once, when the port stalled.
+                Err(TrySendError::Full(_)) if self.stalled.contains(&port) => return,
+                Err(TrySendError::Full(args)) => return self.hold(port, args),
+            }
+        }
+        self.hold(port, args);
+    }
+
+    fn hold(&mut self, port: String, args: Vec<u8>) {
+        let now = tokio::time::Instant::now();
+        self.held_ports
+            .entry(port.clone())
+            .or_insert(HeldPort {
+                count: 0,
+                progress: now,
+            })
+            .count += 1;
+        self.held_app += usize::from(self.app_round);
+        self.held.push_back(Held {
+            port,
+            args,
+            from_app: self.app_round,
+        });
+    }
+
+    /// Moves held messages into their inboxes, in order for each port, and stalls the
+    /// ports that took nothing for `port_stall`.
+    fn deliver_held(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut full = HashSet::new();
+        let mut kept = VecDeque::new();
+        for h in std::mem::take(&mut self.held) {
+            if full.contains(&h.port) {
+                kept.push_back(h);
+                continue;
+            }
+            let result = match self.ports.get(&h.port) {
+                Some(inbox) => inbox.try_send(h.args),
+                None => Ok(()),
+            };
+            match result {
+                Ok(()) | Err(TrySendError::Closed(_)) => {
+                    self.held_app -= usize::from(h.from_app);
+                    if let Some(p) = self.held_ports.get_mut(&h.port) {
+                        p.count -= 1;
+                        p.progress = now;
+                        if p.count == 0 {
+                            self.held_ports.remove(&h.port);
+                        }
+                    }
+                }
+                Err(TrySendError::Full(args)) => {
+                    full.insert(h.port.clone());
+                    kept.push_back(Held { args, ..h });
+                }
+            }
+        }
+        self.held = kept;
+        let stalled: Vec<String> = self
+            .held_ports
+            .iter()
+            .filter(|(_, p)| now >= p.progress + self.port_stall)
+            .map(|(port, _)| port.clone())
+            .collect();
+        for port in stalled {
+            let before = self.held.len();
+            self.held.retain(|h| h.port != port);
+            tracing::warn!(
+                "port {} took no message for {} ms: dropped {} messages for it",
+                printable(&port),
+                self.port_stall.as_millis(),
+                before - self.held.len()
+            );
+            self.held_ports.remove(&port);
+            self.stalled.insert(port);
+            self.held_app = self.held.iter().filter(|h| h.from_app).count();
+        }
+    }
+
+    /// Calls into the engine with the store, the node resource and the bindings.
+    fn node_api<T>(
+        &mut self,
+        f: impl FnOnce(
+            &mut wasmtime::Store<sandbox::State>,
+            ResourceAny,
+            &crate::EngineBindings,
+        ) -> wasmtime::Result<T>,
+    ) -> wasmtime::Result<T> {
+        let node = self.node;
+        let (store, b) = self.instance.parts();
+        f(store, node, b)
+    }
+
+    fn command(&mut self, cmd: Cmd) -> wasmtime::Result<()> {
+        let now = self.now();
+        match cmd {
+            Cmd::Port { name, reply } => {
+                let id =
+                    match &name {
+                        None => Ok(self
+                            .node_api(|s, n, b| b.aemp_engine_node().node().call_new_port(s, n))?),
+                        Some(name) => self
+                            .node_api(|s, n, b| {
+                                b.aemp_engine_node().node().call_register_port(s, n, name)
+                            })?
+                            .map_err(refused),
+                    };
+                let port = id.map(|id| {
+                    let (tx, rx) = channel(self.port_capacity);
+                    self.ports.insert(id.clone(), tx);
+                    Port {
+                        id,
+                        rx,
+                        tx: self.command_sender(),
+                    }
+                });
+                let _ = reply.send(port);
+            }
+            Cmd::Send { batch, reply } => {
+                let result = self
+                    .node_api(|s, n, b| b.aemp_engine_node().node().call_send(s, n, &batch, now))?;
+                let _ = reply.send(result.map_err(send_refused));
+            }
+            Cmd::Kill {
+                port,
+                reason,
+                reply,
+            } => {
+                self.ports.remove(&port);
+                self.stalled.remove(&port);
+                let reason = Value::Array(reason).encode();
+                let result = self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_kill(s, n, &port, &reason, now)
+                })?;
+                if let Some(reply) = reply {
+                    let _ = reply.send(result.map_err(refused));
+                }
+            }
+            Cmd::Monitor { port, on, reply } => {
+                let result = self.node_api(|s, n, b| {
+                    let api = b.aemp_engine_node().node();
+                    if on {
+                        api.call_monitor(s, n, &port, now)
+                    } else {
+                        api.call_unmonitor(s, n, &port, now)
+                    }
+                })?;
+                let _ = reply.send(result.map_err(refused));
+            }
+            Cmd::Connect { addr } => {
+                self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_connect_addr(s, n, &addr, now)
+                })?;
+            }
+            Cmd::Handle { tag } => {
+                self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_register_handler(s, n, &tag)
+                })?;
+            }
+            Cmd::DbSet { family, key, value } => {
+                let value = value.encode();
+                // The value was encoded here, so the engine cannot refuse it.
+                let _ = self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_db_set(s, n, &family, &key, &value, now)
+                })?;
+            }
+            Cmd::DbDel { family, keys } => {
+                self.node_api(|s, n, b| {
+                    b.aemp_engine_node()
+                        .node()
+                        .call_db_del(s, n, &family, &keys, now)
+                })?;
+            }
+            Cmd::DbQuery {
+                kind,
+                family,
+                reply,
+            } => {
+                let id = self.node_api(|s, n, b| {
+                    let api = b.aemp_engine_node().node();
+                    match kind {
+                        DbQuery::Family => api.call_db_family(s, n, &family, now),
+                        DbQuery::Keys => api.call_db_keys(s, n, &family, now),
+                        DbQuery::Values => api.call_db_values(s, n, &family, now),
+                    }
+                })?;
+                self.db_waiters.insert(id, reply);
+            }
+            Cmd::DbMon { family, on } => {
+                self.node_api(|s, n, b| {
+                    let api = b.aemp_engine_node().node();
+                    if on {
+                        api.call_db_mon(s, n, &family, now)
+                    } else {
+                        api.call_db_unmon(s, n, &family, now)
+                    }
+                })?;
+            }
+            Cmd::IsUp { node, reply } => {
+                let _ = reply.send(Ok(self.up.contains(&node)));
+            }
+            Cmd::Memory { reply } => {
+                let _ = reply.send(Ok(self.instance.memory_bytes()));
+            }
+            Cmd::Pending { reply } => {
+                let _ = reply.send(Ok(self.io.pending()));
+            }
+        }
+        Ok(())
+    }
+
+    /// A sender for a port to report its drop. Ports keep the node alive like handles;
+    /// the driver itself holds only a weak sender, so the node stops once every handle
+    /// and port is gone.
+    fn command_sender(&self) -> Sender<Cmd> {
+        self.cmd_tx.upgrade().unwrap_or_else(|| channel(1).0)
+    }
+
+    /// Acts on everything the engine has to say, until it has nothing more.
+    fn flush(&mut self) -> wasmtime::Result<()> {
+        loop {
+            let outputs =
+                self.node_api(|s, n, b| b.aemp_engine_node().node().call_poll_outputs(s, n))?;
+            if outputs.is_empty() {
+                return Ok(());
+            }
+            for output in outputs {
+                self.output(output)?;
+            }
+        }
+    }
+
+    fn output(&mut self, output: wit_node::NodeOutput) -> wasmtime::Result<()> {
+        use wit_node::NodeOutput as O;
+        match output {
+            O::Transmit(t) => {
+                let conn = t.conn;
+                let over = |q: usize| q > self.max_write_queue;
+                // Past the limit, what the socket takes now may still bring it under.
+                if self.io.queue(conn, t.bytes).is_some_and(over) && over(self.io.write_now(conn)) {
+                    let reason = format!(
+                        "peer does not read: more than {} bytes waiting",
+                        self.max_write_queue
+                    );
+                    tracing::warn!("connection {conn}: {reason}");
+                    if self.io.drop_conn(conn) {
+                        let now = self.now();
+                        self.node_api(|s, n, b| {
+                            b.aemp_engine_node()
+                                .node()
+                                .call_handle_conn_error(s, n, conn, &reason, now)
+                        })?;
+                    }
+                }
+            }
+            O::Connect(c) => {
+                self.dialing.insert(c.conn);
+                io::spawn_connect(c.conn, c.addr, self.monitor_timeout, self.dial_tx.clone());
+            }
+            O::StartTls(t) => {
+                let role = match t.role {
+                    wit::TlsRole::Client => Role::Client,
+                    wit::TlsRole::Server => Role::Server,
+                };
+                self.io.start_tls(t.conn, role, t.leftover);
+            }
+            O::Close(c) => {
+                self.dialing.remove(&c.conn);
+                if self.io.close(c.conn) {
+                    tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason));
+                }
+            }
+            O::Deliver(d) => self.deliver(d.port, d.args),
+            O::NodeUp(node) => {
+                tracing::info!("{} is up", printable(&node));
+                self.up.insert(node.clone());
+                let _ = self.events.send(Event::NodeUp(node));
+            }
+            O::NodeDown(d) => {
+                tracing::info!("{} is down: {}", printable(&d.node), printable(&d.reason));
+                self.up.remove(&d.node);
+                let _ = self.events.send(Event::NodeDown {
+                    node: d.node,
+                    reason: d.reason,
+                });
+            }
+            O::PortDown(p) => {
+                let _ = self.events.send(Event::PortDown {
+                    port: p.port,
+                    reason: decode_args(&p.reason),
+                });
+            }
+            O::Request(r) => {
+                let _ = self.events.send(Event::Request {
+                    node: r.node,
+                    tag: r.tag,
+                    args: decode_args(&r.args),
+                });
+            }
+            O::DbReply(r) => {
+                if let Some(waiter) = self.db_waiters.remove(&r.id) {
+                    let _ = waiter.send(Value::decode(&r.result).map_err(NodeError::from));
+                }
+            }
+            O::DbChange(c) => {
+                let set = Value::decode(&c.set).unwrap_or(Value::Map(Vec::new()));
+                let _ = self.events.send(Event::DbChange {
+                    family: c.family,
+                    set,
+                    del: c.del,
+                });
+            }
+            O::Log(l) => match l.level {
+                wit_node::LogLevel::Error => tracing::error!("{}", l.message),
+                wit_node::LogLevel::Warn => tracing::warn!("{}", l.message),
+                wit_node::LogLevel::Info => tracing::info!("{}", l.message),
+                wit_node::LogLevel::Debug => tracing::debug!("{}", l.message),
+            },
+        }
+        Ok(())
+    }
+}
+impl Refusal {
+    fn from_wit(kind: wit::RefusalKind) -> Refusal {
+        use wit::RefusalKind as K;
+        match kind {
+            K::InvalidPortId => Refusal::InvalidPortId,
+            K::PortExists => Refusal::PortExists,
+            K::QueueFull => Refusal::QueueFull,
+            K::BudgetExhausted => Refusal::BudgetExhausted,
+            K::NotConnected => Refusal::NotConnected,
+            K::Closed => Refusal::Closed,
+            K::TooLarge => Refusal::TooLarge,
+            K::TooDeep => Refusal::TooDeep,
+            K::NotAnArray => Refusal::NotAnArray,
+            K::Malformed => Refusal::Malformed,
+            K::NotJson => Refusal::NotJson,
+            K::InvalidConfig => Refusal::InvalidConfig,
+        }
+    }
+}
+
+/// The engine's refusal of one call.
+pub(super) fn refused(r: wit::Refusal) -> NodeError {
+    NodeError::Refused {
+        kind: Refusal::from_wit(r.kind),
+        message: r.message,
+    }
+}
+
+/// The engine's refusal of a batch: partial when some messages went out first.
+pub(super) fn send_refused(e: wit::SendError) -> NodeError {
+    let cause = refused(wit::Refusal {
+        kind: e.kind,
+        message: e.message,
+    });
+    match e.index {
+        0 => cause,
+        sent => NodeError::Partial {
+            sent: sent as usize,
+            cause: Box::new(cause),
+        },
+    }
+}

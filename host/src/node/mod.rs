@@ -1,0 +1,579 @@
+//! A node running in the sandbox: the Rust API.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), aemp_host::NodeError> {
+//! use aemp_host::{Node, Value};
+//! let node = Node::builder().node_id("me/").secret("s3cret").bind("127.0.0.1:4040").start().await?;
+//! let mut port = node.port().await?;
+//! node.send("other#inbox", vec![Value::text(port.id()), Value::Int(1)]).await?;
+//! let reply = port.recv().await;
+//! # Ok(()) }
+//! ```
+//!
+//! One tokio task per node (the driver, `driver`) owns the engine instance and every
+//! socket of the node (`io`): listeners, connections, TLS sessions. Every call into the
+//! sandbox is made by that task, so the engine needs no locks, and no read or write of a
+//! socket costs a task switch or a channel hop. A round: read what every ready socket has
+//! (up to 64 KiB each), hand it all to the engine in one call, act on every output, then
+//! write each connection's output at once.
+//!
+//! Every queue is bounded. Commands from the application wait for room ([`Node::send`])
+//! or are refused with [`NodeError::Busy`] (the calls that do not wait). The driver takes
+//! no commands while some connection has more than [`HIGH_WATER`] bytes waiting to be
+//! written, so [`Node::send`] waits while a peer is behind (the command queue fills up)
+//! instead of queueing without end; a connection whose bytes exceed
+//! [`NodeBuilder::max_write_queue`] is closed as a peer that does not read, and one whose
+//! writes make no progress for [`NodeBuilder::write_timeout`] fails.
+//!
+//! A port's inbox holds [`NodeBuilder::port_capacity`] messages (as raw CBOR; they are
+//! decoded by the port's reader); a message for a full inbox is held by the driver, and
+//! while anything is held no connection reads on (TCP pushes back to the senders) and the
+//! application's messages wait once a port's worth of its own is held. A port that takes
+//! nothing for [`NodeBuilder::port_stall`] is stalled: what is held for it is dropped,
+//! with a warning, and so is every message that finds its inbox full until it reads
+//! again, so one port that is never read cannot stop the node serving the others.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use aemp_engine::Value;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::sync::{broadcast, oneshot, watch};
+
+mod builder;
+mod driver;
+mod io;
+
+pub use builder::NodeBuilder;
+
+/// Bytes waiting for one connection above which the node takes no more commands from
+/// the application (see the module docs). 1 MiB keeps a fast peer's pipe full (it is
+/// far more than a socket buffer) while bounding what a slow one costs.
+pub const HIGH_WATER: usize = 1 << 20;
+
+/// Why a node could not start, or refused a call. Match on the variant (and on
+/// [`Refusal`] for what the engine refused); the messages are for people.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Listening on an address failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address as given.
+        addr: String,
+        /// What the operating system said.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// Arguments given as a Rust value could not become a message.
+    #[error(transparent)]
+    Value(#[from] crate::ValueError),
+    /// The sandbox could not be made or could not start the node's instance.
+    #[error(transparent)]
+    Sandbox(#[from] crate::SandboxError),
+    /// The engine refused the call; `message` is its explanation.
+    #[error("{message}")]
+    Refused {
+        /// What was wrong, to match on.
+        kind: Refusal,
+        /// The engine's words.
+        message: String,
+    },
+    /// A batch was refused part way: the first `sent` messages went out, the rest did not.
+    #[error("{sent} messages of the batch sent, then: {cause}")]
+    Partial {
+        /// How many messages, from the start of the batch, were sent.
+        sent: usize,
+        /// Why the next one was refused.
+        #[source]
+        cause: Box<NodeError>,
+    },
+    /// A reply from the network could not be decoded.
+    #[error("undecodable reply: {0}")]
+    Decode(#[from] aemp_engine::DecodeError),
+    /// The sandbox trapped or hit a limit: the node is gone.
+    #[error("node stopped: {0}")]
+    Stopped(String),
+    /// No answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// The node's command queue is full: a call that does not wait was refused; try again.
+    #[error("node is busy: command queue full")]
+    Busy,
+}
+
+/// What the engine refused a call for (the kinds of [`NodeError::Refused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Port ids are `NODE#NAME`.
+    InvalidPortId,
+    /// A local port of that name exists already.
+    PortExists,
+    /// The destination node is not connected and its queue is full.
+    QueueFull,
+    /// Queueing would take the node past its memory budget for peers.
+    BudgetExhausted,
+    /// The connection has not completed its handshake.
+    NotConnected,
+    /// The connection is closed.
+    Closed,
+    /// The message is larger than the maximum message size.
+    TooLarge,
+    /// The message is nested deeper than the limit.
+    TooDeep,
+    /// A message must be an array `[PORT, ARGS...]`.
+    NotAnArray,
+    /// Not one well-formed CBOR item.
+    Malformed,
+    /// The value has no JSON form, for a peer that speaks json.
+    NotJson,
+    /// The configuration is invalid.
+    InvalidConfig,
+}
+
+/// Something that happened to the node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A node completed a handshake with us.
+    NodeUp(String),
+    /// A node's connection is gone.
+    NodeDown { node: String, reason: String },
+    /// A monitored port died; `reason` is empty for a normal exit.
+    PortDown { port: String, reason: Vec<Value> },
+    /// A node-port request with a tag registered by [`Node::handle_requests`].
+    Request {
+        node: String,
+        tag: String,
+        args: Vec<Value>,
+    },
+    /// A monitored database family changed.
+    DbChange {
+        family: String,
+        set: Value,
+        del: Vec<String>,
+    },
+}
+
+/// A running node. Cheap to clone; the node stops when every handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Node {
+    id: String,
+    listen: Vec<SocketAddr>,
+    tx: Sender<Cmd>,
+    events: broadcast::Sender<Event>,
+    status: watch::Receiver<Option<String>>,
+    /// Bytes waiting to be written to the sockets, as of the driver's last round.
+    unwritten: Arc<AtomicUsize>,
+}
+
+/// A local port: receives the messages sent to its id. Dropping it kills the port.
+#[derive(Debug)]
+pub struct Port {
+    id: String,
+    /// Each message's arguments as one CBOR array, decoded by the receiver.
+    rx: Receiver<Vec<u8>>,
+    tx: Sender<Cmd>,
+}
+
+impl Port {
+    /// The port id (`NODE#NAME`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The next message's arguments; `None` once the port or the node is gone.
+    pub async fn recv(&mut self) -> Option<Vec<Value>> {
+        self.rx.recv().await.map(|raw| decode_args(&raw))
+    }
+
+    /// The next message's arguments undecoded, as the CBOR array the peer sent (for
+    /// receivers that decode it themselves or pass it on); `None` once the port or the
+    /// node is gone.
+    pub async fn recv_raw(&mut self) -> Option<Vec<u8>> {
+        self.rx.recv().await
+    }
+
+    /// Waits for a message, then takes it and every message already waiting, up to
+    /// `limit` in all, appending their arguments to `buf`; returns how many were taken
+    /// (0 only once the port or the node is gone, or when `limit` is 0), as tokio's
+    /// `Receiver::recv_many` does.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Vec<Value>>, limit: usize) -> usize {
+        let mut raw = Vec::with_capacity(limit.min(self.rx.max_capacity()));
+        let n = self.rx.recv_many(&mut raw, limit).await;
+        buf.extend(raw.iter().map(|r| decode_args(r)));
+        n
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        let kill = Cmd::Kill {
+            port: self.id.clone(),
+            reason: Vec::new(),
+            reply: None,
+        };
+        // A drop cannot wait: when the command queue is full, a task waits for room (one
+        // per port, so this is bounded by the ports there are).
+        if let Err(TrySendError::Full(kill)) = self.tx.try_send(kill)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let tx = self.tx.clone();
+            runtime.spawn(async move {
+                let _ = tx.send(kill).await;
+            });
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+enum Cmd {
+    Port {
+        name: Option<String>,
+        reply: Reply<Port>,
+    },
+    Send {
+        /// (port id, CBOR array of arguments), encoded by the caller.
+        batch: Vec<(String, Vec<u8>)>,
+        reply: Reply<()>,
+    },
+    Kill {
+        port: String,
+        reason: Vec<Value>,
+        reply: Option<Reply<()>>,
+    },
+    Monitor {
+        port: String,
+        on: bool,
+        reply: Reply<()>,
+    },
+    Connect {
+        addr: String,
+    },
+    Handle {
+        tag: String,
+    },
+    DbSet {
+        family: String,
+        key: String,
+        value: Value,
+    },
+    DbDel {
+        family: String,
+        keys: Vec<String>,
+    },
+    DbQuery {
+        kind: DbQuery,
+        family: String,
+        reply: Reply<Value>,
+    },
+    DbMon {
+        family: String,
+        on: bool,
+    },
+    IsUp {
+        node: String,
+        reply: Reply<bool>,
+    },
+    Memory {
+        reply: Reply<usize>,
+    },
+    Pending {
+        reply: Reply<usize>,
+    },
+}
+
+impl Cmd {
+    /// Bytes of messages the command sends.
+    fn bytes(&self) -> usize {
+        match self {
+            Cmd::Send { batch, .. } => batch
+                .iter()
+                .map(|(port, args)| port.len() + args.len())
+                .sum(),
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum DbQuery {
+    Family,
+    Keys,
+    Values,
+}
+
+impl Node {
+    /// How to start one.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The addresses the node listens on.
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen
+    }
+
+    /// Why the node stopped, once it has.
+    pub fn stopped(&self) -> Option<String> {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until the node stops on its own (a trap, a sandbox limit) and returns why, as
+    /// [`NodeError::Stopped`]. A program that runs a node should wait on this beside its
+    /// other work, so that a stopped node ends it instead of lingering. Cancel-safe.
+    pub async fn closed(&self) -> NodeError {
+        let mut status = self.status.clone();
+        match status.wait_for(Option::is_some).await {
+            Ok(reason) => NodeError::Stopped(reason.clone().unwrap_or_default()),
+            Err(_) => self.gone(),
+        }
+    }
+
+    /// Events: node up/down, monitors firing, registered requests, database changes.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    fn gone(&self) -> NodeError {
+        NodeError::Stopped(self.stopped().unwrap_or_else(|| "node is gone".into()))
+    }
+
+    fn tell(&self, cmd: Cmd) -> Result<(), NodeError> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            TrySendError::Full(_) => NodeError::Busy,
+            TrySendError::Closed(_) => self.gone(),
+        })
+    }
+
+    /// A new local port with a fresh unique name.
+    pub async fn port(&self) -> Result<Port, NodeError> {
+        self.call(|reply| Cmd::Port { name: None, reply }).await
+    }
+
+    /// A new local port with a chosen name (e.g. `echo`).
+    pub async fn named_port(&self, name: &str) -> Result<Port, NodeError> {
+        self.call(|reply| Cmd::Port {
+            name: Some(name.to_owned()),
+            reply,
+        })
+        .await
+    }
+
+    /// Sends `args` to `port_id` (queued if its node is not connected yet). Waits while
+    /// the node's command queue is full.
+    pub async fn send(&self, port_id: &str, args: Vec<Value>) -> Result<(), NodeError> {
+        self.send_batch(vec![(port_id.to_owned(), args)]).await
+    }
+
+    /// Sends many messages with one call into the engine. On a refusal the messages
+    /// before the refused one are sent, the rest are not: [`NodeError::Partial`] says how
+    /// many went out (a refusal of the first is [`NodeError::Refused`]).
+    pub async fn send_batch(&self, messages: Vec<(String, Vec<Value>)>) -> Result<(), NodeError> {
+        // Encoding happens here, on the caller's task, not on the node's.
+        let batch = messages
+            .into_iter()
+            .map(|(port, args)| (port, Value::Array(args).encode()))
+            .collect();
+        self.call(|reply| Cmd::Send { batch, reply }).await
+    }
+
+    /// Sends a serializable Rust value as the arguments of a message: a tuple, array or
+    /// `Vec` whose items become the arguments (see [`crate::to_value`] for how types map).
+    /// Waits like [`Node::send`].
+    ///
+    /// ```no_run
+    /// # async fn example(node: aemp_host::Node) -> Result<(), aemp_host::NodeError> {
+    /// node.send_ser("other#inbox", &("job", 7, vec!["a", "b"])).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_ser<T: serde::Serialize + ?Sized>(
+        &self,
+        port_id: &str,
+        args: &T,
+    ) -> Result<(), NodeError> {
+        let batch = vec![(port_id.to_owned(), crate::convert::to_args(args)?)];
+        self.call(|reply| Cmd::Send { batch, reply }).await
+    }
+
+    /// Kills a port (local or remote) with `reason` (empty for a normal exit).
+    pub async fn kill(&self, port_id: &str, reason: Vec<Value>) -> Result<(), NodeError> {
+        self.call(|reply| Cmd::Kill {
+            port: port_id.to_owned(),
+            reason,
+            reply: Some(reply),
+        })
+        .await
+    }
+
+    /// Monitors a port: its death comes as [`Event::PortDown`].
+    pub async fn monitor(&self, port_id: &str) -> Result<(), NodeError> {
+        self.call(|reply| Cmd::Monitor {
+            port: port_id.to_owned(),
+            on: true,
+            reply,
+        })
+        .await
+    }
+
+    /// Drops a monitor.
+    pub async fn unmonitor(&self, port_id: &str) -> Result<(), NodeError> {
+        self.call(|reply| Cmd::Monitor {
+            port: port_id.to_owned(),
+            on: false,
+            reply,
+        })
+        .await
+    }
+
+    /// Connects to the node listening at `addr` (no seed needed).
+    pub fn connect(&self, addr: &str) -> Result<(), NodeError> {
+        self.tell(Cmd::Connect {
+            addr: addr.to_owned(),
+        })
+    }
+
+    /// Whether `node` has a working connection.
+    pub async fn is_up(&self, node: &str) -> Result<bool, NodeError> {
+        self.call(|reply| Cmd::IsUp {
+            node: node.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Waits until `node` is up, at most `timeout`.
+    pub async fn wait_up(&self, node: &str, timeout: Duration) -> Result<(), NodeError> {
+        let mut events = self.events();
+        if self.is_up(node).await? {
+            return Ok(());
+        }
+        tokio::time::timeout(timeout, async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::NodeUp(n)) if n == node => return Ok(()),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(self.gone()),
+                }
+            }
+        })
+        .await
+        .map_err(|_| NodeError::Timeout)?
+    }
+
+    /// The size of the node's sandbox memory (the engine's linear memory), in bytes.
+    pub async fn sandbox_memory(&self) -> Result<usize, NodeError> {
+        self.call(|reply| Cmd::Memory { reply }).await
+    }
+
+    /// Waits until everything sent so far has been written to the sockets (for programs
+    /// that exit right after sending), at most `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), NodeError> {
+        tokio::time::timeout(timeout, async {
+            while self.call(|reply| Cmd::Pending { reply }).await? > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| NodeError::Timeout)?
+    }
+
+    /// Bytes waiting to be written to the node's sockets, over all connections, as of
+    /// the node's last round of I/O. Does not wait (it is read even while the node takes
+    /// no commands because a peer is behind).
+    pub fn pending_bytes(&self) -> usize {
+        self.unwritten.load(Ordering::Relaxed)
+    }
+
+    /// Node-port requests tagged `tag` come to this application as [`Event::Request`].
+    pub fn handle_requests(&self, tag: &str) -> Result<(), NodeError> {
+        self.tell(Cmd::Handle {
+            tag: tag.to_owned(),
+        })
+    }
+
+    /// Sets our entry `key` of database `family`.
+    pub fn db_set(&self, family: &str, key: &str, value: Value) -> Result<(), NodeError> {
+        self.tell(Cmd::DbSet {
+            family: family.to_owned(),
+            key: key.to_owned(),
+            value,
+        })
+    }
+
+    /// Deletes our entries `keys` of `family`.
+    pub fn db_del(&self, family: &str, keys: &[&str]) -> Result<(), NodeError> {
+        let keys = keys.iter().map(|k| k.to_string()).collect();
+        self.tell(Cmd::DbDel {
+            family: family.to_owned(),
+            keys,
+        })
+    }
+
+    /// The whole `family` (a map), from the master.
+    pub async fn db_family(&self, family: &str) -> Result<Value, NodeError> {
+        self.call(|reply| Cmd::DbQuery {
+            kind: DbQuery::Family,
+            family: family.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// The keys of `family`, from the master.
+    pub async fn db_keys(&self, family: &str) -> Result<Value, NodeError> {
+        self.call(|reply| Cmd::DbQuery {
+            kind: DbQuery::Keys,
+            family: family.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// The values of `family`, from the master.
+    pub async fn db_values(&self, family: &str) -> Result<Value, NodeError> {
+        self.call(|reply| Cmd::DbQuery {
+            kind: DbQuery::Values,
+            family: family.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Monitors `family`: changes come as [`Event::DbChange`].
+    pub fn db_mon(&self, family: &str, on: bool) -> Result<(), NodeError> {
+        self.tell(Cmd::DbMon {
+            family: family.to_owned(),
+            on,
+        })
+    }
+}
+
+/// Commands from the application waiting for the node, at most.
+const CMD_QUEUE: usize = 1024;
+
+fn decode_args(bytes: &[u8]) -> Vec<Value> {
+    match Value::decode(bytes) {
+        Ok(Value::Array(items)) => items,
+        _ => Vec::new(),
+    }
+}
