@@ -1,31 +1,20 @@
 //! An aemp-only network on loopback sockets: a seed that becomes a global node and three
 //! nodes that know only the seed. They find each other and share the database through it.
 
-use aemp_host::{Event, Node, Value};
+use aemp_host::{DbMonitor, Node, Value};
 use aemp_tests::*;
-use tokio::sync::broadcast::Receiver;
 
 fn map(pairs: &[(&str, Value)]) -> Value {
     Value::Map(pairs.iter().map(|(k, v)| (t(k), v.clone())).collect())
 }
 
-/// The next change of `family` reported to a node: (set, deleted keys).
-async fn next_change(events: &mut Receiver<Event>, family: &str) -> (Value, Vec<String>) {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(Event::DbChange {
-                family: f,
-                set,
-                del,
-            }) = events.recv().await
-                && f == family
-            {
-                return (set, del);
-            }
-        }
-    })
-    .await
-    .expect("database change in time")
+/// The next change reported to a database monitor: (set, deleted keys).
+async fn next_change(changes: &mut DbMonitor) -> (Value, Vec<String>) {
+    let change = tokio::time::timeout(WAIT, changes.recv())
+        .await
+        .expect("database change in time")
+        .expect("monitor open");
+    (change.set, change.del)
 }
 
 /// Asks `node` for `family` until the answer is `expected` (changes travel through the
@@ -90,12 +79,11 @@ async fn a_seed_and_three_nodes_find_each_other_and_share_the_database() {
     assert!(a.is_up(b.id()).await.unwrap() && a.is_up(c.id()).await.unwrap());
 
     // Set on b, seen by c's monitor and by a's queries.
-    let mut events = c.events();
-    c.db_mon("fam", true).unwrap();
-    assert_eq!(next_change(&mut events, "fam").await, (map(&[]), vec![]));
+    let mut changes = c.db_monitor("fam").await.unwrap();
+    assert_eq!(next_change(&mut changes).await, (map(&[]), vec![]));
     b.db_set("fam", "kb", Value::Int(1)).unwrap();
     assert_eq!(
-        next_change(&mut events, "fam").await,
+        next_change(&mut changes).await,
         (map(&[("kb", Value::Int(1))]), vec![])
     );
     family_becomes(&a, "fam", &map(&[("kb", Value::Int(1))])).await;
@@ -106,20 +94,20 @@ async fn a_seed_and_three_nodes_find_each_other_and_share_the_database() {
     );
     b.db_del("fam", &["kb"]).unwrap();
     assert_eq!(
-        next_change(&mut events, "fam").await,
+        next_change(&mut changes).await,
         (map(&[]), vec!["kb".to_string()])
     );
 
     // b's entries vanish when it leaves.
     b.db_set("fam", "leaving", t("soon")).unwrap();
     assert_eq!(
-        next_change(&mut events, "fam").await,
+        next_change(&mut changes).await,
         (map(&[("leaving", t("soon"))]), vec![])
     );
     drop(pb);
     drop(b);
     assert_eq!(
-        next_change(&mut events, "fam").await,
+        next_change(&mut changes).await,
         (map(&[]), vec!["leaving".to_string()])
     );
     family_becomes(&a, "fam", &map(&[])).await;

@@ -11,7 +11,10 @@ pub mod tls;
 
 pub use aemp_engine::{AuthMethod, DecodeError, Framing, Value};
 pub use convert::{ValueError, from_value, to_value};
-pub use node::{Event, Node, NodeBuilder, NodeError, Port, Refusal};
+pub use node::{
+    DbChange, DbMonitor, Event, Monitor, Node, NodeBuilder, NodeError, Port, Refusal, Request,
+    Requests,
+};
 pub(crate) use sandbox::EngineBindings;
 pub use sandbox::{Limits as SandboxLimits, Sandbox, SandboxError};
 pub use tls::TlsConfig;

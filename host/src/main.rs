@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use aemp_engine::Framing;
 use aemp_host::config;
-use aemp_host::{Event, Node, NodeBuilder, TlsConfig, Value};
+use aemp_host::{Node, NodeBuilder, TlsConfig, Value};
 use serde_json::{Map, Value as Json};
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use cli::args::{self, Options};
 use cli::verbs::{self, DbQuery, PERL_ONLY, Verb};
@@ -303,10 +302,9 @@ impl Session {
     async fn snd(&self, port: &str, args: Vec<Value>) -> Result<()> {
         let (node_id, watched) = node_port(port)?;
         let node = self.client().await?;
-        let mut events = node.events();
         node.send(port, args).await.map_err(|e| e.to_string())?;
         self.reach(&node, &node_id).await?;
-        node.monitor(&watched).await.map_err(|e| e.to_string())?;
+        let mut down = node.monitor(&watched).await.map_err(|e| e.to_string())?;
         let mut reply = node.port().await.map_err(|e| e.to_string())?;
         let request = vec![
             Value::text("snd"),
@@ -316,22 +314,15 @@ impl Session {
         node.send(&format!("{node_id}#"), request)
             .await
             .map_err(|e| e.to_string())?;
-        let died = |event: &Event| match event {
-            Event::PortDown { port: p, reason } if *p == watched => {
-                Some(format!("{port}: {}", words(reason)))
-            }
-            _ => None,
+        let died = |reason: std::result::Result<Vec<Value>, aemp_host::NodeError>| match reason {
+            Ok(reason) => format!("{port}: {}", words(&reason)),
+            Err(e) => format!("{e}"),
         };
         let confirmed = tokio::time::timeout(self.timeout(), async {
-            loop {
-                tokio::select! {
-                    got = reply.recv() => return got.ok_or("node stopped".to_owned()),
-                    event = events.recv() => match event {
-                        Ok(event) => if let Some(e) = died(&event) { return Err(e) },
-                        Err(RecvError::Lagged(_)) => {}
-                        Err(RecvError::Closed) => return Err("node stopped".to_owned()),
-                    },
-                }
+            tokio::select! {
+                biased;
+                reason = &mut down => Err(died(reason)),
+                got = reply.recv() => got.ok_or("node stopped".to_owned()),
             }
         })
         .await
@@ -341,17 +332,10 @@ impl Session {
                 self.opts.timeout
             )
         })??;
-        // The port's death may have been reported just before the confirmation.
-        loop {
-            match events.try_recv() {
-                Ok(event) => {
-                    if let Some(e) = died(&event) {
-                        return Err(e);
-                    }
-                }
-                Err(TryRecvError::Lagged(_)) => {}
-                Err(_) => break,
-            }
+        // The port's death may have been reported just before the confirmation (a zero
+        // timeout still polls the monitor once).
+        if let Ok(reason) = tokio::time::timeout(Duration::ZERO, &mut down).await {
+            return Err(died(reason));
         }
         say(&format!("{}\n", words(&confirmed)));
         Ok(())
@@ -403,18 +387,10 @@ impl Session {
     async fn mon(&self, port: &str) -> Result<()> {
         let (_, watched) = node_port(port)?;
         let node = self.client().await?;
-        let mut events = node.events();
-        node.monitor(&watched).await.map_err(|e| e.to_string())?;
-        loop {
-            match events.recv().await {
-                Ok(Event::PortDown { port: p, reason }) if p == watched => {
-                    say(&format!("{}\n", json(&Value::Array(reason))));
-                    return Ok(());
-                }
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return Err("node stopped".into()),
-            }
-        }
+        let down = node.monitor(&watched).await.map_err(|e| e.to_string())?;
+        let reason = down.await.map_err(|e| e.to_string())?;
+        say(&format!("{}\n", json(&Value::Array(reason))));
+        Ok(())
     }
 
     async fn run_node(&self, profile: Option<String>, settings: Map<String, Json>) -> Result<()> {

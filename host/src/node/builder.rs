@@ -311,6 +311,7 @@ impl NodeBuilder {
             db_waiters: HashMap::new(),
             events: events.clone(),
             up: HashSet::new(),
+            waiters: Default::default(),
             monitor_timeout: self.monitor_timeout,
             max_write_queue: self.max_write_queue,
             port_capacity: self.port_capacity,

@@ -13,6 +13,7 @@ use tokio::sync::{broadcast, watch};
 use wasmtime::component::ResourceAny;
 
 use super::io::{self, Dialed, End, Io};
+use super::subscribe::{Topic, Waiters, db_entry, request_entry};
 use super::{Cmd, DbQuery, Event, HIGH_WATER, NodeError, Port, Refusal, Reply, decode_args};
 use crate::sandbox::{self, Instance, wit, wit_node};
 use crate::tls::Role;
@@ -31,6 +32,8 @@ pub(super) struct Driver {
     pub(super) db_waiters: HashMap<String, Reply<Value>>,
     pub(super) events: broadcast::Sender<Event>,
     pub(super) up: HashSet<String>,
+    /// Who waits for a port to die or a node to come up.
+    pub(super) waiters: Waiters,
     pub(super) monitor_timeout: Duration,
     pub(super) max_write_queue: usize,
     pub(super) port_capacity: usize,
@@ -427,29 +430,58 @@ impl Driver {
                     let _ = reply.send(result.map_err(refused));
                 }
             }
-            Cmd::Monitor { port, on, reply } => {
+            Cmd::Monitor { port, reply } => {
                 let result = self.node_api(|s, n, b| {
+                    b.aemp_engine_node().node().call_monitor(s, n, &port, now)
+                })?;
+                let monitor = result.map(|()| self.waiters.monitor(port));
+                let _ = reply.send(monitor.map_err(refused));
+            }
+            Cmd::Unmonitor { port, reply } => {
+                let result = self.node_api(|s, n, b| {
+                    b.aemp_engine_node().node().call_unmonitor(s, n, &port, now)
+                })?;
+                self.waiters.unmonitor(&port);
+                let _ = reply.send(result.map_err(refused));
+            }
+            Cmd::WaitUp { node, reply } => {
+                let up = self.up.contains(&node);
+                self.waiters.wait_up(node, up, reply);
+            }
+            Cmd::Subscribe { topic, reply } => {
+                self.node_api(|s, n, b| {
                     let api = b.aemp_engine_node().node();
-                    if on {
-                        api.call_monitor(s, n, &port, now)
-                    } else {
-                        api.call_unmonitor(s, n, &port, now)
+                    match &topic {
+                        Topic::Requests(tag) => api.call_register_handler(s, n, tag),
+                        Topic::Db(family) => api.call_db_mon(s, n, family, now),
                     }
                 })?;
-                let _ = reply.send(result.map_err(refused));
+                let (tx, rx) = channel(self.port_capacity);
+                let inbox = topic.inbox();
+                // A new handle for the same topic takes over; what was held for the old
+                // one goes to the new one.
+                self.stalled.remove(&inbox);
+                self.ports.insert(inbox, tx);
+                let _ = reply.send(Ok(rx));
+            }
+            Cmd::Unsubscribe { topic } => {
+                let inbox = topic.inbox();
+                // A handle replaced by a newer one leaves the newer one in place.
+                if self.ports.get(&inbox).is_some_and(Sender::is_closed) {
+                    self.ports.remove(&inbox);
+                    self.stalled.remove(&inbox);
+                    if let Topic::Db(family) = &topic {
+                        self.node_api(|s, n, b| {
+                            b.aemp_engine_node().node().call_db_unmon(s, n, family, now)
+                        })?;
+                    }
+                }
             }
             Cmd::Connect { addr } => {
                 self.node_api(|s, n, b| {
                     b.aemp_engine_node()
                         .node()
                         .call_connect_addr(s, n, &addr, now)
-                })?;
-            }
-            Cmd::Handle { tag } => {
-                self.node_api(|s, n, b| {
-                    b.aemp_engine_node()
-                        .node()
-                        .call_register_handler(s, n, &tag)
                 })?;
             }
             Cmd::DbSet { family, key, value } => {
@@ -482,16 +514,6 @@ impl Driver {
                     }
                 })?;
                 self.db_waiters.insert(id, reply);
-            }
-            Cmd::DbMon { family, on } => {
-                self.node_api(|s, n, b| {
-                    let api = b.aemp_engine_node().node();
-                    if on {
-                        api.call_db_mon(s, n, &family, now)
-                    } else {
-                        api.call_db_unmon(s, n, &family, now)
-                    }
-                })?;
             }
             Cmd::IsUp { node, reply } => {
                 let _ = reply.send(Ok(self.up.contains(&node)));
@@ -571,6 +593,7 @@ impl Driver {
             O::NodeUp(node) => {
                 tracing::info!("{} is up", printable(&node));
                 self.up.insert(node.clone());
+                self.waiters.node_up(&node);
                 let _ = self.events.send(Event::NodeUp(node));
             }
             O::NodeDown(d) => {
@@ -582,17 +605,15 @@ impl Driver {
                 });
             }
             O::PortDown(p) => {
+                self.waiters.port_down(&p.port, &p.reason);
                 let _ = self.events.send(Event::PortDown {
                     port: p.port,
                     reason: decode_args(&p.reason),
                 });
             }
             O::Request(r) => {
-                let _ = self.events.send(Event::Request {
-                    node: r.node,
-                    tag: r.tag,
-                    args: decode_args(&r.args),
-                });
+                let inbox = Topic::Requests(r.tag).inbox();
+                self.deliver(inbox, request_entry(r.node, &r.args));
             }
             O::DbReply(r) => {
                 if let Some(waiter) = self.db_waiters.remove(&r.id) {
@@ -600,12 +621,8 @@ impl Driver {
                 }
             }
             O::DbChange(c) => {
-                let set = Value::decode(&c.set).unwrap_or(Value::Map(Vec::new()));
-                let _ = self.events.send(Event::DbChange {
-                    family: c.family,
-                    set,
-                    del: c.del,
-                });
+                let inbox = Topic::Db(c.family).inbox();
+                self.deliver(inbox, db_entry(&c.set, c.del));
             }
             O::Log(l) => match l.level {
                 wit_node::LogLevel::Error => tracing::error!("{}", l.message),

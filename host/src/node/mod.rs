@@ -46,8 +46,11 @@ use tokio::sync::{broadcast, oneshot, watch};
 mod builder;
 mod driver;
 mod io;
+mod subscribe;
 
 pub use builder::NodeBuilder;
+use subscribe::Topic;
+pub use subscribe::{DbChange, DbMonitor, Monitor, Request, Requests};
 
 /// Bytes waiting for one connection above which the node takes no more commands from
 /// the application (see the module docs). 1 MiB keeps a fast peer's pipe full (it is
@@ -103,6 +106,9 @@ pub enum NodeError {
     /// No answer in time.
     #[error("timed out")]
     Timeout,
+    /// What was waited for was called off ([`Node::unmonitor`] for a [`Monitor`]).
+    #[error("cancelled")]
+    Cancelled,
     /// The node's command queue is full: a call that does not wait was refused; try again.
     #[error("node is busy: command queue full")]
     Busy,
@@ -138,8 +144,12 @@ pub enum Refusal {
     InvalidConfig,
 }
 
-/// Something that happened to the node.
+/// Something that happened to the node, for observers ([`Node::events`]). A subscriber
+/// that falls more than 1024 events behind misses some (it is told so with
+/// `RecvError::Lagged`); what must not be missed has its own handle: [`Monitor`],
+/// [`Requests`], [`DbMonitor`], [`Node::wait_up`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Event {
     /// A node completed a handshake with us.
     NodeUp(String),
@@ -147,18 +157,6 @@ pub enum Event {
     NodeDown { node: String, reason: String },
     /// A monitored port died; `reason` is empty for a normal exit.
     PortDown { port: String, reason: Vec<Value> },
-    /// A node-port request with a tag registered by [`Node::handle_requests`].
-    Request {
-        node: String,
-        tag: String,
-        args: Vec<Value>,
-    },
-    /// A monitored database family changed.
-    DbChange {
-        family: String,
-        set: Value,
-        del: Vec<String>,
-    },
 }
 
 /// A running node. Cheap to clone; the node stops when every handle is dropped.
@@ -251,14 +249,25 @@ enum Cmd {
     },
     Monitor {
         port: String,
-        on: bool,
+        reply: Reply<Monitor>,
+    },
+    Unmonitor {
+        port: String,
         reply: Reply<()>,
+    },
+    WaitUp {
+        node: String,
+        reply: Reply<()>,
+    },
+    Subscribe {
+        topic: Topic,
+        reply: Reply<Receiver<Vec<u8>>>,
+    },
+    Unsubscribe {
+        topic: Topic,
     },
     Connect {
         addr: String,
-    },
-    Handle {
-        tag: String,
     },
     DbSet {
         family: String,
@@ -273,10 +282,6 @@ enum Cmd {
         kind: DbQuery,
         family: String,
         reply: Reply<Value>,
-    },
-    DbMon {
-        family: String,
-        on: bool,
     },
     IsUp {
         node: String,
@@ -342,7 +347,8 @@ impl Node {
         }
     }
 
-    /// Events: node up/down, monitors firing, registered requests, database changes.
+    /// Events as they happen from now on: nodes up and down, monitored ports dying. For
+    /// observing (logs, metrics): a slow subscriber misses events (see [`Event`]).
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
@@ -424,21 +430,28 @@ impl Node {
         .await
     }
 
-    /// Monitors a port: its death comes as [`Event::PortDown`].
-    pub async fn monitor(&self, port_id: &str) -> Result<(), NodeError> {
+    /// Monitors a port (local or remote). The [`Monitor`] resolves with the kill reason
+    /// when the port dies, whenever it is awaited; the death also comes as
+    /// [`Event::PortDown`] to [`Node::events`] subscribers.
+    ///
+    /// ```no_run
+    /// # async fn example(node: aemp_host::Node) -> Result<(), aemp_host::NodeError> {
+    /// let down = node.monitor("other#worker").await?;
+    /// let reason = down.await?; // empty for a normal exit
+    /// # Ok(()) }
+    /// ```
+    pub async fn monitor(&self, port_id: &str) -> Result<Monitor, NodeError> {
         self.call(|reply| Cmd::Monitor {
             port: port_id.to_owned(),
-            on: true,
             reply,
         })
         .await
     }
 
-    /// Drops a monitor.
+    /// Stops monitoring a port; its [`Monitor`]s resolve as [`NodeError::Cancelled`].
     pub async fn unmonitor(&self, port_id: &str) -> Result<(), NodeError> {
-        self.call(|reply| Cmd::Monitor {
+        self.call(|reply| Cmd::Unmonitor {
             port: port_id.to_owned(),
-            on: false,
             reply,
         })
         .await
@@ -460,21 +473,16 @@ impl Node {
         .await
     }
 
-    /// Waits until `node` is up, at most `timeout`.
+    /// Waits until `node` is up, at most `timeout` ([`NodeError::Timeout`]). The node
+    /// answers as soon as it is up, however busy the node is with other events.
     pub async fn wait_up(&self, node: &str, timeout: Duration) -> Result<(), NodeError> {
-        let mut events = self.events();
-        if self.is_up(node).await? {
-            return Ok(());
-        }
-        tokio::time::timeout(timeout, async {
-            loop {
-                match events.recv().await {
-                    Ok(Event::NodeUp(n)) if n == node => return Ok(()),
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return Err(self.gone()),
-                }
-            }
-        })
+        tokio::time::timeout(
+            timeout,
+            self.call(|reply| Cmd::WaitUp {
+                node: node.to_owned(),
+                reply,
+            }),
+        )
         .await
         .map_err(|_| NodeError::Timeout)?
     }
@@ -504,11 +512,14 @@ impl Node {
         self.unwritten.load(Ordering::Relaxed)
     }
 
-    /// Node-port requests tagged `tag` come to this application as [`Event::Request`].
-    pub fn handle_requests(&self, tag: &str) -> Result<(), NodeError> {
-        self.tell(Cmd::Handle {
-            tag: tag.to_owned(),
-        })
+    /// Node-port requests tagged `tag` (a peer sending `[tag, args...]` to our node port)
+    /// come to the returned [`Requests`], in order and none lost: when it is full the node
+    /// reads no more from its connections, as for a full [`Port`]. A second call for the
+    /// same tag takes the requests over from the first.
+    pub async fn handle_requests(&self, tag: &str) -> Result<Requests, NodeError> {
+        let topic = Topic::Requests(tag.to_owned());
+        let rx = self.call(|reply| Cmd::Subscribe { topic, reply }).await?;
+        Ok(Requests::new(tag.to_owned(), rx, self.tx.clone()))
     }
 
     /// Sets our entry `key` of database `family`.
@@ -559,12 +570,13 @@ impl Node {
         .await
     }
 
-    /// Monitors `family`: changes come as [`Event::DbChange`].
-    pub fn db_mon(&self, family: &str, on: bool) -> Result<(), NodeError> {
-        self.tell(Cmd::DbMon {
-            family: family.to_owned(),
-            on,
-        })
+    /// Monitors database `family`: its changes come to the returned [`DbMonitor`], in
+    /// order and none lost (a full one holds the node's reading, as a full [`Port`]
+    /// does). Dropping it stops the monitoring.
+    pub async fn db_monitor(&self, family: &str) -> Result<DbMonitor, NodeError> {
+        let topic = Topic::Db(family.to_owned());
+        let rx = self.call(|reply| Cmd::Subscribe { topic, reply }).await?;
+        Ok(DbMonitor::new(family.to_owned(), rx, self.tx.clone()))
     }
 }
 
