@@ -128,3 +128,40 @@ async fn rust_values_travel_as_serialized_arguments() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delivers_what_was_sent_even_to_a_node_not_up_yet() {
+    let a = builder("shut-a", "s").start().await.unwrap();
+    let mut inbox = a.named_port("inbox").await.unwrap();
+    let b = builder("shut-b", "s").start().await.unwrap();
+    let watcher = b.clone();
+    // A slow link: the proxy lets b's connection through only after 300 ms, so the
+    // messages wait in b's queue for a when the shutdown begins.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let via = proxy.local_addr().unwrap().to_string();
+    let target = addr(&a);
+    tokio::spawn(async move {
+        let (mut from_b, _) = proxy.accept().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut to_a = tokio::net::TcpStream::connect(target).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut from_b, &mut to_a).await;
+    });
+    b.connect(&via).unwrap();
+    b.send_batch(
+        (0..100)
+            .map(|i| ("shut-a#inbox".to_owned(), vec![Value::Int(i)]))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    b.shutdown(WAIT).await.unwrap();
+    for i in 0..100 {
+        assert_eq!(recv(&mut inbox).await, [Value::Int(i)]);
+    }
+    let stopped = tokio::time::timeout(WAIT, watcher.closed()).await.unwrap();
+    assert!(
+        matches!(&stopped, aemp_host::NodeError::Stopped(why) if why == "shut down"),
+        "{stopped:?}"
+    );
+    assert!(watcher.send("shut-a#inbox", vec![]).await.is_err());
+}

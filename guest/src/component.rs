@@ -160,6 +160,10 @@ impl wnode::GuestNode for NodeResource {
         self.0.borrow().buffered_bytes() as u64
     }
 
+    fn queued_bytes(&self) -> u64 {
+        self.0.borrow().queued_bytes() as u64
+    }
+
     fn handle_accept(&self, peer_addr: String, now_ms: u64) -> u64 {
         self.0
             .borrow_mut()

@@ -342,9 +342,13 @@ fn queue_limit_for_a_node_that_is_not_connected() {
     assert_eq!(sent, 2);
     assert_eq!(err, NodeError::QueueFull("x".into()));
     assert_eq!(err.to_string(), "queue for node x is full");
+    // Both messages wait, within the queue's limit.
+    let queued = net.nodes[a].queued_bytes();
+    assert!((2 * chunk.len()..=100).contains(&queued), "{queued}");
     // After the connect timeout the queue is dropped, and monitors learn why.
     net.nodes[a].monitor("x#p", now).unwrap();
     net.advance(31_000);
+    assert_eq!(net.nodes[a].queued_bytes(), 0);
     let downs = net.port_downs(a);
     assert_eq!(
         downs,

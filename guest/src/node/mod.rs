@@ -406,6 +406,13 @@ impl Node {
         self.pump(conn);
     }
 
+    /// Bytes of messages waiting for nodes that are not connected yet: sent by the
+    /// application, not yet handed to a connection. A queue goes when its node comes up
+    /// (the messages are sent) or is given up (they are dropped).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_held
+    }
+
     /// Bytes the node holds on behalf of peers, the figure `max_buffered_bytes` limits:
     /// what every connection holds ([`Connection::buffered_bytes`]), the queues for
     /// nodes not connected yet, and outputs not polled yet (a host drains them after

@@ -312,6 +312,7 @@ impl NodeBuilder {
             events: events.clone(),
             up: HashSet::new(),
             waiters: Default::default(),
+            shutdown: None,
             monitor_timeout: self.monitor_timeout,
             max_write_queue: self.max_write_queue,
             port_capacity: self.port_capacity,

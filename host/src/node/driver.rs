@@ -34,6 +34,8 @@ pub(super) struct Driver {
     pub(super) up: HashSet<String>,
     /// Who waits for a port to die or a node to come up.
     pub(super) waiters: Waiters,
+    /// Set by [`Node::shutdown`](super::Node::shutdown): the driver ends after this round.
+    pub(super) shutdown: Option<Reply<()>>,
     pub(super) monitor_timeout: Duration,
     pub(super) max_write_queue: usize,
     pub(super) port_capacity: usize,
@@ -82,6 +84,9 @@ enum Wake {
     Io,
 }
 
+/// Why a node that was shut down stopped.
+pub(super) const SHUT_DOWN: &str = "shut down";
+
 /// How often held messages are offered again to their ports.
 const HELD_RETRY: Duration = Duration::from_millis(10);
 
@@ -104,7 +109,16 @@ impl Driver {
             tracing::debug!("node stopped: {e:?}");
             let _ = self.status.send(Some(reason));
         }
-        // Dropping the driver closes the node's listeners and connections.
+        let shutdown = self.shutdown.take();
+        if shutdown.is_some() {
+            let _ = self.status.send(Some(SHUT_DOWN.into()));
+        }
+        // Dropping the driver closes the node's listeners and connections; a shutdown is
+        // answered once they are closed.
+        drop(self);
+        if let Some(reply) = shutdown {
+            let _ = reply.send(Ok(()));
+        }
     }
 
     async fn serve(
@@ -184,6 +198,9 @@ impl Driver {
                 Wake::Io => {}
             }
             self.round()?;
+            if self.shutdown.is_some() {
+                return Ok(());
+            }
             // A busy node is always ready: let the other tasks of this thread run.
             tokio::task::coop::consume_budget().await;
         }
@@ -522,8 +539,11 @@ impl Driver {
                 let _ = reply.send(Ok(self.instance.memory_bytes()));
             }
             Cmd::Pending { reply } => {
-                let _ = reply.send(Ok(self.io.pending()));
+                let queued =
+                    self.node_api(|s, n, b| b.aemp_engine_node().node().call_queued_bytes(s, n))?;
+                let _ = reply.send(Ok(self.io.pending() + queued as usize));
             }
+            Cmd::Shutdown { reply } => self.shutdown = Some(reply),
         }
         Ok(())
     }

@@ -293,6 +293,9 @@ enum Cmd {
     Pending {
         reply: Reply<usize>,
     },
+    Shutdown {
+        reply: Reply<()>,
+    },
 }
 
 impl Cmd {
@@ -492,8 +495,11 @@ impl Node {
         self.call(|reply| Cmd::Memory { reply }).await
     }
 
-    /// Waits until everything sent so far has been written to the sockets (for programs
-    /// that exit right after sending), at most `timeout`.
+    /// Waits until everything sent so far has left the node: written to the sockets,
+    /// including messages still waiting for a node to come up, at most `timeout`
+    /// ([`NodeError::Timeout`]). A message for a node that never comes up waits until
+    /// the node gives it up (after the monitor timeout, 30 s by default), and is then
+    /// dropped (monitors of its ports fire). Cancel-safe.
     pub async fn flush(&self, timeout: Duration) -> Result<(), NodeError> {
         tokio::time::timeout(timeout, async {
             while self.call(|reply| Cmd::Pending { reply }).await? > 0 {
@@ -503,6 +509,21 @@ impl Node {
         })
         .await
         .map_err(|_| NodeError::Timeout)?
+    }
+
+    /// Stops the node cleanly: [`Node::flush`] (at most `timeout`), then closes its
+    /// listeners and connections and waits until they are closed. Other handles then see
+    /// the node stopped ([`Node::closed`] says `shut down`), ports end. Returns
+    /// [`NodeError::Timeout`] when not everything could be written in time (the node is
+    /// shut down all the same).
+    pub async fn shutdown(self, timeout: Duration) -> Result<(), NodeError> {
+        let flushed = self.flush(timeout).await;
+        match self.call(|reply| Cmd::Shutdown { reply }).await {
+            Ok(()) => flushed,
+            // Stopped on its own meanwhile: nothing left to shut down.
+            Err(NodeError::Stopped(_)) if flushed.is_ok() => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Bytes waiting to be written to the node's sockets, over all connections, as of
