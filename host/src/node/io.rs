@@ -230,7 +230,10 @@ impl Conn {
         };
         let mut open = true;
         while !bytes.is_empty() {
-            tls.read_tls(&mut bytes).map_err(|e| e.to_string())?;
+            if tls.read_tls(&mut bytes).map_err(|e| e.to_string())? == 0 {
+                // rustls takes nothing more (it would have said why): no endless loop.
+                return Err("TLS takes no more input".into());
+            }
             let state = match tls.process_new_packets() {
                 Ok(state) => state,
                 Err(e) => {
