@@ -51,7 +51,7 @@ async fn a_slow_port_slows_the_sending_application() {
         .unwrap();
     let sender = builder("bp-send", "s").start().await.unwrap();
     let mut inbox = receiver.named_port("inbox").await.unwrap();
-    sender.connect(&addr(&receiver)).unwrap();
+    sender.connect(&addr(&receiver)).await.unwrap();
     sender.wait_up("bp-recv", WAIT).await.unwrap();
 
     let sent = Arc::new(AtomicU64::new(0));

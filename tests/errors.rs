@@ -80,3 +80,29 @@ async fn a_failed_bind_keeps_the_operating_systems_error() {
     assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
     assert!(std::error::Error::source(&err).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_limits_reach_the_engine() {
+    let err = builder("err-depth", "s")
+        .max_depth(100_000)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::Config(_)), "{err:?}");
+    // A node that is never reached: its queue holds 100 bytes.
+    let a = builder("err-queue", "s")
+        .max_queue_bytes(100)
+        .start()
+        .await
+        .unwrap();
+    let chunk = vec![Value::Bytes(vec![0; 40])];
+    a.send("nowhere#p", chunk.clone()).await.unwrap();
+    a.send("nowhere#p", chunk.clone()).await.unwrap();
+    assert!(matches!(
+        a.send("nowhere#p", chunk).await.unwrap_err(),
+        NodeError::Refused {
+            kind: Refusal::QueueFull,
+            ..
+        }
+    ));
+}

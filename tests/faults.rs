@@ -15,7 +15,7 @@ async fn still_serves(node: &Node, secret: &str) {
         .await
         .unwrap();
     let mut port = node.port().await.unwrap();
-    other.connect(&addr(node)).unwrap();
+    other.connect(&addr(node)).await.unwrap();
     other.wait_up(node.id(), WAIT).await.unwrap();
     other.send(port.id(), vec![t("still here")]).await.unwrap();
     assert_eq!(recv(&mut port).await, [t("still here")]);
@@ -25,7 +25,7 @@ async fn still_serves(node: &Node, secret: &str) {
 async fn wrong_secret_is_refused_with_the_reference_text() {
     let a = builder("secret-a", "right").start().await.unwrap();
     let b = builder("secret-b", "wrong").start().await.unwrap();
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     assert!(logged_by("secret-a", "authentication failure/shared secret mismatch").await);
     assert!(!a.is_up(b.id()).await.unwrap());
     still_serves(&a, "right").await;
@@ -221,7 +221,7 @@ async fn a_node_over_its_memory_limit_stops_alone() {
         .await
         .unwrap();
     let big = builder("big", "s").start().await.unwrap();
-    tiny.connect(&addr(&big)).unwrap();
+    tiny.connect(&addr(&big)).await.unwrap();
     tiny.wait_up("big", WAIT).await.unwrap();
     let _port = tiny.named_port("inbox").await.unwrap();
     let mut events = big.events();

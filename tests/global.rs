@@ -81,7 +81,7 @@ async fn a_seed_and_three_nodes_find_each_other_and_share_the_database() {
     // Set on b, seen by c's monitor and by a's queries.
     let mut changes = c.db_monitor("fam").await.unwrap();
     assert_eq!(next_change(&mut changes).await, (map(&[]), vec![]));
-    b.db_set("fam", "kb", Value::Int(1)).unwrap();
+    b.db_set("fam", "kb", Value::Int(1)).await.unwrap();
     assert_eq!(
         next_change(&mut changes).await,
         (map(&[("kb", Value::Int(1))]), vec![])
@@ -92,14 +92,14 @@ async fn a_seed_and_three_nodes_find_each_other_and_share_the_database() {
         a.db_values("fam").await.unwrap(),
         Value::Array(vec![Value::Int(1)])
     );
-    b.db_del("fam", &["kb"]).unwrap();
+    b.db_del("fam", &["kb"]).await.unwrap();
     assert_eq!(
         next_change(&mut changes).await,
         (map(&[]), vec!["kb".to_string()])
     );
 
     // b's entries vanish when it leaves.
-    b.db_set("fam", "leaving", t("soon")).unwrap();
+    b.db_set("fam", "leaving", t("soon")).await.unwrap();
     assert_eq!(
         next_change(&mut changes).await,
         (map(&[("leaving", t("soon"))]), vec![])

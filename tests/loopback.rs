@@ -19,7 +19,7 @@ async fn two_nodes_exchange_messages_in_json_and_cbor() {
             .unwrap();
         let mut pa = a.port().await.unwrap();
         let mut pb = b.named_port("inbox").await.unwrap();
-        b.connect(&addr(&a)).unwrap();
+        b.connect(&addr(&a)).await.unwrap();
         b.wait_up(a.id(), WAIT).await.unwrap();
         let bytes = Value::Bytes(vec![0, 255]);
         b.send(pa.id(), vec![t(pb.id()), Value::Int(1), bytes.clone()])
@@ -43,9 +43,9 @@ async fn three_nodes_all_talk() {
     let a = builder("three-a", "s").start().await.unwrap();
     let b = builder("three-b", "s").start().await.unwrap();
     let c = builder("three-c", "s").start().await.unwrap();
-    b.connect(&addr(&a)).unwrap();
-    c.connect(&addr(&a)).unwrap();
-    c.connect(&addr(&b)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
+    c.connect(&addr(&a)).await.unwrap();
+    c.connect(&addr(&b)).await.unwrap();
     for (x, y) in [(&b, &a), (&c, &a), (&c, &b)] {
         x.wait_up(y.id(), WAIT).await.unwrap();
     }
@@ -106,7 +106,7 @@ async fn rust_values_travel_as_serialized_arguments() {
     }
     let a = builder("ser-a", "s").start().await.unwrap();
     let b = builder("ser-b", "s").start().await.unwrap();
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     b.wait_up(a.id(), WAIT).await.unwrap();
     let mut inbox = a.port().await.unwrap();
     let job = Job {
@@ -146,7 +146,7 @@ async fn shutdown_delivers_what_was_sent_even_to_a_node_not_up_yet() {
         let mut to_a = tokio::net::TcpStream::connect(target).await.unwrap();
         let _ = tokio::io::copy_bidirectional(&mut from_b, &mut to_a).await;
     });
-    b.connect(&via).unwrap();
+    b.connect(&via).await.unwrap();
     b.send_batch(
         (0..100)
             .map(|i| ("shut-a#inbox".to_owned(), vec![Value::Int(i)]))

@@ -38,7 +38,7 @@ async fn every_monitor_resolves_with_its_reason() {
 async fn unmonitor_cancels_and_a_remote_exit_resolves() {
     let a = builder("subs-a", "s").start().await.unwrap();
     let b = builder("subs-b", "s").start().await.unwrap();
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     b.wait_up(a.id(), WAIT).await.unwrap();
     let mut port = a.named_port("p").await.unwrap();
     let cancelled = b.monitor(port.id()).await.unwrap();
@@ -61,7 +61,7 @@ async fn requests_arrive_in_order_none_lost() {
         .await
         .unwrap();
     let b = builder("subs-peer", "s").start().await.unwrap();
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     b.wait_up(a.id(), WAIT).await.unwrap();
     let mut requests = a.handle_requests("job").await.unwrap();
     assert_eq!(requests.tag(), "job");
@@ -92,7 +92,7 @@ async fn wait_up_answers_however_many_events_went_by() {
         let port = b.named_port(&format!("x{i}")).await.unwrap();
         drop(b.monitor(port.id()).await.unwrap());
     }
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     b.wait_up(a.id(), WAIT).await.unwrap();
     // Already up: at once.
     b.wait_up(a.id(), Duration::from_millis(1)).await.unwrap();

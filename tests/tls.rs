@@ -29,7 +29,7 @@ async fn nodes_with_one_network_certificate_talk_over_tls() {
         .await
         .unwrap();
     let mut port = a.port().await.unwrap();
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     b.wait_up("tls-a", WAIT).await.unwrap();
     b.send(
         port.id(),
@@ -60,7 +60,7 @@ async fn nodes_with_one_network_certificate_talk_over_tls() {
         .start()
         .await
         .unwrap();
-    d.connect(&addr(&c)).unwrap();
+    d.connect(&addr(&c)).await.unwrap();
     d.wait_up("tls-c", WAIT).await.unwrap();
 }
 
@@ -76,7 +76,7 @@ async fn another_ca_is_refused() {
         .start()
         .await
         .unwrap();
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     // The side that checks the foreign certificate first (it depends on the TLS roles,
     // which the nonces decide) fails the handshake; the other may only see the
     // connection close.
@@ -217,7 +217,7 @@ async fn talk_over_tls(a_id: &str, pem_a: &str, b_id: &str, pem_b: &str) {
     let a = builder(a_id, "s").tls(tls(pem_a)).start().await.unwrap();
     let b = builder(b_id, "s").tls(tls(pem_b)).start().await.unwrap();
     let mut port = a.port().await.unwrap();
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     b.wait_up(a_id, WAIT).await.unwrap();
     b.send(port.id(), vec![t("over tls")]).await.unwrap();
     assert_eq!(recv(&mut port).await, [t("over tls")]);
@@ -233,7 +233,7 @@ async fn talk_over_tls(a_id: &str, pem_a: &str, b_id: &str, pem_b: &str) {
 async fn refused(a_id: &str, pem_a: &str, b_id: &str, pem_b: &str, reason: &str) {
     let a = builder(a_id, "s").tls(tls(pem_a)).start().await.unwrap();
     let b = builder(b_id, "s").tls(tls(pem_b)).start().await.unwrap();
-    b.connect(&addr(&a)).unwrap();
+    b.connect(&addr(&a)).await.unwrap();
     let failure = format!("TLS handshake failed: invalid peer certificate: {reason}");
     let (a_failed, b_failed) = tokio::join!(logged_by(a_id, &failure), logged_by(b_id, &failure));
     assert!(a_failed || b_failed, "neither node logged {failure:?}");

@@ -214,7 +214,7 @@ async fn nodes(
     let mut nodes = Vec::new();
     for i in 0..senders {
         let sender = start(format!("send{i}-{tag}")).await.expect("node");
-        sender.connect(&addr).expect("connect");
+        sender.connect(&addr).await.expect("connect");
         sender
             .wait_up(receiver.id(), Duration::from_secs(10))
             .await
@@ -333,7 +333,7 @@ async fn e2e_handshake(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> f64 {
             .await
             .expect("node");
         let t = Instant::now();
-        client.connect(&addr).expect("connect");
+        client.connect(&addr).await.expect("connect");
         client
             .wait_up("hs-server", Duration::from_secs(10))
             .await

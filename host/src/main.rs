@@ -279,7 +279,7 @@ impl Session {
     async fn start(&self, builder: NodeBuilder) -> Result<Node> {
         let node = builder.start().await.map_err(|e| e.to_string())?;
         for addr in &self.opts.connect {
-            node.connect(addr).map_err(|e| e.to_string())?;
+            node.connect(addr).await.map_err(|e| e.to_string())?;
         }
         Ok(node)
     }

@@ -623,7 +623,7 @@ async fn run_exits_when_its_node_stops() {
         .start()
         .await
         .unwrap();
-    big.connect(&addr).unwrap();
+    big.connect(&addr).await.unwrap();
     big.wait_up("tiny", std::time::Duration::from_secs(10))
         .await
         .unwrap();

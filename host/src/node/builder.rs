@@ -31,6 +31,9 @@ pub struct NodeBuilder {
     auth_offer: Option<Vec<AuthMethod>>,
     auth_accept: Option<Vec<AuthMethod>>,
     max_message_size: Option<usize>,
+    max_depth: Option<usize>,
+    keepalive_interval: Option<Duration>,
+    max_queue_bytes: Option<usize>,
     monitor_timeout: Duration,
     connect_interval: Duration,
     max_write_queue: usize,
@@ -55,6 +58,9 @@ impl Default for NodeBuilder {
             auth_offer: None,
             auth_accept: None,
             max_message_size: None,
+            max_depth: None,
+            keepalive_interval: None,
+            max_queue_bytes: None,
             monitor_timeout: Duration::from_secs(30),
             connect_interval: Duration::from_secs(2),
             max_write_queue: 64 << 20,
@@ -157,6 +163,33 @@ impl NodeBuilder {
     /// Largest message in either direction (default 16 MiB).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = Some(bytes);
+        self
+    }
+
+    /// Deepest nesting of arrays, maps and tags in a message (default 512, the most the
+    /// engine supports; a larger value is a configuration error at start).
+    pub fn max_depth(mut self, levels: usize) -> Self {
+        self.max_depth = Some(levels);
+        self
+    }
+
+    /// Sends a keepalive after this long without sending anything (default: none, as
+    /// the reference, which relies on TCP keepalive).
+    pub fn keepalive_interval(mut self, interval: Duration) -> Self {
+        self.keepalive_interval = Some(interval);
+        self
+    }
+
+    /// Bytes of messages queued for one node that is not connected yet (default 16 MiB);
+    /// past it `send` is refused with [`crate::Refusal::QueueFull`].
+    pub fn max_queue_bytes(mut self, bytes: usize) -> Self {
+        self.max_queue_bytes = Some(bytes);
+        self
+    }
+
+    /// Spacing of connection attempts to one node's addresses (default 2 s).
+    pub fn connect_interval(mut self, interval: Duration) -> Self {
+        self.connect_interval = interval;
         self
     }
 
@@ -271,6 +304,15 @@ impl NodeBuilder {
         }
         if let Some(size) = self.max_message_size {
             config.transport.limits.max_message_size = u32::try_from(size).unwrap_or(u32::MAX);
+        }
+        if let Some(depth) = self.max_depth {
+            config.transport.limits.max_depth = u32::try_from(depth).unwrap_or(u32::MAX);
+        }
+        if let Some(interval) = self.keepalive_interval {
+            config.transport.keepalive_interval_ms = Some(interval.as_millis() as u64);
+        }
+        if let Some(bytes) = self.max_queue_bytes {
+            config.max_queue_bytes = bytes as u64;
         }
         config.transport.monitor_timeout_ms = self.monitor_timeout.as_millis() as u64;
         config.connect_interval_ms = self.connect_interval.as_millis() as u64;

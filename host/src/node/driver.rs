@@ -530,6 +530,8 @@ impl Driver {
                         DbQuery::Values => api.call_db_values(s, n, &family, now),
                     }
                 })?;
+                // Queries whose caller gave up waiting are forgotten here.
+                self.db_waiters.retain(|_, w| !w.is_closed());
                 self.db_waiters.insert(id, reply);
             }
             Cmd::IsUp { node, reply } => {

@@ -1,14 +1,29 @@
 //! A node running in the sandbox: the Rust API.
 //!
-//! ```no_run
-//! # async fn example() -> Result<(), aemp_host::NodeError> {
-//! use aemp_host::{Node, Value};
-//! let node = Node::builder().node_id("me/").secret("s3cret").bind("127.0.0.1:4040").start().await?;
-//! let mut port = node.port().await?;
-//! node.send("other#inbox", vec![Value::text(port.id()), Value::Int(1)]).await?;
-//! let reply = port.recv().await;
-//! # Ok(()) }
 //! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::time::Duration;
+//! use aemp_host::{Node, Value};
+//!
+//! let a = Node::builder().node_id("a").secret("s3cret").bind("127.0.0.1:0").start().await?;
+//! let b = Node::builder().node_id("b").secret("s3cret").start().await?;
+//! b.connect(&a.listen_addrs()[0].to_string()).await?;
+//! b.wait_up("a", Duration::from_secs(10)).await?;
+//!
+//! let mut inbox = a.named_port("inbox").await?;
+//! b.send("a#inbox", vec![Value::text("hello"), Value::Int(1)]).await?;
+//! assert_eq!(inbox.recv().await, Some(vec![Value::text("hello"), Value::Int(1)]));
+//! b.shutdown(Duration::from_secs(1)).await?;
+//! # Ok::<(), aemp_host::NodeError>(())
+//! # }).unwrap();
+//! ```
+//!
+//! Every call that talks to the node is `async`: it waits for room in the node's command
+//! queue, then for the node's answer. Cancelling a call (dropping its future) after it
+//! was queued does not undo it: the node still carries it out. Calls that wait for
+//! something outside the node have a timeout argument ([`Node::wait_up`],
+//! [`Node::flush`], [`Node::shutdown`]) or are cancel-safe and say so ([`Port::recv`],
+//! [`Monitor`], the database queries, which wait for the master's answer).
 //!
 //! One tokio task per node (the driver, `driver`) owns the engine instance and every
 //! socket of the node (`io`): listeners, connections, TLS sessions. Every call into the
@@ -17,8 +32,8 @@
 //! (up to 64 KiB each), hand it all to the engine in one call, act on every output, then
 //! write each connection's output at once.
 //!
-//! Every queue is bounded. Commands from the application wait for room ([`Node::send`])
-//! or are refused with [`NodeError::Busy`] (the calls that do not wait). The driver takes
+//! Every queue is bounded. Every call that talks to the node is `async` and waits for room
+//! in the node's command queue (1024 commands). The driver takes
 //! no commands while some connection has more than [`HIGH_WATER`] bytes waiting to be
 //! written, so [`Node::send`] waits while a peer is behind (the command queue fills up)
 //! instead of queueing without end; a connection whose bytes exceed
@@ -109,9 +124,6 @@ pub enum NodeError {
     /// What was waited for was called off ([`Node::unmonitor`] for a [`Monitor`]).
     #[error("cancelled")]
     Cancelled,
-    /// The node's command queue is full: a call that does not wait was refused; try again.
-    #[error("node is busy: command queue full")]
-    Busy,
 }
 
 /// What the engine refused a call for (the kinds of [`NodeError::Refused`]).
@@ -187,6 +199,7 @@ impl Port {
     }
 
     /// The next message's arguments; `None` once the port or the node is gone.
+    /// Cancel-safe: a message is never lost to a cancelled `recv`.
     pub async fn recv(&mut self) -> Option<Vec<Value>> {
         self.rx.recv().await.map(|raw| decode_args(&raw))
     }
@@ -366,11 +379,9 @@ impl Node {
         NodeError::Stopped(self.stopped().unwrap_or_else(|| "node is gone".into()))
     }
 
-    fn tell(&self, cmd: Cmd) -> Result<(), NodeError> {
-        self.tx.try_send(cmd).map_err(|e| match e {
-            TrySendError::Full(_) => NodeError::Busy,
-            TrySendError::Closed(_) => self.gone(),
-        })
+    /// Queues a command that needs no answer, waiting for room like every call.
+    async fn tell(&self, cmd: Cmd) -> Result<(), NodeError> {
+        self.tx.send(cmd).await.map_err(|_| self.gone())
     }
 
     /// A new local port with a fresh unique name.
@@ -461,10 +472,11 @@ impl Node {
     }
 
     /// Connects to the node listening at `addr` (no seed needed).
-    pub fn connect(&self, addr: &str) -> Result<(), NodeError> {
+    pub async fn connect(&self, addr: &str) -> Result<(), NodeError> {
         self.tell(Cmd::Connect {
             addr: addr.to_owned(),
         })
+        .await
     }
 
     /// Whether `node` has a working connection.
@@ -544,24 +556,27 @@ impl Node {
     }
 
     /// Sets our entry `key` of database `family`.
-    pub fn db_set(&self, family: &str, key: &str, value: Value) -> Result<(), NodeError> {
+    pub async fn db_set(&self, family: &str, key: &str, value: Value) -> Result<(), NodeError> {
         self.tell(Cmd::DbSet {
             family: family.to_owned(),
             key: key.to_owned(),
             value,
         })
+        .await
     }
 
     /// Deletes our entries `keys` of `family`.
-    pub fn db_del(&self, family: &str, keys: &[&str]) -> Result<(), NodeError> {
+    pub async fn db_del(&self, family: &str, keys: &[&str]) -> Result<(), NodeError> {
         let keys = keys.iter().map(|k| k.to_string()).collect();
         self.tell(Cmd::DbDel {
             family: family.to_owned(),
             keys,
         })
+        .await
     }
 
-    /// The whole `family` (a map), from the master.
+    /// The whole `family` (a map), from the master. Waits for the master's answer with no
+    /// timeout of its own: cancel-safe, so wrap it in `tokio::time::timeout`.
     pub async fn db_family(&self, family: &str) -> Result<Value, NodeError> {
         self.call(|reply| Cmd::DbQuery {
             kind: DbQuery::Family,
@@ -571,7 +586,7 @@ impl Node {
         .await
     }
 
-    /// The keys of `family`, from the master.
+    /// The keys of `family`, from the master (waits as [`Node::db_family`] does).
     pub async fn db_keys(&self, family: &str) -> Result<Value, NodeError> {
         self.call(|reply| Cmd::DbQuery {
             kind: DbQuery::Keys,
@@ -581,7 +596,7 @@ impl Node {
         .await
     }
 
-    /// The values of `family`, from the master.
+    /// The values of `family`, from the master (waits as [`Node::db_family`] does).
     pub async fn db_values(&self, family: &str) -> Result<Value, NodeError> {
         self.call(|reply| Cmd::DbQuery {
             kind: DbQuery::Values,
