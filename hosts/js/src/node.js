@@ -311,6 +311,8 @@ export class Node extends EventEmitter {
   #blocking = new Set(); // full ports holding reading back
   #writeBlocked = 0; // connections whose socket said "wait for drain"
   #state = 'running';
+  /** Set by `close()` while messages still wait for nodes coming up. */
+  #draining = false;
   #flushing = false;
   #closing = null;
 
@@ -384,7 +386,7 @@ export class Node extends EventEmitter {
 
   /** `running`, `closing`, `closed`, or `stopped` (the engine failed). */
   get state() {
-    return this.#state;
+    return this.#draining && this.#state === 'running' ? 'closing' : this.#state;
   }
 
   async #listen(binds) {
@@ -875,9 +877,10 @@ export class Node extends EventEmitter {
   /**
    * Closes the node: stops listening and connecting, writes what is queued for each
    * connection and ends it (waiting at most `timeoutMs`, then dropping what is left),
-   * closes every port, rejects pending database queries and frees the engine. Messages
-   * the engine still queues for nodes that never came up are dropped. Resolves when done;
-   * calling it again returns the same promise.
+   * closes every port, rejects pending database queries and frees the engine. Before
+   * that, messages the engine still queues for nodes coming up are given the same time
+   * to go out (the node keeps running meanwhile); what is left at `timeoutMs` is
+   * dropped. Resolves when done; calling it again returns the same promise.
    */
   close({ timeoutMs = this.#limits.closeTimeoutMs } = {}) {
     this.#closing ??= this.#shutdown(timeoutMs);
@@ -890,6 +893,12 @@ export class Node extends EventEmitter {
   }
 
   async #shutdown(timeoutMs) {
+    if (this.#state !== 'running') return;
+    const deadline = Date.now() + timeoutMs;
+    this.#draining = true;
+    while (this.#state === 'running' && this.#queuedBytes() > 0 && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
     if (this.#state !== 'running') return;
     this.#state = 'closing';
     clearTimeout(this.#timer);
@@ -906,13 +915,23 @@ export class Node extends EventEmitter {
         socket.end();
       }))),
       new Promise((resolve) => {
-        timer = setTimeout(resolve, timeoutMs);
+        timer = setTimeout(resolve, Math.max(0, deadline - Date.now()));
       }),
     ]);
     clearTimeout(timer);
     for (const socket of sockets) socket.destroy();
     this.#teardown('closed');
     this.#emitSafe('close');
+  }
+
+  /** Bytes of messages the engine holds for nodes not connected yet (0 once it failed). */
+  #queuedBytes() {
+    try {
+      return Number(this.#engine.queuedBytes());
+    } catch (e) {
+      this.#stop(e);
+      return 0;
+    }
   }
 
   /** The engine failed: everything of this node goes at once. */

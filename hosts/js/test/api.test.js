@@ -204,6 +204,31 @@ test('close() writes what is queued, then frees everything', async (t) => {
   assert.equal(a.isUp(b.id), false);
 });
 
+test('close() lets messages for a node still coming up go out first', { timeout: 20000 }, async (t) => {
+  const a = await Node.start({ nodeId: 'drain-a', secret: 's', binds: ['127.0.0.1:0'] });
+  const b = await Node.start({ nodeId: 'drain-b', secret: 's' });
+  t.after(() => Promise.all([a.close(), b.close()]));
+  const inbox = a.port('inbox');
+  // A slow link: b's connection gets through only after 300 ms.
+  const [host, port] = a.listenAddrs[0].split(':');
+  const proxy = net.createServer((from) => {
+    setTimeout(() => {
+      const to = net.connect(Number(port), host);
+      from.pipe(to).pipe(from);
+      from.on('error', () => to.destroy());
+      to.on('error', () => from.destroy());
+    }, 300);
+  });
+  await new Promise((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  t.after(() => proxy.close());
+  b.connect(`127.0.0.1:${proxy.address().port}`);
+  for (let i = 0; i < 10; i += 1) b.send('drain-a#inbox', i);
+  const closed = b.close({ timeoutMs: 5000 });
+  assert.equal(b.state, 'closing');
+  await closed;
+  for (let i = 0; i < 10; i += 1) assert.deepEqual(await inbox.recv(), [i]);
+});
+
 test('a listener that throws does not disturb the node', () => {
   // In a process of its own: the rethrown error is uncaught by design.
   const script = `
