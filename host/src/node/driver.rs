@@ -142,14 +142,20 @@ impl Driver {
                 }
             };
             // Room in the inbox of the port the first held message is for, or a moment
-            // passed (for the other ports, and to notice stalls).
-            let waiting = self.held.front().map(|h| self.ports.get(&h.port).cloned());
+            // passed (for the other ports, and to notice stalls). Room for half an inbox
+            // (or all that is held for it) at once: waking per message taken would cost
+            // a task switch per message.
+            let waiting = self.held.front().map(|h| {
+                let held = self.held_ports.get(&h.port).map_or(1, |p| p.count);
+                let want = held.min(self.port_capacity.div_ceil(2)).max(1);
+                (self.ports.get(&h.port).cloned(), want)
+            });
             let room = async move {
                 match waiting {
-                    Some(Some(port)) => {
-                        let _ = tokio::time::timeout(HELD_RETRY, port.reserve_owned()).await;
+                    Some((Some(port), want)) => {
+                        let _ = tokio::time::timeout(HELD_RETRY, port.reserve_many(want)).await;
                     }
-                    Some(None) => {}
+                    Some((None, _)) => {}
                     None => std::future::pending().await,
                 }
             };
@@ -300,10 +306,13 @@ impl Driver {
         let Some(inbox) = self.ports.get(&port) else {
             return;
         };
-        if !self.held_ports.contains_key(&port) {
+        // (The emptiness checks spare a hash of the port id per message.)
+        if self.held_ports.is_empty() || !self.held_ports.contains_key(&port) {
             match inbox.try_send(args) {
                 Ok(()) => {
-                    self.stalled.remove(&port);
+                    if !self.stalled.is_empty() {
+                        self.stalled.remove(&port);
+                    }
                     return;
                 }
                 Err(TrySendError::Closed(_)) => return,

@@ -565,7 +565,8 @@ impl Io {
                     self.drop_conn(id);
                 }
                 Err(reason) => self.fail(id, reason),
-                Ok(()) if c.unwritten() > 0 => {}
+                // Plaintext waiting for the TLS handshake counts as pending too.
+                Ok(()) if c.pending() > 0 => {}
                 Ok(()) if closing => {
                     // Done: the peer sees the end of the stream.
                     let _ = socket2::SockRef::from(&c.stream).shutdown(std::net::Shutdown::Write);
