@@ -31,7 +31,13 @@ enum Frame {
     Tag,
 }
 
+/// Frames a scanner keeps room for between messages: enough for common nesting, so the
+/// stack is not allocated anew for every message, while a deep message does not pin its
+/// room for the rest of the connection.
+const KEEP_FRAMES: usize = 8;
+
 /// Resumable end-of-item finder for one message; positions are relative to its first byte.
+/// One scanner serves message after message (see [`Scanner::reset`]).
 #[derive(Debug, Default)]
 pub(crate) struct Scanner {
     pos: usize,
@@ -77,6 +83,14 @@ fn header(buf: &[u8]) -> Result<Option<Header>, MessageError> {
 }
 
 impl Scanner {
+    /// Forgets the message in progress, keeping a little room for the next one.
+    pub(crate) fn reset(&mut self) {
+        self.pos = 0;
+        self.depth = 0;
+        self.stack.clear();
+        self.stack.shrink_to(KEEP_FRAMES);
+    }
+
     /// Scans `msg` (the bytes of one message from its start, possibly more) from where the
     /// previous call stopped.
     pub(crate) fn scan(&mut self, msg: &[u8], limits: &Limits) -> Result<Scan, MessageError> {
@@ -111,7 +125,9 @@ impl Scanner {
                     let Some(content) = msg.get(self.pos + h.len..end) else {
                         return self.partial(msg, limits);
                     };
-                    if h.major == 3 && std::str::from_utf8(content).is_err() {
+                    // Most names and texts are ASCII, checked faster than UTF-8.
+                    if h.major == 3 && !content.is_ascii() && std::str::from_utf8(content).is_err()
+                    {
                         return Err(malformed("text string is not UTF-8"));
                     }
                     advance = end - self.pos;
@@ -170,7 +186,7 @@ impl Scanner {
             }
             if done && self.item_done() {
                 let end = self.pos;
-                *self = Scanner::default();
+                self.reset();
                 return Ok(Scan::Complete(end));
             }
         }
