@@ -205,7 +205,7 @@ impl Decoder {
         &mut self,
         input: &[u8],
         limits: &Limits,
-        sink: &mut dyn FnMut(&[u8]),
+        sink: &mut impl FnMut(&[u8]),
     ) -> Result<(), MessageError> {
         if self.partial.is_empty() {
             // The common case: complete messages are read straight from the input.
@@ -229,7 +229,7 @@ impl Decoder {
         &mut self,
         buf: &[u8],
         limits: &Limits,
-        sink: &mut dyn FnMut(&[u8]),
+        sink: &mut impl FnMut(&[u8]),
     ) -> Result<usize, MessageError> {
         let mut used = 0;
         loop {
