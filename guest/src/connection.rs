@@ -15,7 +15,7 @@ use crate::auth::{self, AuthMethod, Transcript};
 use crate::buffer;
 use crate::config::{Config, is_protocol};
 use crate::error::{ConfigError, Error, SendError};
-use crate::framing::{self, Decoder, Framing};
+use crate::framing::{self, Checker, Decoder, Framing};
 use crate::greeting::{self, Greeting, MAX_LINE, NONCE_LEN};
 use crate::{PROTOCOL_VERSION, PROVIDER};
 
@@ -132,6 +132,8 @@ pub struct Connection {
     /// Handshake input not consumed yet.
     input: Vec<u8>,
     decoder: Option<Decoder>,
+    /// Checks the messages the application sends.
+    checker: Checker,
     outputs: VecDeque<Output>,
     handshake_deadline: u64,
     keepalive: Option<Keepalive>,
@@ -196,6 +198,7 @@ impl Connection {
             session: None,
             input: Vec::new(),
             decoder: None,
+            checker: Checker::default(),
             outputs: VecDeque::new(),
             handshake_deadline,
             keepalive: None,
@@ -356,8 +359,23 @@ impl Connection {
     /// framing we send in. Nothing is queued when it fails.
     pub fn send(&mut self, message: &[u8]) -> Result<(), SendError> {
         self.sendable()?;
-        framing::check_item(message, &self.config.limits)?;
-        self.send_checked(message)
+        self.checker.check_item(message, &self.config.limits)?;
+        self.send_checked(message, message.len())
+    }
+
+    /// Like [`send`](Self::send), but when no output is pending (so nothing can be
+    /// reordered) the message is appended as it goes on the wire to `out`, bytes the host
+    /// is about to transmit on this connection anyway: no buffer per message for a node
+    /// sending many.
+    pub(crate) fn send_into(&mut self, message: &[u8], out: &mut Vec<u8>) -> Result<(), SendError> {
+        if !self.outputs.is_empty() {
+            return self.send(message);
+        }
+        let framing = self.send_framing()?;
+        self.checker.check_item(message, &self.config.limits)?;
+        framing::encode(framing, message, &self.config.limits, out)?;
+        self.note_sent();
+        Ok(())
     }
 
     /// Queues every message of `messages`, a CBOR sequence (items one after another). On
@@ -368,9 +386,10 @@ impl Connection {
         let mut index = 0;
         while !rest.is_empty() {
             let queued = self.sendable().and_then(|()| {
-                let end = framing::first_item(rest, &self.config.limits)?;
+                let end = self.checker.first_item(rest, &self.config.limits)?;
                 let (message, tail) = rest.split_at(end);
-                self.send_checked(message)?;
+                // The rest of the sequence usually follows into the same buffer.
+                self.send_checked(message, rest.len())?;
                 rest = tail;
                 Ok(())
             });
@@ -389,17 +408,23 @@ impl Connection {
         }
     }
 
-    /// Queues a message already checked by the scanner.
-    fn send_checked(&mut self, message: &[u8]) -> Result<(), SendError> {
-        let framing = match self.state {
-            State::Data => self.session.as_ref().map(|s| s.send_framing),
-            State::Closed | State::HandedOver => return Err(SendError::Closed),
-            _ => return Err(SendError::NotConnected),
-        }
-        .ok_or(SendError::NotConnected)?;
+    /// The framing messages go out in, once they can be sent.
+    fn send_framing(&self) -> Result<Framing, SendError> {
+        self.sendable()?;
+        self.session
+            .as_ref()
+            .map(|s| s.send_framing)
+            .ok_or(SendError::NotConnected)
+    }
+
+    /// Queues a message already checked by the scanner; a new transmit buffer gets
+    /// `room` bytes (what is about to follow) at once.
+    fn send_checked(&mut self, message: &[u8], room: usize) -> Result<(), SendError> {
+        let framing = self.send_framing()?;
         // Consecutive sends share one transmit buffer.
         if !matches!(self.outputs.back(), Some(Output::Transmit(_))) {
-            self.outputs.push_back(Output::Transmit(Vec::new()));
+            self.outputs
+                .push_back(Output::Transmit(Vec::with_capacity(room)));
         }
         let Some(Output::Transmit(buf)) = self.outputs.back_mut() else {
             unreachable!("a transmit buffer was just pushed")
@@ -409,10 +434,15 @@ impl Connection {
             self.outputs.pop_back();
         }
         result?;
+        self.note_sent();
+        Ok(())
+    }
+
+    /// A message went out: no keepalive is needed this interval.
+    fn note_sent(&mut self) {
         if let Some(k) = &mut self.keepalive {
             k.sent_since = true;
         }
-        Ok(())
     }
 
     fn transmit(&mut self, bytes: Vec<u8>) {
@@ -604,6 +634,12 @@ impl Connection {
             &self.config.limits,
             &mut |m| match outputs.back_mut() {
                 Some(Output::Message(seq)) if sequences => seq.extend_from_slice(m),
+                _ if sequences => {
+                    // The messages of this input follow: room for them at once.
+                    let mut seq = Vec::with_capacity(data.len().max(m.len()));
+                    seq.extend_from_slice(m);
+                    outputs.push_back(Output::Message(seq));
+                }
                 _ => outputs.push_back(Output::Message(m.to_vec())),
             },
         );

@@ -469,3 +469,28 @@ fn seeds_are_retried_with_backoff_and_a_new_master_is_chosen() {
             >= 2
     );
 }
+
+#[test]
+fn consecutive_messages_to_one_node_leave_as_one_transmit() {
+    let (mut net, a, b, _) = three();
+    let pb = net.nodes[b].new_port();
+    let now = net.now;
+    net.nodes[a]
+        .send(&pb, &args(vec![t("hello")]), now)
+        .unwrap();
+    net.run();
+    assert!(net.nodes[a].is_up("b"));
+    let name = pb.split_once('#').unwrap().1;
+    let mut expected = Vec::new();
+    for i in 0..100 {
+        let message = args(vec![t("m"), Value::Int(i)]);
+        net.nodes[a].send(&pb, &message, now).unwrap();
+        Value::Array(vec![t(name), t("m"), Value::Int(i)]).encode_into(&mut expected);
+    }
+    // One output holds them all, encoded in order.
+    let outputs: Vec<NodeOutput> = std::iter::from_fn(|| net.nodes[a].poll_output()).collect();
+    let [NodeOutput::Transmit { bytes, .. }] = &outputs[..] else {
+        panic!("expected one transmit, got {outputs:?}");
+    };
+    assert_eq!(bytes, &expected);
+}

@@ -31,7 +31,13 @@ enum Frame {
     Tag,
 }
 
+/// Frames a scanner keeps room for between messages: enough for common nesting, so the
+/// stack is not allocated anew for every message, while a deep message does not pin its
+/// room for the rest of the connection.
+const KEEP_FRAMES: usize = 8;
+
 /// Resumable end-of-item finder for one message; positions are relative to its first byte.
+/// One scanner serves message after message (see [`Scanner::reset`]).
 #[derive(Debug, Default)]
 pub(crate) struct Scanner {
     pos: usize,
@@ -47,42 +53,53 @@ struct Header {
     len: usize,
 }
 
-fn header(buf: &[u8]) -> Result<Option<Header>, MessageError> {
-    let Some(&first) = buf.first() else {
-        return Ok(None);
-    };
+/// The header at the start of `buf`, `None` while it is incomplete. Reserved additional
+/// information (28-30) must have been refused before; it reads as a bare header here.
+/// Kept small and infallible: it runs for every item of every message.
+#[inline]
+fn header(buf: &[u8]) -> Option<Header> {
+    let &first = buf.first()?;
     let (major, info) = (first >> 5, first & 0x1f);
-    let extra = match info {
-        0..=23 | 31 => 0,
-        24 => 1,
-        25 => 2,
-        26 => 4,
-        27 => 8,
-        _ => return Err(malformed(format!("reserved additional information {info}"))),
+    let (arg, len) = match info {
+        0..=23 => (u64::from(info), 1),
+        24 => (u64::from(*buf.get(1)?), 2),
+        25 => (
+            u64::from(u16::from_be_bytes(buf.get(1..3)?.try_into().ok()?)),
+            3,
+        ),
+        26 => (
+            u64::from(u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?)),
+            5,
+        ),
+        27 => (u64::from_be_bytes(buf.get(1..9)?.try_into().ok()?), 9),
+        _ => (0, 1),
     };
-    let Some(bytes) = buf.get(1..1 + extra) else {
-        return Ok(None);
-    };
-    let arg = match info {
-        0..=23 => u64::from(info),
-        31 => 0,
-        _ => bytes.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b)),
-    };
-    Ok(Some(Header {
+    Some(Header {
         major,
         info,
         arg,
-        len: 1 + extra,
-    }))
+        len,
+    })
 }
 
 impl Scanner {
+    /// Forgets the message in progress, keeping a little room for the next one.
+    pub(crate) fn reset(&mut self) {
+        self.pos = 0;
+        self.depth = 0;
+        self.stack.clear();
+        self.stack.shrink_to(KEEP_FRAMES);
+    }
+
     /// Scans `msg` (the bytes of one message from its start, possibly more) from where the
     /// previous call stopped.
     pub(crate) fn scan(&mut self, msg: &[u8], limits: &Limits) -> Result<Scan, MessageError> {
         loop {
             let rest = msg.get(self.pos..).unwrap_or_default();
-            let Some(h) = header(rest)? else {
+            if let Some(info @ 28..=30) = rest.first().map(|b| b & 0x1f) {
+                return Err(malformed(format!("reserved additional information {info}")));
+            }
+            let Some(h) = header(rest) else {
                 return self.partial(msg, limits);
             };
             if self.pos == 0 && h.major != 4 {
@@ -111,7 +128,9 @@ impl Scanner {
                     let Some(content) = msg.get(self.pos + h.len..end) else {
                         return self.partial(msg, limits);
                     };
-                    if h.major == 3 && std::str::from_utf8(content).is_err() {
+                    // Most names and texts are ASCII, checked faster than UTF-8.
+                    if h.major == 3 && !content.is_ascii() && std::str::from_utf8(content).is_err()
+                    {
                         return Err(malformed("text string is not UTF-8"));
                     }
                     advance = end - self.pos;
@@ -170,7 +189,7 @@ impl Scanner {
             }
             if done && self.item_done() {
                 let end = self.pos;
-                *self = Scanner::default();
+                self.reset();
                 return Ok(Scan::Complete(end));
             }
         }

@@ -84,15 +84,39 @@ pub(crate) fn is_keepalive(item: &[u8]) -> bool {
     }
 }
 
-/// Checks the CBOR array at the start of `buf` (well-formed, within the limits) and
-/// returns its length.
-pub(crate) fn first_item(buf: &[u8], limits: &Limits) -> Result<usize, MessageError> {
-    match cbor::Scanner::default().scan(buf, limits)? {
-        Scan::Complete(end) => Ok(end),
-        Scan::Partial => Err(MessageError::Malformed {
-            framing: "cbor",
-            detail: "incomplete item".into(),
-        }),
+/// Checks messages given as CBOR (arrays, well-formed, within the limits). One checker
+/// serves message after message, so checking does not allocate per message.
+#[derive(Debug, Default)]
+pub(crate) struct Checker(cbor::Scanner);
+
+impl Checker {
+    /// Checks the CBOR array at the start of `buf` and returns its length.
+    pub(crate) fn first_item(
+        &mut self,
+        buf: &[u8],
+        limits: &Limits,
+    ) -> Result<usize, MessageError> {
+        // A previous message may have failed half way.
+        self.0.reset();
+        match self.0.scan(buf, limits)? {
+            Scan::Complete(end) => Ok(end),
+            Scan::Partial => Err(MessageError::Malformed {
+                framing: "cbor",
+                detail: "incomplete item".into(),
+            }),
+        }
+    }
+
+    /// Checks that `item` is exactly one CBOR array.
+    pub(crate) fn check_item(&mut self, item: &[u8], limits: &Limits) -> Result<(), MessageError> {
+        if self.first_item(item, limits)? == item.len() {
+            Ok(())
+        } else {
+            Err(MessageError::Malformed {
+                framing: "cbor",
+                detail: "trailing bytes after the item".into(),
+            })
+        }
     }
 }
 
@@ -100,25 +124,14 @@ pub(crate) fn first_item(buf: &[u8], limits: &Limits) -> Result<usize, MessageEr
 /// carry) into its items, checking each (default limits).
 pub fn split_sequence(mut buf: &[u8]) -> Result<Vec<&[u8]>, MessageError> {
     let limits = Limits::default();
+    let mut checker = Checker::default();
     let mut items = Vec::new();
     while !buf.is_empty() {
-        let (item, rest) = buf.split_at(first_item(buf, &limits)?);
+        let (item, rest) = buf.split_at(checker.first_item(buf, &limits)?);
         items.push(item);
         buf = rest;
     }
     Ok(items)
-}
-
-/// Checks that `item` is exactly one well-formed CBOR array within the limits.
-pub(crate) fn check_item(item: &[u8], limits: &Limits) -> Result<(), MessageError> {
-    if first_item(item, limits)? == item.len() {
-        Ok(())
-    } else {
-        Err(MessageError::Malformed {
-            framing: "cbor",
-            detail: "trailing bytes after the item".into(),
-        })
-    }
 }
 
 /// Appends message `item` (CBOR, already checked) to `out` in `framing`. On error `out` is
@@ -192,7 +205,7 @@ impl Decoder {
         &mut self,
         input: &[u8],
         limits: &Limits,
-        sink: &mut dyn FnMut(&[u8]),
+        sink: &mut impl FnMut(&[u8]),
     ) -> Result<(), MessageError> {
         if self.partial.is_empty() {
             // The common case: complete messages are read straight from the input.
@@ -216,7 +229,7 @@ impl Decoder {
         &mut self,
         buf: &[u8],
         limits: &Limits,
-        sink: &mut dyn FnMut(&[u8]),
+        sink: &mut impl FnMut(&[u8]),
     ) -> Result<usize, MessageError> {
         let mut used = 0;
         loop {
@@ -323,10 +336,17 @@ mod tests {
         encode(Framing::Json, b"\x82\x61p\x42hi", &limits, &mut out).unwrap();
         assert_eq!(out, b"[\"p\",\"hi\"]");
         // Messages are checked before encoding: one complete array, nothing after it.
-        assert!(check_item(b"\x82\x61p", &limits).is_err());
-        assert!(check_item(b"\x81\x01\x01", &limits).is_err());
-        assert_eq!(check_item(b"\x01", &limits), Err(MessageError::NotAnArray));
-        assert_eq!(first_item(b"\x81\x01\x80", &limits), Ok(2));
+        let mut c = Checker::default();
+        assert!(c.check_item(b"\x82\x61p", &limits).is_err());
+        assert!(c.check_item(b"\x81\x01\x01", &limits).is_err());
+        assert_eq!(
+            c.check_item(b"\x01", &limits),
+            Err(MessageError::NotAnArray)
+        );
+        assert_eq!(c.first_item(b"\x81\x01\x80", &limits), Ok(2));
+        // A failure half way leaves nothing behind for the next message.
+        assert!(c.first_item(b"\x82\x82\x01", &limits).is_err());
+        assert_eq!(c.check_item(b"\x81\x01", &limits), Ok(()));
         let tight = Limits {
             max_message_size: 12,
             max_depth: 8,

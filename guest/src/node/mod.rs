@@ -20,6 +20,7 @@ pub use seed::GlobalLimits;
 use crate::config::Config;
 use crate::connection::{Connection, Output, TlsRole, Verdict};
 use crate::error::{ConfigError, Error, MessageError};
+use crate::framing::Checker;
 use crate::greeting::NONCE_LEN;
 use crate::value::Value;
 use global::Global;
@@ -259,6 +260,8 @@ pub struct Node {
     /// A small generator for jitter (not for secrets), seeded by the host.
     jitter: u64,
     outputs: VecDeque<NodeOutput>,
+    /// Checks the messages the application sends.
+    checker: Checker,
     now: u64,
     /// Warnings about each connected peer's requests in the current window.
     warned: HashMap<String, WarnBudget>,
@@ -316,6 +319,7 @@ impl Node {
             service: None,
             jitter,
             outputs: VecDeque::new(),
+            checker: Checker::default(),
             now,
             warned: HashMap::new(),
             conns_held: 0,
@@ -556,7 +560,8 @@ impl Node {
         let (node, port) =
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
         let message = msg::join(port, args)?;
-        crate::framing::check_item(&message, &self.config.transport.limits)?;
+        self.checker
+            .check_item(&message, &self.config.transport.limits)?;
         self.route(node, message, now)
     }
 
@@ -899,10 +904,18 @@ impl Node {
 
     /// Sends `message` on `conn`'s transport.
     fn transmit(&mut self, conn: ConnId, message: &[u8]) {
-        let Some(t) = self.transport(conn) else {
+        let Some(t) = self.conns.get_mut(&conn).and_then(|c| c.transport.as_mut()) else {
             return;
         };
-        if let Err(e) = t.send(message) {
+        // Consecutive messages on one connection go out as one transmit, each encoded
+        // straight into it.
+        let sent = match self.outputs.back_mut() {
+            Some(NodeOutput::Transmit { conn: last, bytes }) if *last == conn => {
+                t.send_into(message, bytes)
+            }
+            _ => t.send(message),
+        };
+        if let Err(e) = sent {
             let level = LogLevel::Warn;
             self.log(level, format!("message dropped: {e}"));
         }
@@ -915,12 +928,13 @@ impl Node {
             self.deliver_local(node, &message, now);
             return Ok(());
         }
-        let max = self.config.max_queue_bytes;
-        let peer = self.peers.entry(node.to_owned()).or_default();
-        if let Some(conn) = peer.conn {
+        // The common case first, without allocating a key.
+        if let Some(conn) = self.peers.get(node).and_then(|p| p.conn) {
             self.transmit(conn, &message);
             return Ok(());
         }
+        let max = self.config.max_queue_bytes;
+        let peer = self.peers.entry(node.to_owned()).or_default();
         if peer.queued_bytes + message.len() > max {
             return Err(NodeError::QueueFull(node.to_owned()));
         }
@@ -938,29 +952,52 @@ impl Node {
 
     /// A message arrived on `conn`.
     fn received(&mut self, conn: ConnId, message: &[u8]) {
-        let Some(src) = self.conns.get(&conn).and_then(|c| c.remote.clone()) else {
+        let Some(src) = self.conns.get(&conn).and_then(|c| c.remote.as_deref()) else {
             return;
         };
-        let now = self.now;
-        self.deliver_local(&src, message, now);
+        let Some((port, args)) = msg::split(message) else {
+            return;
+        };
+        // A message for a local port, the common case, needs no copy of the sender's name.
+        if !port.is_empty() && self.ports.contains(port.as_ref()) {
+            return self.deliver(&port, args);
+        }
+        let (src, now) = (src.to_owned(), self.now);
+        self.deliver_parts(&src, &port, args, now);
     }
 
     /// Delivers a message addressed to this node, sent by `src`.
     fn deliver_local(&mut self, src: &str, message: &[u8], now: u64) {
-        let Some((port, args)) = msg::split(message) else {
-            return;
-        };
+        if let Some((port, args)) = msg::split(message) {
+            self.deliver_parts(src, &port, args, now);
+        }
+    }
+
+    /// Delivers a message from `src` for local port `port` (the node port when empty),
+    /// `args` the CBOR array of its arguments.
+    fn deliver_parts(&mut self, src: &str, port: &str, args: Vec<u8>, now: u64) {
         if port.is_empty() {
             self.node_request(src, &args, now);
-        } else if self.ports.contains(&port) {
-            let port = format!("{}#{port}", self.node_id);
-            self.outputs.push_back(NodeOutput::Deliver { port, args });
+        } else if self.ports.contains(port) {
+            self.deliver(port, args);
         } else {
             self.log(
                 LogLevel::Debug,
                 format!("message from {src} for nonexistent port {port} dropped"),
             );
         }
+    }
+
+    /// Hands a message for existing local port `port` to the application.
+    fn deliver(&mut self, port: &str, args: Vec<u8>) {
+        let mut port_id = String::with_capacity(self.node_id.len() + 1 + port.len());
+        port_id.push_str(&self.node_id);
+        port_id.push('#');
+        port_id.push_str(port);
+        self.outputs.push_back(NodeOutput::Deliver {
+            port: port_id,
+            args,
+        });
     }
 
     /// Kills a local port: app monitors and remote watchers learn `reason`.

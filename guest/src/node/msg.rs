@@ -1,6 +1,8 @@
 //! Building and taking apart messages `[PORT, ARGS...]` as CBOR without decoding the
 //! arguments.
 
+use std::borrow::Cow;
+
 use minicbor::Decoder;
 use minicbor::data::Type;
 
@@ -44,14 +46,21 @@ pub(crate) fn join(port: &str, args: &[u8]) -> Result<Vec<u8>, MessageError> {
 }
 
 /// Splits a checked message into its port (a name) and the CBOR array of its arguments.
-pub(crate) fn split(message: &[u8]) -> Option<(String, Vec<u8>)> {
+pub(crate) fn split(message: &[u8]) -> Option<(Cow<'_, str>, Vec<u8>)> {
     let mut d = Decoder::new(message);
     let len = d.array().ok()?;
     if len == Some(0) {
         return None;
     }
-    let port = Value::decode_one(&mut d).ok()?;
-    let port = port.as_name()?.into_owned();
+    let port = match d.datatype().ok()? {
+        // The common case, read in place.
+        Type::String => Cow::Borrowed(d.str().ok()?),
+        _ => Value::decode_one(&mut d)
+            .ok()?
+            .as_name()?
+            .into_owned()
+            .into(),
+    };
     let mut args = Vec::with_capacity(message.len() - d.position() + 9);
     match len {
         Some(n) => array_header(n - 1, &mut args),
@@ -85,6 +94,9 @@ mod tests {
             ])
         );
         assert_eq!(split(&msg), Some(("port".into(), args)));
+        // Byte-string ports are names too (Latin-1).
+        let msg = b"\x82\x42\xe9t\x01";
+        assert_eq!(split(msg), Some(("\u{e9}t".into(), b"\x81\x01".to_vec())));
         // Indefinite arrays and byte-string ports.
         let msg = b"\x9f\x42pq\x01\xff";
         let (port, args) = split(msg).unwrap();
