@@ -10,7 +10,7 @@ use exports::aemp::engine::transport as wit;
 use crate::{
     AuthMethod, Config, ConfigError, Connection, Error, Framing, GlobalLimits, Limits, LogLevel,
     MessageError, NONCE_LEN, Node, NodeConfig, NodeError, NodeOutput, Output, SendError, TlsRole,
-    Verdict,
+    Verdict, batch,
 };
 
 wit_bindgen::generate!({
@@ -216,9 +216,17 @@ impl wnode::GuestNode for NodeResource {
 
     fn poll_outputs(&self) -> Vec<wnode::NodeOutput> {
         let mut node = self.0.borrow_mut();
-        std::iter::from_fn(|| node.poll_output())
-            .map(Into::into)
-            .collect()
+        let mut outputs: Vec<wnode::NodeOutput> = Vec::new();
+        while let Some(output) = node.poll_output() {
+            // Consecutive deliveries cross the boundary as one batch.
+            match (output, outputs.last_mut()) {
+                (NodeOutput::Deliver { port, args }, Some(wnode::NodeOutput::Deliver(b))) => {
+                    batch::push(&mut b.data, &mut b.sizes, &port, &args);
+                }
+                (other, _) => outputs.push(other.into()),
+            }
+        }
+        outputs
     }
 
     fn connect_addr(&self, addr: String, now_ms: u64) -> u64 {
@@ -236,9 +244,16 @@ impl wnode::GuestNode for NodeResource {
             .map_err(|e| refusal(Refused::Node(&e)))
     }
 
-    fn send(&self, messages: Vec<(String, Vec<u8>)>, now_ms: u64) -> Result<(), wit::SendError> {
+    fn send(&self, messages: wnode::Batch, now_ms: u64) -> Result<(), wit::SendError> {
         let mut node = self.0.borrow_mut();
-        for (index, (port, args)) in messages.iter().enumerate() {
+        for (index, pair) in batch::pairs(&messages.data, &messages.sizes).enumerate() {
+            let (port, args) = pair.map_err(|e| {
+                let e = MessageError::Malformed {
+                    framing: "batch",
+                    detail: e.to_string(),
+                };
+                send_error(index, Refused::Node(&NodeError::Message(e)))
+            })?;
             node.send(port, args, now_ms)
                 .map_err(|e| send_error(index, Refused::Node(&e)))?;
         }
@@ -329,7 +344,14 @@ impl From<NodeOutput> for wnode::NodeOutput {
                 leftover,
             }),
             NodeOutput::Close { conn, reason } => W::Close(wnode::Close { conn, reason }),
-            NodeOutput::Deliver { port, args } => W::Deliver(wnode::Deliver { port, args }),
+            NodeOutput::Deliver { port, args } => {
+                let mut b = wnode::Batch {
+                    data: Vec::with_capacity(port.len() + args.len()),
+                    sizes: Vec::with_capacity(2),
+                };
+                batch::push(&mut b.data, &mut b.sizes, &port, &args);
+                W::Deliver(b)
+            }
             NodeOutput::NodeUp { node } => W::NodeUp(node),
             NodeOutput::NodeDown { node, reason } => W::NodeDown(wnode::NodeDown { node, reason }),
             NodeOutput::PortDown { port, reason } => W::PortDown(wnode::PortDown { port, reason }),

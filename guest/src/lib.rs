@@ -6,6 +6,7 @@
 //! (world `aemp:engine/engine`, see `wit/`) when built for `wasm32`.
 
 pub mod auth;
+pub mod batch;
 mod buffer;
 pub mod config;
 pub mod connection;

@@ -258,10 +258,18 @@ fn two_nodes_through_the_component() {
                     wit_node::NodeOutput::NodeUp(node) if i == 0 && !sent => {
                         assert_eq!(node, "b");
                         let (store, b) = insts[0].parts();
-                        let batch = vec![
-                            (port.clone(), message.clone()),
-                            (port.clone(), message.clone()),
-                        ];
+                        let mut batch = wit_node::Batch {
+                            data: Vec::new(),
+                            sizes: Vec::new(),
+                        };
+                        for _ in 0..2 {
+                            aemp_engine::batch::push(
+                                &mut batch.data,
+                                &mut batch.sizes,
+                                &port,
+                                &message,
+                            );
+                        }
                         b.aemp_engine_node()
                             .node()
                             .call_send(store, nodes[0], &batch, 0)
@@ -269,13 +277,35 @@ fn two_nodes_through_the_component() {
                             .unwrap();
                         sent = true;
                     }
-                    wit_node::NodeOutput::Deliver(d) => delivered.push(d),
+                    wit_node::NodeOutput::Deliver(d) => {
+                        for pair in aemp_engine::batch::pairs(&d.data, &d.sizes) {
+                            let (port, args) = pair.unwrap();
+                            delivered.push((port.to_owned(), args.to_vec()));
+                        }
+                    }
                     _ => {}
                 }
             }
         }
     }
-    assert_eq!(delivered.len(), 2);
-    assert_eq!(delivered[0].port, "b#inbox");
-    assert_eq!(delivered[0].args, message);
+    assert_eq!(
+        delivered,
+        [
+            ("b#inbox".to_owned(), message.clone()),
+            ("b#inbox".to_owned(), message)
+        ]
+    );
+    // A batch whose sizes do not fit its data is refused, not taken apart wrongly.
+    let (store, b) = insts[0].parts();
+    let bad = wit_node::Batch {
+        data: b"a#p".to_vec(),
+        sizes: vec![3, 9],
+    };
+    let err = b
+        .aemp_engine_node()
+        .node()
+        .call_send(store, nodes[0], &bad, 0)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!((err.index, err.kind), (0, wit::RefusalKind::Malformed));
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aemp_engine::{Value, printable};
+use aemp_engine::{Value, batch, printable};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{Receiver, Sender, WeakSender, channel};
 use tokio::sync::{broadcast, watch};
@@ -302,26 +302,26 @@ impl Driver {
 
     /// Hands a message to its port; holds it when the inbox is full or messages for the
     /// port are held already (to keep their order); drops it when the port is stalled.
-    fn deliver(&mut self, port: String, args: Vec<u8>) {
-        let Some(inbox) = self.ports.get(&port) else {
+    fn deliver(&mut self, port: &str, args: Vec<u8>) {
+        let Some(inbox) = self.ports.get(port) else {
             return;
         };
         // (The emptiness checks spare a hash of the port id per message.)
-        if self.held_ports.is_empty() || !self.held_ports.contains_key(&port) {
+        if self.held_ports.is_empty() || !self.held_ports.contains_key(port) {
             match inbox.try_send(args) {
                 Ok(()) => {
                     if !self.stalled.is_empty() {
-                        self.stalled.remove(&port);
+                        self.stalled.remove(port);
                     }
                     return;
                 }
                 Err(TrySendError::Closed(_)) => return,
                 // Logged once, when the port stalled.
-                Err(TrySendError::Full(_)) if self.stalled.contains(&port) => return,
-                Err(TrySendError::Full(args)) => return self.hold(port, args),
+                Err(TrySendError::Full(_)) if self.stalled.contains(port) => return,
+                Err(TrySendError::Full(args)) => return self.hold(port.to_owned(), args),
             }
         }
-        self.hold(port, args);
+        self.hold(port.to_owned(), args);
     }
 
     fn hold(&mut self, port: String, args: Vec<u8>) {
@@ -620,7 +620,15 @@ impl Driver {
                     tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason));
                 }
             }
-            O::Deliver(d) => self.deliver(d.port, d.args),
+            O::Deliver(b) => {
+                for pair in batch::pairs(&b.data, &b.sizes) {
+                    match pair {
+                        Ok((port, args)) => self.deliver(port, args.to_vec()),
+                        // The engine made the batch: this is a bug, not a peer's doing.
+                        Err(e) => tracing::error!("undeliverable batch from the engine: {e}"),
+                    }
+                }
+            }
             O::NodeUp(node) => {
                 tracing::info!("{} is up", printable(&node));
                 self.up.insert(node.clone());
@@ -644,7 +652,7 @@ impl Driver {
             }
             O::Request(r) => {
                 let inbox = Topic::Requests(r.tag).inbox();
-                self.deliver(inbox, request_entry(r.node, &r.args));
+                self.deliver(&inbox, request_entry(r.node, &r.args));
             }
             O::DbReply(r) => {
                 if let Some(waiter) = self.db_waiters.remove(&r.id) {
@@ -653,7 +661,7 @@ impl Driver {
             }
             O::DbChange(c) => {
                 let inbox = Topic::Db(c.family).inbox();
-                self.deliver(inbox, db_entry(&c.set, c.del));
+                self.deliver(&inbox, db_entry(&c.set, c.del));
             }
             O::Log(l) => match l.level {
                 wit_node::LogLevel::Error => tracing::error!("{}", l.message),

@@ -54,6 +54,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aemp_engine::Value;
+
+use crate::sandbox::wit_node::Batch;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{Receiver, Sender};
 use tokio::sync::{broadcast, oneshot, watch};
@@ -251,8 +253,8 @@ enum Cmd {
         reply: Reply<Port>,
     },
     Send {
-        /// (port id, CBOR array of arguments), encoded by the caller.
-        batch: Vec<(String, Vec<u8>)>,
+        /// The messages, encoded by the caller.
+        batch: Batch,
         reply: Reply<()>,
     },
     Kill {
@@ -315,10 +317,7 @@ impl Cmd {
     /// Bytes of messages the command sends.
     fn bytes(&self) -> usize {
         match self {
-            Cmd::Send { batch, .. } => batch
-                .iter()
-                .map(|(port, args)| port.len() + args.len())
-                .sum(),
+            Cmd::Send { batch, .. } => batch.data.len(),
             _ => 0,
         }
     }
@@ -409,10 +408,16 @@ impl Node {
     /// many went out (a refusal of the first is [`NodeError::Refused`]).
     pub async fn send_batch(&self, messages: Vec<(String, Vec<Value>)>) -> Result<(), NodeError> {
         // Encoding happens here, on the caller's task, not on the node's.
-        let batch = messages
-            .into_iter()
-            .map(|(port, args)| (port, Value::Array(args).encode()))
-            .collect();
+        let mut batch = Batch {
+            data: Vec::new(),
+            sizes: Vec::with_capacity(2 * messages.len()),
+        };
+        let mut args_cbor = Vec::new();
+        for (port, args) in messages {
+            args_cbor.clear();
+            Value::Array(args).encode_into(&mut args_cbor);
+            aemp_engine::batch::push(&mut batch.data, &mut batch.sizes, &port, &args_cbor);
+        }
         self.call(|reply| Cmd::Send { batch, reply }).await
     }
 
@@ -430,7 +435,12 @@ impl Node {
         port_id: &str,
         args: &T,
     ) -> Result<(), NodeError> {
-        let batch = vec![(port_id.to_owned(), crate::convert::to_args(args)?)];
+        let args = crate::convert::to_args(args)?;
+        let mut batch = Batch {
+            data: Vec::with_capacity(port_id.len() + args.len()),
+            sizes: Vec::with_capacity(2),
+        };
+        aemp_engine::batch::push(&mut batch.data, &mut batch.sizes, port_id, &args);
         self.call(|reply| Cmd::Send { batch, reply }).await
     }
 

@@ -107,6 +107,26 @@ const defaultLimits = {
   closeTimeoutMs: 1000,
 };
 
+const utf8Decoder = new TextDecoder();
+const utf8Encoder = new TextEncoder();
+
+/** `[portId, args]` pairs as the engine's `batch`: each port id's UTF-8 bytes and then
+ * its arguments as a CBOR array, one buffer, with two lengths per message. */
+function toBatch(messages) {
+  const parts = messages.map(([portId, args]) => [utf8Encoder.encode(portId), cbor.encode(args)]);
+  const data = new Uint8Array(parts.reduce((n, [p, a]) => n + p.length + a.length, 0));
+  const sizes = new Uint32Array(2 * parts.length);
+  let at = 0;
+  parts.forEach(([p, a], i) => {
+    data.set(p, at);
+    data.set(a, at + p.length);
+    at += p.length + a.length;
+    sizes[2 * i] = p.length;
+    sizes[2 * i + 1] = a.length;
+  });
+  return { data, sizes };
+}
+
 /** How long a connection the engine closes may take to write what is queued for it. */
 const LINGER_MS = 1000;
 
@@ -648,9 +668,18 @@ export class Node extends EventEmitter {
         break;
       }
       case 'deliver': {
-        const port = this.#ports.get(val.port);
-        const args = port && this.#decode(val.args, `message for ${val.port}`);
-        if (args !== undefined) port[deliver](args);
+        // A batch: each message's port id, then its arguments, `sizes` giving both lengths.
+        const { data, sizes } = val;
+        let at = 0;
+        for (let i = 0; i + 1 < sizes.length; i += 2) {
+          const portId = utf8Decoder.decode(data.subarray(at, at + sizes[i]));
+          at += sizes[i];
+          const raw = data.subarray(at, at + sizes[i + 1]);
+          at += sizes[i + 1];
+          const port = this.#ports.get(portId);
+          const args = port && this.#decode(raw, `message for ${portId}`);
+          if (args !== undefined) port[deliver](args);
+        }
         break;
       }
       case 'node-up':
@@ -755,8 +784,7 @@ export class Node extends EventEmitter {
         break;
       }
     }
-    const batch = messages.slice(0, fits).map(([portId, args]) => [portId, cbor.encode(args)]);
-    if (batch.length) this.#run(() => this.#engine.send(batch, now()));
+    if (fits > 0) this.#run(() => this.#engine.send(toBatch(messages.slice(0, fits)), now()));
     if (fits < messages.length) {
       const portId = messages[fits][0];
       throw new AempError('PORT_FULL', `port ${portId} is full (${this.#limits.portCapacity} messages waiting)`, { sent: fits });
