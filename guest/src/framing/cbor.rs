@@ -94,6 +94,11 @@ impl Scanner {
     /// Scans `msg` (the bytes of one message from its start, possibly more) from where the
     /// previous call stopped.
     pub(crate) fn scan(&mut self, msg: &[u8], limits: &Limits) -> Result<Scan, MessageError> {
+        if self.pos == 0
+            && let Some(end) = flat_array(msg, limits)
+        {
+            return Ok(Scan::Complete(end));
+        }
         loop {
             let rest = msg.get(self.pos..).unwrap_or_default();
             if let Some(info @ 28..=30) = rest.first().map(|b| b & 0x1f) {
@@ -238,6 +243,41 @@ impl Scanner {
     }
 }
 
+/// The end of `msg`'s first item when it is a complete, valid definite array of integers,
+/// definite strings and simple values or floats, within the limits: the common message
+/// shape, checked in one tight pass. `None` for anything else, valid or not, which the
+/// general scanner then reads from the start (so errors are reported by one place only).
+fn flat_array(msg: &[u8], limits: &Limits) -> Option<usize> {
+    let array = header(msg)?;
+    if array.major != 4 || array.info > 27 || limits.max_depth == 0 {
+        return None;
+    }
+    let mut pos = array.len;
+    for _ in 0..array.arg {
+        let rest = msg.get(pos..)?;
+        if matches!(rest.first()? & 0x1f, 28..=31) {
+            return None;
+        }
+        let h = header(rest)?;
+        pos += h.len;
+        match h.major {
+            0 | 1 => {}
+            2 | 3 => {
+                let end = pos.checked_add(usize::try_from(h.arg).ok()?)?;
+                let content = msg.get(pos..end)?;
+                if h.major == 3 && !content.is_ascii() && std::str::from_utf8(content).is_err() {
+                    return None;
+                }
+                pos = end;
+            }
+            // Simple values and floats; the two-byte simple form has rules of its own.
+            7 if h.info != 24 => {}
+            _ => return None,
+        }
+    }
+    (pos <= limits.max_message_size).then_some(pos)
+}
+
 /// Writes a checked CBOR item as JSON (see [`Value::write_json`] for the mapping).
 pub(crate) fn to_json(item: &[u8], out: &mut Vec<u8>) -> Result<(), MessageError> {
     let value = Value::decode(item).map_err(|e| malformed(e.to_string()))?;
@@ -348,6 +388,44 @@ mod tests {
             scan_all(b"\x9f\xc6\xff", &LIMITS),
             Err(MessageError::Malformed { .. })
         ));
+    }
+
+    #[test]
+    fn flat_arrays_take_the_short_path_with_the_same_verdicts() {
+        let item = b"\x85\x64port\x41\xff\x3b\xff\xff\xff\xff\xff\xff\xff\xff\xf9\x3e\x00\xf6";
+        assert_eq!(flat_array(item, &LIMITS), Some(item.len()));
+        assert_eq!(scan_all(item, &LIMITS), Ok(Scan::Complete(item.len())));
+        // Everything else is left to the general scanner, which reports errors.
+        for bad in [
+            &b"\x9c"[..],
+            b"\x82\x01\x1c",
+            b"\x82\x01\xf8\x01",
+            b"\x81\x62\xff\xfe",
+            b"\x82\x01",
+            b"\x81\x81\x01",
+            b"\x81\xc1\x01",
+            b"\x01",
+        ] {
+            assert_eq!(flat_array(bad, &LIMITS), None, "{bad:?}");
+        }
+        assert!(matches!(
+            scan_all(b"\x9c", &LIMITS),
+            Err(MessageError::Malformed { .. })
+        ));
+        let tight = Limits {
+            max_message_size: 4,
+            max_depth: 1,
+        };
+        assert_eq!(flat_array(b"\x81\x64port", &tight), None);
+        assert_eq!(
+            scan_all(b"\x81\x64port", &tight),
+            Err(MessageError::TooLarge(4))
+        );
+        let flat = Limits {
+            max_message_size: 100,
+            max_depth: 0,
+        };
+        assert_eq!(scan_all(b"\x80", &flat), Err(MessageError::TooDeep(0)));
     }
 
     #[test]
