@@ -86,11 +86,8 @@ impl wit::GuestConnection for ConnectionResource {
         let mut conn = self.0.borrow_mut();
         let mut outputs: Vec<wit::Output> = Vec::new();
         while let Some(output) = conn.poll_output() {
-            // Consecutive messages cross the boundary as one CBOR sequence.
-            match (output, outputs.last_mut()) {
-                (Output::Message(m), Some(wit::Output::Messages(seq))) => seq.extend_from_slice(&m),
-                (other, _) => outputs.push(other.into()),
-            }
+            // Consecutive messages are one output already (`set_message_sequences`).
+            outputs.push(output.into());
         }
         outputs
     }
@@ -575,7 +572,13 @@ impl From<Output> for wit::Output {
                 send_framing: s.send_framing.into(),
                 recv_framing: s.recv_framing.into(),
             }),
-            Output::Message(m) => wit::Output::Messages(m),
+            Output::Message(m) => wit::Output::Messages(wit::Messages {
+                sizes: vec![u32::try_from(m.len()).unwrap_or(u32::MAX)],
+                data: m,
+            }),
+            Output::Messages { data, sizes } => {
+                wit::Output::Messages(wit::Messages { data, sizes })
+            }
             Output::HandedOver { leftover } => wit::Output::HandedOver(leftover),
             Output::Closed(e) => wit::Output::Closed(wit::Error {
                 kind: error_kind(&e),

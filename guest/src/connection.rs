@@ -71,9 +71,11 @@ pub enum Output {
     StartTls { role: TlsRole, leftover: Vec<u8> },
     /// The handshake is complete.
     Connected(Session),
-    /// A message received (CBOR array `[PORT, ARGS...]`), or several as one CBOR sequence
-    /// after [`Connection::set_message_sequences`]; keepalives are not reported.
+    /// A message received (CBOR array `[PORT, ARGS...]`); keepalives are not reported.
     Message(Vec<u8>),
+    /// Consecutive messages received, after [`Connection::set_message_sequences`]: one
+    /// CBOR sequence (items `[PORT, ARGS...]` one after another) and each item's length.
+    Messages { data: Vec<u8>, sizes: Vec<u32> },
     /// The stream now belongs to the upgraded protocol; `leftover` holds bytes already
     /// received for it. The engine reads and writes nothing more.
     HandedOver { leftover: Vec<u8> },
@@ -209,10 +211,9 @@ impl Connection {
         Ok(conn)
     }
 
-    /// With `on`, consecutive received messages are reported as one [`Output::Message`]
-    /// holding a CBOR sequence (items one after another; see
-    /// [`split_sequence`](crate::split_sequence)) instead of one output each: fewer
-    /// allocations for hosts that pass batches on.
+    /// With `on`, consecutive received messages are reported as one [`Output::Messages`]
+    /// (a CBOR sequence and the items' lengths) instead of one [`Output::Message`] each:
+    /// fewer allocations for hosts that pass batches on.
     pub fn set_message_sequences(&mut self, on: bool) {
         self.message_sequences = on;
     }
@@ -629,20 +630,26 @@ impl Connection {
         };
         let outputs = &mut self.outputs;
         let sequences = self.message_sequences;
-        let result = decoder.decode(
-            data,
-            &self.config.limits,
-            &mut |m| match outputs.back_mut() {
-                Some(Output::Message(seq)) if sequences => seq.extend_from_slice(m),
+        let result = decoder.decode(data, &self.config.limits, &mut |m| {
+            // A message is below the u32 message size limit.
+            let size = u32::try_from(m.len()).unwrap_or(u32::MAX);
+            match outputs.back_mut() {
+                Some(Output::Messages { data, sizes }) if sequences => {
+                    data.extend_from_slice(m);
+                    sizes.push(size);
+                }
                 _ if sequences => {
                     // The messages of this input follow: room for them at once.
                     let mut seq = Vec::with_capacity(data.len().max(m.len()));
                     seq.extend_from_slice(m);
-                    outputs.push_back(Output::Message(seq));
+                    outputs.push_back(Output::Messages {
+                        data: seq,
+                        sizes: vec![size],
+                    });
                 }
                 _ => outputs.push_back(Output::Message(m.to_vec())),
-            },
-        );
+            }
+        });
         if let Err(e) = result {
             self.fail(e.into());
         }
@@ -658,6 +665,7 @@ fn output_bytes(output: &Output) -> usize {
             leftover: bytes, ..
         }
         | Output::HandedOver { leftover: bytes } => bytes.capacity(),
+        Output::Messages { data, sizes } => data.capacity() + 4 * sizes.capacity(),
         Output::Greeting(_) | Output::Connected(_) | Output::Closed(_) => 0,
     }
 }

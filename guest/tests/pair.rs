@@ -254,13 +254,25 @@ fn received_messages_can_come_as_one_sequence() {
         let messages = json_safe_messages();
         pair.a.conn.send_sequence(&messages.concat()).unwrap();
         pair.drive();
-        let got = pair.b.messages();
+        let got: Vec<_> = pair
+            .b
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Output::Messages { data, sizes } => Some((data, sizes)),
+                _ => None,
+            })
+            .collect();
         assert_eq!(got.len(), 1, "{framing:?}: one output");
-        let items: Vec<Vec<u8>> = aemp_engine::split_sequence(&got[0])
+        let (data, sizes) = got[0];
+        let items: Vec<Vec<u8>> = aemp_engine::split_sequence(data)
             .unwrap()
             .into_iter()
             .map(<[u8]>::to_vec)
             .collect();
         assert_eq!(items, messages, "{framing:?}");
+        // The sizes are the items' lengths.
+        let lens: Vec<u32> = items.iter().map(|m| m.len() as u32).collect();
+        assert_eq!(sizes, &lens, "{framing:?}");
     }
 }

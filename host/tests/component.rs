@@ -123,13 +123,21 @@ fn handshake_and_messages_through_the_component() {
         a.instance.send(a.conn, &batch.concat()).unwrap().unwrap();
         b.instance.send(b.conn, &ping).unwrap().unwrap();
         drive(&mut a, &mut b);
-        // Messages arrive as CBOR sequences, consecutive ones together.
+        // Messages arrive as CBOR sequences, consecutive ones together, with their sizes
+        // (the same split a scan of the sequence finds).
         let received = |side: &Side| -> Vec<Vec<u8>> {
             let mut all = Vec::new();
             for e in &side.events {
                 if let wit::Output::Messages(seq) = e {
-                    let items = aemp_engine::split_sequence(seq).unwrap();
-                    all.extend(items.into_iter().map(<[u8]>::to_vec));
+                    let scanned = aemp_engine::split_sequence(&seq.data).unwrap();
+                    let mut rest = &seq.data[..];
+                    for (size, item) in seq.sizes.iter().zip(&scanned) {
+                        let (sliced, after) = rest.split_at(*size as usize);
+                        assert_eq!(sliced, *item);
+                        rest = after;
+                    }
+                    assert_eq!((seq.sizes.len(), rest.len()), (scanned.len(), 0));
+                    all.extend(scanned.into_iter().map(<[u8]>::to_vec));
                 }
             }
             all

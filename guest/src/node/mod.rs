@@ -739,6 +739,15 @@ impl Node {
                     self.connected(conn, session.remote_node, &how)
                 }
                 Output::Message(message) => self.received(conn, &message),
+                // (The node does not ask its connections for sequences; handled all the same.)
+                Output::Messages { data, sizes } => {
+                    let mut rest = &data[..];
+                    for size in sizes {
+                        let (message, after) = rest.split_at((size as usize).min(rest.len()));
+                        self.received(conn, message);
+                        rest = after;
+                    }
+                }
                 Output::HandedOver { .. } => {
                     // Upgraded protocols are for data connections this node does not run.
                     self.close(
