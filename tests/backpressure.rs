@@ -12,7 +12,7 @@ use std::time::Duration;
 use aemp_engine::{Framing, Output, Verdict};
 use aemp_host::node::HIGH_WATER;
 use aemp_host::tls::Role;
-use aemp_host::{Event, TlsConfig, Value};
+use aemp_host::{TlsConfig, Value};
 use aemp_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -152,17 +152,7 @@ async fn a_peer_that_never_reads_holds_senders_until_the_write_timeout() {
             }
         }
     });
-    let reason = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(Event::NodeDown { node, reason }) = events.recv().await
-                && node == "bp-sloth"
-            {
-                return reason;
-            }
-        }
-    })
-    .await
-    .expect("the peer is cut off");
+    let reason = node_down(&mut events, "bp-sloth", "the peer is cut off").await;
     stop.store(true, Ordering::Release);
     tokio::time::timeout(WAIT, flood)
         .await

@@ -241,16 +241,7 @@ async fn a_node_over_its_memory_limit_stops_alone() {
     let err = tiny.port().await.unwrap_err();
     assert!(err.to_string().starts_with("node stopped: "), "{err}");
     // The other node saw it go and still serves.
-    let down = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(Event::NodeDown { node, .. }) = events.recv().await
-                && node == "tiny"
-            {
-                return;
-            }
-        }
-    });
-    down.await.expect("big sees tiny go down");
+    node_down(&mut events, "tiny", "big sees tiny go down").await;
     still_serves(&big, "s").await;
 }
 
@@ -485,17 +476,12 @@ async fn a_peer_that_stops_reading_replies_is_cut_off_at_the_write_deadline() {
         tokio::time::sleep(WAIT * 2).await;
         drop(stream);
     });
-    let reason = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(Event::NodeDown { node, reason }) = events.recv().await
-                && node == "lazy"
-            {
-                return reason;
-            }
-        }
-    })
-    .await
-    .expect("the peer is cut off within the write deadline");
+    let reason = node_down(
+        &mut events,
+        "lazy",
+        "the peer is cut off within the write deadline",
+    )
+    .await;
     assert!(
         reason.contains("peer does not read: nothing written for 1000 ms"),
         "{reason}"

@@ -40,6 +40,26 @@ pub async fn recv(port: &mut Port) -> Vec<Value> {
         .expect("port open")
 }
 
+/// The reason `node` went down, from an events subscription taken before, or a panic
+/// saying `what` after [`WAIT`].
+pub async fn node_down(
+    events: &mut tokio::sync::broadcast::Receiver<aemp_host::Event>,
+    node: &str,
+    what: &str,
+) -> String {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(aemp_host::Event::NodeDown { node: n, reason }) = events.recv().await
+                && n == node
+            {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect(what)
+}
+
 /// Text values.
 pub fn t(s: &str) -> Value {
     Value::text(s)

@@ -588,29 +588,24 @@ impl Node {
     /// The whole `family` (a map), from the master. Waits for the master's answer with no
     /// timeout of its own: cancel-safe, so wrap it in `tokio::time::timeout`.
     pub async fn db_family(&self, family: &str) -> Result<Value, NodeError> {
-        self.call(|reply| Cmd::DbQuery {
-            kind: DbQuery::Family,
-            family: family.to_owned(),
-            reply,
-        })
-        .await
+        self.db_query(DbQuery::Family, family).await
     }
 
     /// The keys of `family`, from the master (waits as [`Node::db_family`] does).
     pub async fn db_keys(&self, family: &str) -> Result<Value, NodeError> {
-        self.call(|reply| Cmd::DbQuery {
-            kind: DbQuery::Keys,
-            family: family.to_owned(),
-            reply,
-        })
-        .await
+        self.db_query(DbQuery::Keys, family).await
     }
 
     /// The values of `family`, from the master (waits as [`Node::db_family`] does).
     pub async fn db_values(&self, family: &str) -> Result<Value, NodeError> {
+        self.db_query(DbQuery::Values, family).await
+    }
+
+    async fn db_query(&self, kind: DbQuery, family: &str) -> Result<Value, NodeError> {
+        let family = family.to_owned();
         self.call(|reply| Cmd::DbQuery {
-            kind: DbQuery::Values,
-            family: family.to_owned(),
+            kind,
+            family,
             reply,
         })
         .await
