@@ -23,21 +23,6 @@ const SLACK: usize = 256 * 1024;
 /// Sandbox memory neither node may reach while flooded.
 const MAX_SANDBOX: usize = 64 << 20;
 
-/// Waits until `sent` stops moving for half a second; returns where it stopped.
-async fn standstill(sent: &AtomicU64) -> u64 {
-    tokio::time::timeout(WAIT * 2, async {
-        loop {
-            let before = sent.load(Ordering::Acquire);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if sent.load(Ordering::Acquire) == before {
-                return before;
-            }
-        }
-    })
-    .await
-    .expect("the sender comes to a standstill")
-}
-
 /// A port that stops reading holds back the application of another node sending to it:
 /// its `send` calls wait, its write buffers stay near the high-water mark, nothing is
 /// lost, and both sandboxes stay small.
@@ -80,7 +65,7 @@ async fn a_slow_port_slows_the_sending_application() {
     });
 
     // The port reads nothing: the sender must stop, and stay stopped.
-    let held = standstill(&sent).await;
+    let held = standstill(&sent, WAIT * 2, "the sender comes to a standstill").await;
     let pending = sender.pending_bytes();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(sent.load(Ordering::Acquire), held, "the sender went on");

@@ -369,17 +369,12 @@ async fn a_slow_port_pushes_back_on_a_flood() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     // Stop reading: the sender must come to a standstill (the node stops reading it).
-    let held_back = tokio::time::timeout(WAIT, async {
-        loop {
-            let before = sent.load(Ordering::Acquire);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if sent.load(Ordering::Acquire) == before {
-                return before;
-            }
-        }
-    })
-    .await
-    .expect("the sender is held back while the port reads nothing");
+    let held_back = standstill(
+        &sent,
+        WAIT,
+        "the sender is held back while the port reads nothing",
+    )
+    .await;
     // And stays held back (a node merely behind would catch up and read on).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(

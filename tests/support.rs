@@ -60,6 +60,23 @@ pub async fn node_down(
     .expect(what)
 }
 
+/// Waits until `sent` stops moving for half a second and returns where it stopped, or
+/// panics saying `what` after `within`.
+pub async fn standstill(sent: &std::sync::atomic::AtomicU64, within: Duration, what: &str) -> u64 {
+    use std::sync::atomic::Ordering;
+    tokio::time::timeout(within, async {
+        loop {
+            let before = sent.load(Ordering::Acquire);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if sent.load(Ordering::Acquire) == before {
+                return before;
+            }
+        }
+    })
+    .await
+    .expect(what)
+}
+
 /// Text values.
 pub fn t(s: &str) -> Value {
     Value::text(s)

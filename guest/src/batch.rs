@@ -20,12 +20,24 @@ pub enum BatchError {
 
 /// Appends one message to a batch.
 pub fn push(data: &mut Vec<u8>, sizes: &mut Vec<u32>, port: &str, args: &[u8]) {
+    push_with(data, sizes, port, |out| out.extend_from_slice(args));
+}
+
+/// Appends one message whose arguments `write_args` encodes straight into the batch
+/// (no buffer of their own).
+pub fn push_with(
+    data: &mut Vec<u8>,
+    sizes: &mut Vec<u32>,
+    port: &str,
+    write_args: impl FnOnce(&mut Vec<u8>),
+) {
     data.extend_from_slice(port.as_bytes());
-    data.extend_from_slice(args);
+    let start = data.len();
+    write_args(data);
     // A message is far below 4 GiB (the message size limit is a u32); a larger one
     // would show as a size mismatch, never as another message.
     sizes.push(u32::try_from(port.len()).unwrap_or(u32::MAX));
-    sizes.push(u32::try_from(args.len()).unwrap_or(u32::MAX));
+    sizes.push(u32::try_from(data.len() - start).unwrap_or(u32::MAX));
 }
 
 /// The (port id, arguments) pairs of a batch, in order; an error ends it.

@@ -412,11 +412,10 @@ impl Node {
             data: Vec::new(),
             sizes: Vec::with_capacity(2 * messages.len()),
         };
-        let mut args_cbor = Vec::new();
         for (port, args) in messages {
-            args_cbor.clear();
-            Value::Array(args).encode_into(&mut args_cbor);
-            aemp_engine::batch::push(&mut batch.data, &mut batch.sizes, &port, &args_cbor);
+            aemp_engine::batch::push_with(&mut batch.data, &mut batch.sizes, &port, |out| {
+                Value::Array(args).encode_into(out)
+            });
         }
         self.call(|reply| Cmd::Send { batch, reply }).await
     }
