@@ -165,3 +165,50 @@ async fn shutdown_delivers_what_was_sent_even_to_a_node_not_up_yet() {
     );
     assert!(watcher.send("shut-a#inbox", vec![]).await.is_err());
 }
+
+/// The batch API both ways: `SendBatch` messages alternating between two ports of the
+/// other node (so one engine batch holds runs for both), raw pushes among them, taken with
+/// `recv_batch` from inboxes far smaller than the batch (split chunks, held messages):
+/// every message arrives once, in order, at its own port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_reach_two_ports_in_order_through_small_inboxes() {
+    let a = builder("batch-a", "s")
+        .port_capacity(7)
+        .start()
+        .await
+        .unwrap();
+    let b = builder("batch-b", "s").start().await.unwrap();
+    let mut even = a.named_port("even").await.unwrap();
+    let mut odd = a.named_port("odd").await.unwrap();
+    b.connect(&addr(&a)).await.unwrap();
+    b.wait_up(a.id(), WAIT).await.unwrap();
+    const N: i128 = 3000;
+    let mut batch = aemp_host::SendBatch::new();
+    for i in 0..N {
+        let port = if i % 2 == 0 { even.id() } else { odd.id() };
+        if i % 3 == 0 {
+            batch.push_raw(port, &Value::Array(vec![Value::Int(i)]).encode());
+        } else {
+            batch.push(port, &[Value::Int(i)]);
+        }
+    }
+    assert_eq!(batch.len(), N as usize);
+    b.send_messages(batch).await.unwrap();
+    tokio::join!(take(&mut even, 0, N), take(&mut odd, 1, N));
+}
+
+/// Takes messages `[first]`, `[first + 2]`, ... below `end` from `port`, five at most at once.
+async fn take(port: &mut aemp_host::Port, first: i128, end: i128) {
+    let mut next = first;
+    while next < end {
+        let got = tokio::time::timeout(WAIT, port.recv_batch(5))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!((1..=5).contains(&got.len()));
+        for args in got.decode() {
+            assert_eq!(args, [Value::Int(next)]);
+            next += 2;
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use aemp_engine::{Config, Connection, Framing, Output, Value, Verdict};
 use aemp_host::raw::{Instance, ResourceAny, wit};
-use aemp_host::{Node, Sandbox, TlsConfig};
+use aemp_host::{Node, Sandbox, SendBatch, TlsConfig};
 use serde_json::json;
 
 /// How much work each measurement does.
@@ -243,22 +243,24 @@ async fn one_way(receiver: &Node, senders: &[Node], args: &[Value], n: usize) ->
                 let mut sent = 0;
                 while sent < share {
                     let k = 1000.min(share - sent);
-                    sender
-                        .send_batch(vec![(target.clone(), args.clone()); k])
-                        .await
-                        .expect("send");
+                    let mut batch = SendBatch::with_capacity(k);
+                    for _ in 0..k {
+                        batch.push(&target, &args);
+                    }
+                    sender.send_messages(batch).await.expect("send");
                     sent += k;
                 }
             })
         })
         .collect();
-    // Taken as a receiver that wants throughput takes them: what waits, at once.
-    let (total, mut got, mut batch) = (share * senders.len(), 0, Vec::new());
+    // Taken as a receiver that wants throughput takes them: what waits, at once, undecoded.
+    let (total, mut got) = (share * senders.len(), 0);
     while got < total {
-        batch.clear();
-        got += tokio::time::timeout(STALL, inbox.recv_many(&mut batch, 1024))
+        let batch = tokio::time::timeout(STALL, inbox.recv_batch(1024))
             .await
-            .unwrap_or_else(|_| panic!("no message for {STALL:?}: the connection was lost"));
+            .unwrap_or_else(|_| panic!("no message for {STALL:?}: the connection was lost"))
+            .expect("port open");
+        got += batch.iter().filter(|args| !args.is_empty()).count();
     }
     let rate = total as f64 / start.elapsed().as_secs_f64();
     for producer in producers {

@@ -100,6 +100,17 @@ impl Value {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         encode(self, &mut Encoder::new(out));
     }
+
+    /// Appends the encoding of an array of `items` to `out`, as `Value::Array` of them
+    /// would be encoded, without owning them.
+    pub fn encode_array_into(items: &[Value], out: &mut Vec<u8>) {
+        let mut e = Encoder::new(out);
+        // Writing into a Vec cannot fail.
+        let _ = e.array(items.len() as u64);
+        for item in items {
+            encode(item, &mut e);
+        }
+    }
 }
 
 impl Value {
@@ -367,9 +378,10 @@ fn scalar(d: &mut Decoder, ty: Type) -> Result<Value, minicbor::decode::Error> {
 
 /// Encodes without recursion: values built by an application may nest deeper than any
 /// limit, and are refused by the limits only after they are encoded.
-fn encode(v: &Value, e: &mut Encoder<&mut Vec<u8>>) {
-    let mut todo = vec![v];
-    while let Some(v) = todo.pop() {
+fn encode(mut v: &Value, e: &mut Encoder<&mut Vec<u8>>) {
+    // Allocated only once a container's items are waiting: a scalar costs nothing.
+    let mut todo = Vec::new();
+    loop {
         // Writing into a Vec cannot fail.
         let _ = match v {
             Value::Null => e.null(),
@@ -407,6 +419,10 @@ fn encode(v: &Value, e: &mut Encoder<&mut Vec<u8>>) {
             }
             Value::Simple(s) => e.simple(*s),
         };
+        match todo.pop() {
+            Some(next) => v = next,
+            None => return,
+        }
     }
 }
 

@@ -12,8 +12,8 @@ pub mod tls;
 pub use aemp_engine::{AuthMethod, DecodeError, Framing, Value};
 pub use convert::{ValueError, from_value, to_value};
 pub use node::{
-    DbChange, DbMonitor, Event, Monitor, Node, NodeBuilder, NodeError, Port, Refusal, Request,
-    Requests,
+    DbChange, DbMonitor, Event, Messages, Monitor, Node, NodeBuilder, NodeError, Port, Refusal,
+    Request, Requests, SendBatch,
 };
 pub(crate) use sandbox::EngineBindings;
 pub use sandbox::{Limits as SandboxLimits, Sandbox, SandboxError};

@@ -2,16 +2,17 @@
 //! through the engine, timers, and the port inboxes with the messages held for them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aemp_engine::{Value, batch, printable};
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{Receiver, Sender, WeakSender, channel};
 use tokio::sync::{broadcast, watch};
 use wasmtime::component::ResourceAny;
 
+use super::inbox::{self, Chunk, Inbox, Offer};
 use super::io::{self, Dialed, End, Io};
 use super::subscribe::{Topic, Waiters, db_entry, request_entry};
 use super::{Cmd, DbQuery, Event, HIGH_WATER, NodeError, Port, Refusal, Reply, decode_args};
@@ -28,7 +29,7 @@ pub(super) struct Driver {
     pub(super) dialing: HashSet<u64>,
     pub(super) dial_tx: Sender<Dialed>,
     /// Each port's inbox: the arguments of each message, as a CBOR array.
-    pub(super) ports: HashMap<String, Sender<Vec<u8>>>,
+    pub(super) ports: HashMap<String, Inbox>,
     pub(super) db_waiters: HashMap<String, Reply<Value>>,
     pub(super) events: broadcast::Sender<Event>,
     pub(super) up: HashSet<String>,
@@ -60,16 +61,16 @@ pub(super) struct Driver {
     pub(super) unwritten: Arc<AtomicUsize>,
 }
 
-/// A message waiting for room in its port's inbox.
+/// Messages waiting for room in their port's inbox.
 pub(super) struct Held {
     port: String,
-    args: Vec<u8>,
+    chunk: Chunk,
     from_app: bool,
 }
 
 /// A port messages are held for.
 pub(super) struct HeldPort {
-    /// How many.
+    /// How many messages.
     count: usize,
     /// When it last took a message (or the first was held).
     progress: tokio::time::Instant,
@@ -147,15 +148,15 @@ impl Driver {
             // a task switch per message.
             let waiting = self.held.front().map(|h| {
                 let held = self.held_ports.get(&h.port).map_or(1, |p| p.count);
-                let want = held.min(self.port_capacity.div_ceil(2)).max(1);
-                (self.ports.get(&h.port).cloned(), want)
+                let want = held.min(self.port_capacity.div_ceil(2));
+                self.ports.get(&h.port).map(|inbox| inbox.room(want))
             });
             let room = async move {
                 match waiting {
-                    Some((Some(port), want)) => {
-                        let _ = tokio::time::timeout(HELD_RETRY, port.reserve_many(want)).await;
+                    Some(Some(room)) => {
+                        let _ = tokio::time::timeout(HELD_RETRY, room).await;
                     }
-                    Some((None, _)) => {}
+                    Some(None) => {}
                     None => std::future::pending().await,
                 }
             };
@@ -300,43 +301,45 @@ impl Driver {
         Ok(())
     }
 
-    /// Hands a message to its port; holds it when the inbox is full or messages for the
-    /// port are held already (to keep their order); drops it when the port is stalled.
-    fn deliver(&mut self, port: &str, args: Vec<u8>) {
+    /// Hands messages to their port; holds what does not fit when the inbox is full (and
+    /// everything while messages for the port are held already, to keep their order);
+    /// drops them when the port is stalled.
+    fn deliver(&mut self, port: &str, mut chunk: Chunk) {
         let Some(inbox) = self.ports.get(port) else {
             return;
         };
-        // (The emptiness checks spare a hash of the port id per message.)
+        // (The emptiness checks spare a hash of the port id per round.)
         if self.held_ports.is_empty() || !self.held_ports.contains_key(port) {
-            match inbox.try_send(args) {
-                Ok(()) => {
-                    if !self.stalled.is_empty() {
-                        self.stalled.remove(port);
-                    }
-                    return;
-                }
-                Err(TrySendError::Closed(_)) => return,
+            let offered = inbox.offer(&mut chunk);
+            if !self.stalled.is_empty() && !matches!(offered, Offer::Full { taken: 0 }) {
+                self.stalled.remove(port);
+            }
+            match offered {
+                Offer::Taken | Offer::Closed => return,
                 // Logged once, when the port stalled.
-                Err(TrySendError::Full(_)) if self.stalled.contains(port) => return,
-                Err(TrySendError::Full(args)) => return self.hold(port.to_owned(), args),
+                Offer::Full { .. } if self.stalled.contains(port) => return,
+                Offer::Full { .. } => {}
             }
         }
-        self.hold(port.to_owned(), args);
+        self.hold(port.to_owned(), chunk);
     }
 
-    fn hold(&mut self, port: String, args: Vec<u8>) {
+    fn hold(&mut self, port: String, chunk: Chunk) {
         let now = tokio::time::Instant::now();
+        let n = chunk.len();
         self.held_ports
             .entry(port.clone())
             .or_insert(HeldPort {
                 count: 0,
                 progress: now,
             })
-            .count += 1;
-        self.held_app += usize::from(self.app_round);
+            .count += n;
+        if self.app_round {
+            self.held_app += n;
+        }
         self.held.push_back(Held {
             port,
-            args,
+            chunk,
             from_app: self.app_round,
         });
     }
@@ -347,30 +350,36 @@ impl Driver {
         let now = tokio::time::Instant::now();
         let mut full = HashSet::new();
         let mut kept = VecDeque::new();
-        for h in std::mem::take(&mut self.held) {
+        for mut h in std::mem::take(&mut self.held) {
             if full.contains(&h.port) {
                 kept.push_back(h);
                 continue;
             }
-            let result = match self.ports.get(&h.port) {
-                Some(inbox) => inbox.try_send(h.args),
-                None => Ok(()),
+            let before = h.chunk.len();
+            let offered = match self.ports.get(&h.port) {
+                Some(inbox) => inbox.offer(&mut h.chunk),
+                None => Offer::Closed,
             };
-            match result {
-                Ok(()) | Err(TrySendError::Closed(_)) => {
-                    self.held_app -= usize::from(h.from_app);
-                    if let Some(p) = self.held_ports.get_mut(&h.port) {
-                        p.count -= 1;
-                        p.progress = now;
-                        if p.count == 0 {
-                            self.held_ports.remove(&h.port);
-                        }
-                    }
+            // Taken, or gone with the port: either way no longer held.
+            let done = match offered {
+                Offer::Taken | Offer::Closed => before,
+                Offer::Full { taken } => taken,
+            };
+            if h.from_app {
+                self.held_app -= done;
+            }
+            if let Some(p) = self.held_ports.get_mut(&h.port) {
+                p.count -= done;
+                if done > 0 {
+                    p.progress = now;
                 }
-                Err(TrySendError::Full(args)) => {
-                    full.insert(h.port.clone());
-                    kept.push_back(Held { args, ..h });
+                if p.count == 0 {
+                    self.held_ports.remove(&h.port);
                 }
+            }
+            if let Offer::Full { .. } = offered {
+                full.insert(h.port.clone());
+                kept.push_back(h);
             }
         }
         self.held = kept;
@@ -381,17 +390,26 @@ impl Driver {
             .map(|(port, _)| port.clone())
             .collect();
         for port in stalled {
-            let before = self.held.len();
+            let dropped: usize = self
+                .held
+                .iter()
+                .filter(|h| h.port == port)
+                .map(|h| h.chunk.len())
+                .sum();
             self.held.retain(|h| h.port != port);
             tracing::warn!(
-                "port {} took no message for {} ms: dropped {} messages for it",
+                "port {} took no message for {} ms: dropped {dropped} messages for it",
                 printable(&port),
                 self.port_stall.as_millis(),
-                before - self.held.len()
             );
             self.held_ports.remove(&port);
             self.stalled.insert(port);
-            self.held_app = self.held.iter().filter(|h| h.from_app).count();
+            self.held_app = self
+                .held
+                .iter()
+                .filter(|h| h.from_app)
+                .map(|h| h.chunk.len())
+                .sum();
         }
     }
 
@@ -424,7 +442,7 @@ impl Driver {
                             .map_err(refused),
                     };
                 let port = id.map(|id| {
-                    let (tx, rx) = channel(self.port_capacity);
+                    let (tx, rx) = inbox::inbox(self.port_capacity);
                     self.ports.insert(id.clone(), tx);
                     Port {
                         id,
@@ -482,7 +500,7 @@ impl Driver {
                         Topic::Db(family) => api.call_db_mon(s, n, family, now),
                     }
                 })?;
-                let (tx, rx) = channel(self.port_capacity);
+                let (tx, rx) = inbox::inbox(self.port_capacity);
                 let inbox = topic.inbox();
                 // A new handle for the same topic takes over; what was held for the old
                 // one goes to the new one.
@@ -493,7 +511,7 @@ impl Driver {
             Cmd::Unsubscribe { topic } => {
                 let inbox = topic.inbox();
                 // A handle replaced by a newer one leaves the newer one in place.
-                if self.ports.get(&inbox).is_some_and(Sender::is_closed) {
+                if self.ports.get(&inbox).is_some_and(Inbox::is_closed) {
                     self.ports.remove(&inbox);
                     self.stalled.remove(&inbox);
                     if let Topic::Db(family) = &topic {
@@ -620,15 +638,7 @@ impl Driver {
                     tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason));
                 }
             }
-            O::Deliver(b) => {
-                for pair in batch::pairs(&b.data, &b.sizes) {
-                    match pair {
-                        Ok((port, args)) => self.deliver(port, args.to_vec()),
-                        // The engine made the batch: this is a bug, not a peer's doing.
-                        Err(e) => tracing::error!("undeliverable batch from the engine: {e}"),
-                    }
-                }
-            }
+            O::Deliver(b) => self.deliver_batch(b),
             O::NodeUp(node) => {
                 tracing::info!("{} is up", printable(&node));
                 self.up.insert(node.clone());
@@ -652,7 +662,7 @@ impl Driver {
             }
             O::Request(r) => {
                 let inbox = Topic::Requests(r.tag).inbox();
-                self.deliver(&inbox, request_entry(r.node, &r.args));
+                self.deliver(&inbox, Chunk::single(request_entry(r.node, &r.args)));
             }
             O::DbReply(r) => {
                 if let Some(waiter) = self.db_waiters.remove(&r.id) {
@@ -661,7 +671,7 @@ impl Driver {
             }
             O::DbChange(c) => {
                 let inbox = Topic::Db(c.family).inbox();
-                self.deliver(&inbox, db_entry(&c.set, c.del));
+                self.deliver(&inbox, Chunk::single(db_entry(&c.set, c.del)));
             }
             O::Log(l) => match l.level {
                 wit_node::LogLevel::Error => tracing::error!("{}", l.message),
@@ -673,6 +683,55 @@ impl Driver {
         Ok(())
     }
 }
+impl Driver {
+    /// Delivers the engine's batch of messages for local ports: as one chunk when it is
+    /// all for one port (the bytes are not copied), else a chunk of copies per run of
+    /// messages for the same port (so that no port keeps another port's bytes alive).
+    fn deliver_batch(&mut self, b: wit_node::Batch) {
+        let mut runs: Vec<(&str, Vec<Range<usize>>)> = Vec::new();
+        for pair in batch::pairs(&b.data, &b.sizes) {
+            let (port, args) = match pair {
+                Ok(pair) => pair,
+                // The engine made the batch: this is a bug, not a peer's doing.
+                Err(e) => {
+                    tracing::error!("undeliverable batch from the engine: {e}");
+                    break;
+                }
+            };
+            // `args` lies in `b.data`.
+            let start = args.as_ptr() as usize - b.data.as_ptr() as usize;
+            let span = start..start + args.len();
+            match runs.last_mut() {
+                Some((last, spans)) if *last == port => spans.push(span),
+                _ => runs.push((port, vec![span])),
+            }
+        }
+        if let [(port, _)] = runs.as_slice() {
+            let port = port.to_string();
+            let spans = runs.pop().map(|(_, spans)| spans).unwrap_or_default();
+            return self.deliver(&port, Chunk::new(b.data, spans));
+        }
+        let runs: Vec<(String, Chunk)> = runs
+            .into_iter()
+            .map(|(port, spans)| {
+                let mut data = Vec::new();
+                let spans = spans
+                    .into_iter()
+                    .map(|span| {
+                        let start = data.len();
+                        data.extend_from_slice(b.data.get(span).unwrap_or_default());
+                        start..data.len()
+                    })
+                    .collect();
+                (port.to_owned(), Chunk::new(data, spans))
+            })
+            .collect();
+        for (port, chunk) in runs {
+            self.deliver(&port, chunk);
+        }
+    }
+}
+
 impl Refusal {
     fn from_wit(kind: wit::RefusalKind) -> Refusal {
         use wit::RefusalKind as K;

@@ -16,10 +16,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use aemp_engine::Value;
-use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::sync::mpsc::Sender;
 use tokio::sync::oneshot;
 
-use super::{Cmd, NodeError, Reply, decode_args};
+use super::{Cmd, NodeError, Reply, decode_args, inbox};
 
 /// Resolves when its port dies: `Ok(reason)` (empty for a normal exit, `["transport_error",
 /// ...]` and the like when its node went away), [`NodeError::Cancelled`] after
@@ -64,12 +64,12 @@ pub struct Request {
 #[derive(Debug)]
 pub struct Requests {
     tag: String,
-    rx: Receiver<Vec<u8>>,
+    rx: inbox::Receiver,
     tx: Sender<Cmd>,
 }
 
 impl Requests {
-    pub(super) fn new(tag: String, rx: Receiver<Vec<u8>>, tx: Sender<Cmd>) -> Requests {
+    pub(super) fn new(tag: String, rx: inbox::Receiver, tx: Sender<Cmd>) -> Requests {
         Requests { tag, rx, tx }
     }
 
@@ -80,8 +80,7 @@ impl Requests {
 
     /// The next request; `None` once the node is gone (or another handler took the tag).
     pub async fn recv(&mut self) -> Option<Request> {
-        let raw = self.rx.recv().await?;
-        let mut items = decode_args(&raw).into_iter();
+        let mut items = self.rx.recv_with(decode_args).await?.into_iter();
         let node = items.next()?.as_name()?.into_owned();
         Some(Request {
             node,
@@ -110,12 +109,12 @@ pub struct DbChange {
 #[derive(Debug)]
 pub struct DbMonitor {
     family: String,
-    rx: Receiver<Vec<u8>>,
+    rx: inbox::Receiver,
     tx: Sender<Cmd>,
 }
 
 impl DbMonitor {
-    pub(super) fn new(family: String, rx: Receiver<Vec<u8>>, tx: Sender<Cmd>) -> DbMonitor {
+    pub(super) fn new(family: String, rx: inbox::Receiver, tx: Sender<Cmd>) -> DbMonitor {
         DbMonitor { family, rx, tx }
     }
 
@@ -126,8 +125,7 @@ impl DbMonitor {
 
     /// The next change; `None` once the node is gone.
     pub async fn recv(&mut self) -> Option<DbChange> {
-        let raw = self.rx.recv().await?;
-        let mut items = decode_args(&raw).into_iter();
+        let mut items = self.rx.recv_with(decode_args).await?.into_iter();
         let set = items.next()?;
         let del = match items.next()? {
             Value::Array(keys) => keys

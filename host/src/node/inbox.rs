@@ -1,0 +1,393 @@
+//! Port inboxes: the bounded queue between the driver and one receiver ([`super::Port`],
+//! [`super::Requests`], [`super::DbMonitor`]).
+//!
+//! The driver hands over a round's messages for a port as one [`Chunk`] (the engine's
+//! `deliver` batch itself when it is all for one port: no copy and no allocation per
+//! message), and the receiver is woken once per chunk, not per message. The bound is in
+//! messages: a chunk that does not fit is split, the inbox takes what fits and the
+//! driver holds the rest. The driver waits for room with [`Inbox::room`], woken once the
+//! receiver has taken enough for what it holds (not per message taken).
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
+
+use aemp_engine::Value;
+
+use super::decode_args;
+
+/// Messages for one port, each a range of `data` holding its arguments (a CBOR array).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Chunk {
+    data: Arc<Vec<u8>>,
+    spans: Vec<Range<usize>>,
+    /// `spans[next..]` are the messages still in the chunk.
+    next: usize,
+}
+
+impl Chunk {
+    /// Messages as ranges of `data` (which may hold other bytes between them).
+    pub(super) fn new(data: Vec<u8>, spans: Vec<Range<usize>>) -> Chunk {
+        Chunk {
+            data: Arc::new(data),
+            spans,
+            next: 0,
+        }
+    }
+
+    /// One message.
+    pub(super) fn single(args: Vec<u8>) -> Chunk {
+        let len = args.len();
+        Chunk::new(args, std::iter::once(0..len).collect())
+    }
+
+    /// Messages in the chunk.
+    pub(super) fn len(&self) -> usize {
+        self.spans.len() - self.next
+    }
+
+    /// Takes the first `n` messages (at most all) as a chunk of their own, sharing the bytes.
+    fn split_off_front(&mut self, n: usize) -> Chunk {
+        let end = self.next + n.min(self.len());
+        let front = Chunk {
+            data: self.data.clone(),
+            spans: self.spans.get(self.next..end).unwrap_or_default().to_vec(),
+            next: 0,
+        };
+        self.next = end;
+        front
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let spans = self.spans.get(self.next..).unwrap_or_default();
+        spans
+            .iter()
+            .map(|span| self.data.get(span.clone()).unwrap_or_default())
+    }
+}
+
+/// Messages taken from a port at once ([`super::Port::recv_batch`]): each message's
+/// arguments as the CBOR array the peer sent, undecoded, in arrival order. Holding them
+/// costs no allocation per message.
+#[derive(Debug, Default)]
+pub struct Messages {
+    chunks: Vec<Chunk>,
+    len: usize,
+}
+
+impl Messages {
+    /// How many messages.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Each message's arguments as the CBOR array the peer sent.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().flat_map(Chunk::iter)
+    }
+
+    /// Each message's arguments, decoded (as [`super::Port::recv`] returns them).
+    pub fn decode(&self) -> impl Iterator<Item = Vec<Value>> {
+        self.iter().map(decode_args)
+    }
+}
+
+impl<'a> IntoIterator for &'a Messages {
+    type Item = &'a [u8];
+    type IntoIter = Box<dyn Iterator<Item = &'a [u8]> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    chunks: VecDeque<Chunk>,
+    /// Messages in `chunks`.
+    count: usize,
+    /// The receiver waiting for a message.
+    receiver: Option<Waker>,
+    /// The driver waiting for room for `want` messages.
+    driver: Option<(Waker, usize)>,
+    /// The receiver is gone: nothing more is taken.
+    receiver_gone: bool,
+    /// The driver let go of the inbox (the port was killed, the node stopped): the
+    /// receiver gets what is left, then the end.
+    sender_gone: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    capacity: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What [`Inbox::offer`] did with a chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Offer {
+    /// Taken, all of it.
+    Taken,
+    /// The inbox was full: `taken` messages from the front were taken (perhaps none),
+    /// the rest are still in the chunk.
+    Full { taken: usize },
+    /// The receiver is gone; the chunk is left as it was.
+    Closed,
+}
+
+/// The driver's end of an inbox. Dropping it ends the receiver's stream once the
+/// receiver has taken what is queued.
+#[derive(Debug)]
+pub(super) struct Inbox {
+    shared: Arc<Shared>,
+}
+
+/// The receiver's end.
+#[derive(Debug)]
+pub(super) struct Receiver {
+    shared: Arc<Shared>,
+}
+
+/// A new inbox holding at most `capacity` messages (at least one).
+pub(super) fn inbox(capacity: usize) -> (Inbox, Receiver) {
+    let shared = Arc::new(Shared {
+        state: Mutex::default(),
+        capacity: capacity.max(1),
+    });
+    (
+        Inbox {
+            shared: shared.clone(),
+        },
+        Receiver { shared },
+    )
+}
+
+impl Inbox {
+    /// Queues what fits of `chunk` (taken from its front), waking the receiver once.
+    pub(super) fn offer(&self, chunk: &mut Chunk) -> Offer {
+        let mut state = self.shared.lock();
+        if state.receiver_gone {
+            return Offer::Closed;
+        }
+        let n = chunk.len();
+        let taken = self.shared.capacity.saturating_sub(state.count).min(n);
+        if taken == 0 && n > 0 {
+            return Offer::Full { taken };
+        }
+        let front = if taken == n {
+            std::mem::take(chunk)
+        } else {
+            chunk.split_off_front(taken)
+        };
+        state.chunks.push_back(front);
+        state.count += taken;
+        let waker = state.receiver.take();
+        drop(state);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        if taken == n {
+            Offer::Taken
+        } else {
+            Offer::Full { taken }
+        }
+    }
+
+    /// Whether the receiver is gone.
+    pub(super) fn is_closed(&self) -> bool {
+        self.shared.lock().receiver_gone
+    }
+
+    /// Resolves once the inbox has room for `want` messages (or all it can hold), or
+    /// the receiver is gone.
+    pub(super) fn room(&self, want: usize) -> impl Future<Output = ()> + use<> {
+        let shared = self.shared.clone();
+        let want = want.clamp(1, shared.capacity);
+        poll_fn(move |cx| {
+            let mut state = shared.lock();
+            if state.receiver_gone || shared.capacity - state.count.min(shared.capacity) >= want {
+                state.driver = None;
+                Poll::Ready(())
+            } else {
+                state.driver = Some((cx.waker().clone(), want));
+                Poll::Pending
+            }
+        })
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.shared.lock();
+            state.sender_gone = true;
+            state.receiver.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl Receiver {
+    /// Waits for messages and takes up to `limit` of them (at least one); `None` once
+    /// the inbox is empty and its driver let go. Cancel-safe: nothing is taken unless
+    /// this returns.
+    pub(super) async fn take(&mut self, limit: usize) -> Option<Messages> {
+        let limit = limit.max(1);
+        let (taken, driver) = poll_fn(|cx| {
+            let mut state = self.shared.lock();
+            if state.count == 0 {
+                if state.sender_gone {
+                    return Poll::Ready(None);
+                }
+                state.receiver = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let mut taken = Messages::default();
+            while taken.len < limit {
+                let Some(front) = state.chunks.front_mut() else {
+                    break;
+                };
+                let n = front.len();
+                let chunk = if n <= limit - taken.len {
+                    state.chunks.pop_front()
+                } else {
+                    Some(front.split_off_front(limit - taken.len))
+                };
+                if let Some(chunk) = chunk {
+                    taken.len += chunk.len();
+                    taken.chunks.push(chunk);
+                }
+            }
+            state.count -= taken.len;
+            // The driver is woken once there is room for what it holds, not per message.
+            let room = self.shared.capacity.saturating_sub(state.count);
+            let driver = match state.driver.take() {
+                Some((waker, want)) if room >= want => Some(waker),
+                kept => {
+                    state.driver = kept;
+                    None
+                }
+            };
+            Poll::Ready(Some((taken, driver)))
+        })
+        .await?;
+        if let Some(w) = driver {
+            w.wake();
+        }
+        Some(taken)
+    }
+
+    /// Takes the next message and makes `T` of its arguments (outside the inbox's lock).
+    pub(super) async fn recv_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        let one = self.take(1).await?;
+        one.iter().next().map(f)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let waker = {
+            let mut state = self.shared.lock();
+            state.receiver_gone = true;
+            state.chunks.clear();
+            state.count = 0;
+            state.driver.take()
+        };
+        if let Some((w, _)) = waker {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(messages: &[&[u8]]) -> Chunk {
+        let mut data = Vec::new();
+        let mut spans = Vec::new();
+        for m in messages {
+            // Something between messages, as in a deliver batch (the port ids).
+            data.extend_from_slice(b"#p");
+            spans.push(data.len()..data.len() + m.len());
+            data.extend_from_slice(m);
+        }
+        Chunk::new(data, spans)
+    }
+
+    fn raw(m: &Messages) -> Vec<Vec<u8>> {
+        m.iter().map(<[u8]>::to_vec).collect()
+    }
+
+    #[tokio::test]
+    async fn a_chunk_that_does_not_fit_is_split_in_order() {
+        let (tx, mut rx) = inbox(3);
+        let mut c = chunk(&[b"\x81\x01", b"\x81\x02"]);
+        assert_eq!(tx.offer(&mut c), Offer::Taken);
+        let mut c = chunk(&[b"\x81\x03", b"\x81\x04", b"\x81\x05"]);
+        assert_eq!(tx.offer(&mut c), Offer::Full { taken: 1 });
+        assert_eq!(c.len(), 2);
+        assert_eq!(tx.offer(&mut c), Offer::Full { taken: 0 });
+        let got = rx.take(2).await.unwrap();
+        assert_eq!(raw(&got), [b"\x81\x01", b"\x81\x02"]);
+        assert_eq!(tx.offer(&mut c), Offer::Taken);
+        let got = rx.take(10).await.unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got.decode().collect::<Vec<_>>(),
+            [[Value::Int(3)], [Value::Int(4)], [Value::Int(5)]]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_receiver_gets_what_is_left_then_the_end() {
+        let (tx, mut rx) = inbox(4);
+        assert_eq!(tx.offer(&mut Chunk::single(b"\x80".to_vec())), Offer::Taken);
+        drop(tx);
+        assert_eq!(rx.recv_with(<[u8]>::to_vec).await, Some(b"\x80".to_vec()));
+        assert!(rx.take(1).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_gone_receiver_takes_nothing_and_frees_the_driver() {
+        let (tx, rx) = inbox(1);
+        assert_eq!(tx.offer(&mut Chunk::single(b"\x80".to_vec())), Offer::Taken);
+        let room = tx.room(1);
+        drop(rx);
+        room.await;
+        assert!(tx.is_closed());
+        let mut c = Chunk::single(b"\x80".to_vec());
+        assert_eq!(tx.offer(&mut c), Offer::Closed);
+        assert_eq!(c.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_driver_is_woken_once_there_is_room_for_what_it_holds() {
+        let (tx, mut rx) = inbox(4);
+        let mut c = chunk(&[&b"\x80"[..]; 4]);
+        assert_eq!(tx.offer(&mut c), Offer::Taken);
+        let mut room = Box::pin(tx.room(2));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(room.as_mut().poll(&mut cx).is_pending());
+        rx.take(1).await.unwrap();
+        assert!(room.as_mut().poll(&mut cx).is_pending());
+        rx.take(1).await.unwrap();
+        assert!(room.as_mut().poll(&mut cx).is_ready());
+    }
+}
