@@ -191,6 +191,10 @@ impl Sandbox {
         let compile = |e: wasmtime::Error| SandboxError::Compile(format!("{e:#}"));
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // For `perf`: names for the engine's compiled code (README, Performance).
+        if std::env::var_os("AEMP_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(compile)?;
         // SAFETY: the precompiled bytes were produced by this crate's build script, with
         // this wasmtime version, from the embedded component, and are part of the

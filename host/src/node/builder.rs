@@ -368,6 +368,9 @@ impl NodeBuilder {
             status: status_tx,
             cmd_tx: tx.downgrade(),
             unwritten: unwritten.clone(),
+            engine_due: None,
+            dirty: true,
+            due_stale: true,
         };
         // Every log line of this node carries its id.
         let span = tracing::info_span!("node", id = %node_id);

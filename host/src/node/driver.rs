@@ -59,6 +59,13 @@ pub(super) struct Driver {
     pub(super) cmd_tx: WeakSender<Cmd>,
     /// What [`super::Node::pending_bytes`] reads.
     pub(super) unwritten: Arc<AtomicUsize>,
+    /// When the engine wants `handle-timeout`, as of `due_stale` last cleared.
+    pub(super) engine_due: Option<tokio::time::Instant>,
+    /// The engine was called since its outputs were last taken: it may have some. (Every
+    /// call counts in a round trip's time, so the driver asks only when this is set.)
+    pub(super) dirty: bool,
+    /// The engine was called since `engine_due` was asked.
+    pub(super) due_stale: bool,
 }
 
 /// Messages waiting for room in their port's inbox.
@@ -129,9 +136,17 @@ impl Driver {
     ) -> wasmtime::Result<()> {
         self.round()?;
         loop {
-            let engine_due = self
-                .node_api(|s, n, b| b.aemp_engine_node().node().call_poll_timeout(s, n))?
-                .map(|ms| tokio::time::Instant::from(self.started + Duration::from_millis(ms)));
+            if self.due_stale {
+                let (store, b) = self.instance.parts();
+                self.engine_due = b
+                    .aemp_engine_node()
+                    .node()
+                    .call_poll_timeout(store, self.node)?
+                    .map(|ms| self.started + Duration::from_millis(ms))
+                    .map(tokio::time::Instant::from);
+                self.due_stale = false;
+            }
+            let engine_due = self.engine_due;
             let due = match (engine_due, self.io.deadline()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -413,7 +428,8 @@ impl Driver {
         }
     }
 
-    /// Calls into the engine with the store, the node resource and the bindings.
+    /// Calls into the engine with the store, the node resource and the bindings; the
+    /// engine may have outputs and another timeout afterwards.
     fn node_api<T>(
         &mut self,
         f: impl FnOnce(
@@ -422,6 +438,8 @@ impl Driver {
             &crate::EngineBindings,
         ) -> wasmtime::Result<T>,
     ) -> wasmtime::Result<T> {
+        self.dirty = true;
+        self.due_stale = true;
         let node = self.node;
         let (store, b) = self.instance.parts();
         f(store, node, b)
@@ -584,18 +602,21 @@ impl Driver {
         self.cmd_tx.upgrade().unwrap_or_else(|| channel(1).0)
     }
 
-    /// Acts on everything the engine has to say, until it has nothing more.
+    /// Acts on everything the engine has to say, until it has nothing more. (Each
+    /// `poll-outputs` takes all the engine has; acting on them may call it again.)
     fn flush(&mut self) -> wasmtime::Result<()> {
-        loop {
-            let outputs =
-                self.node_api(|s, n, b| b.aemp_engine_node().node().call_poll_outputs(s, n))?;
-            if outputs.is_empty() {
-                return Ok(());
-            }
+        while self.dirty {
+            self.dirty = false;
+            let (store, b) = self.instance.parts();
+            let outputs = b
+                .aemp_engine_node()
+                .node()
+                .call_poll_outputs(store, self.node)?;
             for output in outputs {
                 self.output(output)?;
             }
         }
+        Ok(())
     }
 
     fn output(&mut self, output: wit_node::NodeOutput) -> wasmtime::Result<()> {
