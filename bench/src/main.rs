@@ -278,7 +278,6 @@ async fn e2e(
     pings: usize,
 ) -> (f64, f64, f64) {
     let (receiver, senders) = nodes(sandbox, tls, tag, 1).await;
-    let sender = &senders[0];
     let rate = one_way(
         &receiver,
         &senders,
@@ -286,8 +285,13 @@ async fn e2e(
         n,
     )
     .await;
+    let (p50, p99) = round_trips(&receiver, &senders[0], pings).await;
+    (rate, p50, p99)
+}
 
-    // Ping-pong, cal-style: the receiver echoes to the sender's port.
+/// Round-trip percentiles in microseconds: a ping-pong, cal-style: the receiver echoes
+/// to the sender's port.
+async fn round_trips(receiver: &Node, sender: &Node, pings: usize) -> (f64, f64) {
     let mut echo = receiver.port().await.expect("port");
     let mut back = sender.port().await.expect("port");
     let (echo_id, back_id) = (echo.id().to_owned(), back.id().to_owned());
@@ -311,7 +315,7 @@ async fn e2e(
     }
     rtts.sort_by(f64::total_cmp);
     let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize];
-    (rate, pct(0.5), pct(0.99))
+    (pct(0.5), pct(0.99))
 }
 
 /// The next message of `port`; a lost connection fails the run instead of hanging it.
@@ -590,6 +594,29 @@ fn main() {
             );
         }
     });
+    if run("e2e") {
+        // The same round trip with everything on one thread: what the node path itself
+        // costs, without the wake-ups of an idle CPU that a runtime of two threads pays at
+        // each hop between the nodes.
+        let one_thread = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (p50, p99) = one_thread.block_on(async {
+            let (receiver, senders) = nodes(&sandbox, None, "one-thread", 1).await;
+            round_trips(&receiver, &senders[0], c.pings).await
+        });
+        add(
+            "e2e_rtt_p50_us_plain_1_thread",
+            p50,
+            "the plain round trip on a runtime of one thread, median, µs",
+        );
+        add(
+            "e2e_rtt_p99_us_plain_1_thread",
+            p99,
+            "the same, 99th percentile, µs",
+        );
+    }
     if as_json {
         let mut map = serde_json::Map::new();
         for f in &figures {
