@@ -286,7 +286,18 @@ async fn e2e(
     )
     .await;
     let (p50, p99) = round_trips(&receiver, &senders[0], pings).await;
+    stop(receiver, senders).await;
     (rate, p50, p99)
+}
+
+/// Shuts the nodes down and waits until they are gone, so that what they free does not
+/// fall into the next measurement (the memory group's RSS figure).
+async fn stop(receiver: Node, senders: Vec<Node>) {
+    for node in senders.into_iter().chain([receiver]) {
+        node.shutdown(Duration::from_secs(10))
+            .await
+            .expect("shutdown");
+    }
 }
 
 /// Round-trip percentiles in microseconds: a ping-pong, cal-style: the receiver echoes
@@ -544,6 +555,7 @@ fn main() {
                 one_way(&receiver, &senders, &kib, c.e2e).await,
                 "1 KiB messages/s one way between two nodes, loopback TCP",
             );
+            stop(receiver, senders).await;
             let (receiver, senders) = nodes(&sandbox, None, "eight", 8).await;
             add(
                 "e2e_msgs_per_s_8_senders_plain",
@@ -556,6 +568,7 @@ fn main() {
                 .await,
                 "small messages/s from eight nodes into one port of one node, loopback TCP",
             );
+            stop(receiver, senders).await;
             for (tag, tls) in [("plain", None), ("tls", Some(&tls))] {
                 let (rate, p50, p99) = e2e(&sandbox, tls, tag, c.e2e, c.pings).await;
                 add(
