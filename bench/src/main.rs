@@ -224,7 +224,7 @@ fn native_node_pump(
     while let Some(o) = from.poll_output() {
         match o {
             NodeOutput::Transmit { bytes, .. } => to.handle_input(to_conn, &bytes, 0),
-            NodeOutput::Deliver { .. } => delivered += 1,
+            NodeOutput::Deliver(batch) => delivered += batch.len(),
             NodeOutput::NodeUp { .. } => up = true,
             NodeOutput::Close { reason, .. } => panic!("{reason}"),
             _ => {}

@@ -390,11 +390,13 @@ impl Net {
         self.events[i]
             .iter()
             .filter_map(|e| match e {
-                NodeOutput::Deliver { port, args } => {
-                    Some((port.clone(), Value::decode(args).unwrap()))
-                }
+                NodeOutput::Deliver(batch) => Some(batch.pairs().map(|pair| {
+                    let (port, args) = pair.unwrap();
+                    (port.to_owned(), Value::decode(args).unwrap())
+                })),
                 _ => None,
             })
+            .flatten()
             .collect()
     }
 
