@@ -191,6 +191,11 @@ impl Sandbox {
         let compile = |e: wasmtime::Error| SandboxError::Compile(format!("{e:#}"));
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // `AEMP_PERFMAP=1` writes /tmp/perf-PID.map, so `perf report` names the
+        // engine's compiled functions (see README, Performance).
+        if std::env::var_os("AEMP_PERFMAP").is_some_and(|v| v == "1") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(compile)?;
         // SAFETY: the precompiled bytes were produced by this crate's build script, with
         // this wasmtime version, from the embedded component, and are part of the

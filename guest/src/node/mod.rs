@@ -13,6 +13,7 @@ mod msg;
 mod seed;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 pub use ids::{expand_node_id, split_port_id};
 pub use seed::GlobalLimits;
@@ -180,6 +181,29 @@ pub enum NodeError {
     Message(#[from] MessageError),
 }
 
+/// Hashes connection ids for the node's table of connections. The node hands the ids
+/// out itself (1, 2, 3...), peers choose none, so a multiply that spreads them does
+/// (SipHash, built for keys an attacker picks, cost a lookup or two per message).
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnIdHasher(u64);
+
+impl Hasher for ConnIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        // 2^64 / golden ratio: consecutive ids land far apart in every bit.
+        self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+}
+
 /// One connection and what it is for.
 #[derive(Debug)]
 struct Conn {
@@ -241,7 +265,7 @@ struct Seed {
 pub struct Node {
     config: NodeConfig,
     node_id: String,
-    conns: HashMap<ConnId, Conn>,
+    conns: HashMap<ConnId, Conn, BuildHasherDefault<ConnIdHasher>>,
     next_conn: ConnId,
     peers: HashMap<String, Peer>,
     /// Local port names.
@@ -312,7 +336,7 @@ impl Node {
         let jitter = u64::from_le_bytes(seed[8..16].try_into().unwrap_or_default()) | 1;
         let mut node = Node {
             node_id: node_id.clone(),
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             next_conn: 1,
             peers: HashMap::new(),
             ports: BTreeSet::new(),
@@ -711,7 +735,11 @@ impl Node {
         config.greeting.push(("mproto".into(), "1".into()));
         config.greeting.push(("gproto".into(), "1".into()));
         match Connection::new(config, nonce, now) {
-            Ok(t) => c.transport = Some(t),
+            Ok(mut t) => {
+                // A run of received messages in one buffer, not one allocation each.
+                t.set_message_sequences(true);
+                c.transport = Some(t)
+            }
             // The same configuration was validated in `Node::new`.
             Err(e) => unreachable!("validated configuration refused: {e}"),
         }
@@ -760,8 +788,8 @@ impl Node {
                     );
                     self.connected(conn, session.remote_node, &how)
                 }
+                // (Not asked for: the node's connections report sequences.)
                 Output::Message(message) => self.received(conn, &message),
-                // (The node does not ask its connections for sequences; handled all the same.)
                 Output::Messages { data, sizes } => {
                     let mut rest = &data[..];
                     for size in sizes {

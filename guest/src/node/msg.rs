@@ -41,7 +41,8 @@ pub(crate) fn join_into(port: &str, args: &[u8], out: &mut Vec<u8>) -> Result<()
         }
         _ => return Err(MessageError::NotAnArray),
     }
-    Value::text(port).encode_into(out);
+    // Writing into a Vec cannot fail.
+    let _ = minicbor::Encoder::new(&mut *out).str(port);
     out.extend_from_slice(&args[d.position()..]);
     Ok(())
 }
