@@ -292,6 +292,10 @@ pub struct Node {
     checker: Checker,
     /// Where [`Node::send`] builds each message: reused, so sending allocates nothing.
     scratch: Vec<u8>,
+    /// The node the last message went to and its working connection: a run of messages
+    /// to one node looks it up once. Forgotten wherever a node's connection changes
+    /// ([`Node::connected`], [`Node::transport_error`]).
+    last_route: (String, Option<ConnId>),
     now: u64,
     /// Warnings about each connected peer's requests in the current window.
     warned: HashMap<String, WarnBudget>,
@@ -354,6 +358,7 @@ impl Node {
             outputs: VecDeque::new(),
             checker: Checker::default(),
             scratch: Vec::new(),
+            last_route: (String::new(), None),
             now,
             warned: HashMap::new(),
             conns_held: 0,
@@ -873,6 +878,7 @@ impl Node {
         let Some(peer) = self.peers.remove(node) else {
             return;
         };
+        self.last_route.1 = None;
         self.queued_held -= peer.queued_bytes;
         self.global.forget_find(node);
         let prefix = format!("{node}#");
@@ -934,6 +940,7 @@ impl Node {
         );
         let peer = self.peers.entry(node.clone()).or_default();
         peer.conn = Some(conn);
+        self.last_route.1 = None;
         peer.connecting = None;
         let queue = std::mem::take(&mut peer.queue);
         self.queued_held -= std::mem::take(&mut peer.queued_bytes);
@@ -1010,7 +1017,7 @@ impl Node {
             return Ok(());
         }
         // The common case first, without allocating a key.
-        if let Some(conn) = self.peers.get(node).and_then(|p| p.conn) {
+        if let Some(conn) = self.working_conn(node) {
             self.transmit(conn, message, checked);
             return Ok(());
         }
@@ -1029,6 +1036,19 @@ impl Node {
         peer.queue.push_back(message.to_vec());
         self.connect(node, now);
         Ok(())
+    }
+
+    /// `node`'s working connection, if any (remembered for the next message).
+    fn working_conn(&mut self, node: &str) -> Option<ConnId> {
+        let (last, conn) = &mut self.last_route;
+        if conn.is_some() && last == node {
+            return *conn;
+        }
+        let found = self.peers.get(node)?.conn?;
+        last.clear();
+        last.push_str(node);
+        *conn = Some(found);
+        Some(found)
     }
 
     /// A message arrived on `conn`.

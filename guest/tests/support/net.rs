@@ -245,7 +245,8 @@ impl Net {
         }
     }
 
-    fn apply(&mut self, x: usize, o: NodeOutput) {
+    /// Acts on output `o` of node `x` as [`run`](Self::run) does.
+    pub fn apply(&mut self, x: usize, o: NodeOutput) {
         let now = self.now;
         match o {
             NodeOutput::Transmit { conn, bytes } => {
