@@ -267,7 +267,11 @@ pub struct Node {
     node_id: String,
     conns: HashMap<ConnId, Conn, BuildHasherDefault<ConnIdHasher>>,
     next_conn: ConnId,
-    peers: HashMap<String, Peer>,
+    /// Keyed by node ids that peers choose (in `snd` relays, say): ordered, not hashed, so
+    /// that no choice of names makes lookups slow. std's SipHash keys would not help
+    /// here: on wasm32-unknown-unknown (no OS randomness) std takes them from the
+    /// addresses of a stack and a heap byte, the same in every fresh instance.
+    peers: BTreeMap<String, Peer>,
     /// Local port names.
     ports: BTreeSet<String>,
     /// Prefix and counter for fresh port names.
@@ -297,8 +301,9 @@ pub struct Node {
     /// ([`Node::connected`], [`Node::transport_error`]).
     last_route: (String, Option<ConnId>),
     now: u64,
-    /// Warnings about each connected peer's requests in the current window.
-    warned: HashMap<String, WarnBudget>,
+    /// Warnings about each connected peer's requests in the current window (ordered, as
+    /// `peers`).
+    warned: BTreeMap<String, WarnBudget>,
     /// The connections' share of [`Node::buffered_bytes`] (the sum of their `held`).
     conns_held: usize,
     /// The queues' share of [`Node::buffered_bytes`] (the sum of their `queued_bytes`).
@@ -342,7 +347,7 @@ impl Node {
             node_id: node_id.clone(),
             conns: HashMap::default(),
             next_conn: 1,
-            peers: HashMap::new(),
+            peers: BTreeMap::new(),
             ports: BTreeSet::new(),
             uniq: ids::alnum(&seed[..9]),
             port_counter: "a".into(),
@@ -360,7 +365,7 @@ impl Node {
             scratch: Vec::new(),
             last_route: (String::new(), None),
             now,
-            warned: HashMap::new(),
+            warned: BTreeMap::new(),
             conns_held: 0,
             queued_held: 0,
             config,
