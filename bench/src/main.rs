@@ -5,8 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use aemp_engine::{Config, Connection, Framing, Output, Value, Verdict};
-use aemp_host::raw::{Instance, ResourceAny, wit};
+use aemp_engine::{
+    Config, ConnId, Connection, Framing, NodeConfig, NodeOutput, Output, Value, Verdict,
+};
+use aemp_host::raw::{Instance, ResourceAny, wit, wit_node};
 use aemp_host::{Node, Sandbox, SendBatch, TlsConfig};
 use serde_json::json;
 
@@ -196,6 +198,160 @@ fn boundary_call(sandbox: &Sandbox, n: usize) -> f64 {
         inst.poll_timeout(a.conn).expect("call");
     }
     start.elapsed().as_nanos() as f64 / n as f64
+}
+
+// ---- the node path in the engine -------------------------------------------------------
+
+/// The arguments of the node figures' messages: `["ping",123]`.
+fn ping_args() -> Vec<u8> {
+    Value::Array(vec![Value::text("ping"), Value::Int(123)]).encode()
+}
+
+fn node_config(node: &str) -> NodeConfig {
+    let mut c = NodeConfig::new(node);
+    c.transport.secret = Some(SECRET.to_vec());
+    c
+}
+
+/// Moves what node `from` outputs into `to` (its end of the connection is `to_conn`);
+/// counts delivered messages and node-ups.
+fn native_node_pump(
+    from: &mut aemp_engine::Node,
+    to: &mut aemp_engine::Node,
+    to_conn: ConnId,
+) -> (usize, bool) {
+    let (mut delivered, mut up) = (0, false);
+    while let Some(o) = from.poll_output() {
+        match o {
+            NodeOutput::Transmit { bytes, .. } => to.handle_input(to_conn, &bytes, 0),
+            NodeOutput::Deliver(batch) => delivered += batch.len(),
+            NodeOutput::NodeUp { .. } => up = true,
+            NodeOutput::Close { reason, .. } => panic!("{reason}"),
+            _ => {}
+        }
+    }
+    (delivered, up)
+}
+
+/// Seconds per message from one native node to a port of another, wired back to back,
+/// sent in batches of 1000.
+fn native_node_messages(n: usize) -> f64 {
+    let mut a = aemp_engine::Node::new(node_config("a"), [1; 16], 0).expect("config");
+    let mut b = aemp_engine::Node::new(node_config("b"), [2; 16], 0).expect("config");
+    let ab = a.connect_addr("b:4040", 0);
+    let ba = b.handle_accept("a:50000", [2; 66], 0);
+    a.handle_connected(ab, [1; 66], 0);
+    let (mut up_a, mut up_b) = (false, false);
+    while !(up_a && up_b) {
+        up_a |= native_node_pump(&mut a, &mut b, ba).1;
+        up_b |= native_node_pump(&mut b, &mut a, ab).1;
+    }
+    let port = b.register_port("inbox").expect("port");
+    let args = ping_args();
+    let start = Instant::now();
+    let mut received = 0;
+    while received < n {
+        for _ in 0..1000.min(n - received) {
+            a.send(&port, &args, 0).expect("send");
+        }
+        native_node_pump(&mut a, &mut b, ba);
+        received += native_node_pump(&mut b, &mut a, ab).0;
+    }
+    start.elapsed().as_secs_f64() / n as f64
+}
+
+/// Moves what node `from` outputs into `to` (both in `inst`); counts delivered messages
+/// and node-ups.
+fn wasm_node_pump(
+    inst: &mut Instance,
+    from: ResourceAny,
+    to: ResourceAny,
+    to_conn: u64,
+) -> (usize, bool) {
+    let (mut delivered, mut up) = (0, false);
+    let (store, api) = inst.parts();
+    let outputs = api
+        .aemp_engine_node()
+        .node()
+        .call_poll_outputs(&mut *store, from)
+        .expect("call");
+    for o in outputs {
+        match o {
+            wit_node::NodeOutput::Transmit(t) => {
+                let (store, api) = inst.parts();
+                api.aemp_engine_node()
+                    .node()
+                    .call_handle_input(store, to, to_conn, &t.bytes, 0)
+                    .expect("call");
+            }
+            wit_node::NodeOutput::Deliver(batch) => delivered += batch.sizes.len() / 2,
+            wit_node::NodeOutput::NodeUp(_) => up = true,
+            wit_node::NodeOutput::Close(c) => panic!("{}", c.reason),
+            _ => {}
+        }
+    }
+    (delivered, up)
+}
+
+/// [`native_node_messages`] through the component's `node` interface: one `send` per
+/// batch of 1000, deliveries taken as `deliver` batches.
+fn wasm_node_messages(sandbox: &Sandbox, n: usize) -> f64 {
+    let mut inst = sandbox.instantiate().expect("instance");
+    let create = |inst: &mut Instance, id: &str| {
+        let (store, api) = inst.parts();
+        let api = api.aemp_engine_node();
+        let mut config = api.call_default_node_config(&mut *store, id).expect("call");
+        config.transport.secret = Some(SECRET.to_vec());
+        api.node()
+            .call_create(store, &config, 0)
+            .expect("call")
+            .expect("config")
+    };
+    let a = create(&mut inst, "a");
+    let b = create(&mut inst, "b");
+    let (store, api) = inst.parts();
+    let node = api.aemp_engine_node().node();
+    let ab = node
+        .call_connect_addr(&mut *store, a, "b:4040", 0)
+        .expect("call");
+    let ba = node
+        .call_handle_accept(&mut *store, b, "a:50000", 0)
+        .expect("call");
+    node.call_handle_connected(&mut *store, a, ab, 0)
+        .expect("call");
+    let (mut up_a, mut up_b) = (false, false);
+    while !(up_a && up_b) {
+        up_a |= wasm_node_pump(&mut inst, a, b, ba).1;
+        up_b |= wasm_node_pump(&mut inst, b, a, ab).1;
+    }
+    let (store, api) = inst.parts();
+    let port = api
+        .aemp_engine_node()
+        .node()
+        .call_register_port(store, b, "inbox")
+        .expect("call")
+        .expect("port");
+    let args = ping_args();
+    let start = Instant::now();
+    let mut received = 0;
+    while received < n {
+        let mut batch = wit_node::Batch {
+            data: Vec::new(),
+            sizes: Vec::new(),
+        };
+        for _ in 0..1000.min(n - received) {
+            aemp_engine::batch::push(&mut batch.data, &mut batch.sizes, &port, &args);
+        }
+        let (store, api) = inst.parts();
+        api.aemp_engine_node()
+            .node()
+            .call_send(store, a, &batch, 0)
+            .expect("call")
+            .expect("send");
+        wasm_node_pump(&mut inst, a, b, ba);
+        received += wasm_node_pump(&mut inst, b, a, ab).0;
+    }
+    start.elapsed().as_secs_f64() / n as f64
 }
 
 // ---- nodes end to end ----------------------------------------------------------------
@@ -527,6 +683,16 @@ fn main() {
                 "the same inside wasmtime",
             );
         }
+        add(
+            "engine_native_node_msgs_per_s",
+            1.0 / native_node_messages(c.small),
+            "[\"ping\",123] from a node to a port of another, batches of 1000, native",
+        );
+        add(
+            "engine_wasm_node_msgs_per_s",
+            1.0 / wasm_node_messages(&sandbox, c.small),
+            "the same through the component's node interface in wasmtime",
+        );
         add(
             "boundary_ns_per_call",
             boundary_call(&sandbox, c.small),

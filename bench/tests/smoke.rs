@@ -16,6 +16,8 @@ const FIGURES: &[&str] = &[
     "engine_wasm_64k_mb_per_s_cbor",
     "engine_native_64k_mb_per_s_json",
     "engine_wasm_64k_mb_per_s_json",
+    "engine_native_node_msgs_per_s",
+    "engine_wasm_node_msgs_per_s",
     "boundary_ns_per_call",
     "boundary_ns_per_message",
     "e2e_handshake_ms",
@@ -66,6 +68,8 @@ fn quick_run_prints_every_figure() {
         "e2e_msgs_per_s_8_senders_plain",
         "e2e_msgs_per_s_plain",
         "engine_native_small_msgs_per_s_cbor",
+        "engine_native_node_msgs_per_s",
+        "engine_wasm_node_msgs_per_s",
         "sandbox_memory_bytes",
     ] {
         assert!(figures[name].as_f64().unwrap_or(0.0) > 0.0, "{name}");

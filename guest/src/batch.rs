@@ -18,6 +18,32 @@ pub enum BatchError {
     PortNotUtf8,
 }
 
+/// A batch of messages in its two buffers (what the node's deliveries are built in).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Port ids and arguments, one after another.
+    pub data: Vec<u8>,
+    /// Two lengths per message: its port id's and its arguments'.
+    pub sizes: Vec<u32>,
+}
+
+impl Batch {
+    /// How many messages the batch holds.
+    pub fn len(&self) -> usize {
+        self.sizes.len() / 2
+    }
+
+    /// Whether the batch holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.sizes.is_empty()
+    }
+
+    /// The (port id, arguments) pairs, in order.
+    pub fn pairs(&self) -> impl Iterator<Item = Result<(&str, &[u8]), BatchError>> {
+        pairs(&self.data, &self.sizes)
+    }
+}
+
 /// Appends one message to a batch.
 pub fn push(data: &mut Vec<u8>, sizes: &mut Vec<u32>, port: &str, args: &[u8]) {
     push_with(data, sizes, port, |out| out.extend_from_slice(args));
@@ -31,12 +57,27 @@ pub fn push_with(
     port: &str,
     write_args: impl FnOnce(&mut Vec<u8>),
 ) {
-    data.extend_from_slice(port.as_bytes());
+    push_parts(data, sizes, &[port], write_args);
+}
+
+/// Appends one message whose port id is the concatenation of `port` (UTF-8 pieces, so a
+/// `NODE#NAME` id needs no string of its own) and whose arguments `write_args` encodes
+/// straight into the batch.
+pub fn push_parts(
+    data: &mut Vec<u8>,
+    sizes: &mut Vec<u32>,
+    port: &[&str],
+    write_args: impl FnOnce(&mut Vec<u8>),
+) {
+    let port_start = data.len();
+    for piece in port {
+        data.extend_from_slice(piece.as_bytes());
+    }
     let start = data.len();
     write_args(data);
     // A message is far below 4 GiB (the message size limit is a u32); a larger one
     // would show as a size mismatch, never as another message.
-    sizes.push(u32::try_from(port.len()).unwrap_or(u32::MAX));
+    sizes.push(u32::try_from(start - port_start).unwrap_or(u32::MAX));
     sizes.push(u32::try_from(data.len() - start).unwrap_or(u32::MAX));
 }
 
@@ -96,6 +137,19 @@ mod tests {
                 Ok(("b#\u{e9}", &b"\x82\x01\x02"[..])),
             ]
         );
+    }
+
+    #[test]
+    fn port_ids_in_pieces() {
+        let mut b = Batch::default();
+        assert!(b.is_empty());
+        push_parts(&mut b.data, &mut b.sizes, &["a", "#", "p"], |out| {
+            out.push(0x80)
+        });
+        push_parts(&mut b.data, &mut b.sizes, &[], |out| out.push(0x80));
+        assert_eq!(b.len(), 2);
+        let got: Vec<_> = b.pairs().collect();
+        assert_eq!(got, [Ok(("a#p", &b"\x80"[..])), Ok(("", &b"\x80"[..]))]);
     }
 
     #[test]

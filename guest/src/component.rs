@@ -213,17 +213,10 @@ impl wnode::GuestNode for NodeResource {
 
     fn poll_outputs(&self) -> Vec<wnode::NodeOutput> {
         let mut node = self.0.borrow_mut();
-        let mut outputs: Vec<wnode::NodeOutput> = Vec::new();
-        while let Some(output) = node.poll_output() {
-            // Consecutive deliveries cross the boundary as one batch.
-            match (output, outputs.last_mut()) {
-                (NodeOutput::Deliver { port, args }, Some(wnode::NodeOutput::Deliver(b))) => {
-                    batch::push(&mut b.data, &mut b.sizes, &port, &args);
-                }
-                (other, _) => outputs.push(other.into()),
-            }
-        }
-        outputs
+        // Consecutive deliveries are one batch already, built in place by the node.
+        std::iter::from_fn(|| node.poll_output())
+            .map(Into::into)
+            .collect()
     }
 
     fn connect_addr(&self, addr: String, now_ms: u64) -> u64 {
@@ -341,14 +334,10 @@ impl From<NodeOutput> for wnode::NodeOutput {
                 leftover,
             }),
             NodeOutput::Close { conn, reason } => W::Close(wnode::Close { conn, reason }),
-            NodeOutput::Deliver { port, args } => {
-                let mut b = wnode::Batch {
-                    data: Vec::with_capacity(port.len() + args.len()),
-                    sizes: Vec::with_capacity(2),
-                };
-                batch::push(&mut b.data, &mut b.sizes, &port, &args);
-                W::Deliver(b)
-            }
+            NodeOutput::Deliver(b) => W::Deliver(wnode::Batch {
+                data: b.data,
+                sizes: b.sizes,
+            }),
             NodeOutput::NodeUp { node } => W::NodeUp(node),
             NodeOutput::NodeDown { node, reason } => W::NodeDown(wnode::NodeDown { node, reason }),
             NodeOutput::PortDown { port, reason } => W::PortDown(wnode::PortDown { port, reason }),

@@ -364,16 +364,29 @@ impl Connection {
         self.send_checked(message, message.len())
     }
 
+    /// Whether outputs are waiting to be polled.
+    pub(crate) fn has_outputs(&self) -> bool {
+        !self.outputs.is_empty()
+    }
+
     /// Like [`send`](Self::send), but when no output is pending (so nothing can be
     /// reordered) the message is appended as it goes on the wire to `out`, bytes the host
     /// is about to transmit on this connection anyway: no buffer per message for a node
-    /// sending many.
-    pub(crate) fn send_into(&mut self, message: &[u8], out: &mut Vec<u8>) -> Result<(), SendError> {
-        if !self.outputs.is_empty() {
+    /// sending many. `checked`: the caller has checked the message against these limits
+    /// already.
+    pub(crate) fn send_into(
+        &mut self,
+        message: &[u8],
+        out: &mut Vec<u8>,
+        checked: bool,
+    ) -> Result<(), SendError> {
+        if self.has_outputs() {
             return self.send(message);
         }
         let framing = self.send_framing()?;
-        self.checker.check_item(message, &self.config.limits)?;
+        if !checked {
+            self.checker.check_item(message, &self.config.limits)?;
+        }
         framing::encode(framing, message, &self.config.limits, out)?;
         self.note_sent();
         Ok(())

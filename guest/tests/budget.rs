@@ -106,9 +106,14 @@ impl Hub {
         self.events
             .iter()
             .filter_map(|e| match e {
-                NodeOutput::Deliver { args, .. } => Some(Value::decode(args).unwrap()),
+                NodeOutput::Deliver(batch) => Some(
+                    batch
+                        .pairs()
+                        .map(|pair| Value::decode(pair.unwrap().1).unwrap()),
+                ),
                 _ => None,
             })
+            .flatten()
             .collect()
     }
 }

@@ -70,7 +70,7 @@ fn messages_between_ports_on_three_nodes_found_through_the_seed() {
     assert!(
         net.nodes[c]
             .poll_output()
-            .is_some_and(|o| matches!(o, NodeOutput::Deliver { .. }))
+            .is_some_and(|o| matches!(o, NodeOutput::Deliver(b) if b.len() == 1))
     );
 }
 
@@ -493,4 +493,123 @@ fn consecutive_messages_to_one_node_leave_as_one_transmit() {
         panic!("expected one transmit, got {outputs:?}");
     };
     assert_eq!(bytes, &expected);
+}
+
+/// Messages sent in a run, to ports of several nodes, leave in the order sent: one
+/// transmit per run of messages to one connection.
+#[test]
+fn a_run_of_sends_to_several_nodes_keeps_its_order() {
+    let (mut net, a, b, c) = three();
+    let (pb, pb2) = (net.nodes[b].new_port(), net.nodes[b].new_port());
+    let pc = net.nodes[c].new_port();
+    let now = net.now;
+    // Connect first, so the run below goes straight out.
+    net.nodes[a].send(&pb, &args(vec![]), now).unwrap();
+    net.nodes[a].send(&pc, &args(vec![]), now).unwrap();
+    net.run();
+    assert!(net.nodes[a].is_up("b") && net.nodes[a].is_up("c"));
+    for i in [b, c] {
+        net.events[i].clear();
+    }
+    let to = [(&pb, 1), (&pb2, 2), (&pc, 3), (&pb, 4), (&pc, 5), (&pc, 6)];
+    for (port, n) in to {
+        net.nodes[a]
+            .send(port, &args(vec![Value::Int(n)]), now)
+            .unwrap();
+    }
+    let mut outputs = Vec::new();
+    while let Some(o) = net.nodes[a].poll_output() {
+        outputs.push(o);
+    }
+    let conns: Vec<_> = outputs
+        .iter()
+        .map(|o| match o {
+            NodeOutput::Transmit { conn, .. } => *conn,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    // b, c, b, c: four transmits, the two to one node on one connection.
+    assert_eq!(conns.len(), 4);
+    assert_eq!((conns[0], conns[1]), (conns[2], conns[3]));
+    assert_ne!(conns[0], conns[1]);
+    for o in outputs {
+        net.apply(a, o);
+    }
+    net.run();
+    let one = |port: &String, n| (port.clone(), Value::Array(vec![Value::Int(n)]));
+    assert_eq!(net.delivered(b), [one(&pb, 1), one(&pb2, 2), one(&pb, 4)]);
+    assert_eq!(net.delivered(c), [one(&pc, 3), one(&pc, 5), one(&pc, 6)]);
+}
+
+/// Consecutive deliveries share one batch, built as they arrive; anything else the node
+/// says between them starts a new one, so the order of outputs stays.
+#[test]
+fn deliveries_coalesce_into_one_batch_in_order() {
+    let (mut net, a, b, _) = three();
+    let (p1, p2) = (net.nodes[b].new_port(), net.nodes[b].new_port());
+    let now = net.now;
+    net.nodes[a].send(&p1, &args(vec![]), now).unwrap();
+    net.run();
+    net.events[b].clear();
+    let gone = format!("{}x", net.nodes[b].new_port());
+    for (port, n) in [(&p1, 1), (&p2, 2), (&gone, 3), (&p1, 4)] {
+        net.nodes[a]
+            .send(port, &args(vec![Value::Int(n)]), now)
+            .unwrap();
+    }
+    net.run();
+    let batches: Vec<Vec<(String, Value)>> = net.events[b]
+        .iter()
+        .filter_map(|o| match o {
+            NodeOutput::Deliver(batch) => Some(
+                batch
+                    .pairs()
+                    .map(|pair| {
+                        let (port, args) = pair.unwrap();
+                        (port.to_owned(), Value::decode(args).unwrap())
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    let one = |port: &String, n| (port.clone(), Value::Array(vec![Value::Int(n)]));
+    assert_eq!(batches, [vec![one(&p1, 1), one(&p2, 2)], vec![one(&p1, 4)]]);
+    // The message for the missing port was logged between the two batches.
+    let kinds: Vec<_> = net.events[b]
+        .iter()
+        .filter_map(|o| match o {
+            NodeOutput::Deliver(_) => Some("deliver"),
+            NodeOutput::Log { message, .. } if message.contains("nonexistent port") => Some("log"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["deliver", "log", "deliver"]);
+}
+
+/// The node remembers the connection of the last node it sent to; losing it and
+/// connecting again must not leave messages on the old one.
+#[test]
+fn a_message_after_reconnecting_takes_the_new_connection() {
+    let (mut net, a, b, _) = three();
+    let pb = net.nodes[b].new_port();
+    let now = net.now;
+    net.nodes[a]
+        .send(&pb, &args(vec![Value::Int(1)]), now)
+        .unwrap();
+    net.run();
+    net.cut(a);
+    assert!(!net.nodes[a].is_up("b"));
+    net.nodes[a]
+        .send(&pb, &args(vec![Value::Int(2)]), now)
+        .unwrap();
+    net.run();
+    assert!(net.nodes[a].is_up("b"));
+    net.nodes[a]
+        .send(&pb, &args(vec![Value::Int(3)]), now)
+        .unwrap();
+    net.run();
+    let got: Vec<_> = net.delivered(b).into_iter().map(|(_, v)| v).collect();
+    let one = |n| Value::Array(vec![Value::Int(n)]);
+    assert_eq!(got, [one(1), one(2), one(3)]);
 }

@@ -191,8 +191,9 @@ impl Sandbox {
         let compile = |e: wasmtime::Error| SandboxError::Compile(format!("{e:#}"));
         let mut config = Config::new();
         config.epoch_interruption(true);
-        // For `perf`: names for the engine's compiled code (README, Performance).
-        if std::env::var_os("AEMP_PERFMAP").is_some() {
+        // `AEMP_PERFMAP=1` writes /tmp/perf-PID.map, so `perf report` names the
+        // engine's compiled functions (see README, Performance).
+        if std::env::var_os("AEMP_PERFMAP").is_some_and(|v| v == "1") {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
         let engine = Engine::new(&config).map_err(compile)?;

@@ -257,7 +257,7 @@ impl Node {
 
     /// Sends `["", items...]` to `node`.
     pub(super) fn send_node(&mut self, node: &str, items: Vec<Value>, now: u64) {
-        if let Err(e) = self.route(node, msg::build("", items), now) {
+        if let Err(e) = self.route(node, &msg::build("", items), false, now) {
             self.log(
                 LogLevel::Warn,
                 format!("global request to {node} dropped: {e}"),

@@ -9,7 +9,12 @@ const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234
 /// names that node's node port (empty name), as the reference's `snd` treats it. `None` for
 /// an empty node id, which the reference refuses too.
 pub fn split_port_id(port_id: &str) -> Option<(&str, &str)> {
-    let (node, port) = port_id.split_once('#').unwrap_or((port_id, ""));
+    // A byte search ('#' is ASCII, so its index is a char boundary): cheaper than a char
+    // pattern for the short ids of every message sent.
+    let (node, port) = match port_id.bytes().position(|b| b == b'#') {
+        Some(at) => (port_id.get(..at)?, port_id.get(at + 1..)?),
+        None => (port_id, ""),
+    };
     (!node.is_empty()).then_some((node, port))
 }
 

@@ -74,7 +74,7 @@ impl Node {
                 };
                 let (node, port) = (node.to_owned(), port.to_owned());
                 let relayed = msg::build(&port, rest(1));
-                if let Err(e) = self.route(&node, relayed, now) {
+                if let Err(e) = self.route(&node, &relayed, false, now) {
                     self.warn_peer(src, format!("relay from {src} to {port_id} failed: {e}"));
                 }
             }
@@ -136,7 +136,7 @@ impl Node {
     }
 
     fn reply(&mut self, node: &str, message: Vec<u8>, now: u64) {
-        if let Err(e) = self.route(node, message, now) {
+        if let Err(e) = self.route(node, &message, false, now) {
             self.log(LogLevel::Warn, format!("reply to {node} dropped: {e}"));
         }
     }

@@ -13,10 +13,12 @@ mod msg;
 mod seed;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 pub use ids::{expand_node_id, split_port_id};
 pub use seed::GlobalLimits;
 
+use crate::batch::{self, Batch};
 use crate::config::Config;
 use crate::connection::{Connection, Output, TlsRole, Verdict};
 use crate::error::{ConfigError, Error, MessageError};
@@ -106,8 +108,9 @@ pub enum NodeOutput {
     },
     /// Close `conn` after writing what was transmitted before; the id is free again.
     Close { conn: ConnId, reason: String },
-    /// A message for local port `port` (a port id); `args` is a CBOR array.
-    Deliver { port: String, args: Vec<u8> },
+    /// Messages for local ports: each its port id and its arguments (a CBOR array).
+    /// Consecutive deliveries share one batch, built in place as they arrive.
+    Deliver(Batch),
     /// A node completed a handshake.
     NodeUp { node: String },
     /// A node's working connection is gone.
@@ -141,11 +144,13 @@ impl NodeOutput {
             | NodeOutput::StartTls {
                 leftover: bytes, ..
             }
-            | NodeOutput::Deliver { args: bytes, .. }
             | NodeOutput::PortDown { reason: bytes, .. }
             | NodeOutput::Request { args: bytes, .. }
             | NodeOutput::DbReply { result: bytes, .. }
             | NodeOutput::DbChange { set: bytes, .. } => bytes.capacity(),
+            NodeOutput::Deliver(batch) => {
+                batch.data.capacity() + batch.sizes.capacity() * size_of::<u32>()
+            }
             NodeOutput::Connect { .. }
             | NodeOutput::Close { .. }
             | NodeOutput::NodeUp { .. }
@@ -174,6 +179,29 @@ pub enum NodeError {
     /// The message is unacceptable.
     #[error(transparent)]
     Message(#[from] MessageError),
+}
+
+/// Hashes connection ids for the node's table of connections. The node hands the ids
+/// out itself (1, 2, 3...), peers choose none, so a multiply that spreads them does
+/// (SipHash, built for keys an attacker picks, cost a lookup or two per message).
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnIdHasher(u64);
+
+impl Hasher for ConnIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        // 2^64 / golden ratio: consecutive ids land far apart in every bit.
+        self.0 = (self.0 ^ id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
 }
 
 /// One connection and what it is for.
@@ -237,9 +265,13 @@ struct Seed {
 pub struct Node {
     config: NodeConfig,
     node_id: String,
-    conns: HashMap<ConnId, Conn>,
+    conns: HashMap<ConnId, Conn, BuildHasherDefault<ConnIdHasher>>,
     next_conn: ConnId,
-    peers: HashMap<String, Peer>,
+    /// Keyed by node ids that peers choose (in `snd` relays, say): ordered, not hashed, so
+    /// that no choice of names makes lookups slow. std's SipHash keys would not help
+    /// here: on wasm32-unknown-unknown (no OS randomness) std takes them from the
+    /// addresses of a stack and a heap byte, the same in every fresh instance.
+    peers: BTreeMap<String, Peer>,
     /// Local port names.
     ports: BTreeSet<String>,
     /// Prefix and counter for fresh port names.
@@ -262,14 +294,24 @@ pub struct Node {
     outputs: VecDeque<NodeOutput>,
     /// Checks the messages the application sends.
     checker: Checker,
+    /// Where [`Node::send`] builds each message: reused, so sending allocates nothing.
+    scratch: Vec<u8>,
+    /// The node the last message went to and its working connection: a run of messages
+    /// to one node looks it up once. Forgotten wherever a node's connection changes
+    /// ([`Node::connected`], [`Node::transport_error`]).
+    last_route: (String, Option<ConnId>),
     now: u64,
-    /// Warnings about each connected peer's requests in the current window.
-    warned: HashMap<String, WarnBudget>,
+    /// Warnings about each connected peer's requests in the current window (ordered, as
+    /// `peers`).
+    warned: BTreeMap<String, WarnBudget>,
     /// The connections' share of [`Node::buffered_bytes`] (the sum of their `held`).
     conns_held: usize,
     /// The queues' share of [`Node::buffered_bytes`] (the sum of their `queued_bytes`).
     queued_held: usize,
 }
+
+/// The largest send buffer a node keeps between messages (larger ones are freed).
+const SCRATCH_KEPT: usize = 64 << 10;
 
 /// Warnings logged about one peer's requests per window; past it they are dropped, so a
 /// peer sending junk cannot flood the log.
@@ -303,9 +345,9 @@ impl Node {
         let jitter = u64::from_le_bytes(seed[8..16].try_into().unwrap_or_default()) | 1;
         let mut node = Node {
             node_id: node_id.clone(),
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             next_conn: 1,
-            peers: HashMap::new(),
+            peers: BTreeMap::new(),
             ports: BTreeSet::new(),
             uniq: ids::alnum(&seed[..9]),
             port_counter: "a".into(),
@@ -320,8 +362,10 @@ impl Node {
             jitter,
             outputs: VecDeque::new(),
             checker: Checker::default(),
+            scratch: Vec::new(),
+            last_route: (String::new(), None),
             now,
-            warned: HashMap::new(),
+            warned: BTreeMap::new(),
             conns_held: 0,
             queued_held: 0,
             config,
@@ -559,10 +603,20 @@ impl Node {
         self.now = now;
         let (node, port) =
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
-        let message = msg::join(port, args)?;
-        self.checker
-            .check_item(&message, &self.config.transport.limits)?;
-        self.route(node, message, now)
+        let mut message = std::mem::take(&mut self.scratch);
+        message.clear();
+        let result = msg::join_into(port, args, &mut message)
+            .and_then(|()| {
+                self.checker
+                    .check_item(&message, &self.config.transport.limits)
+            })
+            .map_err(NodeError::from)
+            .and_then(|()| self.route(node, &message, true, now));
+        // A rare large message does not keep its buffer.
+        if message.capacity() <= SCRATCH_KEPT {
+            self.scratch = message;
+        }
+        result
     }
 
     /// Kills local port `port_id` (or asks its node to kill it) with `reason` (a CBOR
@@ -578,7 +632,7 @@ impl Node {
         } else {
             let mut args = vec![Value::text("kil1"), Value::text(port)];
             args.extend(reason);
-            self.route(node, msg::build("", args), now)
+            self.route(node, &msg::build("", args), false, now)
         }
     }
 
@@ -605,7 +659,8 @@ impl Node {
             if peer.lmon.insert(port.to_owned()) {
                 self.route(
                     node,
-                    msg::build("", [Value::text("mon1"), Value::text(port)]),
+                    &msg::build("", [Value::text("mon1"), Value::text(port)]),
+                    false,
                     now,
                 )?;
             }
@@ -633,7 +688,8 @@ impl Node {
         {
             self.route(
                 node,
-                msg::build("", [Value::text("mon0"), Value::text(port)]),
+                &msg::build("", [Value::text("mon0"), Value::text(port)]),
+                false,
                 now,
             )?;
         }
@@ -689,7 +745,11 @@ impl Node {
         config.greeting.push(("mproto".into(), "1".into()));
         config.greeting.push(("gproto".into(), "1".into()));
         match Connection::new(config, nonce, now) {
-            Ok(t) => c.transport = Some(t),
+            Ok(mut t) => {
+                // A run of received messages in one buffer, not one allocation each.
+                t.set_message_sequences(true);
+                c.transport = Some(t)
+            }
             // The same configuration was validated in `Node::new`.
             Err(e) => unreachable!("validated configuration refused: {e}"),
         }
@@ -738,8 +798,8 @@ impl Node {
                     );
                     self.connected(conn, session.remote_node, &how)
                 }
+                // (Not asked for: the node's connections report sequences.)
                 Output::Message(message) => self.received(conn, &message),
-                // (The node does not ask its connections for sequences; handled all the same.)
                 Output::Messages { data, sizes } => {
                     let mut rest = &data[..];
                     for size in sizes {
@@ -823,6 +883,7 @@ impl Node {
         let Some(peer) = self.peers.remove(node) else {
             return;
         };
+        self.last_route.1 = None;
         self.queued_held -= peer.queued_bytes;
         self.global.forget_find(node);
         let prefix = format!("{node}#");
@@ -884,6 +945,7 @@ impl Node {
         );
         let peer = self.peers.entry(node.clone()).or_default();
         peer.conn = Some(conn);
+        self.last_route.1 = None;
         peer.connecting = None;
         let queue = std::mem::take(&mut peer.queue);
         self.queued_held -= std::mem::take(&mut peer.queued_bytes);
@@ -905,41 +967,63 @@ impl Node {
             self.seed_up(i, &node);
         }
         for message in queue {
-            self.transmit(conn, &message);
+            self.transmit(conn, &message, false);
         }
         let now = self.now;
         self.seed_node_up(&node, now);
     }
 
-    /// Sends `message` on `conn`'s transport.
-    fn transmit(&mut self, conn: ConnId, message: &[u8]) {
+    /// Sends `message` on `conn`'s transport; `checked`: the node has checked it
+    /// already (against the same limits), so the transport need not again.
+    fn transmit(&mut self, conn: ConnId, message: &[u8], checked: bool) {
         let Some(t) = self.conns.get_mut(&conn).and_then(|c| c.transport.as_mut()) else {
             return;
         };
-        // Consecutive messages on one connection go out as one transmit, each encoded
-        // straight into it.
-        let sent = match self.outputs.back_mut() {
-            Some(NodeOutput::Transmit { conn: last, bytes }) if *last == conn => {
-                t.send_into(message, bytes)
+        if t.has_outputs() {
+            // Behind what the transport has to say: queued there, in order.
+            if let Err(e) = t.send(message) {
+                self.log(LogLevel::Warn, format!("message dropped: {e}"));
             }
-            _ => t.send(message),
-        };
-        if let Err(e) = sent {
-            let level = LogLevel::Warn;
-            self.log(level, format!("message dropped: {e}"));
+            return self.pump(conn);
         }
-        self.pump(conn);
+        // Consecutive messages on one connection go out as one transmit, each encoded
+        // straight into it. The transport keeps nothing of them, so there is nothing to
+        // pump and what it holds is unchanged.
+        if !matches!(self.outputs.back(), Some(NodeOutput::Transmit { conn: last, .. }) if *last == conn)
+        {
+            self.outputs.push_back(NodeOutput::Transmit {
+                conn,
+                bytes: Vec::with_capacity(message.len()),
+            });
+        }
+        let Some(NodeOutput::Transmit { bytes, .. }) = self.outputs.back_mut() else {
+            unreachable!("a transmit for the connection was just made sure of")
+        };
+        let sent = t.send_into(message, bytes, checked);
+        if bytes.is_empty() {
+            self.outputs.pop_back();
+        }
+        if let Err(e) = sent {
+            self.log(LogLevel::Warn, format!("message dropped: {e}"));
+        }
     }
 
-    /// Delivers, sends or queues a complete message for `node`.
-    fn route(&mut self, node: &str, message: Vec<u8>, now: u64) -> Result<(), NodeError> {
+    /// Delivers, sends or queues a complete message for `node`; `checked` as for
+    /// [`transmit`](Self::transmit).
+    fn route(
+        &mut self,
+        node: &str,
+        message: &[u8],
+        checked: bool,
+        now: u64,
+    ) -> Result<(), NodeError> {
         if node == self.node_id {
-            self.deliver_local(node, &message, now);
+            self.deliver_local(node, message, now);
             return Ok(());
         }
         // The common case first, without allocating a key.
-        if let Some(conn) = self.peers.get(node).and_then(|p| p.conn) {
-            self.transmit(conn, &message);
+        if let Some(conn) = self.working_conn(node) {
+            self.transmit(conn, message, checked);
             return Ok(());
         }
         let max = self.config.max_queue_bytes;
@@ -954,9 +1038,22 @@ impl Node {
         let peer = self.peers.entry(node.to_owned()).or_default();
         peer.queued_bytes += message.len();
         self.queued_held += message.len();
-        peer.queue.push_back(message);
+        peer.queue.push_back(message.to_vec());
         self.connect(node, now);
         Ok(())
+    }
+
+    /// `node`'s working connection, if any (remembered for the next message).
+    fn working_conn(&mut self, node: &str) -> Option<ConnId> {
+        let (last, conn) = &mut self.last_route;
+        if conn.is_some() && last == node {
+            return *conn;
+        }
+        let found = self.peers.get(node)?.conn?;
+        last.clear();
+        last.push_str(node);
+        *conn = Some(found);
+        Some(found)
     }
 
     /// A message arrived on `conn`.
@@ -964,31 +1061,31 @@ impl Node {
         let Some(src) = self.conns.get(&conn).and_then(|c| c.remote.as_deref()) else {
             return;
         };
-        let Some((port, args)) = msg::split(message) else {
+        let Some(parts) = msg::split(message) else {
             return;
         };
         // A message for a local port, the common case, needs no copy of the sender's name.
-        if !port.is_empty() && self.ports.contains(port.as_ref()) {
-            return self.deliver(&port, args);
+        if !parts.port.is_empty() && self.ports.contains(parts.port.as_ref()) {
+            return self.deliver(&parts);
         }
         let (src, now) = (src.to_owned(), self.now);
-        self.deliver_parts(&src, &port, args, now);
+        self.deliver_parts(&src, &parts, now);
     }
 
     /// Delivers a message addressed to this node, sent by `src`.
     fn deliver_local(&mut self, src: &str, message: &[u8], now: u64) {
-        if let Some((port, args)) = msg::split(message) {
-            self.deliver_parts(src, &port, args, now);
+        if let Some(parts) = msg::split(message) {
+            self.deliver_parts(src, &parts, now);
         }
     }
 
-    /// Delivers a message from `src` for local port `port` (the node port when empty),
-    /// `args` the CBOR array of its arguments.
-    fn deliver_parts(&mut self, src: &str, port: &str, args: Vec<u8>, now: u64) {
+    /// Delivers a message from `src` for its local port (the node port when empty).
+    fn deliver_parts(&mut self, src: &str, parts: &msg::Parts<'_>, now: u64) {
+        let port = parts.port.as_ref();
         if port.is_empty() {
-            self.node_request(src, &args, now);
+            self.node_request(src, &parts.args(), now);
         } else if self.ports.contains(port) {
-            self.deliver(port, args);
+            self.deliver(parts);
         } else {
             self.log(
                 LogLevel::Debug,
@@ -997,15 +1094,19 @@ impl Node {
         }
     }
 
-    /// Hands a message for existing local port `port` to the application.
-    fn deliver(&mut self, port: &str, args: Vec<u8>) {
-        let mut port_id = String::with_capacity(self.node_id.len() + 1 + port.len());
-        port_id.push_str(&self.node_id);
-        port_id.push('#');
-        port_id.push_str(port);
-        self.outputs.push_back(NodeOutput::Deliver {
-            port: port_id,
-            args,
+    /// Hands a message for an existing local port to the application: appended to the
+    /// delivery batch at the end of the outputs, or a new one.
+    fn deliver(&mut self, parts: &msg::Parts<'_>) {
+        if !matches!(self.outputs.back(), Some(NodeOutput::Deliver(_))) {
+            self.outputs
+                .push_back(NodeOutput::Deliver(Batch::default()));
+        }
+        let Some(NodeOutput::Deliver(b)) = self.outputs.back_mut() else {
+            unreachable!("a delivery batch was just made sure of")
+        };
+        let port_id = [self.node_id.as_str(), "#", parts.port.as_ref()];
+        batch::push_parts(&mut b.data, &mut b.sizes, &port_id, |out| {
+            parts.write_args(out)
         });
     }
 
@@ -1034,7 +1135,7 @@ impl Node {
                 let mut args = vec![Value::text("kil0"), Value::text(port)];
                 args.extend(reason.iter().cloned());
                 // The node is up, so this is sent and cannot be refused for a full queue.
-                let _ = self.route(&node, msg::build("", args), now);
+                let _ = self.route(&node, &msg::build("", args), false, now);
             }
         }
     }

@@ -16,23 +16,45 @@ fn malformed(detail: &str) -> MessageError {
     }
 }
 
-/// Writes a CBOR array header for `len` items.
-fn array_header(len: u64, out: &mut Vec<u8>) {
-    // Writing into a Vec cannot fail.
-    let _ = minicbor::Encoder::new(&mut *out).array(len);
+/// Writes a CBOR head, `major` type and argument `n` in the shortest form, by hand: an
+/// encoder per message sent and received cost more than the message's other work.
+fn head(major: u8, n: u64, out: &mut Vec<u8>) {
+    let m = major << 5;
+    if let Ok(n) = u8::try_from(n) {
+        if n < 24 {
+            out.push(m | n);
+        } else {
+            out.extend_from_slice(&[m | 24, n]);
+        }
+    } else if let Ok(n) = u16::try_from(n) {
+        out.push(m | 25);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else if let Ok(n) = u32::try_from(n) {
+        out.push(m | 26);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else {
+        out.push(m | 27);
+        out.extend_from_slice(&n.to_be_bytes());
+    }
 }
 
-/// `[port, ARGS...]` from a port name and a CBOR array of arguments.
-pub(crate) fn join(port: &str, args: &[u8]) -> Result<Vec<u8>, MessageError> {
+/// Writes a CBOR array header for `len` items.
+fn array_header(len: u64, out: &mut Vec<u8>) {
+    head(4, len, out);
+}
+
+/// `[port, ARGS...]` from a port name and a CBOR array of arguments, appended to `out`
+/// (a buffer reused from message to message: nothing allocated per message). On an
+/// error `out` may hold a partial message.
+pub(crate) fn join_into(port: &str, args: &[u8], out: &mut Vec<u8>) -> Result<(), MessageError> {
     let mut d = Decoder::new(args);
-    let mut out = Vec::with_capacity(args.len() + port.len() + 10);
     match d.datatype() {
         Ok(Type::Array) => {
             let n = d
                 .array()
                 .map_err(|e| malformed(&e.to_string()))?
                 .unwrap_or_default();
-            array_header(n + 1, &mut out);
+            array_header(n + 1, out);
         }
         Ok(Type::ArrayIndef) => {
             d.array().map_err(|e| malformed(&e.to_string()))?;
@@ -40,13 +62,42 @@ pub(crate) fn join(port: &str, args: &[u8]) -> Result<Vec<u8>, MessageError> {
         }
         _ => return Err(MessageError::NotAnArray),
     }
-    Value::text(port).encode_into(&mut out);
+    head(3, port.len() as u64, out);
+    out.extend_from_slice(port.as_bytes());
     out.extend_from_slice(&args[d.position()..]);
-    Ok(out)
+    Ok(())
 }
 
-/// Splits a checked message into its port (a name) and the CBOR array of its arguments.
-pub(crate) fn split(message: &[u8]) -> Option<(Cow<'_, str>, Vec<u8>)> {
+/// A checked message `[PORT, ARGS...]` taken apart in place.
+pub(crate) struct Parts<'a> {
+    /// The port (a name).
+    pub port: Cow<'a, str>,
+    /// How many arguments follow (`None`: an indefinite array).
+    len: Option<u64>,
+    /// The encoded arguments (and the break of an indefinite array).
+    rest: &'a [u8],
+}
+
+impl Parts<'_> {
+    /// Appends the CBOR array of the arguments to `out`.
+    pub fn write_args(&self, out: &mut Vec<u8>) {
+        match self.len {
+            Some(n) => array_header(n, out),
+            None => out.push(0x9f),
+        }
+        out.extend_from_slice(self.rest);
+    }
+
+    /// The CBOR array of the arguments in a buffer of its own.
+    pub fn args(&self) -> Vec<u8> {
+        let mut args = Vec::with_capacity(self.rest.len() + 9);
+        self.write_args(&mut args);
+        args
+    }
+}
+
+/// Takes a checked message apart into its port and arguments, without copying.
+pub(crate) fn split(message: &[u8]) -> Option<Parts<'_>> {
     let mut d = Decoder::new(message);
     let len = d.array().ok()?;
     if len == Some(0) {
@@ -61,13 +112,11 @@ pub(crate) fn split(message: &[u8]) -> Option<(Cow<'_, str>, Vec<u8>)> {
             .into_owned()
             .into(),
     };
-    let mut args = Vec::with_capacity(message.len() - d.position() + 9);
-    match len {
-        Some(n) => array_header(n - 1, &mut args),
-        None => args.push(0x9f),
-    }
-    args.extend_from_slice(&message[d.position()..]);
-    Some((port, args))
+    Some(Parts {
+        port,
+        len: len.map(|n| n - 1),
+        rest: message.get(d.position()..)?,
+    })
 }
 
 /// A message from values.
@@ -82,7 +131,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn heads_match_minicbor() {
+        for n in [
+            0,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            array_header(n, &mut ours);
+            minicbor::Encoder::new(&mut theirs).array(n).unwrap();
+            assert_eq!(ours, theirs, "array of {n}");
+        }
+        let port = "p".repeat(300);
+        let mut ours = Vec::new();
+        join_into(&port, b"\x80", &mut ours).unwrap();
+        let mut theirs = vec![0x81];
+        minicbor::Encoder::new(&mut theirs).str(&port).unwrap();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
     fn join_and_split() {
+        let join = |port: &str, args: &[u8]| {
+            let mut out = vec![0xaa];
+            join_into(port, args, &mut out).map(|()| out[1..].to_vec())
+        };
+        let split = |msg: &[u8]| {
+            split(msg).map(|p| {
+                let args = p.args();
+                (p.port.into_owned(), args)
+            })
+        };
         let args = Value::Array(vec![Value::Int(1), Value::Bytes(b"x".to_vec())]).encode();
         let msg = join("port", &args).unwrap();
         assert_eq!(

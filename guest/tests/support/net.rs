@@ -245,7 +245,8 @@ impl Net {
         }
     }
 
-    fn apply(&mut self, x: usize, o: NodeOutput) {
+    /// Acts on output `o` of node `x` as [`run`](Self::run) does.
+    pub fn apply(&mut self, x: usize, o: NodeOutput) {
         let now = self.now;
         match o {
             NodeOutput::Transmit { conn, bytes } => {
@@ -390,11 +391,13 @@ impl Net {
         self.events[i]
             .iter()
             .filter_map(|e| match e {
-                NodeOutput::Deliver { port, args } => {
-                    Some((port.clone(), Value::decode(args).unwrap()))
-                }
+                NodeOutput::Deliver(batch) => Some(batch.pairs().map(|pair| {
+                    let (port, args) = pair.unwrap();
+                    (port.to_owned(), Value::decode(args).unwrap())
+                })),
                 _ => None,
             })
+            .flatten()
             .collect()
     }
 
