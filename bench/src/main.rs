@@ -385,11 +385,22 @@ async fn nodes(
     (receiver, nodes)
 }
 
+/// How the one-way runs send and receive.
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    /// `SendBatch` and `send_messages`; `recv_batch`, the arguments left undecoded.
+    Batches,
+    /// `send_batch` of `(String, Vec<Value>)` pairs; `recv_many`, decoded into `Value`s.
+    Values,
+}
+
 /// Messages per second into one port of `receiver`: each of `senders` sends its share of
-/// `n` messages `args`, in batches of 1000, all at once.
-async fn one_way(receiver: &Node, senders: &[Node], args: &[Value], n: usize) -> f64 {
+/// `n` messages `args`, in batches of 1000, all at once. Senders and receiver are tasks
+/// of the runtime (not the caller of `block_on`, which is not one of its threads).
+async fn one_way(receiver: &Node, senders: &[Node], args: &[Value], n: usize, api: Api) -> f64 {
     let mut inbox = receiver.port().await.expect("port");
     let share = n / senders.len();
+    let total = share * senders.len();
     let start = Instant::now();
     let producers: Vec<_> = senders
         .iter()
@@ -399,25 +410,48 @@ async fn one_way(receiver: &Node, senders: &[Node], args: &[Value], n: usize) ->
                 let mut sent = 0;
                 while sent < share {
                     let k = 1000.min(share - sent);
-                    let mut batch = SendBatch::with_capacity(k);
-                    for _ in 0..k {
-                        batch.push(&target, &args);
+                    match api {
+                        Api::Batches => {
+                            let mut batch = SendBatch::with_capacity(k);
+                            for _ in 0..k {
+                                batch.push(&target, &args);
+                            }
+                            sender.send_messages(batch).await
+                        }
+                        Api::Values => {
+                            sender
+                                .send_batch(vec![(target.clone(), args.clone()); k])
+                                .await
+                        }
                     }
-                    sender.send_messages(batch).await.expect("send");
+                    .expect("send");
                     sent += k;
                 }
             })
         })
         .collect();
-    // Taken as a receiver that wants throughput takes them: what waits, at once, undecoded.
-    let (total, mut got) = (share * senders.len(), 0);
-    while got < total {
-        let batch = tokio::time::timeout(STALL, inbox.recv_batch(1024))
+    // Taken as a receiver that wants throughput takes them: what waits, at once.
+    let consumer = tokio::spawn(async move {
+        let (mut got, mut values) = (0, Vec::new());
+        while got < total {
+            let taken = tokio::time::timeout(STALL, async {
+                match api {
+                    Api::Batches => {
+                        let batch = inbox.recv_batch(1024).await.expect("port open");
+                        batch.iter().filter(|args| !args.is_empty()).count()
+                    }
+                    Api::Values => {
+                        values.clear();
+                        inbox.recv_many(&mut values, 1024).await
+                    }
+                }
+            })
             .await
-            .unwrap_or_else(|_| panic!("no message for {STALL:?}: the connection was lost"))
-            .expect("port open");
-        got += batch.iter().filter(|args| !args.is_empty()).count();
-    }
+            .unwrap_or_else(|_| panic!("no message for {STALL:?}: the connection was lost"));
+            got += taken;
+        }
+    });
+    consumer.await.expect("receiver");
     let rate = total as f64 / start.elapsed().as_secs_f64();
     for producer in producers {
         producer.await.expect("producer");
@@ -439,6 +473,7 @@ async fn e2e(
         &senders,
         &[Value::text("ping"), Value::Int(123)],
         n,
+        Api::Batches,
     )
     .await;
     let (p50, p99) = round_trips(&receiver, &senders[0], pings).await;
@@ -470,16 +505,25 @@ async fn round_trips(receiver: &Node, sender: &Node, pings: usize) -> (f64, f64)
             }
         }
     });
-    let mut rtts = Vec::with_capacity(pings);
-    for _ in 0..pings {
-        let t = Instant::now();
-        sender
-            .send(&echo_id, vec![Value::Int(1)])
-            .await
-            .expect("send");
-        recv(&mut back).await;
-        rtts.push(t.elapsed().as_secs_f64() * 1e6);
-    }
+    // The pinging side is a task too, as the echoing side is: the caller of `block_on`
+    // is not one of the runtime's threads, so waking it would add two thread switches
+    // to every round trip.
+    let sender = sender.clone();
+    let mut rtts = tokio::spawn(async move {
+        let mut rtts = Vec::with_capacity(pings);
+        for _ in 0..pings {
+            let t = Instant::now();
+            sender
+                .send(&echo_id, vec![Value::Int(1)])
+                .await
+                .expect("send");
+            recv(&mut back).await;
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        rtts
+    })
+    .await
+    .expect("pings");
     rtts.sort_by(f64::total_cmp);
     let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize];
     (pct(0.5), pct(0.99))
@@ -718,7 +762,7 @@ fn main() {
             let kib = [Value::text("data"), Value::Bytes(vec![7; 1024])];
             add(
                 "e2e_msgs_per_s_1k_plain",
-                one_way(&receiver, &senders, &kib, c.e2e).await,
+                one_way(&receiver, &senders, &kib, c.e2e, Api::Batches).await,
                 "1 KiB messages/s one way between two nodes, loopback TCP",
             );
             stop(receiver, senders).await;
@@ -730,9 +774,24 @@ fn main() {
                     &senders,
                     &[Value::text("ping"), Value::Int(123)],
                     c.e2e,
+                    Api::Batches,
                 )
                 .await,
                 "small messages/s from eight nodes into one port of one node, loopback TCP",
+            );
+            stop(receiver, senders).await;
+            let (receiver, senders) = nodes(&sandbox, None, "values", 1).await;
+            add(
+                "e2e_msgs_per_s_values_plain",
+                one_way(
+                    &receiver,
+                    &senders,
+                    &[Value::text("ping"), Value::Int(123)],
+                    c.e2e,
+                    Api::Values,
+                )
+                .await,
+                "the plain one-way run with send_batch and recv_many (Values)",
             );
             stop(receiver, senders).await;
             for (tag, tls) in [("plain", None), ("tls", Some(&tls))] {
@@ -773,29 +832,6 @@ fn main() {
             );
         }
     });
-    if run("e2e") {
-        // The same round trip with everything on one thread: what the node path itself
-        // costs, without the wake-ups of an idle CPU that a runtime of two threads pays at
-        // each hop between the nodes.
-        let one_thread = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let (p50, p99) = one_thread.block_on(async {
-            let (receiver, senders) = nodes(&sandbox, None, "one-thread", 1).await;
-            round_trips(&receiver, &senders[0], c.pings).await
-        });
-        add(
-            "e2e_rtt_p50_us_plain_1_thread",
-            p50,
-            "the plain round trip on a runtime of one thread, median, µs",
-        );
-        add(
-            "e2e_rtt_p99_us_plain_1_thread",
-            p99,
-            "the same, 99th percentile, µs",
-        );
-    }
     if as_json {
         let mut map = serde_json::Map::new();
         for f in &figures {
