@@ -481,8 +481,8 @@ async fn e2e(
     (rate, p50, p99)
 }
 
-/// Shuts the nodes down and waits until they are gone, so that what they free does not
-/// fall into the next measurement (the memory group's RSS figure).
+/// Shuts the nodes down and waits until they are gone, so that the next figure does not
+/// share the machine with their teardown.
 async fn stop(receiver: Node, senders: Vec<Node>) {
     for node in senders.into_iter().chain([receiver]) {
         node.shutdown(Duration::from_secs(10))
@@ -678,6 +678,28 @@ fn main() {
     let small = small_message();
     let large = large_message();
 
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // First, while the process has not freed memory that new connections could reuse.
+    if run("memory") {
+        runtime.block_on(async {
+            let (engine, rss, memory) = idle(&sandbox, c.idle).await;
+            add(
+                "idle_conn_engine_bytes",
+                engine,
+                "sandbox memory per idle connection of one node",
+            );
+            add(
+                "idle_conn_rss_bytes",
+                rss,
+                "process RSS per idle connection (both ends in this process)",
+            );
+            add(
+                "sandbox_memory_bytes",
+                memory,
+                "the node's linear memory with those connections",
+            );
+        });
+    }
     if run("engine") {
         add(
             "engine_native_handshakes_per_s",
@@ -744,7 +766,6 @@ fn main() {
         );
     }
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let tls = TlsConfig::from_pem(
             aemp_host::tls::generate_network_pem()
@@ -812,24 +833,6 @@ fn main() {
                     "round trip, 99th percentile, µs",
                 );
             }
-        }
-        if run("memory") {
-            let (engine, rss, memory) = idle(&sandbox, c.idle).await;
-            add(
-                "idle_conn_engine_bytes",
-                engine,
-                "sandbox memory per idle connection of one node",
-            );
-            add(
-                "idle_conn_rss_bytes",
-                rss,
-                "process RSS per idle connection (both ends in this process)",
-            );
-            add(
-                "sandbox_memory_bytes",
-                memory,
-                "the node's linear memory with those connections",
-            );
         }
     });
     if as_json {
