@@ -585,7 +585,7 @@ fn rss() -> f64 {
 /// Opens `n` idle connections (completed handshakes) to one node; returns the node's
 /// sandbox bytes per connection, the process's RSS per connection (both ends live in
 /// this process), and the sandbox size at the end.
-async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> (f64, f64, f64) {
+async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> [f64; 3] {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = rlimit::increase_nofile_limit(4 * n as u64 + 256);
     let node = listening("idle", sandbox).start().await.expect("node");
@@ -623,8 +623,28 @@ async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> (f64, f64, f64) {
     let mem1 = node.sandbox_memory().await.expect("memory") as f64;
     let rss1 = rss();
     drop(peers);
-    ((mem1 - mem0) / n as f64, (rss1 - rss0) / n as f64, mem1)
+    // Gone before the next group starts (as `stop` does for the e2e nodes).
+    node.shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    [(mem1 - mem0) / n as f64, (rss1 - rss0) / n as f64, mem1]
 }
+
+/// The memory group's figures, in the order [`idle`] returns them, and their meanings.
+const MEMORY: [(&str, &str); 3] = [
+    (
+        "idle_conn_engine_bytes",
+        "sandbox memory per idle connection of one node",
+    ),
+    (
+        "idle_conn_rss_bytes",
+        "process RSS per idle connection (both ends in this process)",
+    ),
+    (
+        "sandbox_memory_bytes",
+        "the node's linear memory with those connections",
+    ),
+];
 
 /// One figure: its name (the JSON key), value, and what it means.
 struct Figure {
@@ -679,27 +699,6 @@ fn main() {
     let large = large_message();
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    // First, while the process has not freed memory that new connections could reuse.
-    if run("memory") {
-        runtime.block_on(async {
-            let (engine, rss, memory) = idle(&sandbox, c.idle).await;
-            add(
-                "idle_conn_engine_bytes",
-                engine,
-                "sandbox memory per idle connection of one node",
-            );
-            add(
-                "idle_conn_rss_bytes",
-                rss,
-                "process RSS per idle connection (both ends in this process)",
-            );
-            add(
-                "sandbox_memory_bytes",
-                memory,
-                "the node's linear memory with those connections",
-            );
-        });
-    }
     if run("engine") {
         add(
             "engine_native_handshakes_per_s",
@@ -835,6 +834,31 @@ fn main() {
             }
         }
     });
+    // In a fresh process of its own: here, new connections would reuse memory that the
+    // other groups freed (understating RSS), and its thousand connections would leave the
+    // heap in a state that slows the native engine figures.
+    if run("memory") {
+        if only.is_none() {
+            let mut child = std::process::Command::new(std::env::current_exe().expect("bench"));
+            child.args(["--only", "memory", "--json"]);
+            if quick {
+                child.arg("--quick");
+            }
+            let out = child.output().expect("memory group");
+            assert!(out.status.success(), "memory group failed");
+            let figures: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&out.stdout).expect("memory figures");
+            for (name, meaning) in MEMORY {
+                let value = figures.get(name).and_then(|v| v.as_f64());
+                add(name, value.expect("memory figure"), meaning);
+            }
+        } else {
+            let figures = runtime.block_on(idle(&sandbox, c.idle));
+            for ((name, meaning), value) in MEMORY.iter().zip(figures) {
+                add(name, value, meaning);
+            }
+        }
+    }
     if as_json {
         let mut map = serde_json::Map::new();
         for f in &figures {
