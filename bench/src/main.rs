@@ -778,42 +778,39 @@ fn main() {
                 e2e_handshake(&sandbox, if quick { 3 } else { 50 }).await,
                 "median ms from connect to node up, hmac, loopback",
             );
-            let (receiver, senders) = nodes(&sandbox, None, "1k", 1).await;
             let kib = [Value::text("data"), Value::Bytes(vec![7; 1024])];
-            add(
-                "e2e_msgs_per_s_1k_plain",
-                one_way(&receiver, &senders, &kib, c.e2e, Api::Batches).await,
-                "1 KiB messages/s one way between two nodes, loopback TCP",
-            );
-            stop(receiver, senders).await;
-            let (receiver, senders) = nodes(&sandbox, None, "eight", 8).await;
-            add(
-                "e2e_msgs_per_s_8_senders_plain",
-                one_way(
-                    &receiver,
-                    &senders,
-                    &[Value::text("ping"), Value::Int(123)],
-                    c.e2e,
+            let small = [Value::text("ping"), Value::Int(123)];
+            for (name, senders, args, api, meaning) in [
+                (
+                    "e2e_msgs_per_s_1k_plain",
+                    1,
+                    &kib,
                     Api::Batches,
-                )
-                .await,
-                "small messages/s from eight nodes into one port of one node, loopback TCP",
-            );
-            stop(receiver, senders).await;
-            let (receiver, senders) = nodes(&sandbox, None, "values", 1).await;
-            add(
-                "e2e_msgs_per_s_values_plain",
-                one_way(
-                    &receiver,
-                    &senders,
-                    &[Value::text("ping"), Value::Int(123)],
-                    c.e2e,
+                    "1 KiB messages/s one way between two nodes, loopback TCP",
+                ),
+                (
+                    "e2e_msgs_per_s_8_senders_plain",
+                    8,
+                    &small,
+                    Api::Batches,
+                    "small messages/s from eight nodes into one port of one node, loopback TCP",
+                ),
+                (
+                    "e2e_msgs_per_s_values_plain",
+                    1,
+                    &small,
                     Api::Values,
-                )
-                .await,
-                "the plain one-way run with send_batch and recv_many (Values)",
-            );
-            stop(receiver, senders).await;
+                    "the plain one-way run with send_batch and recv_many (Values)",
+                ),
+            ] {
+                let (receiver, senders) = nodes(&sandbox, None, name, senders).await;
+                add(
+                    name,
+                    one_way(&receiver, &senders, args, c.e2e, api).await,
+                    meaning,
+                );
+                stop(receiver, senders).await;
+            }
             for (tag, tls) in [("plain", None), ("tls", Some(&tls))] {
                 let (rate, p50, p99) = e2e(&sandbox, tls, tag, c.e2e, c.pings).await;
                 add(
