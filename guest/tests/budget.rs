@@ -4,118 +4,17 @@
 mod support;
 
 use aemp_engine::{
-    Config, ConnId, Connection, Error, Framing, Limits, Node, NodeConfig, NodeError, NodeOutput,
-    Output, Value, Verdict,
+    ConnId, Error, Framing, Limits, NodeConfig, NodeError, NodeOutput, Output, Value,
 };
-use support::net::{SECRET, args, node_config, t};
+use support::net::{args, node_config, t};
+use support::wire::Wire;
 
 const BUDGET: usize = 1 << 20;
 const CHUNK: usize = 64 << 10;
 
-/// One plain transport peer of the node under test.
-struct Peer {
-    raw: Connection,
-    conn: ConnId,
-    /// Why the node closed this connection, if it did.
-    closed: Option<String>,
-}
-
-/// A node and the peers that dialled in to it.
-struct Hub {
-    node: Node,
-    peers: Vec<Peer>,
-    /// Everything the node output except transmits and closes.
-    events: Vec<NodeOutput>,
-    /// Every `Close` the node output.
-    closes: Vec<(ConnId, String)>,
-}
-
-impl Hub {
-    fn new(config: NodeConfig) -> Hub {
-        Hub {
-            node: Node::new(config, [7; 16], 0).unwrap(),
-            peers: Vec::new(),
-            events: Vec::new(),
-            closes: Vec::new(),
-        }
-    }
-
-    /// A peer named `name` connects and completes its handshake (it sends cbor).
-    fn connect(&mut self, name: &str) -> usize {
-        let mut config = Config::new(name);
-        config.secret = Some(SECRET.to_vec());
-        config.framings = vec![Framing::Cbor];
-        let raw = Connection::new(config, [9; 66], 0).unwrap();
-        let conn = self.node.handle_accept(name, [8; 66], 0);
-        self.peers.push(Peer {
-            raw,
-            conn,
-            closed: None,
-        });
-        self.pump();
-        assert!(self.node.is_up(name), "{name} is up");
-        self.peers.len() - 1
-    }
-
-    fn pump(&mut self) {
-        loop {
-            let mut moved = false;
-            while let Some(o) = self.node.poll_output() {
-                moved = true;
-                match o {
-                    NodeOutput::Transmit { conn, bytes } => {
-                        if let Some(p) = self.peers.iter_mut().find(|p| p.conn == conn) {
-                            p.raw.handle_input(&bytes);
-                        }
-                    }
-                    NodeOutput::Close { conn, reason } => {
-                        if let Some(p) = self.peers.iter_mut().find(|p| p.conn == conn) {
-                            p.closed = Some(reason.clone());
-                        }
-                        self.closes.push((conn, reason));
-                    }
-                    other => self.events.push(other),
-                }
-            }
-            for p in &mut self.peers {
-                while let Some(o) = p.raw.poll_output() {
-                    moved = true;
-                    match o {
-                        Output::Transmit(bytes) if p.closed.is_none() => {
-                            self.node.handle_input(p.conn, &bytes, 0)
-                        }
-                        Output::Greeting(_) => p.raw.handle_verdict(Verdict::Accept),
-                        _ => {}
-                    }
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-    }
-
-    /// Raw bytes from peer `i` to the node, as the host would feed a socket read.
-    fn feed(&mut self, i: usize, bytes: &[u8]) {
-        let conn = self.peers[i].conn;
-        self.node.handle_input(conn, bytes, 0);
-        self.pump();
-    }
-
-    fn delivered(&self) -> Vec<Value> {
-        self.events
-            .iter()
-            .filter_map(|e| match e {
-                NodeOutput::Deliver(batch) => Some(
-                    batch
-                        .pairs()
-                        .map(|pair| Value::decode(pair.unwrap().1).unwrap()),
-                ),
-                _ => None,
-            })
-            .flatten()
-            .collect()
-    }
+/// A node and the plain transport peers that dial in to it (they send cbor).
+fn hub(config: NodeConfig) -> Wire {
+    Wire::new(config, Framing::Cbor)
 }
 
 /// The CBOR message `["inbox", BYTES]` with `len` bytes, split into the head and body.
@@ -135,7 +34,7 @@ fn budget_config(id: &str) -> NodeConfig {
 
 #[test]
 fn partial_messages_past_the_budget_close_only_their_connections() {
-    let mut hub = Hub::new(budget_config("n"));
+    let mut hub = hub(budget_config("n"));
     hub.node.register_port("inbox").unwrap();
     let peers: Vec<usize> = (0..5).map(|i| hub.connect(&format!("p{i}"))).collect();
     let (head, body) = big_message(400 << 10);
@@ -198,7 +97,7 @@ fn partial_messages_past_the_budget_close_only_their_connections() {
 
 #[test]
 fn queues_for_nodes_that_never_connect_share_the_budget() {
-    let mut hub = Hub::new(budget_config("n"));
+    let mut hub = hub(budget_config("n"));
     let payload = args(vec![Value::Bytes(vec![1; 300 << 10])]);
     for i in 0..3 {
         hub.node
@@ -227,7 +126,7 @@ fn queues_for_nodes_that_never_connect_share_the_budget() {
 fn connections_in_their_handshake_are_capped() {
     let mut config = node_config("n", &[]);
     config.max_handshakes = 2;
-    let mut hub = Hub::new(config);
+    let mut hub = hub(config);
     let silent: Vec<ConnId> = (0..2)
         .map(|i| hub.node.handle_accept(&format!("silent{i}"), [8; 66], 0))
         .collect();
@@ -306,7 +205,7 @@ fn a_lone_connection_is_bounded_by_twice_the_message_size() {
 /// After a big message the connection's buffer shrinks back.
 #[test]
 fn buffers_shrink_after_a_big_message() {
-    let mut hub = Hub::new(node_config("n", &[]));
+    let mut hub = hub(node_config("n", &[]));
     hub.node.register_port("inbox").unwrap();
     let p = hub.connect("p");
     let idle = hub.node.buffered_bytes();

@@ -3,93 +3,26 @@
 
 mod support;
 
-use aemp_engine::{
-    Config, ConnId, Connection, Framing, LogLevel, Node, NodeOutput, Output, Value, Verdict,
-};
-use support::net::{SECRET, args, node_config, t};
+use aemp_engine::{Framing, LogLevel, NodeOutput, Value};
+use support::net::{args, node_config, t};
+use support::wire::Wire;
 
-/// Node `n` connected to a raw transport peer `peer` (which speaks json).
-struct Wire {
-    node: Node,
-    raw: Connection,
-    id: ConnId,
-    /// Messages the peer received, decoded.
-    got: Vec<Value>,
-    events: Vec<NodeOutput>,
-    now: u64,
-}
+/// The raw transport peer `peer` (it speaks json), the only one.
+const PEER: usize = 0;
 
-impl Wire {
-    /// With `as_seed`, the node dials the peer as its seed; otherwise the peer dials in.
-    fn new(as_seed: bool) -> Wire {
-        let seeds: &[&str] = if as_seed { &["peer:1"] } else { &[] };
-        let mut config = node_config("n", seeds);
-        config.wall_clock_offset_ms = 1_700_000_000_000;
-        let mut node = Node::new(config, [7; 16], 0).unwrap();
-        let mut raw_config = Config::new("peer");
-        raw_config.secret = Some(SECRET.to_vec());
-        raw_config.framings = vec![Framing::Json];
-        let raw = Connection::new(raw_config, [9; 66], 0).unwrap();
-        let id = if as_seed {
-            let Some(NodeOutput::Connect { conn, addr }) = node.poll_output() else {
-                panic!()
-            };
-            assert_eq!(addr, "peer:1");
-            node.handle_connected(conn, [8; 66], 0);
-            conn
-        } else {
-            node.handle_accept("peer:1", [8; 66], 0)
-        };
-        let mut wire = Wire {
-            node,
-            raw,
-            id,
-            got: Vec::new(),
-            events: Vec::new(),
-            now: 0,
-        };
-        wire.pump();
-        assert!(wire.node.is_up("peer"));
-        wire
+/// Node `n` connected to `peer` at `peer:1`: with `as_seed`, the node dials the peer as
+/// its seed; otherwise the peer dials in.
+fn wire(as_seed: bool) -> Wire {
+    let seeds: &[&str] = if as_seed { &["peer:1"] } else { &[] };
+    let mut config = node_config("n", seeds);
+    config.wall_clock_offset_ms = 1_700_000_000_000;
+    let mut wire = Wire::new(config, Framing::Json);
+    if as_seed {
+        wire.dialled("peer");
+    } else {
+        wire.connect("peer");
     }
-
-    fn pump(&mut self) {
-        loop {
-            let mut moved = false;
-            while let Some(o) = self.node.poll_output() {
-                moved = true;
-                match o {
-                    NodeOutput::Transmit { conn, bytes } if conn == self.id => {
-                        self.raw.handle_input(&bytes)
-                    }
-                    other => self.events.push(other),
-                }
-            }
-            while let Some(o) = self.raw.poll_output() {
-                moved = true;
-                match o {
-                    Output::Transmit(bytes) => self.node.handle_input(self.id, &bytes, self.now),
-                    Output::Greeting(_) => self.raw.handle_verdict(Verdict::Accept),
-                    Output::Message(m) => self.got.push(Value::decode(&m).unwrap()),
-                    Output::Closed(e) => panic!("{e}"),
-                    _ => {}
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-    }
-
-    /// The peer sends `items` (a message) to the node.
-    fn send(&mut self, items: Vec<Value>) {
-        self.raw.send(&Value::Array(items).encode()).unwrap();
-        self.pump();
-    }
-
-    fn take(&mut self) -> Vec<Value> {
-        std::mem::take(&mut self.got)
-    }
+    wire
 }
 
 fn m(items: Vec<Value>) -> Value {
@@ -98,10 +31,10 @@ fn m(items: Vec<Value>) -> Value {
 
 #[test]
 fn monitor_requests_and_answers() {
-    let mut w = Wire::new(false);
-    w.send(vec![t(""), t("mon1"), t("nope")]);
+    let mut w = wire(false);
+    w.send(PEER, vec![t(""), t("mon1"), t("nope")]);
     assert_eq!(
-        w.take(),
+        w.take(PEER),
         [m(vec![
             t(""),
             t("kil0"),
@@ -112,14 +45,14 @@ fn monitor_requests_and_answers() {
         ])]
     );
     let port = w.node.register_port("svc").unwrap();
-    w.send(vec![t(""), t("mon1"), t("svc")]);
-    assert!(w.take().is_empty());
+    w.send(PEER, vec![t(""), t("mon1"), t("svc")]);
+    assert!(w.take(PEER).is_empty());
     w.node
         .kill(&port, &args(vec![t("bye"), Value::Int(1)]), 0)
         .unwrap();
     w.pump();
     assert_eq!(
-        w.take(),
+        w.take(PEER),
         [m(vec![t(""), t("kil0"), t("svc"), t("bye"), Value::Int(1)])]
     );
 
@@ -128,18 +61,18 @@ fn monitor_requests_and_answers() {
     w.node.monitor("peer#p", 0).unwrap();
     w.pump();
     assert_eq!(
-        w.take(),
+        w.take(PEER),
         [m(vec![t(""), t("mon1"), t("p")])],
         "mon1 once per port"
     );
     w.node.unmonitor("peer#p", 0).unwrap();
     w.node.unmonitor("peer#p", 0).unwrap();
     w.pump();
-    assert_eq!(w.take(), [m(vec![t(""), t("mon0"), t("p")])]);
+    assert_eq!(w.take(PEER), [m(vec![t(""), t("mon0"), t("p")])]);
     w.node.monitor("peer#q", 0).unwrap();
     w.pump();
-    w.take();
-    w.send(vec![t(""), t("kil0"), t("q"), t("die"), t("reason")]);
+    w.take(PEER);
+    w.send(PEER, vec![t(""), t("kil0"), t("q"), t("die"), t("reason")]);
     assert!(
         w.events
             .iter()
@@ -148,30 +81,36 @@ fn monitor_requests_and_answers() {
     );
     w.node.kill("peer#r", &args(vec![t("x")]), 0).unwrap();
     w.pump();
-    assert_eq!(w.take(), [m(vec![t(""), t("kil1"), t("r"), t("x")])]);
+    assert_eq!(w.take(PEER), [m(vec![t(""), t("kil1"), t("r"), t("x")])]);
 }
 
 #[test]
 fn can_time_snd_and_refusals() {
-    let mut w = Wire::new(false);
+    let mut w = wire(false);
     w.now = 2_500;
-    w.send(vec![t(""), t("can"), t("mon1"), t("peer#r"), Value::Int(5)]);
-    w.send(vec![t(""), t("can"), t("eval"), t("peer#r")]);
-    w.send(vec![t(""), t("time"), t("peer#r"), t("x")]);
-    w.send(vec![t(""), t("eval"), t("1"), t("peer#r"), t("id")]);
-    w.send(vec![t(""), t("snd"), t("peer#back"), t("relayed")]);
+    w.send(
+        PEER,
+        vec![t(""), t("can"), t("mon1"), t("peer#r"), Value::Int(5)],
+    );
+    w.send(PEER, vec![t(""), t("can"), t("eval"), t("peer#r")]);
+    w.send(PEER, vec![t(""), t("time"), t("peer#r"), t("x")]);
+    w.send(PEER, vec![t(""), t("eval"), t("1"), t("peer#r"), t("id")]);
+    w.send(PEER, vec![t(""), t("snd"), t("peer#back"), t("relayed")]);
     // Names may arrive as byte strings (Perl's default for strings).
-    w.send(vec![
-        Value::Bytes(vec![]),
-        Value::Bytes(b"can".to_vec()),
-        Value::Bytes(b"snd".to_vec()),
-        Value::Bytes(b"peer#r".to_vec()),
-    ]);
-    w.send(vec![t(""), t("time")]); // no reply port: nothing, and no panic
-    w.send(vec![t(""), t("can")]);
-    w.send(vec![t(""), Value::Int(3)]);
+    w.send(
+        PEER,
+        vec![
+            Value::Bytes(vec![]),
+            Value::Bytes(b"can".to_vec()),
+            Value::Bytes(b"snd".to_vec()),
+            Value::Bytes(b"peer#r".to_vec()),
+        ],
+    );
+    w.send(PEER, vec![t(""), t("time")]); // no reply port: nothing, and no panic
+    w.send(PEER, vec![t(""), t("can")]);
+    w.send(PEER, vec![t(""), Value::Int(3)]);
     assert_eq!(
-        w.take(),
+        w.take(PEER),
         [
             m(vec![t("r"), Value::Int(5), Value::Bool(true)]),
             m(vec![t("r"), Value::Bool(false)]),
@@ -185,10 +124,10 @@ fn can_time_snd_and_refusals() {
 
 #[test]
 fn global_protocol_messages_to_the_master() {
-    let mut w = Wire::new(true);
+    let mut w = wire(true);
     let mut l = Value::Map(vec![(t("n"), m(vec![t("n:4040")]))]);
     assert_eq!(
-        w.take(),
+        w.take(PEER),
         [
             m(vec![t(""), t("g_slave")]),
             m(vec![
@@ -200,13 +139,11 @@ fn global_protocol_messages_to_the_master() {
     );
     w.node.send("x#p", &args(vec![t("queued")]), 0).unwrap();
     w.pump();
-    assert_eq!(w.take(), [m(vec![t(""), t("g_find"), t("x")])]);
-    w.send(vec![
-        t(""),
-        t("g_found"),
-        t("x"),
-        m(vec![t("x1:1"), t("x2:2")]),
-    ]);
+    assert_eq!(w.take(PEER), [m(vec![t(""), t("g_find"), t("x")])]);
+    w.send(
+        PEER,
+        vec![t(""), t("g_found"), t("x"), m(vec![t("x1:1"), t("x2:2")])],
+    );
     let dials: Vec<String> = w
         .events
         .iter()
@@ -242,7 +179,7 @@ fn global_protocol_messages_to_the_master() {
     w.node.db_mon("fam", 0);
     w.pump();
     assert_eq!(
-        w.take(),
+        w.take(PEER),
         [
             m(vec![
                 t(""),
@@ -263,15 +200,18 @@ fn global_protocol_messages_to_the_master() {
             m(vec![t(""), t("g_mon1"), t("fam")]),
         ]
     );
-    w.send(vec![t(""), t("g_reply"), t("b"), Value::Map(vec![])]);
-    w.send(vec![t(""), t("g_chg1"), t("fam"), Value::Null]);
-    w.send(vec![
-        t(""),
-        t("g_chg2"),
-        t("fam"),
-        Value::Map(vec![(t("a"), Value::Int(2))]),
-        m(vec![]),
-    ]);
+    w.send(PEER, vec![t(""), t("g_reply"), t("b"), Value::Map(vec![])]);
+    w.send(PEER, vec![t(""), t("g_chg1"), t("fam"), Value::Null]);
+    w.send(
+        PEER,
+        vec![
+            t(""),
+            t("g_chg2"),
+            t("fam"),
+            Value::Map(vec![(t("a"), Value::Int(2))]),
+            m(vec![]),
+        ],
+    );
     assert!(
         w.events
             .iter()
@@ -289,7 +229,7 @@ fn global_protocol_messages_to_the_master() {
     l = Value::Map(vec![(t("n"), m(vec![t("n:5000")]))]);
     let Value::Map(l) = l else { unreachable!() };
     assert_eq!(
-        w.take(),
+        w.take(PEER),
         [
             m(vec![t(""), t("g_mon0"), t("fam")]),
             m(vec![t(""), t("g_upd"), t("'l"), Value::Map(l)])
@@ -335,16 +275,16 @@ mod arbitrary_requests {
             requests in proptest::collection::vec(
                 (proptest::sample::select(TAGS), proptest::collection::vec(value(), 0..5)), 1..12),
         ) {
-            let mut w = Wire::new(true);
+            let mut w = wire(true);
             w.node.db_mon("fam", 0);
             for (tag, args) in requests {
                 let mut items = vec![t(""), t(tag)];
                 items.extend(args);
-                w.send(items);
+                w.send(PEER, items);
             }
-            w.take();
-            w.send(vec![t(""), t("can"), t("snd"), t("peer#ok")]);
-            let got = w.take();
+            w.take(PEER);
+            w.send(PEER, vec![t(""), t("can"), t("snd"), t("peer#ok")]);
+            let got = w.take(PEER);
             prop_assert_eq!(got.last(), Some(&m(vec![t("ok"), Value::Bool(true)])));
         }
     }
@@ -354,7 +294,7 @@ mod arbitrary_requests {
 /// number of warnings per minute.
 #[test]
 fn peer_text_in_logs_is_escaped_and_rate_limited() {
-    let mut w = Wire::new(false);
+    let mut w = wire(false);
     let warnings = |w: &mut Wire| -> Vec<String> {
         std::mem::take(&mut w.events)
             .into_iter()
@@ -367,7 +307,10 @@ fn peer_text_in_logs_is_escaped_and_rate_limited() {
             })
             .collect()
     };
-    w.send(vec![t(""), t("junk\n2026-11-26 WARN forged line\u{1b}[2J")]);
+    w.send(
+        PEER,
+        vec![t(""), t("junk\n2026-11-26 WARN forged line\u{1b}[2J")],
+    );
     let logged = warnings(&mut w);
     assert_eq!(
         logged,
@@ -376,7 +319,7 @@ fn peer_text_in_logs_is_escaped_and_rate_limited() {
         ]
     );
     for _ in 0..100 {
-        w.send(vec![t(""), t("junk")]);
+        w.send(PEER, vec![t(""), t("junk")]);
     }
     let logged = warnings(&mut w);
     assert_eq!(logged.len(), 10, "{logged:?}");
@@ -387,6 +330,6 @@ fn peer_text_in_logs_is_escaped_and_rate_limited() {
     // A minute later the peer has a fresh budget.
     w.now += 60_000;
     w.node.handle_timeout(w.now);
-    w.send(vec![t(""), t("junk")]);
+    w.send(PEER, vec![t(""), t("junk")]);
     assert_eq!(warnings(&mut w).len(), 1);
 }

@@ -4,104 +4,13 @@
 
 mod support;
 
-use aemp_engine::{Config, ConnId, Connection, Framing, Node, NodeOutput, Output, Value, Verdict};
-use support::net::{SECRET, node_config, t};
+use aemp_engine::{Framing, Value};
+use support::net::{node_config, t};
+use support::wire::Wire;
 
-/// A raw transport peer dialled in to the node.
-struct Peer {
-    raw: Connection,
-    id: ConnId,
-    got: Vec<Value>,
-}
-
-/// Node `n` (listening on `n:4040`, no seeds) and the raw peers connected to it.
-struct Wire {
-    framing: Framing,
-    node: Node,
-    peers: Vec<Peer>,
-    events: Vec<NodeOutput>,
-}
-
-impl Wire {
-    fn new(framing: Framing) -> Wire {
-        Wire {
-            framing,
-            node: Node::new(node_config("n", &[]), [7; 16], 0).unwrap(),
-            peers: Vec::new(),
-            events: Vec::new(),
-        }
-    }
-
-    /// A peer named `name` dials in; returns its index.
-    fn connect(&mut self, name: &str) -> usize {
-        let mut config = Config::new(name);
-        config.secret = Some(SECRET.to_vec());
-        config.framings = vec![self.framing];
-        let raw = Connection::new(config, [9 + self.peers.len() as u8; 66], 0).unwrap();
-        let id = self.node.handle_accept(&format!("{name}:1"), [8; 66], 0);
-        self.peers.push(Peer {
-            raw,
-            id,
-            got: Vec::new(),
-        });
-        self.pump();
-        assert!(self.node.is_up(name));
-        self.peers.len() - 1
-    }
-
-    fn pump(&mut self) {
-        loop {
-            let mut moved = false;
-            while let Some(o) = self.node.poll_output() {
-                moved = true;
-                match o {
-                    NodeOutput::Transmit { conn, bytes } => {
-                        if let Some(p) = self.peers.iter_mut().find(|p| p.id == conn) {
-                            p.raw.handle_input(&bytes);
-                        }
-                    }
-                    other => self.events.push(other),
-                }
-            }
-            for p in &mut self.peers {
-                while let Some(o) = p.raw.poll_output() {
-                    moved = true;
-                    match o {
-                        Output::Transmit(bytes) => self.node.handle_input(p.id, &bytes, 0),
-                        Output::Greeting(_) => p.raw.handle_verdict(Verdict::Accept),
-                        Output::Message(m) => p.got.push(Value::decode(&m).unwrap()),
-                        Output::Closed(e) => panic!("{e}"),
-                        _ => {}
-                    }
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-    }
-
-    /// Peer `p` sends `["", items...]` to the node.
-    fn send(&mut self, p: usize, items: Vec<Value>) {
-        let mut message = vec![t("")];
-        message.extend(items);
-        self.peers[p]
-            .raw
-            .send(&Value::Array(message).encode())
-            .unwrap();
-        self.pump();
-    }
-
-    fn take(&mut self, p: usize) -> Vec<Value> {
-        std::mem::take(&mut self.peers[p].got)
-    }
-
-    /// Peer `p` goes away.
-    fn drop_peer(&mut self, p: usize) {
-        let peer = self.peers.remove(p);
-        self.node.handle_eof(peer.id, 0);
-        self.pump();
-    }
+/// Node `n` (listening on `n:4040`, no seeds), for raw peers speaking `framing`.
+fn wire(framing: Framing) -> Wire {
+    Wire::new(node_config("n", &[]), framing)
 }
 
 /// `["", items...]`.
@@ -138,18 +47,18 @@ fn answers_to_a_slave() {
 }
 
 fn answers_to_a_slave_in(framing: Framing) {
-    let mut w = Wire::new(framing);
+    let mut w = wire(framing);
     let s = w.connect("s");
     assert!(w.take(s).is_empty(), "not global yet: nothing to say");
     // A Perl slave's first message to its seed, then its database.
-    w.send(s, vec![t("g_slave")]);
+    w.request(s, vec![t("g_slave")]);
     assert_eq!(w.take(s), [req(vec![t("g_global")])]);
-    w.send(s, vec![t("g_slave"), slave_db()]);
+    w.request(s, vec![t("g_slave"), slave_db()]);
     assert!(w.take(s).is_empty());
 
-    w.send(s, vec![t("g_find"), t("s")]);
-    w.send(s, vec![t("g_find"), t("n")]);
-    w.send(s, vec![t("g_find"), t("unknown")]);
+    w.request(s, vec![t("g_find"), t("s")]);
+    w.request(s, vec![t("g_find"), t("n")]);
+    w.request(s, vec![t("g_find"), t("unknown")]);
     assert_eq!(
         w.take(s),
         [
@@ -160,8 +69,8 @@ fn answers_to_a_slave_in(framing: Framing) {
     );
 
     for tag in ["g_db_family", "g_db_keys", "g_db_values"] {
-        w.send(s, vec![t(tag), t("fam"), t("id1")]);
-        w.send(s, vec![t(tag), t("none"), int(2)]);
+        w.request(s, vec![t(tag), t("fam"), t("id1")]);
+        w.request(s, vec![t(tag), t("none"), int(2)]);
     }
     assert_eq!(
         w.take(s),
@@ -175,9 +84,9 @@ fn answers_to_a_slave_in(framing: Framing) {
         ]
     );
 
-    w.send(s, vec![t("g_mon1"), t("fam")]);
-    w.send(s, vec![t("g_mon1"), t("none")]);
-    w.send(s, vec![t("g_mon1"), t("'g")]);
+    w.request(s, vec![t("g_mon1"), t("fam")]);
+    w.request(s, vec![t("g_mon1"), t("none")]);
+    w.request(s, vec![t("g_mon1"), t("'g")]);
     assert_eq!(
         w.take(s),
         [
@@ -187,8 +96,8 @@ fn answers_to_a_slave_in(framing: Framing) {
         ]
     );
     // Changes from the slave, and from the global node's own application.
-    w.send(s, vec![t("g_upd"), t("fam"), map(vec![("k2", int(2))])]);
-    w.send(
+    w.request(s, vec![t("g_upd"), t("fam"), map(vec![("k2", int(2))])]);
+    w.request(
         s,
         vec![t("g_upd"), t("fam"), Value::Null, arr(vec![t("k")])],
     );
@@ -219,13 +128,13 @@ fn answers_to_a_slave_in(framing: Framing) {
             ]),
         ]
     );
-    w.send(s, vec![t("g_mon0"), t("fam")]);
+    w.request(s, vec![t("g_mon0"), t("fam")]);
     w.node.db_set("fam", "own", &int(4).encode(), 0).unwrap();
     w.pump();
     assert!(w.take(s).is_empty(), "no longer monitored");
 
     // `can` knows the global tags now.
-    w.send(s, vec![t("can"), t("g_find"), t("s#r")]);
+    w.request(s, vec![t("can"), t("g_find"), t("s#r")]);
     assert_eq!(w.take(s), [arr(vec![t("r"), Value::Bool(true)])]);
 }
 
@@ -236,14 +145,14 @@ fn replication_with_another_global_node() {
 }
 
 fn replication_with_another_global_node_in(framing: Framing) {
-    let mut w = Wire::new(framing);
+    let mut w = wire(framing);
     let s = w.connect("s");
-    w.send(s, vec![t("g_slave"), slave_db()]);
+    w.request(s, vec![t("g_slave"), slave_db()]);
     assert_eq!(w.take(s), [req(vec![t("g_global")])]);
     // Global now: a node that comes up is told so at once.
     let g = w.connect("g");
     assert_eq!(w.take(g), [req(vec![t("g_global")])]);
-    w.send(g, vec![t("g_global")]);
+    w.request(g, vec![t("g_global")]);
     // It is noted in 'g (relayed as our own change), then gets our slaves' entries, ours
     // included.
     let slaves = map(vec![
@@ -280,7 +189,7 @@ fn replication_with_another_global_node_in(framing: Framing) {
             ]),
         ),
     ]);
-    w.send(g, vec![t("g_set"), theirs]);
+    w.request(g, vec![t("g_set"), theirs]);
     assert_eq!(
         w.take(g),
         [req(vec![
@@ -290,14 +199,14 @@ fn replication_with_another_global_node_in(framing: Framing) {
             arr(vec![])
         ])]
     );
-    w.send(s, vec![t("g_find"), t("gs")]);
+    w.request(s, vec![t("g_find"), t("gs")]);
     assert_eq!(
         w.take(s),
         [req(vec![t("g_found"), t("gs"), arr(vec![t("gs:1")])])]
     );
     // A slave's change is relayed; another global node's change is not sent back.
-    w.send(s, vec![t("g_upd"), t("fam"), map(vec![("k", int(5))])]);
-    w.send(
+    w.request(s, vec![t("g_upd"), t("fam"), map(vec![("k", int(5))])]);
+    w.request(
         g,
         vec![t("g_upd"), t("fam"), map(vec![("k", int(6))]), arr(vec![])],
     );
@@ -310,14 +219,14 @@ fn replication_with_another_global_node_in(framing: Framing) {
             arr(vec![])
         ])]
     );
-    w.send(s, vec![t("g_db_family"), t("fam"), t("q")]);
+    w.request(s, vec![t("g_db_family"), t("fam"), t("q")]);
     assert_eq!(
         w.take(s),
         [req(vec![t("g_reply"), t("q"), map(vec![("k", int(6))])])]
     );
     // The slave deletes its key: the global node still holds one, so the deletion is
     // relayed and the value stays.
-    w.send(
+    w.request(
         s,
         vec![t("g_upd"), t("fam"), Value::Null, arr(vec![t("k")])],
     );
@@ -330,16 +239,15 @@ fn replication_with_another_global_node_in(framing: Framing) {
             arr(vec![t("k")])
         ])]
     );
-    w.send(s, vec![t("g_db_keys"), t("fam"), t("q2")]);
+    w.request(s, vec![t("g_db_keys"), t("fam"), t("q2")]);
     assert_eq!(
         w.take(s),
         [req(vec![t("g_reply"), t("q2"), arr(vec![t("k")])])]
     );
     // The slave goes away: its remaining entries are deleted everywhere.
-    w.send(s, vec![t("g_upd"), t("fam"), map(vec![("left", int(0))])]);
+    w.request(s, vec![t("g_upd"), t("fam"), map(vec![("left", int(0))])]);
     w.take(g);
     w.drop_peer(s);
-    let g = 0;
     assert_eq!(
         w.take(g),
         [
@@ -355,10 +263,9 @@ fn replication_with_another_global_node_in(framing: Framing) {
     // A new slave monitors 'l and sees the global node's entries go.
     let s2 = w.connect("s2");
     assert_eq!(w.take(s2), [req(vec![t("g_global")])]);
-    w.send(s2, vec![t("g_mon1"), t("'l")]);
+    w.request(s2, vec![t("g_mon1"), t("'l")]);
     w.take(s2);
     w.drop_peer(g);
-    let s2 = 0;
     assert_eq!(
         w.take(s2),
         [req(vec![

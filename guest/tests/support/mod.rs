@@ -1,9 +1,11 @@
 //! Test harness: two engines wired back to back in memory, with a simulated clock and
 //! TLS simulated as a pass-through (so only where TLS starts is tested, not TLS itself).
+//! `net` wires whole nodes together; `wire` wires one node to plain transport peers.
 
 #![allow(dead_code)] // each test file uses its own part of the harness
 
 pub mod net;
+pub mod wire;
 
 use aemp_engine::{Config, Connection, Error, NONCE_LEN, Output, Session, TlsRole, Verdict};
 use minicbor::Encoder;
