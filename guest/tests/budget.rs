@@ -149,6 +149,7 @@ fn connections_in_their_handshake_are_capped() {
         })
         .collect();
     assert!(!greeted.contains(&refused));
+    assert!(silent.iter().all(|c| greeted.contains(c)), "{greeted:?}");
     // Closing one makes room: a real peer completes its handshake, and once it is
     // authenticated it no longer counts.
     hub.node.handle_eof(silent[0], 0);
