@@ -45,7 +45,7 @@ impl Chunk {
 
     /// Messages in the chunk.
     pub(super) fn len(&self) -> usize {
-        self.spans.len() - self.next
+        self.spans.len().saturating_sub(self.next)
     }
 
     /// Takes the first `n` messages (at most all) as a chunk of their own, sharing the bytes.
@@ -183,8 +183,12 @@ impl Inbox {
             return Offer::Closed;
         }
         let n = chunk.len();
+        if n == 0 {
+            // Nothing to queue: the inbox never holds an empty chunk.
+            return Offer::Taken;
+        }
         let taken = self.shared.capacity.saturating_sub(state.count).min(n);
-        if taken == 0 && n > 0 {
+        if taken == 0 {
             return Offer::Full { taken };
         }
         let front = if taken == n {
@@ -243,11 +247,14 @@ impl Drop for Inbox {
 }
 
 impl Receiver {
-    /// Waits for messages and takes up to `limit` of them (at least one); `None` once
-    /// the inbox is empty and its driver let go. Cancel-safe: nothing is taken unless
-    /// this returns.
-    pub(super) async fn take(&mut self, limit: usize) -> Option<Messages> {
-        let limit = limit.max(1);
+    /// Waits for messages, then lets `take_from` take some (it returns how many with what
+    /// it made of them) and wakes the driver if that made room for what it holds (once
+    /// there is room for all it waits for, not per message). `None` once the inbox is
+    /// empty and its driver let go. Cancel-safe: nothing is taken unless this returns.
+    async fn take_with<R>(
+        &mut self,
+        mut take_from: impl FnMut(&mut VecDeque<Chunk>) -> (usize, R),
+    ) -> Option<R> {
         let (taken, driver) = poll_fn(|cx| {
             let mut state = self.shared.lock();
             if state.count == 0 {
@@ -257,24 +264,8 @@ impl Receiver {
                 state.receiver = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            let mut taken = Messages::default();
-            while taken.len < limit {
-                let Some(front) = state.chunks.front_mut() else {
-                    break;
-                };
-                let n = front.len();
-                let chunk = if n <= limit - taken.len {
-                    state.chunks.pop_front()
-                } else {
-                    Some(front.split_off_front(limit - taken.len))
-                };
-                if let Some(chunk) = chunk {
-                    taken.len += chunk.len();
-                    taken.chunks.push(chunk);
-                }
-            }
-            state.count -= taken.len;
-            // The driver is woken once there is room for what it holds, not per message.
+            let (n, taken) = take_from(&mut state.chunks);
+            state.count -= n;
             let room = self.shared.capacity.saturating_sub(state.count);
             let driver = match state.driver.take() {
                 Some((waker, want)) if room >= want => Some(waker),
@@ -292,10 +283,49 @@ impl Receiver {
         Some(taken)
     }
 
-    /// Takes the next message and makes `T` of its arguments (outside the inbox's lock).
+    /// Waits for messages and takes up to `limit` of them (at least one); `None` once
+    /// the inbox is empty and its driver let go. Cancel-safe.
+    pub(super) async fn take(&mut self, limit: usize) -> Option<Messages> {
+        let limit = limit.max(1);
+        self.take_with(|chunks| {
+            let mut taken = Messages::default();
+            while taken.len < limit {
+                let Some(front) = chunks.front_mut() else {
+                    break;
+                };
+                let chunk = if front.len() <= limit - taken.len {
+                    chunks.pop_front()
+                } else {
+                    Some(front.split_off_front(limit - taken.len))
+                };
+                if let Some(chunk) = chunk {
+                    taken.len += chunk.len();
+                    taken.chunks.push(chunk);
+                }
+            }
+            (taken.len, taken)
+        })
+        .await
+    }
+
+    /// Takes the next message and makes `T` of its arguments (outside the inbox's lock,
+    /// and without a buffer of its own: the message stays in its chunk's bytes).
     pub(super) async fn recv_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
-        let one = self.take(1).await?;
-        one.iter().next().map(f)
+        let (data, span) = self
+            .take_with(|chunks| {
+                let Some(front) = chunks.front_mut() else {
+                    return (0, None);
+                };
+                let span = front.spans.get(front.next).cloned();
+                front.next += 1;
+                let data = front.data.clone();
+                if front.len() == 0 {
+                    chunks.pop_front();
+                }
+                (usize::from(span.is_some()), span.map(|span| (data, span)))
+            })
+            .await??;
+        Some(f(data.get(span).unwrap_or_default()))
     }
 }
 
