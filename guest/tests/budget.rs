@@ -123,23 +123,24 @@ fn queues_for_nodes_that_never_connect_share_the_budget() {
 }
 
 #[test]
-fn connections_in_their_handshake_are_capped() {
+fn at_the_handshake_cap_the_oldest_handshake_makes_room() {
     let mut config = node_config("n", &[]);
     config.max_handshakes = 2;
     let mut hub = hub(config);
     let silent: Vec<ConnId> = (0..2)
-        .map(|i| hub.node.handle_accept(&format!("silent{i}"), [8; 66], 0))
+        .map(|i| hub.node.handle_accept(&format!("silent{i}:1"), [8; 66], 0))
         .collect();
-    let refused = hub.node.handle_accept("one too many", [8; 66], 0);
+    let newcomer = hub.node.handle_accept("newcomer:1", [8; 66], 0);
     hub.pump();
+    // The oldest silent connection went, not the newcomer.
     assert_eq!(
         hub.closes,
         [(
-            refused,
-            "too many connections in their handshake (2)".to_owned()
+            silent[0],
+            "too many connections in their handshake (2), oldest dropped".to_owned()
         )]
     );
-    // The refused connection got nothing, the others their greeting.
+    // Every connection still open got its greeting.
     let greeted: Vec<ConnId> = hub
         .events
         .iter()
@@ -148,16 +149,67 @@ fn connections_in_their_handshake_are_capped() {
             _ => None,
         })
         .collect();
-    assert!(!greeted.contains(&refused));
-    assert!(silent.iter().all(|c| greeted.contains(c)), "{greeted:?}");
-    // Closing one makes room: a real peer completes its handshake, and once it is
-    // authenticated it no longer counts.
-    hub.node.handle_eof(silent[0], 0);
+    assert!(
+        greeted.contains(&newcomer) && greeted.contains(&silent[1]),
+        "{greeted:?}"
+    );
+    // A real peer completes its handshake at the cap, and once it is authenticated it no
+    // longer counts: the next newcomer pushes out a silent one, not the real peer.
+    let real = hub.connect("real");
+    let again = hub.node.handle_accept("another:1", [8; 66], 0);
     hub.pump();
-    hub.connect("real");
-    let again = hub.node.handle_accept("another", [8; 66], 0);
-    hub.pump();
+    assert!(hub.peers[real].closed.is_none());
     assert!(hub.closes.iter().all(|(c, _)| *c != again));
+    assert!(hub.node.is_up("real"));
+}
+
+/// Thousands of silent connections from the same address come and go while the table is
+/// full: every peer that completes its handshake before `max_handshakes` newer ones
+/// arrive gets through.
+#[test]
+fn a_flood_of_silent_connections_does_not_lock_peers_out() {
+    const CAP: usize = 16;
+    let mut config = node_config("n", &[]);
+    config.max_handshakes = CAP;
+    let mut hub = hub(config);
+    let flood = |hub: &mut Wire, n: usize| {
+        for i in 0..n {
+            hub.node
+                .handle_accept(&format!("127.0.0.1:{i}"), [8; 66], 0);
+        }
+    };
+    for round in 0..50 {
+        flood(&mut hub, 100);
+        // The peer's greeting reaches the node while silent ones keep arriving.
+        let p = hub.accept(&format!("real{round}"), "127.0.0.1:4040");
+        flood(&mut hub, CAP - 1);
+        hub.pump();
+        assert!(hub.peers[p].closed.is_none(), "real{round} got through");
+        assert!(hub.node.is_up(&format!("real{round}")));
+    }
+    // Never more than the cap of silent ones left open.
+    let accepted = 50 * (100 + CAP - 1);
+    assert!(
+        accepted - hub.closes.len() <= CAP,
+        "{} closed",
+        hub.closes.len()
+    );
+}
+
+/// Where source addresses differ, the one holding the most handshakes makes room first.
+#[test]
+fn the_address_holding_most_handshakes_makes_room_first() {
+    let mut config = node_config("n", &[]);
+    config.max_handshakes = 4;
+    let mut hub = hub(config);
+    let lone = hub.node.handle_accept("10.0.0.1:1", [8; 66], 0);
+    let flood: Vec<ConnId> = (0..3)
+        .map(|i| hub.node.handle_accept(&format!("10.0.0.2:{i}"), [8; 66], 0))
+        .collect();
+    hub.node.handle_accept("10.0.0.3:1", [8; 66], 0);
+    hub.pump();
+    let closed: Vec<ConnId> = hub.closes.iter().map(|(c, _)| *c).collect();
+    assert_eq!(closed, [flood[0]], "the lone older one {lone} stays");
 }
 
 /// A connection used alone bounds what it holds too: a host that never polls cannot be

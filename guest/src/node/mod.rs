@@ -7,6 +7,7 @@
 //! incoming socket, [`NodeOutput::Connect`] names one for an outgoing socket.
 
 mod global;
+mod handshakes;
 mod ids;
 mod kernel;
 mod msg;
@@ -26,6 +27,7 @@ use crate::framing::Checker;
 use crate::greeting::NONCE_LEN;
 use crate::value::Value;
 use global::Global;
+use handshakes::Handshakes;
 
 /// Identifies one connection (socket) of a node.
 pub type ConnId = u64;
@@ -52,8 +54,10 @@ pub struct NodeConfig {
     /// ([`Error::NodeBudgetExhausted`]); a message that would pass it is refused
     /// ([`NodeError::BudgetExhausted`]). See [`Node::buffered_bytes`].
     pub max_buffered_bytes: usize,
-    /// Accepted connections that may be in their handshake at once (default 256); at
-    /// the cap a newly accepted connection is closed at once, before our greeting.
+    /// Accepted connections that may be in their handshake at once (default 256). At the
+    /// cap a newly accepted connection makes room: the oldest handshake of the source
+    /// address holding the most is closed, so whoever fills the table cannot keep a peer
+    /// that completes its handshake quickly from getting through.
     pub max_handshakes: usize,
     /// Added to `now` to get milliseconds since the UNIX epoch (for `time` requests).
     pub wall_clock_offset_ms: i64,
@@ -216,8 +220,9 @@ struct Conn {
     seed: Option<usize>,
     /// The remote node, once greeted.
     remote: Option<String>,
-    /// Accepted from a listener (counts toward `max_handshakes` until authenticated).
-    accepted: bool,
+    /// Accepted from a listener and still in its handshake: its place in
+    /// [`Node::handshakes`] (its accept order), until authenticated.
+    handshake: Option<u64>,
     /// What its transport held at the last [`Node::recount`].
     held: usize,
 }
@@ -308,6 +313,8 @@ pub struct Node {
     conns_held: usize,
     /// The queues' share of [`Node::buffered_bytes`] (the sum of their `queued_bytes`).
     queued_held: usize,
+    /// Accepted connections in their handshake, oldest first (see `max_handshakes`).
+    handshakes: Handshakes,
 }
 
 /// The largest send buffer a node keeps between messages (larger ones are freed).
@@ -368,6 +375,7 @@ impl Node {
             warned: BTreeMap::new(),
             conns_held: 0,
             queued_held: 0,
+            handshakes: Handshakes::default(),
             config,
         };
         let binds = node
@@ -394,27 +402,30 @@ impl Node {
     // ---- sockets -------------------------------------------------------------------
 
     /// An incoming socket from `peer_addr` was accepted; `nonce` is 66 fresh random bytes.
-    /// With `max_handshakes` accepted connections already in their handshake, it is
-    /// closed at once ([`NodeOutput::Close`] follows) without a greeting: a flood of
-    /// silent connections costs one id each, and the ones already talking go on.
+    /// With `max_handshakes` accepted connections already in their handshake, one of them
+    /// makes room (closed with [`NodeOutput::Close`]): the oldest of the source address
+    /// that holds the most. A flood of silent or dripping connections then only shortens
+    /// everyone's handshake window to the time `max_handshakes` newer ones take to
+    /// arrive, and a peer that completes its handshake within it gets through.
     pub fn handle_accept(&mut self, peer_addr: &str, nonce: [u8; NONCE_LEN], now: u64) -> ConnId {
         self.now = now;
-        let handshakes = self
-            .conns
-            .values()
-            .filter(|c| c.accepted && c.transport.as_ref().is_none_or(|t| t.session().is_none()))
-            .count();
         let conn = self.alloc_conn(peer_addr, None, None);
-        if handshakes >= self.config.max_handshakes {
-            let max = self.config.max_handshakes;
-            self.close(
-                conn,
-                format!("too many connections in their handshake ({max})"),
-            );
-            return conn;
+        if self.handshakes.len() >= self.config.max_handshakes {
+            if let Some(victim) = self.handshakes.victim() {
+                let max = self.config.max_handshakes;
+                self.close(
+                    victim,
+                    format!("too many connections in their handshake ({max}), oldest dropped"),
+                );
+            } else {
+                // `max_handshakes` is 0: no handshake is allowed at all.
+                self.close(conn, "no connections accepted (max_handshakes is 0)".into());
+                return conn;
+            }
         }
+        let seq = self.handshakes.insert(conn, peer_addr);
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.accepted = true;
+            c.handshake = Some(seq);
         }
         self.start_transport(conn, nonce, now);
         conn
@@ -729,7 +740,7 @@ impl Node {
                 dialled_for,
                 seed,
                 remote: None,
-                accepted: false,
+                handshake: None,
                 held: 0,
             },
         );
@@ -842,6 +853,9 @@ impl Node {
     fn remove_conn(&mut self, conn: ConnId) -> Option<Conn> {
         let c = self.conns.remove(&conn)?;
         self.conns_held -= c.held;
+        if let Some(seq) = c.handshake {
+            self.handshakes.remove(seq);
+        }
         Some(c)
     }
 
@@ -924,6 +938,9 @@ impl Node {
 
     /// A handshake completed on `conn` with `node`.
     fn connected(&mut self, conn: ConnId, node: String, how: &str) {
+        if let Some(seq) = self.conns.get_mut(&conn).and_then(|c| c.handshake.take()) {
+            self.handshakes.remove(seq);
+        }
         let old = self.peers.get(&node).and_then(|p| p.conn);
         if let Some(old) = old.filter(|&o| o != conn) {
             self.transport_error(&node, "switched connections", true);

@@ -53,10 +53,16 @@ impl Wire {
 
     /// Peer `name` dials in from `name:1` and completes its handshake; returns its index.
     pub fn connect(&mut self, name: &str) -> usize {
-        let conn = self
-            .node
-            .handle_accept(&format!("{name}:1"), NODE_NONCE, self.now);
-        self.add(name, conn)
+        let p = self.accept(name, &format!("{name}:1"));
+        self.pump();
+        assert!(self.node.is_up(name), "{name} is up");
+        p
+    }
+
+    /// Peer `name` dials in from `addr`; nothing moves until the next [`Wire::pump`].
+    pub fn accept(&mut self, name: &str, addr: &str) -> usize {
+        let conn = self.node.handle_accept(addr, NODE_NONCE, self.now);
+        self.add_peer(name, conn)
     }
 
     /// The node dials peer `name` (its `Connect` to `name:1`, taken out of `events`), the
@@ -73,10 +79,14 @@ impl Wire {
             unreachable!()
         };
         self.node.handle_connected(conn, NODE_NONCE, self.now);
-        self.add(name, conn)
+        let p = self.add_peer(name, conn);
+        self.pump();
+        assert!(self.node.is_up(name), "{name} is up");
+        p
     }
 
-    fn add(&mut self, name: &str, conn: ConnId) -> usize {
+    /// A peer for the node's connection `conn`, not yet pumped.
+    fn add_peer(&mut self, name: &str, conn: ConnId) -> usize {
         let mut config = Config::new(name);
         config.secret = Some(SECRET.to_vec());
         config.framings = vec![self.framing];
@@ -88,8 +98,6 @@ impl Wire {
             closed: None,
             gone: false,
         });
-        self.pump();
-        assert!(self.node.is_up(name), "{name} is up");
         self.peers.len() - 1
     }
 
