@@ -558,3 +558,247 @@ async fn a_stuck_tls_handshake_is_closed_at_the_handshake_deadline() {
     assert!(logged_by("stucktls-a", "Connection timed out").await);
     still_serves(&a, "s").await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Attacks that must not win: a full handshake table, big messages at a held-up port, a
+// global node's database (each asserts the legitimate peer is served during the attack).
+// ---------------------------------------------------------------------------------------
+
+/// A fresh node `check-N` reaches `node` and delivers a message to one of its ports
+/// within `limit`, from connect to receipt.
+async fn served_within(node: &Node, secret: &str, n: usize, limit: Duration) {
+    let other = builder(&format!("check-{n}-{}", node.id()), secret)
+        .start()
+        .await
+        .unwrap();
+    let mut port = node.port().await.unwrap();
+    let served = tokio::time::timeout(limit, async {
+        other.connect(&addr(node)).await.unwrap();
+        other.wait_up(node.id(), limit).await.unwrap();
+        other.send(port.id(), vec![t("served")]).await.unwrap();
+        port.recv().await
+    })
+    .await;
+    assert_eq!(
+        served.ok().flatten(),
+        Some(vec![t("served")]),
+        "check {n} was not served within {limit:?}"
+    );
+    other.shutdown(WAIT).await.unwrap();
+}
+
+/// Hundreds of connections that never speak, closed by the node and opened again as fast
+/// as it closes them, keep the handshake table full: a peer that completes its handshake
+/// in milliseconds is still served, every time, and the node's descriptors do not run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_handshake_table_does_not_lock_peers_out() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    /// More silent connections than the node's `max_handshakes` (256).
+    const SILENT: usize = 320;
+    aemp_host::raise_open_file_limit().unwrap();
+    let a = builder("lockout-a", "s").start().await.unwrap();
+    let target = addr(&a);
+    let stop = Arc::new(AtomicBool::new(false));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let mut attackers = Vec::new();
+    for _ in 0..SILENT {
+        let (target, stop, dropped) = (target.clone(), stop.clone(), dropped.clone());
+        attackers.push(tokio::spawn(async move {
+            let mut buf = vec![0; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut sock) = tokio::net::TcpStream::connect(&target).await else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                // Silent: reads the greeting and waits for the node to give up on us.
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(200), sock.read(&mut buf))
+                        .await
+                    {
+                        Ok(Ok(0)) | Ok(Err(_)) => {
+                            dropped.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Ok(Ok(_)) => {}
+                        Err(_) if stop.load(Ordering::Relaxed) => return,
+                        Err(_) => {}
+                    }
+                }
+            }
+        }));
+    }
+    // The table fills up and turns over.
+    tokio::time::timeout(WAIT, async {
+        while dropped.load(Ordering::Relaxed) < SILENT as u64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the node makes room by dropping silent connections");
+    for n in 0..5 {
+        served_within(&a, "s", n, Duration::from_secs(2)).await;
+    }
+    assert!(
+        logged_by(
+            "lockout-a",
+            "too many connections in their handshake (256), oldest dropped"
+        )
+        .await
+    );
+    stop.store(true, Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.await.unwrap();
+    }
+    assert_eq!(a.stopped(), None, "the node is still running");
+    still_serves(&a, "s").await;
+}
+
+/// The issue's scenario: messages of several MiB to an echo port whose replies go to a
+/// peer that never reads. The replies wait for that peer alone, the echo port's inbox
+/// fills up in bytes long before it does in messages, the node stops reading the flooder,
+/// and the process stays far under the stated worst case; the peer that does not read is
+/// cut off at the write deadline, and everyone else is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_messages_to_a_held_up_port_stay_within_the_byte_bounds() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    /// Far below what 1024 inbox slots of these messages would hold (4 GiB), and below
+    /// the README's worst case for one node.
+    const MAX_GROWTH: u64 = 400 << 20;
+    const BIG: usize = 4 << 20;
+    let a = builder("bytes-a", "s")
+        .write_timeout(Duration::from_secs(4))
+        .start()
+        .await
+        .unwrap();
+    let mut echo = a.named_port("echo").await.unwrap();
+    let echoer = a.clone();
+    tokio::spawn(async move {
+        while let Some(mut args) = echo.recv().await {
+            let to = args.remove(0);
+            let _ = echoer.send(&to.as_name().unwrap_or_default(), args).await;
+        }
+    });
+    let mut events = a.events();
+    // The peer the replies go to: it completes its handshake and never reads again.
+    let mut lazy = RawPeer::connect_framing(&addr(&a), "lazy", "s", Framing::Cbor).await;
+    lazy.handshake().await.unwrap();
+    a.wait_up("lazy", WAIT).await.unwrap();
+    let mut flooder = RawPeer::connect_framing(&addr(&a), "flooder", "s", Framing::Cbor).await;
+    flooder.handshake().await.unwrap();
+    let base = rss();
+    let peak = Arc::new(AtomicU64::new(base));
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let payload = Value::Bytes(vec![b'b'; BIG]);
+    let message = Value::Array(vec![t("echo"), t("lazy#r"), payload]).encode();
+    let sender = tokio::spawn({
+        let (sent, stop) = (sent.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::Acquire) {
+                flooder.conn.send(&message).unwrap();
+                let bytes = transmitted(&mut flooder);
+                if flooder.stream.write_all(&bytes).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::AcqRel);
+            }
+            flooder
+        }
+    });
+    let watcher = tokio::spawn({
+        let (peak, stop) = (peak.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::Acquire) {
+                peak.fetch_max(rss(), Ordering::AcqRel);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    // The flooder is held back, and a legitimate peer is served while it is.
+    let held_back = standstill(&sent, WAIT, "the flooder is held back").await;
+    served_within(&a, "s", 0, Duration::from_secs(2)).await;
+    // The peer that does not read is cut off at the write deadline (nothing else went
+    // wrong: the node is still up and serving).
+    let reason = node_down(&mut events, "lazy", "the reader of the replies is cut off").await;
+    assert!(reason.contains("peer does not read"), "{reason}");
+    served_within(&a, "s", 1, Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Release);
+    watcher.await.unwrap();
+    sender.abort();
+    let growth = peak.load(Ordering::Acquire).saturating_sub(base);
+    eprintln!(
+        "big messages: {held_back} of {} MiB sent before the flooder was held back, \
+         memory grew {} MiB",
+        BIG >> 20,
+        growth >> 20
+    );
+    assert!(
+        held_back < 64,
+        "{held_back} messages went in before the push-back"
+    );
+    assert!(growth < MAX_GROWTH, "memory grew by {growth} bytes");
+    assert_eq!(a.stopped(), None, "the node is still running");
+    drop(lazy);
+}
+
+/// Backpressure is per peer: while one peer does not read (and the application's sends
+/// to it wait), sends to a peer that reads go out at their usual pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_holds_back_only_the_sends_to_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let a = builder("perpeer-a", "s").start().await.unwrap();
+    let fast = builder("perpeer-fast", "s").start().await.unwrap();
+    let mut inbox = fast.named_port("inbox").await.unwrap();
+    a.connect(&addr(&fast)).await.unwrap();
+    a.wait_up("perpeer-fast", WAIT).await.unwrap();
+    let mut lazy = RawPeer::connect_framing(&addr(&a), "lazy", "s", Framing::Cbor).await;
+    lazy.handshake().await.unwrap();
+    a.wait_up("lazy", WAIT).await.unwrap();
+    // One task sends to the peer that does not read until its sends wait.
+    let sent_lazy = Arc::new(AtomicU64::new(0));
+    let lazy_sender = tokio::spawn({
+        let (a, sent) = (a.clone(), sent_lazy.clone());
+        async move {
+            let payload = Value::Bytes(vec![b'l'; 64 << 10]);
+            loop {
+                if a.send("lazy#r", vec![payload.clone()]).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    });
+    let held = standstill(
+        &sent_lazy,
+        WAIT,
+        "sends to the peer that does not read wait",
+    )
+    .await;
+    // Meanwhile 2000 messages to the fast peer go out and arrive, in far less than the
+    // write deadline (30 s) that would free a node-wide mark.
+    let started = tokio::time::Instant::now();
+    let receiver = tokio::spawn(async move {
+        for i in 0..2000i128 {
+            assert_eq!(recv(&mut inbox).await, [Value::Int(i)]);
+        }
+    });
+    for i in 0..2000i128 {
+        a.send("perpeer-fast#inbox", vec![Value::Int(i)])
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(5), receiver)
+        .await
+        .expect("the fast peer's messages keep their pace")
+        .unwrap();
+    let took = started.elapsed();
+    eprintln!("per-peer: lazy held at {held} sends; 2000 to the fast peer took {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // The sends to the lazy peer still wait.
+    assert_eq!(sent_lazy.load(Ordering::Acquire), held);
+    lazy_sender.abort();
+    drop(lazy);
+}

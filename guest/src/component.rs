@@ -338,7 +338,7 @@ impl From<NodeOutput> for wnode::NodeOutput {
                 data: b.data,
                 sizes: b.sizes,
             }),
-            NodeOutput::NodeUp { node } => W::NodeUp(node),
+            NodeOutput::NodeUp { node, conn } => W::NodeUp(wnode::NodeUp { node, conn }),
             NodeOutput::NodeDown { node, reason } => W::NodeDown(wnode::NodeDown { node, reason }),
             NodeOutput::PortDown { port, reason } => W::PortDown(wnode::PortDown { port, reason }),
             NodeOutput::Request { node, tag, args } => {

@@ -62,7 +62,7 @@ fn messages_between_ports_on_three_nodes_found_through_the_seed() {
     assert_eq!(net.delivered(a), [(pa, Value::Array(vec![t("back")]))]);
     assert!(net.has(
         a,
-        |e| matches!(e, NodeOutput::NodeUp { node } if node == "b")
+        |e| matches!(e, NodeOutput::NodeUp { node, .. } if node == "b")
     ));
     // Local delivery needs no connection.
     let local = net.nodes[c].new_port();

@@ -263,7 +263,9 @@ fn two_nodes_through_the_component() {
                             .call_handle_input(store, nodes[other], conn, &t.bytes, 0)
                             .unwrap();
                     }
-                    wit_node::NodeOutput::NodeUp(node) if i == 0 && !sent => {
+                    wit_node::NodeOutput::NodeUp(wit_node::NodeUp { node, .. })
+                        if i == 0 && !sent =>
+                    {
                         assert_eq!(node, "b");
                         let (store, b) = insts[0].parts();
                         let mut batch = wit_node::Batch {

@@ -115,8 +115,9 @@ pub enum NodeOutput {
     /// Messages for local ports: each its port id and its arguments (a CBOR array).
     /// Consecutive deliveries share one batch, built in place as they arrive.
     Deliver(Batch),
-    /// A node completed a handshake.
-    NodeUp { node: String },
+    /// A node completed a handshake; `conn` is its working connection (where what is
+    /// sent to it goes) until it is reported down.
+    NodeUp { node: String, conn: ConnId },
     /// A node's working connection is gone.
     NodeDown { node: String, reason: String },
     /// A port we monitor died; `reason` is a CBOR array (empty for a normal exit).
@@ -966,8 +967,10 @@ impl Node {
         peer.connecting = None;
         let queue = std::mem::take(&mut peer.queue);
         self.queued_held -= std::mem::take(&mut peer.queued_bytes);
-        self.outputs
-            .push_back(NodeOutput::NodeUp { node: node.clone() });
+        self.outputs.push_back(NodeOutput::NodeUp {
+            node: node.clone(),
+            conn,
+        });
         // Other attempts to reach this node are no longer needed.
         let stale: Vec<ConnId> = self
             .conns

@@ -37,10 +37,12 @@ pub struct NodeBuilder {
     monitor_timeout: Duration,
     connect_interval: Duration,
     max_write_queue: usize,
+    max_write_total: usize,
     max_buffered_bytes: Option<usize>,
     max_handshakes: Option<usize>,
     write_timeout: Option<Duration>,
     port_capacity: usize,
+    port_bytes: usize,
     port_stall: Duration,
     sandbox_limits: Option<sandbox::Limits>,
     sandbox: Option<Arc<Sandbox>>,
@@ -64,10 +66,12 @@ impl Default for NodeBuilder {
             monitor_timeout: Duration::from_secs(30),
             connect_interval: Duration::from_secs(2),
             max_write_queue: 64 << 20,
+            max_write_total: 128 << 20,
             max_buffered_bytes: None,
             max_handshakes: None,
             write_timeout: None,
             port_capacity: 1024,
+            port_bytes: 16 << 20,
             port_stall: Duration::from_secs(10),
             sandbox_limits: None,
             sandbox: None,
@@ -205,6 +209,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Bytes queued for all connections together (default 128 MiB): past it the
+    /// connection holding the most is closed as too slow. Past half of it the
+    /// application's sends to every peer wait, as sends to one peer wait while that
+    /// peer's connection has more than [`super::HIGH_WATER`] waiting.
+    pub fn max_write_total(mut self, bytes: usize) -> Self {
+        self.max_write_total = bytes;
+        self
+    }
+
     /// Bytes the engine may hold on behalf of peers, all together (default 64 MiB): input
     /// past it closes its connection, a message past it is refused.
     pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
@@ -212,8 +225,9 @@ impl NodeBuilder {
         self
     }
 
-    /// Accepted connections that may be in their handshake at once (default 256); past
-    /// it a new connection is closed at once.
+    /// Accepted connections that may be in their handshake at once (default 256); at it
+    /// a new connection pushes out the oldest handshake (of the source address holding
+    /// the most).
     pub fn max_handshakes(mut self, count: usize) -> Self {
         self.max_handshakes = Some(count);
         self
@@ -230,6 +244,14 @@ impl NodeBuilder {
     /// node stops reading from its connections until it has room.
     pub fn port_capacity(mut self, messages: usize) -> Self {
         self.port_capacity = messages.max(1);
+        self
+    }
+
+    /// Bytes of messages a port's inbox holds (default 16 MiB; an empty inbox takes one
+    /// message of any size). Past it, as past `port_capacity`, the node stops reading
+    /// from its connections until the port has room.
+    pub fn port_bytes(mut self, bytes: usize) -> Self {
+        self.port_bytes = bytes;
         self
     }
 
@@ -352,15 +374,19 @@ impl NodeBuilder {
             ports: HashMap::new(),
             db_waiters: HashMap::new(),
             events: events.clone(),
-            up: HashSet::new(),
+            up: HashMap::new(),
             waiters: Default::default(),
             shutdown: None,
             monitor_timeout: self.monitor_timeout,
             max_write_queue: self.max_write_queue,
+            max_write_total: self.max_write_total,
             port_capacity: self.port_capacity,
+            port_bytes: self.port_bytes,
             port_stall: self.port_stall,
             held: VecDeque::new(),
             held_app: 0,
+            held_app_bytes: 0,
+            parked: Default::default(),
             app_round: false,
             reading: true,
             held_ports: HashMap::new(),
@@ -385,6 +411,7 @@ impl NodeBuilder {
             events,
             status,
             unwritten,
+            send_bytes: Arc::new(tokio::sync::Semaphore::new(super::SEND_QUEUE_BYTES)),
         })
     }
 }

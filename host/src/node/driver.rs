@@ -14,6 +14,7 @@ use wasmtime::component::ResourceAny;
 
 use super::inbox::{self, Chunk, Inbox, Offer};
 use super::io::{self, Dialed, End, Io};
+use super::parked::{self, Parked};
 use super::subscribe::{Topic, Waiters, db_entry, request_entry};
 use super::{Cmd, DbQuery, Event, HIGH_WATER, NodeError, Port, Refusal, Reply, decode_args};
 use crate::sandbox::{self, Instance, wit, wit_node};
@@ -32,21 +33,29 @@ pub(super) struct Driver {
     pub(super) ports: HashMap<String, Inbox>,
     pub(super) db_waiters: HashMap<String, Reply<Value>>,
     pub(super) events: broadcast::Sender<Event>,
-    pub(super) up: HashSet<String>,
+    /// The nodes that are up, with their working connections.
+    pub(super) up: HashMap<String, u64>,
     /// Who waits for a port to die or a node to come up.
     pub(super) waiters: Waiters,
     /// Set by [`Node::shutdown`](super::Node::shutdown): the driver ends after this round.
     pub(super) shutdown: Option<Reply<()>>,
     pub(super) monitor_timeout: Duration,
     pub(super) max_write_queue: usize,
+    /// Bytes waiting for all connections together before the one holding most is cut off.
+    pub(super) max_write_total: usize,
     pub(super) port_capacity: usize,
+    /// Bytes of messages a port's inbox holds.
+    pub(super) port_bytes: usize,
     pub(super) port_stall: Duration,
     /// Messages for ports whose inbox was full, in arrival order. While any is held, no
     /// connection reads on: bounded by one round of reads, plus `held_app`.
     pub(super) held: VecDeque<Held>,
-    /// How many of `held` came from the application's commands; at a port's capacity
-    /// the driver takes no more commands.
+    /// How many of `held` came from the application's commands, and their bytes; at a
+    /// port's capacity (in either) the driver takes no more commands.
     pub(super) held_app: usize,
+    pub(super) held_app_bytes: usize,
+    /// The application's sends waiting for slow peers.
+    pub(super) parked: Parked,
     /// Whether the outputs being handled answer the application's commands.
     pub(super) app_round: bool,
     /// Whether the last round read (nothing was held).
@@ -175,8 +184,11 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
-            // Commands wait while a peer is behind (see the module docs).
-            let take_cmds = self.held_app < self.port_capacity && !self.io.above(HIGH_WATER);
+            // Commands wait while the application's messages for its own ports fill a
+            // port's inbox, or too many sends wait for slow peers.
+            let take_cmds = self.held_app < self.port_capacity
+                && self.held_app_bytes < self.port_bytes
+                && self.parked.len() < parked::MAX_PARKED;
             let ready = self.io.ready();
             let wake = tokio::select! {
                 cmd = cmds.recv(), if take_cmds => Wake::Cmd(cmd),
@@ -220,6 +232,9 @@ impl Driver {
                 Wake::Io => {}
             }
             self.round()?;
+            if !self.parked.is_empty() {
+                self.unpark()?;
+            }
             if self.shutdown.is_some() {
                 return Ok(());
             }
@@ -257,7 +272,62 @@ impl Driver {
             })?;
         }
         self.settle()?;
-        self.unwritten.store(self.io.pending(), Ordering::Relaxed);
+        let mut pending = self.io.pending();
+        while pending > self.max_write_total {
+            // The connection holding most is the likeliest not to read.
+            let Some(conn) = self.io.largest() else { break };
+            let reason = format!(
+                "peer does not read: the node's connections have more than {} bytes \
+                 waiting, this one the most",
+                self.max_write_total
+            );
+            self.cut_off(conn, &reason)?;
+            self.settle()?;
+            pending = self.io.pending();
+        }
+        self.unwritten.store(pending, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Drops connection `conn` as a peer that does not read, and tells the engine.
+    fn cut_off(&mut self, conn: u64, reason: &str) -> wasmtime::Result<()> {
+        tracing::warn!("connection {conn}: {reason}");
+        if self.io.drop_conn(conn) {
+            let now = self.now();
+            self.node_api(|s, n, b| {
+                b.aemp_engine_node()
+                    .node()
+                    .call_handle_conn_error(s, n, conn, reason, now)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Carries out the application's send now.
+    fn send_now(&mut self, send: parked::Send) -> wasmtime::Result<()> {
+        let now = self.now();
+        let batch = &send.batch;
+        let result =
+            self.node_api(|s, n, b| b.aemp_engine_node().node().call_send(s, n, batch, now))?;
+        let _ = send.reply.send(result.map_err(send_refused));
+        Ok(())
+    }
+
+    /// Carries out the waiting sends whose peers caught up, then acts on the outputs.
+    fn unpark(&mut self) -> wasmtime::Result<()> {
+        let ready = self
+            .parked
+            .release(slow_nodes(&self.up, &self.io, self.max_write_total));
+        if ready.is_empty() {
+            return Ok(());
+        }
+        // Their messages for local ports count as the application's, as when sent at once.
+        self.app_round = true;
+        for send in ready {
+            self.send_now(send)?;
+        }
+        self.settle()?;
+        self.app_round = false;
         Ok(())
     }
 
@@ -351,6 +421,7 @@ impl Driver {
             .count += n;
         if self.app_round {
             self.held_app += n;
+            self.held_app_bytes = self.held_app_bytes.saturating_add(chunk.bytes());
         }
         self.held.push_back(Held {
             port,
@@ -370,18 +441,19 @@ impl Driver {
                 kept.push_back(h);
                 continue;
             }
-            let before = h.chunk.len();
+            let (before, before_bytes) = (h.chunk.len(), h.chunk.bytes());
             let offered = match self.ports.get(&h.port) {
                 Some(inbox) => inbox.offer(&mut h.chunk),
                 None => Offer::Closed,
             };
             // Taken, or gone with the port: either way no longer held.
-            let done = match offered {
-                Offer::Taken | Offer::Closed => before,
-                Offer::Full { taken } => taken,
+            let (done, done_bytes) = match offered {
+                Offer::Taken | Offer::Closed => (before, before_bytes),
+                Offer::Full { taken } => (taken, before_bytes - h.chunk.bytes()),
             };
             if h.from_app {
                 self.held_app -= done;
+                self.held_app_bytes = self.held_app_bytes.saturating_sub(done_bytes);
             }
             if let Some(p) = self.held_ports.get_mut(&h.port) {
                 p.count -= done;
@@ -419,12 +491,9 @@ impl Driver {
             );
             self.held_ports.remove(&port);
             self.stalled.insert(port);
-            self.held_app = self
-                .held
-                .iter()
-                .filter(|h| h.from_app)
-                .map(|h| h.chunk.len())
-                .sum();
+            let from_app = self.held.iter().filter(|h| h.from_app);
+            self.held_app = from_app.clone().map(|h| h.chunk.len()).sum();
+            self.held_app_bytes = from_app.map(|h| h.chunk.bytes()).sum();
         }
     }
 
@@ -460,7 +529,7 @@ impl Driver {
                             .map_err(refused),
                     };
                 let port = id.map(|id| {
-                    let (tx, rx) = inbox::inbox(self.port_capacity);
+                    let (tx, rx) = inbox::inbox(self.port_capacity, self.port_bytes);
                     self.ports.insert(id.clone(), tx);
                     Port {
                         id,
@@ -470,10 +539,26 @@ impl Driver {
                 });
                 let _ = reply.send(port);
             }
-            Cmd::Send { batch, reply } => {
-                let result = self
-                    .node_api(|s, n, b| b.aemp_engine_node().node().call_send(s, n, &batch, now))?;
-                let _ = reply.send(result.map_err(send_refused));
+            Cmd::Send {
+                batch,
+                reply,
+                permit,
+            } => {
+                let send = parked::Send {
+                    batch,
+                    reply,
+                    permit,
+                };
+                // (Most rounds have no peer behind: no need to look at the batch.)
+                let send = if self.parked.is_empty() && !self.io.above(HIGH_WATER) {
+                    Err(send)
+                } else {
+                    let slow = slow_nodes(&self.up, &self.io, self.max_write_total);
+                    self.parked.park(send, slow)
+                };
+                if let Err(send) = send {
+                    self.send_now(send)?;
+                }
             }
             Cmd::Kill {
                 port,
@@ -507,7 +592,7 @@ impl Driver {
                 let _ = reply.send(result.map_err(refused));
             }
             Cmd::WaitUp { node, reply } => {
-                let up = self.up.contains(&node);
+                let up = self.up.contains_key(&node);
                 self.waiters.wait_up(node, up, reply);
             }
             Cmd::Subscribe { topic, reply } => {
@@ -518,7 +603,7 @@ impl Driver {
                         Topic::Db(family) => api.call_db_mon(s, n, family, now),
                     }
                 })?;
-                let (tx, rx) = inbox::inbox(self.port_capacity);
+                let (tx, rx) = inbox::inbox(self.port_capacity, self.port_bytes);
                 let inbox = topic.inbox();
                 // A new handle for the same topic takes over; what was held for the old
                 // one goes to the new one.
@@ -580,7 +665,7 @@ impl Driver {
                 self.db_waiters.insert(id, reply);
             }
             Cmd::IsUp { node, reply } => {
-                let _ = reply.send(Ok(self.up.contains(&node)));
+                let _ = reply.send(Ok(self.up.contains_key(&node)));
             }
             Cmd::Memory { reply } => {
                 let _ = reply.send(Ok(self.instance.memory_bytes()));
@@ -631,15 +716,7 @@ impl Driver {
                         "peer does not read: more than {} bytes waiting",
                         self.max_write_queue
                     );
-                    tracing::warn!("connection {conn}: {reason}");
-                    if self.io.drop_conn(conn) {
-                        let now = self.now();
-                        self.node_api(|s, n, b| {
-                            b.aemp_engine_node()
-                                .node()
-                                .call_handle_conn_error(s, n, conn, &reason, now)
-                        })?;
-                    }
+                    self.cut_off(conn, &reason)?;
                 }
             }
             O::Connect(c) => {
@@ -660,9 +737,9 @@ impl Driver {
                 }
             }
             O::Deliver(b) => self.deliver_batch(b),
-            O::NodeUp(node) => {
+            O::NodeUp(wit_node::NodeUp { node, conn }) => {
                 tracing::info!("{} is up", printable(&node));
-                self.up.insert(node.clone());
+                self.up.insert(node.clone(), conn);
                 self.waiters.node_up(&node);
                 let _ = self.events.send(Event::NodeUp(node));
             }
@@ -750,6 +827,21 @@ impl Driver {
         for (port, chunk) in runs {
             self.deliver(&port, chunk);
         }
+    }
+}
+
+/// Which nodes the application's sends must wait for: those whose connection has more
+/// than [`HIGH_WATER`] bytes waiting, and every node while all connections together have
+/// more than half of `max_write_total` waiting.
+fn slow_nodes<'a>(
+    up: &'a HashMap<String, u64>,
+    io: &'a Io,
+    max_write_total: usize,
+) -> impl Fn(&str) -> bool + 'a {
+    let all_behind = io.pending() > max_write_total / 2;
+    move |node| {
+        up.get(node)
+            .is_some_and(|&conn| all_behind || io.pending_of(conn) > HIGH_WATER)
     }
 }
 

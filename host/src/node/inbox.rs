@@ -4,9 +4,11 @@
 //! The driver hands over a round's messages for a port as one [`Chunk`] (the engine's
 //! `deliver` batch itself when it is all for one port: no copy and no allocation per
 //! message), and the receiver is woken once per chunk, not per message. The bound is in
-//! messages: a chunk that does not fit is split, the inbox takes what fits and the
-//! driver holds the rest. The driver waits for room with [`Inbox::room`], woken once the
-//! receiver has taken enough for what it holds (not per message taken).
+//! messages and in bytes: a chunk that does not fit is split, the inbox takes what fits
+//! and the driver holds the rest. An empty inbox takes one message whatever its size, so
+//! a message larger than the byte bound still gets through, one at a time. The driver
+//! waits for room with [`Inbox::room`], woken once the receiver has taken enough for what
+//! it holds (not per message taken).
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -18,6 +20,14 @@ use aemp_engine::Value;
 
 use super::decode_args;
 
+/// What one message costs an inbox beyond its bytes (its span and share of a chunk).
+const MESSAGE_OVERHEAD: usize = 32;
+
+/// What the message at `span` counts toward an inbox's byte bound.
+fn cost(span: &Range<usize>) -> usize {
+    span.len().saturating_add(MESSAGE_OVERHEAD)
+}
+
 /// Messages for one port, each a range of `data` holding its arguments (a CBOR array).
 #[derive(Debug, Clone, Default)]
 pub(super) struct Chunk {
@@ -25,16 +35,49 @@ pub(super) struct Chunk {
     spans: Vec<Range<usize>>,
     /// `spans[next..]` are the messages still in the chunk.
     next: usize,
+    /// What `spans[next..]` cost (see [`cost`]).
+    bytes: usize,
 }
 
 impl Chunk {
     /// Messages as ranges of `data` (which may hold other bytes between them).
     pub(super) fn new(data: Vec<u8>, spans: Vec<Range<usize>>) -> Chunk {
+        let bytes = spans.iter().map(cost).fold(0, usize::saturating_add);
         Chunk {
             data: Arc::new(data),
             spans,
             next: 0,
+            bytes,
         }
+    }
+
+    /// What the messages in the chunk count toward an inbox's byte bound.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// How many messages from the front fit in `count` messages and `bytes` bytes (at
+    /// least one when `one_anyway`, for an empty inbox).
+    fn fitting(&self, count: usize, bytes: usize, one_anyway: bool) -> usize {
+        let spans = self.spans.get(self.next..).unwrap_or_default();
+        let mut used = 0usize;
+        let mut n = 0;
+        for span in spans.iter().take(count) {
+            used = used.saturating_add(cost(span));
+            if used > bytes && !(one_anyway && n == 0) {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Takes the front message's span out of the chunk.
+    fn pop_span(&mut self) -> Option<Range<usize>> {
+        let span = self.spans.get(self.next).cloned()?;
+        self.next += 1;
+        self.bytes = self.bytes.saturating_sub(cost(&span));
+        Some(span)
     }
 
     /// One message.
@@ -51,12 +94,16 @@ impl Chunk {
     /// Takes the first `n` messages (at most all) as a chunk of their own, sharing the bytes.
     fn split_off_front(&mut self, n: usize) -> Chunk {
         let end = self.next + n.min(self.len());
+        let spans = self.spans.get(self.next..end).unwrap_or_default().to_vec();
+        let bytes = spans.iter().map(cost).fold(0, usize::saturating_add);
         let front = Chunk {
             data: self.data.clone(),
-            spans: self.spans.get(self.next..end).unwrap_or_default().to_vec(),
+            spans,
             next: 0,
+            bytes,
         };
         self.next = end;
+        self.bytes = self.bytes.saturating_sub(bytes);
         front
     }
 
@@ -113,6 +160,8 @@ struct State {
     chunks: VecDeque<Chunk>,
     /// Messages in `chunks`.
     count: usize,
+    /// What they cost (see [`cost`]).
+    bytes: usize,
     /// The receiver waiting for a message.
     receiver: Option<Waker>,
     /// The driver waiting for room for `want` messages.
@@ -128,11 +177,19 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     capacity: usize,
+    capacity_bytes: usize,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether there is room for `want` messages, and for half the byte bound (or the
+    /// inbox is empty): what wakes a driver waiting with [`Inbox::room`].
+    fn has_room(&self, state: &State, want: usize) -> bool {
+        self.capacity.saturating_sub(state.count) >= want
+            && (state.count == 0 || state.bytes <= self.capacity_bytes / 2)
     }
 }
 
@@ -161,11 +218,13 @@ pub(super) struct Receiver {
     shared: Arc<Shared>,
 }
 
-/// A new inbox holding at most `capacity` messages (at least one).
-pub(super) fn inbox(capacity: usize) -> (Inbox, Receiver) {
+/// A new inbox holding at most `capacity` messages (at least one) and `capacity_bytes`
+/// bytes of them (see [`cost`]; an empty inbox takes one message of any size).
+pub(super) fn inbox(capacity: usize, capacity_bytes: usize) -> (Inbox, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::default(),
         capacity: capacity.max(1),
+        capacity_bytes,
     });
     (
         Inbox {
@@ -187,7 +246,11 @@ impl Inbox {
             // Nothing to queue: the inbox never holds an empty chunk.
             return Offer::Taken;
         }
-        let taken = self.shared.capacity.saturating_sub(state.count).min(n);
+        let taken = chunk.fitting(
+            self.shared.capacity.saturating_sub(state.count),
+            self.shared.capacity_bytes.saturating_sub(state.bytes),
+            state.count == 0,
+        );
         if taken == 0 {
             return Offer::Full { taken };
         }
@@ -196,6 +259,7 @@ impl Inbox {
         } else {
             chunk.split_off_front(taken)
         };
+        state.bytes = state.bytes.saturating_add(front.bytes);
         state.chunks.push_back(front);
         state.count += taken;
         let waker = state.receiver.take();
@@ -215,14 +279,14 @@ impl Inbox {
         self.shared.lock().receiver_gone
     }
 
-    /// Resolves once the inbox has room for `want` messages (or all it can hold), or
-    /// the receiver is gone.
+    /// Resolves once the inbox has room for `want` messages (or all it can hold) and
+    /// half its bytes, or the receiver is gone.
     pub(super) fn room(&self, want: usize) -> impl Future<Output = ()> + use<> {
         let shared = self.shared.clone();
         let want = want.clamp(1, shared.capacity);
         poll_fn(move |cx| {
             let mut state = shared.lock();
-            if state.receiver_gone || shared.capacity - state.count.min(shared.capacity) >= want {
+            if state.receiver_gone || shared.has_room(&state, want) {
                 state.driver = None;
                 Poll::Ready(())
             } else {
@@ -253,7 +317,7 @@ impl Receiver {
     /// empty and its driver let go. Cancel-safe: nothing is taken unless this returns.
     async fn take_with<R>(
         &mut self,
-        mut take_from: impl FnMut(&mut VecDeque<Chunk>) -> (usize, R),
+        mut take_from: impl FnMut(&mut VecDeque<Chunk>) -> (usize, usize, R),
     ) -> Option<R> {
         let (taken, driver) = poll_fn(|cx| {
             let mut state = self.shared.lock();
@@ -264,11 +328,11 @@ impl Receiver {
                 state.receiver = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            let (n, taken) = take_from(&mut state.chunks);
+            let (n, bytes, taken) = take_from(&mut state.chunks);
             state.count -= n;
-            let room = self.shared.capacity.saturating_sub(state.count);
+            state.bytes = state.bytes.saturating_sub(bytes);
             let driver = match state.driver.take() {
-                Some((waker, want)) if room >= want => Some(waker),
+                Some((waker, want)) if self.shared.has_room(&state, want) => Some(waker),
                 kept => {
                     state.driver = kept;
                     None
@@ -289,6 +353,7 @@ impl Receiver {
         let limit = limit.max(1);
         self.take_with(|chunks| {
             let mut taken = Messages::default();
+            let mut bytes = 0usize;
             while taken.len < limit {
                 let Some(front) = chunks.front_mut() else {
                     break;
@@ -300,10 +365,11 @@ impl Receiver {
                 };
                 if let Some(chunk) = chunk {
                     taken.len += chunk.len();
+                    bytes = bytes.saturating_add(chunk.bytes);
                     taken.chunks.push(chunk);
                 }
             }
-            (taken.len, taken)
+            (taken.len, bytes, taken)
         })
         .await
     }
@@ -314,15 +380,19 @@ impl Receiver {
         let (data, span) = self
             .take_with(|chunks| {
                 let Some(front) = chunks.front_mut() else {
-                    return (0, None);
+                    return (0, 0, None);
                 };
-                let span = front.spans.get(front.next).cloned();
-                front.next += 1;
+                let span = front.pop_span();
                 let data = front.data.clone();
                 if front.len() == 0 {
                     chunks.pop_front();
                 }
-                (usize::from(span.is_some()), span.map(|span| (data, span)))
+                let bytes = span.as_ref().map_or(0, cost);
+                (
+                    usize::from(span.is_some()),
+                    bytes,
+                    span.map(|span| (data, span)),
+                )
             })
             .await??;
         Some(f(data.get(span).unwrap_or_default()))
@@ -336,6 +406,7 @@ impl Drop for Receiver {
             state.receiver_gone = true;
             state.chunks.clear();
             state.count = 0;
+            state.bytes = 0;
             state.driver.take()
         };
         if let Some((w, _)) = waker {
@@ -366,7 +437,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_chunk_that_does_not_fit_is_split_in_order() {
-        let (tx, mut rx) = inbox(3);
+        let (tx, mut rx) = inbox(3, usize::MAX);
         let mut c = chunk(&[b"\x81\x01", b"\x81\x02"]);
         assert_eq!(tx.offer(&mut c), Offer::Taken);
         let mut c = chunk(&[b"\x81\x03", b"\x81\x04", b"\x81\x05"]);
@@ -386,7 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_receiver_gets_what_is_left_then_the_end() {
-        let (tx, mut rx) = inbox(4);
+        let (tx, mut rx) = inbox(4, usize::MAX);
         assert_eq!(tx.offer(&mut Chunk::single(b"\x80".to_vec())), Offer::Taken);
         drop(tx);
         assert_eq!(rx.recv_with(<[u8]>::to_vec).await, Some(b"\x80".to_vec()));
@@ -395,7 +466,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gone_receiver_takes_nothing_and_frees_the_driver() {
-        let (tx, rx) = inbox(1);
+        let (tx, rx) = inbox(1, usize::MAX);
         assert_eq!(tx.offer(&mut Chunk::single(b"\x80".to_vec())), Offer::Taken);
         let room = tx.room(1);
         drop(rx);
@@ -408,7 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_driver_is_woken_once_there_is_room_for_what_it_holds() {
-        let (tx, mut rx) = inbox(4);
+        let (tx, mut rx) = inbox(4, usize::MAX);
         let mut c = chunk(&[&b"\x80"[..]; 4]);
         assert_eq!(tx.offer(&mut c), Offer::Taken);
         let mut room = Box::pin(tx.room(2));
@@ -419,5 +490,38 @@ mod tests {
         assert!(room.as_mut().poll(&mut cx).is_pending());
         rx.take(1).await.unwrap();
         assert!(room.as_mut().poll(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_splits_and_an_empty_inbox_takes_one_message_of_any_size() {
+        let big = [0x81u8; 1000];
+        let small = [0x81u8, 0x01];
+        // Room for two big messages' bytes, whatever the count allows.
+        let (tx, mut rx) = inbox(100, 2 * cost(&(0..1000)));
+        let mut c = chunk(&[&big, &big, &big, &small]);
+        assert_eq!(tx.offer(&mut c), Offer::Full { taken: 2 });
+        assert_eq!(c.len(), 2);
+        // Waiting for room: woken only once half the bytes are free.
+        let mut room = Box::pin(tx.room(1));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(room.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            rx.recv_with(<[u8]>::to_vec).await.map(|m| m.len()),
+            Some(1000)
+        );
+        assert!(room.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(tx.offer(&mut c), Offer::Full { taken: 1 });
+        let got = rx.take(10).await.unwrap();
+        assert_eq!(got.len(), 2);
+        // Empty now: the small one fits, and a message larger than the whole bound is
+        // taken alone into an empty inbox.
+        assert_eq!(tx.offer(&mut c), Offer::Taken);
+        rx.take(10).await.unwrap();
+        let huge = vec![0x81u8; 5000];
+        let mut c = chunk(&[&huge, &small]);
+        assert_eq!(tx.offer(&mut c), Offer::Full { taken: 1 });
+        assert_eq!(rx.take(10).await.unwrap().len(), 1);
+        assert_eq!(tx.offer(&mut c), Offer::Taken);
     }
 }

@@ -24,6 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::{Future, poll_fn};
 use std::io::{self, Read, Write};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -37,14 +38,40 @@ use crate::tls::{Role, TlsConfig};
 /// Bytes read from one connection in one round, at most.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Bytes read from all connections in one round, about (one read more): what one
+/// round hands the engine stays small beside its memory budget for peers however many
+/// connections are ready. The connections not read go first in the next round.
+const READ_ROUND: usize = 4 << 20;
+
 /// How long a closing connection may still spend writing what is queued for it.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Connections accepted from one listener in one round, at most.
-const ACCEPTS_PER_ROUND: usize = 64;
+/// Connections accepted from one listener in one round, at most. Each new connection at
+/// the engine's handshake cap pushes out the oldest handshake, and a peer's handshake
+/// takes a few rounds (more with TLS): few accepts a round keep it well inside the
+/// `max_handshakes` (256) arrivals it may take, however fast a flood reconnects.
+const ACCEPTS_PER_ROUND: usize = 16;
 
 /// First and longest pause after a failed accept.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// File descriptors left free when accepting: for the nodes' dials and listeners and the
+/// process's files. Accepting stops this far short of the open-file limit.
+const FD_HEADROOM: usize = 64;
+
+/// Connections held by every node of this process (each is a file descriptor).
+static OPEN_CONNS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many more connections may be accepted before the process is within
+/// [`FD_HEADROOM`] of its open-file limit.
+fn fd_room() -> usize {
+    let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| {
+        usize::try_from(soft).unwrap_or(usize::MAX)
+    });
+    limit
+        .saturating_sub(FD_HEADROOM)
+        .saturating_sub(OPEN_CONNS.load(Ordering::Relaxed))
+}
 
 /// A write buffer keeps at most this much room once it has been written out.
 const KEEP_CAPACITY: usize = 256 * 1024;
@@ -150,6 +177,12 @@ struct Conn {
     progress: Instant,
     /// Set once the engine closed the connection: when to drop it, written or not.
     closing: Option<Instant>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        OPEN_CONNS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What one read of a connection gave.
@@ -348,6 +381,9 @@ pub(super) struct Io {
     scratch: Vec<u8>,
     /// Connections that ended on the host's side since the driver last looked.
     pub(super) ended: Vec<(u64, End)>,
+    /// The connection a round starts reading at (after a round cut short by
+    /// [`READ_ROUND`]).
+    read_next: u64,
 }
 
 impl Io {
@@ -384,6 +420,7 @@ impl Io {
             writing: HashSet::new(),
             scratch: vec![0; READ_CHUNK],
             ended: Vec::new(),
+            read_next: 0,
         }
     }
 
@@ -407,6 +444,7 @@ impl Io {
             token: Token::Conn(conn),
             shared: self.shared.clone(),
         }));
+        OPEN_CONNS.fetch_add(1, Ordering::Relaxed);
         self.conns.insert(
             conn,
             Conn {
@@ -439,8 +477,17 @@ impl Io {
         let mut tokens = std::mem::take(&mut self.shared.lock().tokens);
         tokens.sort_unstable();
         tokens.dedup();
+        // Listeners first, then the connections from the one a round cut short stopped
+        // at, so that every ready connection gets its turn.
+        let conns_at = tokens.partition_point(|t| matches!(t, Token::Listener(_)));
+        let split = tokens.partition_point(|&t| t < Token::Conn(self.read_next));
+        if let Some(conns) = tokens.get_mut(conns_at..) {
+            conns.rotate_left(split.saturating_sub(conns_at));
+        }
         let mut polled = Polled::default();
         let mut again = Vec::new();
+        let mut read_bytes = 0usize;
+        let mut cut_at = None;
         for token in tokens {
             match token {
                 Token::Listener(i) => {
@@ -458,7 +505,14 @@ impl Io {
                     if !read || conn.closing.is_some() {
                         continue;
                     }
+                    if read_bytes >= READ_ROUND {
+                        // Next round, first.
+                        cut_at.get_or_insert(id);
+                        again.push(token);
+                        continue;
+                    }
                     let got = conn.read(&mut self.scratch);
+                    read_bytes += got.data.len();
                     if got.more {
                         again.push(token);
                     }
@@ -476,6 +530,9 @@ impl Io {
                     }
                 }
             }
+        }
+        if let Some(id) = cut_at {
+            self.read_next = id;
         }
         if !again.is_empty() {
             self.shared.lock().tokens.extend(again);
@@ -495,7 +552,21 @@ impl Io {
             }
             l.paused = None;
         }
-        for _ in 0..ACCEPTS_PER_ROUND {
+        // Accepting up to the open-file limit would leave the node unable to dial out or
+        // listen: short of it, the kernel's backlog holds the rest.
+        let room = fd_room()
+            .saturating_sub(accepted.len())
+            .min(ACCEPTS_PER_ROUND);
+        if room == 0 {
+            tracing::debug!("not accepting: within {FD_HEADROOM} of the open-file limit");
+            let mut pause = Box::pin(tokio::time::sleep(ACCEPT_BACKOFF.0));
+            if pause.as_mut().poll(&mut cx).is_pending() {
+                l.paused = Some(pause);
+                return false;
+            }
+            return true;
+        }
+        for _ in 0..room {
             match l.socket.poll_accept(&mut cx) {
                 Poll::Pending => return false,
                 Poll::Ready(Ok((stream, peer))) => {
@@ -663,6 +734,21 @@ impl Io {
             .filter_map(|id| self.conns.get(id))
             .map(Conn::pending)
             .sum()
+    }
+
+    /// Bytes waiting to be written to connection `conn`.
+    pub(super) fn pending_of(&self, conn: u64) -> usize {
+        self.conns.get(&conn).map_or(0, Conn::pending)
+    }
+
+    /// The open connection with the most bytes waiting to be written.
+    pub(super) fn largest(&self) -> Option<u64> {
+        self.writing
+            .iter()
+            .filter_map(|&id| Some((id, self.conns.get(&id)?)))
+            .filter(|(_, c)| c.closing.is_none())
+            .max_by_key(|(_, c)| c.pending())
+            .map(|(id, _)| id)
     }
 
     /// Whether some connection has more than `mark` bytes waiting.

@@ -58,12 +58,13 @@ use aemp_engine::Value;
 use crate::sandbox::wit_node::Batch;
 use tokio::sync::mpsc::Sender;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{Semaphore, broadcast, oneshot, watch};
 
 mod builder;
 mod driver;
 mod inbox;
 mod io;
+mod parked;
 mod subscribe;
 
 pub use builder::NodeBuilder;
@@ -71,10 +72,15 @@ pub use inbox::Messages;
 use subscribe::Topic;
 pub use subscribe::{DbChange, DbMonitor, Monitor, Request, Requests};
 
-/// Bytes waiting for one connection above which the node takes no more commands from
-/// the application (see the module docs). 1 MiB keeps a fast peer's pipe full (it is
-/// far more than a socket buffer) while bounding what a slow one costs.
+/// Bytes waiting for one connection above which the application's sends to that node
+/// wait (see the module docs). 1 MiB keeps a fast peer's pipe full (it is far more than
+/// a socket buffer) while bounding what a slow one costs.
 pub const HIGH_WATER: usize = 1 << 20;
+
+/// Bytes of messages the application's sends may have waiting for the node at once (in
+/// its command queue or waiting for a slow peer); a send waits for its share before it is
+/// queued. A batch larger than this waits until it is alone.
+pub const SEND_QUEUE_BYTES: usize = 16 << 20;
 
 /// Why a node could not start, or refused a call. Match on the variant (and on
 /// [`Refusal`] for what the engine refused); the messages are for people.
@@ -185,6 +191,8 @@ pub struct Node {
     status: watch::Receiver<Option<String>>,
     /// Bytes waiting to be written to the sockets, as of the driver's last round.
     unwritten: Arc<AtomicUsize>,
+    /// Shares of [`SEND_QUEUE_BYTES`], one per byte of the sends queued or waiting.
+    send_bytes: Arc<Semaphore>,
 }
 
 /// A local port: receives the messages sent to its id. Dropping it kills the port.
@@ -337,6 +345,8 @@ enum Cmd {
         /// The messages, encoded by the caller.
         batch: Batch,
         reply: Reply<()>,
+        /// Its share of the send bytes, given back once the node carried it out.
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     Kill {
         port: String,
@@ -500,7 +510,20 @@ impl Node {
     /// message: the fastest way to send many.
     pub async fn send_messages(&self, batch: SendBatch) -> Result<(), NodeError> {
         let batch = batch.batch;
-        self.call(|reply| Cmd::Send { batch, reply }).await
+        let bytes = batch.data.len().min(SEND_QUEUE_BYTES);
+        // (Never closed: an error cannot happen, and would only mean no bound.)
+        let permit = self
+            .send_bytes
+            .clone()
+            .acquire_many_owned(u32::try_from(bytes).unwrap_or(u32::MAX))
+            .await
+            .ok();
+        self.call(|reply| Cmd::Send {
+            batch,
+            reply,
+            permit,
+        })
+        .await
     }
 
     /// Sends a serializable Rust value as the arguments of a message: a tuple, array or

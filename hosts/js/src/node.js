@@ -683,7 +683,7 @@ export class Node extends EventEmitter {
         break;
       }
       case 'node-up':
-        this.#emitSafe('node-up', val);
+        this.#emitSafe('node-up', val.node);
         break;
       case 'node-down':
         this.#emitSafe('node-down', val.node, val.reason);
