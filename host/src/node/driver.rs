@@ -47,9 +47,16 @@ pub(super) struct Driver {
     /// Bytes of messages a port's inbox holds.
     pub(super) port_bytes: usize,
     pub(super) port_stall: Duration,
-    /// Messages for ports whose inbox was full, in arrival order. While any is held, no
-    /// connection reads on: bounded by one round of reads, plus `held_app`.
+    /// Messages for ports whose inbox was full, in arrival order. The connections read in
+    /// a round that had messages held read no more until nothing is held; past
+    /// [`HELD_MAX`] bytes no connection reads.
     pub(super) held: VecDeque<Held>,
+    /// What `held` counts toward [`HELD_MAX`] (the chunks' bytes).
+    pub(super) held_bytes: usize,
+    /// The connections not read while messages are held (see `held`).
+    pub(super) paused: HashSet<u64>,
+    /// The connections read in the current round.
+    pub(super) round_reads: Vec<u64>,
     /// How many of `held` came from the application's commands, and their bytes; at a
     /// port's capacity (in either) the driver takes no more commands.
     pub(super) held_app: usize,
@@ -58,7 +65,7 @@ pub(super) struct Driver {
     pub(super) parked: Parked,
     /// Whether the outputs being handled answer the application's commands.
     pub(super) app_round: bool,
-    /// Whether the last round read (nothing was held).
+    /// Whether the last round read every connection (nothing was held).
     pub(super) reading: bool,
     /// The ports messages are held for.
     pub(super) held_ports: HashMap<String, HeldPort>,
@@ -103,6 +110,12 @@ enum Wake {
 
 /// Why a node that was shut down stopped.
 pub(super) const SHUT_DOWN: &str = "shut down";
+
+/// Bytes of held messages past which no connection reads on, whoever sent them. Below
+/// it only the connections whose reads had messages held wait, so a port that is behind
+/// stops its senders, not the node: a new peer's handshake and messages for other ports
+/// go on.
+const HELD_MAX: usize = 32 << 20;
 
 /// How often held messages are offered again to their ports.
 const HELD_RETRY: Duration = Duration::from_millis(10);
@@ -251,10 +264,19 @@ impl Driver {
         self.app_round = false;
         let reading = self.held.is_empty();
         if reading && !self.reading {
+            self.paused.clear();
             self.io.ready_all();
         }
         self.reading = reading;
-        let polled = self.io.poll(reading);
+        let polled = if self.held_bytes > HELD_MAX {
+            self.io.poll(|_| false)
+        } else {
+            let paused = &self.paused;
+            self.io.poll(|conn| !paused.contains(&conn))
+        };
+        self.round_reads.clear();
+        self.round_reads
+            .extend(polled.inputs.iter().map(|&(conn, _)| conn));
         let now = self.now();
         for (stream, peer) in polled.accepted {
             let conn = self.node_api(|s, n, b| {
@@ -419,9 +441,13 @@ impl Driver {
                 progress: now,
             })
             .count += n;
+        self.held_bytes = self.held_bytes.saturating_add(chunk.bytes());
         if self.app_round {
             self.held_app += n;
             self.held_app_bytes = self.held_app_bytes.saturating_add(chunk.bytes());
+        } else {
+            // What this round read filled a port: those connections wait.
+            self.paused.extend(self.round_reads.iter().copied());
         }
         self.held.push_back(Held {
             port,
@@ -451,6 +477,7 @@ impl Driver {
                 Offer::Taken | Offer::Closed => (before, before_bytes),
                 Offer::Full { taken } => (taken, before_bytes - h.chunk.bytes()),
             };
+            self.held_bytes = self.held_bytes.saturating_sub(done_bytes);
             if h.from_app {
                 self.held_app -= done;
                 self.held_app_bytes = self.held_app_bytes.saturating_sub(done_bytes);
@@ -494,6 +521,7 @@ impl Driver {
             let from_app = self.held.iter().filter(|h| h.from_app);
             self.held_app = from_app.clone().map(|h| h.chunk.len()).sum();
             self.held_app_bytes = from_app.map(|h| h.chunk.bytes()).sum();
+            self.held_bytes = self.held.iter().map(|h| h.chunk.bytes()).sum();
         }
     }
 
@@ -547,7 +575,7 @@ impl Driver {
                 let send = parked::Send {
                     batch,
                     reply,
-                    permit,
+                    _permit: permit,
                 };
                 // (Most rounds have no peer behind: no need to look at the batch.)
                 let send = if self.parked.is_empty() && !self.io.above(HIGH_WATER) {

@@ -471,9 +471,10 @@ impl Io {
             .extend(self.conns.keys().map(|&c| Token::Conn(c)));
     }
 
-    /// One round over the ready sockets: accepts, writes, and (when `read`) reads up to
-    /// [`READ_CHUNK`] from each open connection.
-    pub(super) fn poll(&mut self, read: bool) -> Polled {
+    /// One round over the ready sockets: accepts, writes, and reads up to [`READ_CHUNK`]
+    /// from each open connection that `read` allows (the others are read again after
+    /// [`Io::ready_all`]).
+    pub(super) fn poll(&mut self, read: impl Fn(u64) -> bool) -> Polled {
         let mut tokens = std::mem::take(&mut self.shared.lock().tokens);
         tokens.sort_unstable();
         tokens.dedup();
@@ -502,7 +503,7 @@ impl Io {
                     if conn.unwritten() > 0 {
                         self.writing.insert(id);
                     }
-                    if !read || conn.closing.is_some() {
+                    if !read(id) || conn.closing.is_some() {
                         continue;
                     }
                     if read_bytes >= READ_ROUND {

@@ -32,17 +32,18 @@
 //! (up to 64 KiB each), hand it all to the engine in one call, act on every output, then
 //! write each connection's output at once.
 //!
-//! Every queue is bounded. Every call that talks to the node is `async` and waits for room
-//! in the node's command queue (1024 commands). The driver takes
-//! no commands while some connection has more than [`HIGH_WATER`] bytes waiting to be
-//! written, so [`Node::send`] waits while a peer is behind (the command queue fills up)
-//! instead of queueing without end; a connection whose bytes exceed
-//! [`NodeBuilder::max_write_queue`] is closed as a peer that does not read, and one whose
-//! writes make no progress for [`NodeBuilder::write_timeout`] fails.
+//! Every queue is bounded, in messages and in bytes. Every call that talks to the node is
+//! `async` and waits for room in the node's command queue (1024 commands); a send also
+//! waits for its share of [`SEND_QUEUE_BYTES`]. A send to a node whose connection has
+//! more than [`HIGH_WATER`] bytes waiting to be written waits until it is back under the
+//! mark, while sends to other nodes go on (backpressure per peer; `parked`); a connection
+//! whose bytes exceed [`NodeBuilder::max_write_queue`] is closed as a peer that does not
+//! read, and one whose writes make no progress for [`NodeBuilder::write_timeout`] fails.
 //!
-//! A port's inbox holds [`NodeBuilder::port_capacity`] messages (as raw CBOR; they are
-//! decoded by the port's reader); a message for a full inbox is held by the driver, and
-//! while anything is held no connection reads on (TCP pushes back to the senders) and the
+//! A port's inbox holds [`NodeBuilder::port_capacity`] messages and
+//! [`NodeBuilder::port_bytes`] bytes (as raw CBOR; they are decoded by the port's reader);
+//! a message for a full inbox is held by the driver, the connections whose reads filled
+//! it read no more until nothing is held (TCP pushes back to those senders), and the
 //! application's messages wait once a port's worth of its own is held. A port that takes
 //! nothing for [`NodeBuilder::port_stall`] is stalled: what is held for it is dropped,
 //! with a warning, and so is every message that finds its inbox full until it reads

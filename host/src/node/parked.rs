@@ -25,7 +25,7 @@ pub(super) struct Send {
     pub(super) batch: Batch,
     pub(super) reply: Reply<()>,
     /// The share of the node's send bytes this send holds until it is carried out.
-    pub(super) permit: Option<OwnedSemaphorePermit>,
+    pub(super) _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// A send waiting, with the nodes it is for.
@@ -114,7 +114,7 @@ mod tests {
             Send {
                 batch: b,
                 reply,
-                permit: None,
+                _permit: None,
             },
             rx,
         )
