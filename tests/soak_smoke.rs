@@ -1,5 +1,15 @@
-//! The soak run (`aemp-soak`) in its short form: a few seconds of restarts, bad peers and
-//! a slow reader, with every message and monitor checked.
+//! The soak run (`aemp-soak`) in its short form: a few seconds of restarts (the seed's
+//! too), bad peers, flapping members, a database flood and a slow reader, with every
+//! message, monitor and the seed's view checked.
+
+/// The number after `label` in the summary.
+fn figure(stdout: &str, label: &str) -> u64 {
+    stdout
+        .split(label)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no `{label}` in {stdout}"))
+}
 
 #[test]
 fn soak_briefly() {
@@ -11,4 +21,8 @@ fn soak_briefly() {
     println!("{stdout}");
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("aemp-soak: ok"), "{stdout}");
+    // The short form must include the global-node faults it exists to cover.
+    assert!(figure(&stdout, "seed restarts ") >= 1, "{stdout}");
+    assert!(figure(&stdout, "flood sets ") > 0, "{stdout}");
+    assert!(figure(&stdout, "members flapped ") > 0, "{stdout}");
 }
