@@ -8,9 +8,8 @@ use exports::aemp::engine::node as wnode;
 use exports::aemp::engine::transport as wit;
 
 use crate::{
-    AuthMethod, Config, ConfigError, Connection, Error, Framing, GlobalLimits, Limits, LogLevel,
-    MessageError, NONCE_LEN, Node, NodeConfig, NodeError, NodeOutput, Output, SendError, TlsRole,
-    Verdict, batch,
+    AuthMethod, Config, ConfigError, Connection, Error, Framing, Limits, LogLevel, MessageError,
+    NONCE_LEN, Node, NodeConfig, NodeError, NodeOutput, Output, SendError, TlsRole, Verdict, batch,
 };
 
 wit_bindgen::generate!({
@@ -140,10 +139,9 @@ impl wnode::GuestNode for NodeResource {
             wall_clock_offset_ms: config.wall_clock_offset_ms,
             max_buffered_bytes: usize::try_from(config.max_buffered_bytes).unwrap_or(usize::MAX),
             max_handshakes: config.max_handshakes as usize,
-            // Every node may become global, with the default limits (neither is
-            // configurable through WIT).
-            serve_global: true,
-            global_limits: GlobalLimits::default(),
+            // Every node may become global, with the default limits, and knows at most
+            // the default number of nodes (none of these is configurable through WIT).
+            ..NodeConfig::new(String::new())
         };
         let node =
             Node::new(config, random::<16>(), now_ms).map_err(|e| refusal(Refused::Config(&e)))?;
@@ -489,7 +487,7 @@ fn refusal(e: Refused) -> wit::Refusal {
             match e {
                 NodeError::InvalidPortId(_) => K::InvalidPortId,
                 NodeError::QueueFull(_) => K::QueueFull,
-                NodeError::BudgetExhausted(_) => K::BudgetExhausted,
+                NodeError::BudgetExhausted(_) | NodeError::TooManyNodes(..) => K::BudgetExhausted,
                 NodeError::PortExists(_) => K::PortExists,
                 NodeError::Message(m) => message_kind(m),
             },

@@ -271,3 +271,31 @@ fn buffers_shrink_after_a_big_message() {
     let after = hub.node.buffered_bytes();
     assert!(after <= idle + (64 << 10), "idle {idle}, after {after}");
 }
+
+/// The table of nodes the node keeps state for has a total: messages for more node ids
+/// than it may know are refused (and the ones before are kept), however small.
+#[test]
+fn messages_for_too_many_nodes_are_refused() {
+    let mut config = node_config("n", &[]);
+    config.max_nodes = 100;
+    let mut hub = hub(config);
+    let tiny = args(vec![]);
+    for i in 0..100 {
+        hub.node.send(&format!("absent{i}#p"), &tiny, 0).unwrap();
+    }
+    let refused = hub.node.send("one-more#p", &tiny, 0);
+    assert_eq!(
+        refused,
+        Err(NodeError::TooManyNodes(100, "one-more".into()))
+    );
+    assert_eq!(
+        refused.unwrap_err().to_string(),
+        "too many nodes known (100), message for one-more refused"
+    );
+    // A node already known still takes messages, and once the attempts to reach the
+    // others give up, there is room again.
+    hub.node.send("absent0#p", &tiny, 0).unwrap();
+    hub.node.handle_timeout(60_000);
+    hub.pump();
+    hub.node.send("one-more#p", &tiny, 60_000).unwrap();
+}

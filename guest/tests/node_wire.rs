@@ -333,3 +333,20 @@ fn peer_text_in_logs_is_escaped_and_rate_limited() {
     w.send(PEER, vec![t(""), t("junk")]);
     assert_eq!(warnings(&mut w).len(), 1);
 }
+
+/// A node's monitors of our ports go with its connection: nothing is kept (or sent) for
+/// them once it is down, however many node ids come and go.
+#[test]
+fn remote_monitors_go_with_their_node() {
+    let mut w = wire(false);
+    let port = w.node.register_port("svc").unwrap();
+    w.send(PEER, vec![t(""), t("mon1"), t("svc")]);
+    w.drop_peer(PEER);
+    let again = w.connect("peer");
+    w.node.kill(&port, &args(vec![t("bye")]), 0).unwrap();
+    w.pump();
+    assert!(
+        w.take(again).is_empty(),
+        "no kil0 for a monitor of a gone connection"
+    );
+}

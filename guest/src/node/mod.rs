@@ -54,6 +54,12 @@ pub struct NodeConfig {
     /// ([`Error::NodeBudgetExhausted`]); a message that would pass it is refused
     /// ([`NodeError::BudgetExhausted`]). See [`Node::buffered_bytes`].
     pub max_buffered_bytes: usize,
+    /// Other nodes the node keeps state for at once (default 65 536): connected, with
+    /// messages queued, or being reached. Peers name node ids (in relayed messages, say),
+    /// so this table needs a total beside the byte budget of the queues, which would let
+    /// millions of tiny queues through; a message for one more node is refused
+    /// ([`NodeError::TooManyNodes`]).
+    pub max_nodes: usize,
     /// Accepted connections that may be in their handshake at once (default 256). At the
     /// cap a newly accepted connection makes room: the oldest handshake of the source
     /// address holding the most is closed, so whoever fills the table cannot keep a peer
@@ -79,6 +85,7 @@ impl NodeConfig {
             connect_interval_ms: 2_000,
             max_queue_bytes: 16 << 20,
             max_buffered_bytes: 64 << 20,
+            max_nodes: 65_536,
             max_handshakes: 256,
             wall_clock_offset_ms: 0,
             serve_global: true,
@@ -181,6 +188,10 @@ pub enum NodeError {
     /// A local port of that name exists already.
     #[error("port {0} exists already")]
     PortExists(String),
+    /// The node knows `max_nodes` other nodes already (connected, queued for or being
+    /// reached): a message for one more is refused.
+    #[error("too many nodes known ({0}), message for {1} refused")]
+    TooManyNodes(usize, String),
     /// The message is unacceptable.
     #[error(transparent)]
     Message(#[from] MessageError),
@@ -923,6 +934,11 @@ impl Node {
         }
         if was_up {
             self.warned.remove(node);
+            // Its monitors of our ports went with the connection (it fired them itself).
+            self.rmon.retain(|_, watchers| {
+                watchers.remove(node);
+                !watchers.is_empty()
+            });
             self.outputs.push_back(NodeOutput::NodeDown {
                 node: node.to_owned(),
                 reason: reason.to_owned(),
@@ -1045,6 +1061,10 @@ impl Node {
         if let Some(conn) = self.working_conn(node) {
             self.transmit(conn, message, checked);
             return Ok(());
+        }
+        let max_nodes = self.config.max_nodes;
+        if self.peers.len() >= max_nodes && !self.peers.contains_key(node) {
+            return Err(NodeError::TooManyNodes(max_nodes, node.to_owned()));
         }
         let max = self.config.max_queue_bytes;
         let peer = self.peers.entry(node.to_owned()).or_default();

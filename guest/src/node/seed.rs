@@ -36,18 +36,29 @@ pub(super) const TAGS: &[&str] = &[
     "g_global",
 ];
 
-/// What one peer can make a global node hold. At a limit, the entries or monitors that do
-/// not fit are ignored (not stored, relayed or reported) with a warning in the log; what
-/// was held before stays.
+/// What peers can make a global node hold, each and all together. At a limit, the entries,
+/// monitors or slaves that do not fit are ignored (not stored, relayed or reported) with
+/// a warning in the log; what was held before stays, and the node goes on serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GlobalLimits {
     /// Entries (keys, over all families) held for one source node (default 100 000).
     pub max_entries_per_node: usize,
-    /// Bytes of family names, keys and CBOR-encoded values held for one source node
-    /// (default 16 MiB).
+    /// Bytes held for one source node (default 16 MiB), as [`entry_size`] counts them:
+    /// an estimate of the memory an entry takes, not only its encoding.
     pub max_bytes_per_node: usize,
+    /// Entries held for all source nodes together (default 400 000).
+    pub max_entries: usize,
+    /// Bytes held for all source nodes together (default 64 MiB): with the node's 64 MiB
+    /// budget for peers' buffers, well inside the host's 256 MiB sandbox, so that no
+    /// number of members (or node ids of one member) can exhaust a global node.
+    pub max_bytes: usize,
+    /// Nodes that may be slaves of this node at once (default 10 000); a `g_slave` past
+    /// it is ignored, with a warning.
+    pub max_slaves: usize,
     /// Families one node may monitor (default 1000).
     pub max_monitors_per_node: usize,
+    /// Monitors of all nodes together (default 100 000).
+    pub max_monitors: usize,
     /// Other global nodes kept connected (default 256); more names in `'g` are not dialled.
     pub max_global_nodes: usize,
 }
@@ -57,7 +68,11 @@ impl Default for GlobalLimits {
         GlobalLimits {
             max_entries_per_node: 100_000,
             max_bytes_per_node: 16 << 20,
+            max_entries: 400_000,
+            max_bytes: 64 << 20,
+            max_slaves: 10_000,
             max_monitors_per_node: 1_000,
+            max_monitors: 100_000,
             max_global_nodes: 256,
         }
     }
@@ -74,8 +89,34 @@ struct Shard {
     bytes: usize,
 }
 
+/// What one entry costs, as the limits count it: the memory it takes in its shard and in
+/// the merged view (the key and the value are held in both, in B-tree nodes), estimated
+/// from above. Walks the value with a stack of its own (peers choose its depth).
 fn entry_size(family: &str, key: &str, value: &Value) -> usize {
-    family.len() + key.len() + value.encode().len()
+    /// Per copy: a B-tree slot (key `String` and value), its share of a node, the
+    /// allocation's rounding.
+    const SLOT: usize = 64;
+    let mut size = family.len().saturating_add(key.len());
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        size = size.saturating_add(size_of::<Value>());
+        match v {
+            Value::Bytes(b) => size = size.saturating_add(b.capacity()),
+            Value::Text(t) => size = size.saturating_add(t.capacity()),
+            Value::Array(items) => stack.extend(items),
+            Value::Map(pairs) => {
+                for (k, v) in pairs {
+                    stack.push(k);
+                    stack.push(v);
+                }
+            }
+            Value::Tagged(_, inner) => stack.push(inner),
+            _ => {}
+        }
+    }
+    size.saturating_add(key.len())
+        .saturating_add(SLOT)
+        .saturating_mul(2)
 }
 
 impl Shard {
@@ -85,8 +126,8 @@ impl Shard {
         if fam.is_empty() {
             self.families.remove(family);
         }
-        self.entries -= 1;
-        self.bytes -= entry_size(family, key, &old);
+        self.entries = self.entries.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(entry_size(family, key, &old));
         Some(old)
     }
 
@@ -100,12 +141,17 @@ impl Shard {
 pub(super) struct Service {
     /// Per source node: what it holds (the reference's per-node local databases).
     shards: BTreeMap<String, Shard>,
+    /// Entries and bytes of all shards together (for the totals of [`GlobalLimits`]).
+    entries: usize,
+    bytes: usize,
     /// All shards merged: what queries and monitors see.
     db: BTreeMap<String, Family>,
     /// Nodes that slaved to us (ourselves included), with the families they monitor.
     slaves: BTreeMap<String, BTreeSet<String>>,
     /// Family -> nodes monitoring it.
     mons: BTreeMap<String, BTreeSet<String>>,
+    /// Monitors in `mons`, all together.
+    monitors: usize,
     /// Global nodes to keep connected (the keys of `'g` but us).
     keep: BTreeSet<String>,
     keep_retry: u64,
@@ -139,17 +185,26 @@ impl Service {
         let mut effects = Effects::default();
         let shard = self.shards.entry(node.to_owned()).or_default();
         let merged = self.db.entry(family.to_owned()).or_default();
+        let (total_entries, total_bytes) = (&mut self.entries, &mut self.bytes);
         set.retain(|key, value| {
             let old = shard.get(family, key).map(|v| entry_size(family, key, v));
             let size = entry_size(family, key, value);
-            let entries = shard.entries + usize::from(old.is_none());
-            let bytes = shard.bytes - old.unwrap_or(0) + size;
-            if entries > limits.max_entries_per_node || bytes > limits.max_bytes_per_node {
+            let added = usize::from(old.is_none());
+            let grow = |held: usize| held.saturating_sub(old.unwrap_or(0)).saturating_add(size);
+            let (entries, bytes) = (shard.entries + added, grow(shard.bytes));
+            let (all_entries, all_bytes) = (*total_entries + added, grow(*total_bytes));
+            if entries > limits.max_entries_per_node
+                || bytes > limits.max_bytes_per_node
+                || all_entries > limits.max_entries
+                || all_bytes > limits.max_bytes
+            {
                 effects.dropped += 1;
                 return false;
             }
             shard.entries = entries;
             shard.bytes = bytes;
+            *total_entries = all_entries;
+            *total_bytes = all_bytes;
             let fam = shard.families.entry(family.to_owned()).or_default();
             fam.insert(key.clone(), value.clone());
             merged.insert(key.clone(), value.clone());
@@ -159,8 +214,11 @@ impl Service {
         let (mut del_local, mut del_global) = (Vec::new(), Vec::new());
         let from_slave = self.slaves.contains_key(node);
         for key in del {
-            if let Some(shard) = self.shards.get_mut(node) {
-                shard.remove(family, &key);
+            if let Some(shard) = self.shards.get_mut(node)
+                && let Some(old) = shard.remove(family, &key)
+            {
+                self.entries = self.entries.saturating_sub(1);
+                self.bytes = self.bytes.saturating_sub(entry_size(family, &key, &old));
             }
             let holders = || {
                 self.shards
@@ -247,6 +305,14 @@ fn keys(value: Option<&Value>) -> Vec<String> {
 }
 
 impl Node {
+    /// Entries and bytes (as [`GlobalLimits`] counts them) of the database this node holds
+    /// as a global node, over all source nodes; zeros when it is not global.
+    pub fn global_db_usage(&self) -> (usize, usize) {
+        self.service
+            .as_ref()
+            .map_or((0, 0), |s| (s.entries, s.bytes))
+    }
+
     /// Whether this node serves `tag` as a global node now (`g_slave` whenever it may
     /// become one).
     pub(super) fn serves(&self, tag: &str) -> bool {
@@ -292,6 +358,13 @@ impl Node {
             "g_slave" => {
                 // An empty g_slave only starts the service.
                 let Some(db) = args.first() else { return };
+                let max = self.config.global_limits.max_slaves;
+                if !service.slaves.contains_key(src) && service.slaves.len() >= max {
+                    return self.warn_peer(
+                        src,
+                        format!("g_slave from {src} ignored: {max} slaves already"),
+                    );
+                }
                 service.slaves.entry(src.to_owned()).or_default();
                 self.seed_set(src, db, now);
             }
@@ -339,16 +412,27 @@ impl Node {
             }
             "g_mon1" => {
                 let Some(family) = name(0) else { return };
-                let watched = service.slaves.entry(src.to_owned()).or_default();
-                if !watched.contains(&family)
-                    && watched.len() >= self.config.global_limits.max_monitors_per_node
-                {
-                    return self.warn_peer(
-                        src,
-                        format!("g_mon1 {family} from {src} ignored: too many monitors"),
-                    );
+                let limits = self.config.global_limits;
+                let new_slave = !service.slaves.contains_key(src);
+                let watched = service.slaves.get(src).map_or(0, BTreeSet::len);
+                let known = service.slaves.get(src).is_some_and(|w| w.contains(&family));
+                let refused = if new_slave && service.slaves.len() >= limits.max_slaves {
+                    Some(format!("{} slaves already", limits.max_slaves))
+                } else if !known && watched >= limits.max_monitors_per_node {
+                    Some("too many monitors".to_owned())
+                } else if !known && service.monitors >= limits.max_monitors {
+                    Some(format!("{} monitors already", limits.max_monitors))
+                } else {
+                    None
+                };
+                if let Some(why) = refused {
+                    return self
+                        .warn_peer(src, format!("g_mon1 {family} from {src} ignored: {why}"));
                 }
-                watched.insert(family.clone());
+                let watched = service.slaves.entry(src.to_owned()).or_default();
+                if watched.insert(family.clone()) {
+                    service.monitors += 1;
+                }
                 service
                     .mons
                     .entry(family.clone())
@@ -370,8 +454,10 @@ impl Node {
                         service.mons.remove(&family);
                     }
                 }
-                if let Some(watched) = service.slaves.get_mut(src) {
-                    watched.remove(&family);
+                if let Some(watched) = service.slaves.get_mut(src)
+                    && watched.remove(&family)
+                {
+                    service.monitors = service.monitors.saturating_sub(1);
                 }
             }
             "g_global" => {
@@ -471,8 +557,13 @@ impl Node {
         let Some(service) = self.service.as_mut() else {
             return;
         };
-        service.shards.remove(node);
-        service.slaves.remove(node);
+        if let Some(shard) = service.shards.remove(node) {
+            service.entries = service.entries.saturating_sub(shard.entries);
+            service.bytes = service.bytes.saturating_sub(shard.bytes);
+        }
+        if let Some(watched) = service.slaves.remove(node) {
+            service.monitors = service.monitors.saturating_sub(watched.len());
+        }
         service.mons.retain(|_, nodes| {
             nodes.remove(node);
             !nodes.is_empty()
@@ -597,13 +688,13 @@ mod tests {
 
     #[test]
     fn limits_count_entries_and_bytes_per_node() {
+        let one = entry_size("f", "a", &Value::Int(1));
         let limits = GlobalLimits {
             max_entries_per_node: 2,
-            max_bytes_per_node: 8,
+            max_bytes_per_node: 2 * one + one / 2,
             ..GlobalLimits::default()
         };
         let mut s = Service::default();
-        // "f" + "a" + one CBOR byte = 3 bytes each.
         let e = s.update(
             &limits,
             "n",
@@ -612,11 +703,12 @@ mod tests {
             vec![],
         );
         assert_eq!(e.dropped, 1);
-        assert_eq!((s.shards["n"].entries, s.shards["n"].bytes), (2, 6));
+        assert_eq!((s.shards["n"].entries, s.shards["n"].bytes), (2, 2 * one));
         // Replacing fits; a larger value does not.
         let e = s.update(&limits, "n", "f", fam(&[("a", 5)]), vec![]);
         assert_eq!(e.dropped, 0);
-        let e = s.update(&limits, "n", "f", fam(&[("a", 1 << 40)]), vec![]);
+        let big = Family::from([("a".to_owned(), Value::Bytes(vec![0; one]))]);
+        let e = s.update(&limits, "n", "f", big, vec![]);
         assert_eq!(e.dropped, 1);
         assert_eq!(s.db["f"]["a"], Value::Int(5));
         s.update(
@@ -627,5 +719,74 @@ mod tests {
             vec!["a".into(), "b".into()],
         );
         assert!(s.shards.is_empty());
+        assert_eq!((s.entries, s.bytes), (0, 0));
+    }
+
+    /// Many nodes, each well within its own limits, cannot take the database past its
+    /// totals; what was stored stays, and deletions make room again.
+    #[test]
+    fn the_totals_bound_all_nodes_together() {
+        let one = entry_size("f", "k00", &Value::Int(1));
+        let limits = GlobalLimits {
+            max_entries: 25,
+            max_bytes: 1000 * one,
+            ..GlobalLimits::default()
+        };
+        let mut s = Service::default();
+        let mut dropped = 0;
+        for n in 0..10 {
+            let set = (0..5)
+                .map(|k| (format!("k{n}{k}"), Value::Int(1)))
+                .collect();
+            dropped += s
+                .update(&limits, &format!("n{n}"), "f", set, vec![])
+                .dropped;
+        }
+        assert_eq!((s.entries, dropped), (25, 25));
+        assert_eq!(s.db["f"].len(), 25);
+        // Replacing a held key needs no room.
+        let e = s.update(&limits, "n0", "f", fam(&[("k00", 7)]), vec![]);
+        assert_eq!(e.dropped, 0);
+        // In bytes too.
+        let bytes = GlobalLimits {
+            max_bytes: s.bytes + one / 2,
+            ..limits
+        };
+        let e = s.update(&bytes, "n0", "f", fam(&[("k00", 8)]), vec![]);
+        assert_eq!(e.dropped, 0, "same size");
+        let big = Family::from([("k00".to_owned(), Value::Bytes(vec![0; one]))]);
+        assert_eq!(s.update(&bytes, "n0", "f", big, vec![]).dropped, 1);
+        assert_eq!(s.db["f"]["k00"], Value::Int(8));
+        // A node's deletions give its room back to everyone.
+        s.update(
+            &limits,
+            "n1",
+            "f",
+            Family::new(),
+            (0..5).map(|k| format!("k1{k}")).collect(),
+        );
+        assert_eq!(s.entries, 20);
+        let e = s.update(&limits, "n9", "f", fam(&[("late", 1)]), vec![]);
+        assert_eq!(e.dropped, 0);
+    }
+
+    /// The estimate the limits count is not below what the entries take, copy by copy
+    /// (`tests/faults.rs` measures the sandbox of a global node filled to its totals).
+    #[test]
+    fn an_entry_costs_at_least_its_two_copies() {
+        let value = Value::Array(vec![
+            Value::text("127.0.0.1:4040"),
+            Value::Bytes(vec![1; 100]),
+        ]);
+        let size = entry_size("'l", "node/abc", &value);
+        // Each copy: the key, the value's tree (three nodes, 14 + 100 bytes of heap).
+        let copy = "node/abc".len() + 3 * size_of::<Value>() + 14 + 100;
+        assert!(size >= 2 * copy, "{size} < 2 x {copy}");
+        // Values as deep as the decoder allows are walked without recursion.
+        let mut deep = Value::Null;
+        for _ in 0..512 {
+            deep = Value::Array(vec![deep]);
+        }
+        assert!(entry_size("f", "k", &deep) > 512 * size_of::<Value>());
     }
 }
