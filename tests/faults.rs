@@ -802,3 +802,81 @@ async fn a_peer_that_does_not_read_holds_back_only_the_sends_to_it() {
     lazy_sender.abort();
     drop(lazy);
 }
+
+/// Many members, each well within its own database limit (16 MiB), together try to fill
+/// a global node past its total (64 MiB): the updates past the total are refused, the
+/// node lives, answers lookups and queries, and what it stored stays intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_together_cannot_exhaust_a_global_node() {
+    const MEMBERS: usize = 8;
+    const KEYS: usize = 900;
+    let seed = builder("exhaust-seed", "s").start().await.unwrap();
+    let at = addr(&seed);
+    let before = seed.sandbox_memory().await.unwrap();
+    let value = Value::Bytes(vec![b'v'; 8 << 10]);
+    let mut members = Vec::new();
+    for m in 0..MEMBERS {
+        let member = builder(&format!("exhaust-m{m}"), "s")
+            .seed(&at)
+            .start()
+            .await
+            .unwrap();
+        member.wait_up(seed.id(), WAIT).await.unwrap();
+        let family = format!("f{m}");
+        for k in 0..KEYS {
+            member
+                .db_set(&family, &format!("k{k}"), value.clone())
+                .await
+                .unwrap();
+        }
+        if m == 0 {
+            // The first member's entries are all stored before anyone else's come.
+            tokio::time::timeout(WAIT, async {
+                while keys_of(&member, &family).await < KEYS {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .expect("the first member's entries are stored");
+        }
+        members.push(member);
+    }
+    assert!(logged_by("exhaust-seed", "ignored: database limit reached").await);
+    assert_eq!(seed.stopped(), None, "the global node is still running");
+    served_within(&seed, "s", 0, Duration::from_secs(2)).await;
+    // Lookups and queries are answered; the first member's entries are all there.
+    let probe = builder("exhaust-probe", "s")
+        .seed(&at)
+        .start()
+        .await
+        .unwrap();
+    probe.wait_up(seed.id(), WAIT).await.unwrap();
+    assert_eq!(keys_of(&probe, "f0").await, KEYS);
+    let mut stored = 0;
+    for m in 0..MEMBERS {
+        stored += keys_of(&probe, &format!("f{m}")).await;
+    }
+    assert!(stored < MEMBERS * KEYS, "some updates were refused");
+    let mut inbox = members[MEMBERS - 1].port().await.unwrap();
+    probe.send(inbox.id(), vec![t("found")]).await.unwrap();
+    assert_eq!(recv(&mut inbox).await, [t("found")]);
+    let grown = seed.sandbox_memory().await.unwrap().saturating_sub(before);
+    let entry_bytes = stored * (8 << 10);
+    eprintln!(
+        "global: {stored} of {} entries stored ({} MiB of values), sandbox grew {} MiB: \
+         {:.2} bytes of sandbox per byte of entries",
+        MEMBERS * KEYS,
+        entry_bytes >> 20,
+        grown >> 20,
+        grown as f64 / entry_bytes as f64
+    );
+    assert!(grown < 200 << 20, "the sandbox grew by {grown} bytes");
+}
+
+/// How many keys `family` has, as `node` learns from its master.
+async fn keys_of(node: &Node, family: &str) -> usize {
+    match tokio::time::timeout(WAIT, node.db_keys(family)).await {
+        Ok(Ok(Value::Array(keys))) => keys.len(),
+        other => panic!("db_keys {family}: {other:?}"),
+    }
+}
