@@ -57,31 +57,40 @@ pub fn node_with_peer(peer_framing: Framing) -> (Node, Connection, aemp_engine::
     config.transport.secret = Some(SECRET.to_vec());
     let mut node = Node::new(config, [7; 16], 0).expect("config");
     let _ = node.register_port("inbox");
-    let mut peer = Connection::new(config_peer(peer_framing), [9; 66], 0).expect("config");
-    let id = node.handle_accept("peer:1", [8; 66], 0);
+    let (peer, id) = connect_peer(&mut node, "peer", peer_framing, 0);
+    (node, peer, id)
+}
+
+/// A plain transport peer `name` dials in to `node` and completes its handshake (unless
+/// the node refuses it); both are drained. Other connections' outputs are dropped.
+pub fn connect_peer(
+    node: &mut Node,
+    name: &str,
+    framing: Framing,
+    now: u64,
+) -> (Connection, aemp_engine::ConnId) {
+    let mut peer = Connection::new(config(name, framing), [9; 66], now).expect("config");
+    let id = node.handle_accept(&format!("{name}:1"), [8; 66], now);
     loop {
         let mut moved = false;
         while let Some(o) = node.poll_output() {
-            moved = true;
-            if let NodeOutput::Transmit { bytes, .. } = o {
+            if let NodeOutput::Transmit { conn, bytes } = o
+                && conn == id
+            {
+                moved = true;
                 peer.handle_input(&bytes);
             }
         }
         let bytes = pump(&mut peer);
         if !bytes.is_empty() {
             moved = true;
-            node.handle_input(id, &bytes, 0);
+            node.handle_input(id, &bytes, now);
         }
         if !moved {
             break;
         }
     }
-    assert!(node.is_up("peer"));
-    (node, peer, id)
-}
-
-fn config_peer(framing: Framing) -> Config {
-    config("peer", framing)
+    (peer, id)
 }
 
 /// Cuts `data` into pieces whose sizes come from `sizes` (cycled), so that every target
