@@ -263,7 +263,9 @@ impl Driver {
         self.settle()?;
         self.app_round = false;
         let reading = self.held.is_empty();
-        if reading && !self.reading {
+        // (Paused connections may have been passed over since messages were held, even
+        // when the last round saw nothing held: they are read again as soon as none is.)
+        if reading && (!self.reading || !self.paused.is_empty()) {
             self.paused.clear();
             self.io.ready_all();
         }
