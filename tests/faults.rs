@@ -437,11 +437,14 @@ async fn a_port_never_read_is_dropped_from_after_its_stall() {
 /// A peer that sends requests and never reads the replies is cut off when a write makes
 /// no progress for the write timeout (its queue never reaches the write-queue limit),
 /// and the node serves the others.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_stops_reading_replies_is_cut_off_at_the_write_deadline() {
-    let timeout = Duration::from_secs(1);
-    let a = builder("deadline-a", "s")
-        .write_timeout(timeout)
+/// Node `id` with an `echo` port (it sends the arguments after the first to the port the
+/// first names) and a raw peer `lazy` connected to it, which the test makes read nothing.
+async fn echo_with_lazy_peer(
+    id: &str,
+    write_timeout: Duration,
+) -> (Node, tokio::sync::broadcast::Receiver<Event>, RawPeer) {
+    let a = builder(id, "s")
+        .write_timeout(write_timeout)
         .start()
         .await
         .unwrap();
@@ -453,10 +456,17 @@ async fn a_peer_that_stops_reading_replies_is_cut_off_at_the_write_deadline() {
             let _ = echoer.send(&to.as_name().unwrap_or_default(), args).await;
         }
     });
-    let mut events = a.events();
-    let mut raw = RawPeer::connect_framing(&addr(&a), "lazy", "s", Framing::Cbor).await;
-    raw.handshake().await.unwrap();
+    let events = a.events();
+    let mut lazy = RawPeer::connect_framing(&addr(&a), "lazy", "s", Framing::Cbor).await;
+    lazy.handshake().await.unwrap();
     a.wait_up("lazy", WAIT).await.unwrap();
+    (a, events, lazy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_replies_is_cut_off_at_the_write_deadline() {
+    let timeout = Duration::from_secs(1);
+    let (a, mut events, mut raw) = echo_with_lazy_peer("deadline-a", timeout).await;
     let payload = Value::Bytes(vec![b'r'; 64 * 1024]);
     for _ in 0..400 {
         raw.conn
@@ -667,24 +677,8 @@ async fn big_messages_to_a_held_up_port_stay_within_the_byte_bounds() {
     /// the README's worst case for one node.
     const MAX_GROWTH: u64 = 400 << 20;
     const BIG: usize = 4 << 20;
-    let a = builder("bytes-a", "s")
-        .write_timeout(Duration::from_secs(4))
-        .start()
-        .await
-        .unwrap();
-    let mut echo = a.named_port("echo").await.unwrap();
-    let echoer = a.clone();
-    tokio::spawn(async move {
-        while let Some(mut args) = echo.recv().await {
-            let to = args.remove(0);
-            let _ = echoer.send(&to.as_name().unwrap_or_default(), args).await;
-        }
-    });
-    let mut events = a.events();
-    // The peer the replies go to: it completes its handshake and never reads again.
-    let mut lazy = RawPeer::connect_framing(&addr(&a), "lazy", "s", Framing::Cbor).await;
-    lazy.handshake().await.unwrap();
-    a.wait_up("lazy", WAIT).await.unwrap();
+    // The peer the replies go to completes its handshake and never reads again.
+    let (a, mut events, lazy) = echo_with_lazy_peer("bytes-a", Duration::from_secs(4)).await;
     let mut flooder = RawPeer::connect_framing(&addr(&a), "flooder", "s", Framing::Cbor).await;
     flooder.handshake().await.unwrap();
     let base = rss();
