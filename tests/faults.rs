@@ -803,7 +803,7 @@ async fn a_peer_that_does_not_read_holds_back_only_the_sends_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_together_cannot_exhaust_a_global_node() {
     const MEMBERS: usize = 8;
-    const KEYS: usize = 900;
+    const KEYS: usize = 1200;
     let seed = builder("exhaust-seed", "s").start().await.unwrap();
     let at = addr(&seed);
     let before = seed.sandbox_memory().await.unwrap();

@@ -257,7 +257,12 @@ impl Node {
 
     /// Sends `["", items...]` to `node`.
     pub(super) fn send_node(&mut self, node: &str, items: Vec<Value>, now: u64) {
-        if let Err(e) = self.route(node, &msg::build("", items), false, now) {
+        self.send_node_message(node, &msg::build("", items), now);
+    }
+
+    /// Sends a node-port message `["", ...]`, already encoded, to `node`.
+    pub(super) fn send_node_message(&mut self, node: &str, message: &[u8], now: u64) {
+        if let Err(e) = self.route(node, message, false, now) {
             self.log(
                 LogLevel::Warn,
                 format!("global request to {node} dropped: {e}"),

@@ -39,8 +39,19 @@ fn head(major: u8, n: u64, out: &mut Vec<u8>) {
 }
 
 /// Writes a CBOR array header for `len` items.
-fn array_header(len: u64, out: &mut Vec<u8>) {
+pub(crate) fn array_header(len: u64, out: &mut Vec<u8>) {
     head(4, len, out);
+}
+
+/// Writes a CBOR map header for `len` pairs.
+pub(crate) fn map_header(len: u64, out: &mut Vec<u8>) {
+    head(5, len, out);
+}
+
+/// Writes a CBOR text string.
+pub(crate) fn text(s: &str, out: &mut Vec<u8>) {
+    head(3, s.len() as u64, out);
+    out.extend_from_slice(s.as_bytes());
 }
 
 /// `[port, ARGS...]` from a port name and a CBOR array of arguments, appended to `out`
@@ -62,8 +73,7 @@ pub(crate) fn join_into(port: &str, args: &[u8], out: &mut Vec<u8>) -> Result<()
         }
         _ => return Err(MessageError::NotAnArray),
     }
-    head(3, port.len() as u64, out);
-    out.extend_from_slice(port.as_bytes());
+    text(port, out);
     out.extend_from_slice(&args[d.position()..]);
     Ok(())
 }
@@ -148,6 +158,10 @@ mod tests {
             array_header(n, &mut ours);
             minicbor::Encoder::new(&mut theirs).array(n).unwrap();
             assert_eq!(ours, theirs, "array of {n}");
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            map_header(n, &mut ours);
+            minicbor::Encoder::new(&mut theirs).map(n).unwrap();
+            assert_eq!(ours, theirs, "map of {n}");
         }
         let port = "p".repeat(300);
         let mut ours = Vec::new();

@@ -16,9 +16,10 @@
 //! - forgets a node's shard, monitors and `'g`/`'l` mirrors when the node goes down.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use super::global::{entries, map_value};
-use super::{LogLevel, Node};
+use super::global::entries;
+use super::{LogLevel, Node, msg};
 use crate::value::Value;
 
 /// Node-port tags a global node serves (`g_slave` is served by every node that may
@@ -43,8 +44,9 @@ pub(super) const TAGS: &[&str] = &[
 pub struct GlobalLimits {
     /// Entries (keys, over all families) held for one source node (default 100 000).
     pub max_entries_per_node: usize,
-    /// Bytes held for one source node (default 16 MiB), as [`entry_size`] counts them:
-    /// an estimate of the memory an entry takes, not only its encoding.
+    /// Bytes held for one source node (default 16 MiB), as [`entry_size`] and
+    /// [`family_size`] count them: an estimate from above of the memory an entry takes,
+    /// not only its encoding.
     pub max_bytes_per_node: usize,
     /// Entries held for all source nodes together (default 400 000).
     pub max_entries: usize,
@@ -78,8 +80,47 @@ impl Default for GlobalLimits {
     }
 }
 
+/// A key, held once and shared by a shard and the merged view.
+type Key = Arc<str>;
+
+/// A value as its CBOR encoding, held once and shared by a shard, the merged view and
+/// the replies and notifications that carry it (which splice it in as it is).
+type Stored = Arc<[u8]>;
+
 /// Key -> value of one family.
-type Family = BTreeMap<String, Value>;
+type Family = BTreeMap<Key, Stored>;
+
+/// The entries of a family from a CBOR map (keys that are not names are skipped).
+fn family_of(value: &Value) -> Family {
+    entries(value)
+        .into_iter()
+        .map(|(k, v)| (Key::from(k), Stored::from(v.encode())))
+        .collect()
+}
+
+/// Appends `family` as a CBOR map.
+fn write_family<'a>(
+    family: impl ExactSizeIterator<Item = (&'a Key, &'a Stored)>,
+    out: &mut Vec<u8>,
+) {
+    msg::map_header(family.len() as u64, out);
+    for (key, value) in family {
+        msg::text(key, out);
+        out.extend_from_slice(value);
+    }
+}
+
+/// The start of a node-port message `["", TAG, ...]` of `len` items in all.
+fn node_message(len: u64, tag: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    msg::array_header(len, &mut out);
+    msg::text("", &mut out);
+    msg::text(tag, &mut out);
+    out
+}
+
+/// CBOR null.
+const NULL: u8 = 0xf6;
 
 /// The entries one source node gave us, with their count and size for the limits.
 #[derive(Debug, Default)]
@@ -89,50 +130,48 @@ struct Shard {
     bytes: usize,
 }
 
-/// What one entry costs, as the limits count it: the memory it takes in its shard and in
-/// the merged view (the key and the value are held in both, in B-tree nodes), estimated
-/// from above. Walks the value with a stack of its own (peers choose its depth).
-fn entry_size(family: &str, key: &str, value: &Value) -> usize {
-    /// Per copy: a B-tree slot (key `String` and value), its share of a node, the
-    /// allocation's rounding.
-    const SLOT: usize = 64;
-    let mut size = family.len().saturating_add(key.len());
-    let mut stack = vec![value];
-    while let Some(v) = stack.pop() {
-        size = size.saturating_add(size_of::<Value>());
-        match v {
-            Value::Bytes(b) => size = size.saturating_add(b.capacity()),
-            Value::Text(t) => size = size.saturating_add(t.capacity()),
-            Value::Array(items) => stack.extend(items),
-            Value::Map(pairs) => {
-                for (k, v) in pairs {
-                    stack.push(k);
-                    stack.push(v);
-                }
-            }
-            Value::Tagged(_, inner) => stack.push(inner),
-            _ => {}
-        }
-    }
-    size.saturating_add(key.len())
-        .saturating_add(SLOT)
-        .saturating_mul(2)
+/// Per allocation: an `Arc`'s counts and the allocator's rounding and header.
+const ALLOC: usize = 32;
+
+/// What one entry costs, as the limits count it: its key and value (each one allocation,
+/// shared by the shard and the merged view) and a slot in both B-trees with its share of
+/// a node (B-tree nodes are half full at worst), from above; `tests/db_memory.rs` checks
+/// it against what the allocator hands out.
+fn entry_size(key: &str, value: &[u8]) -> usize {
+    /// Key and value pointers with their share of a half-full B-tree node.
+    const SLOT: usize = 80;
+    key.len()
+        .saturating_add(value.len())
+        .saturating_add(2 * ALLOC + 2 * SLOT)
+}
+
+/// What a family costs a shard beside its entries: its name and a B-tree node of its own
+/// in the shard and, at worst, in the merged view. Counted with the family's first entry,
+/// so that a node cannot make one family per entry for free.
+fn family_size(family: &str) -> usize {
+    /// A B-tree leaf of `Key` -> `Stored` (11 slots of 32 bytes and its header).
+    const LEAF: usize = 400;
+    family.len().saturating_add(ALLOC + LEAF).saturating_mul(2)
 }
 
 impl Shard {
-    fn remove(&mut self, family: &str, key: &str) -> Option<Value> {
+    /// Takes `key` out of `family`, with the bytes it freed (the family's too when it
+    /// was the last key).
+    fn remove(&mut self, family: &str, key: &str) -> Option<(Stored, usize)> {
         let fam = self.families.get_mut(family)?;
         let old = fam.remove(key)?;
+        let mut freed = entry_size(key, &old);
         if fam.is_empty() {
             self.families.remove(family);
+            freed = freed.saturating_add(family_size(family));
         }
         self.entries = self.entries.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(entry_size(family, key, &old));
-        Some(old)
+        self.bytes = self.bytes.saturating_sub(freed);
+        Some((old, freed))
     }
 
-    fn get(&self, family: &str, key: &str) -> Option<&Value> {
-        self.families.get(family)?.get(key)
+    fn get(&self, family: &str, key: &str) -> Option<(&Key, &Stored)> {
+        self.families.get(family)?.get_key_value(key)
     }
 }
 
@@ -187,8 +226,11 @@ impl Service {
         let merged = self.db.entry(family.to_owned()).or_default();
         let (total_entries, total_bytes) = (&mut self.entries, &mut self.bytes);
         set.retain(|key, value| {
-            let old = shard.get(family, key).map(|v| entry_size(family, key, v));
-            let size = entry_size(family, key, value);
+            let old = shard.get(family, key).map(|(_, v)| entry_size(key, v));
+            let mut size = entry_size(key, value);
+            if !shard.families.contains_key(family) {
+                size = size.saturating_add(family_size(family));
+            }
             let added = usize::from(old.is_none());
             let grow = |held: usize| held.saturating_sub(old.unwrap_or(0)).saturating_add(size);
             let (entries, bytes) = (shard.entries + added, grow(shard.bytes));
@@ -205,9 +247,13 @@ impl Service {
             shard.bytes = bytes;
             *total_entries = all_entries;
             *total_bytes = all_bytes;
+            // One allocation of the key and of the value, shared by both maps.
+            let key = merged
+                .get_key_value(&**key)
+                .map_or_else(|| key.clone(), |(k, _)| k.clone());
             let fam = shard.families.entry(family.to_owned()).or_default();
             fam.insert(key.clone(), value.clone());
-            merged.insert(key.clone(), value.clone());
+            merged.insert(key, value.clone());
             true
         });
         let mut local_set = Family::new();
@@ -215,10 +261,10 @@ impl Service {
         let from_slave = self.slaves.contains_key(node);
         for key in del {
             if let Some(shard) = self.shards.get_mut(node)
-                && let Some(old) = shard.remove(family, &key)
+                && let Some((_, freed)) = shard.remove(family, &key)
             {
                 self.entries = self.entries.saturating_sub(1);
-                self.bytes = self.bytes.saturating_sub(entry_size(family, &key, &old));
+                self.bytes = self.bytes.saturating_sub(freed);
             }
             let holders = || {
                 self.shards
@@ -228,26 +274,26 @@ impl Service {
             let slave = holders().find(|(n, _)| self.slaves.contains_key(*n));
             let other = slave.or_else(|| holders().next());
             let merged = self.db.entry(family.to_owned()).or_default();
-            match other {
-                Some((holder, shard)) => {
-                    let value = shard.get(family, &key).cloned().unwrap_or(Value::Null);
-                    let changed = merged.get(&key) != Some(&value);
+            match other.and_then(|(holder, shard)| Some((holder, shard.get(family, &key)?))) {
+                Some((holder, (k, value))) => {
+                    let (k, value) = (k.clone(), value.clone());
+                    let changed = merged.get(&*key) != Some(&value);
                     if changed {
-                        merged.insert(key.clone(), value.clone());
+                        merged.insert(k.clone(), value.clone());
                     }
                     if self.slaves.contains_key(holder) {
                         if changed {
-                            set.insert(key, value);
+                            set.insert(k, value);
                         }
                     } else {
                         del_global.push(key.clone());
                         if changed {
-                            local_set.insert(key, value);
+                            local_set.insert(k, value);
                         }
                     }
                 }
                 None => {
-                    merged.remove(&key);
+                    merged.remove(&*key);
                     if from_slave {
                         del_global.push(key.clone());
                     }
@@ -272,24 +318,25 @@ impl Service {
         effects
     }
 
-    /// The entries of every slave (ourselves included), merged: what `g_set` carries.
-    fn slaves_db(&self) -> Value {
-        let mut db: BTreeMap<String, Family> = BTreeMap::new();
+    /// `["", "g_set", DB]`: the entries of every slave (ourselves included), merged.
+    fn g_set(&self) -> Vec<u8> {
+        let mut db: BTreeMap<&str, BTreeMap<&Key, &Stored>> = BTreeMap::new();
         for (_, shard) in self
             .shards
             .iter()
             .filter(|(n, _)| self.slaves.contains_key(*n))
         {
             for (family, entries) in &shard.families {
-                let fam = db.entry(family.clone()).or_default();
-                fam.extend(entries.iter().map(|(k, v)| (k.clone(), v.clone())));
+                db.entry(family).or_default().extend(entries);
             }
         }
-        Value::Map(
-            db.iter()
-                .map(|(f, entries)| (Value::text(f.as_str()), map_value(entries)))
-                .collect(),
-        )
+        let mut out = node_message(3, "g_set");
+        msg::map_header(db.len() as u64, &mut out);
+        for (family, entries) in db {
+            msg::text(family, &mut out);
+            write_family(entries.into_iter(), &mut out);
+        }
+        out
     }
 }
 
@@ -381,34 +428,42 @@ impl Node {
             }
             "g_upd" => {
                 let Some(family) = name(0) else { return };
-                let set = args.get(1).map(entries).unwrap_or_default();
+                let set = args.get(1).map(family_of).unwrap_or_default();
                 let del = keys(args.get(2));
                 self.seed_update(src, &family, set, del, now);
             }
             "g_find" => {
                 let Some(node) = name(0) else { return };
-                let addrs = service
-                    .db
-                    .get("'l")
-                    .and_then(|l| l.get(&node))
-                    .cloned()
-                    .unwrap_or(Value::Null);
-                let reply = vec![Value::text("g_found"), Value::text(node), addrs];
-                self.send_node(src, reply, now);
+                let mut reply = node_message(4, "g_found");
+                msg::text(&node, &mut reply);
+                match service.db.get("'l").and_then(|l| l.get(&*node)) {
+                    Some(addrs) => reply.extend_from_slice(addrs),
+                    None => reply.push(NULL),
+                }
+                self.send_node_message(src, &reply, now);
             }
             "g_db_family" | "g_db_keys" | "g_db_values" => {
                 let Some(family) = name(0) else { return };
-                let entries = service.db.get(&family);
-                let all = entries.into_iter().flatten();
-                let result = match tag {
-                    "g_db_family" => entries.map(map_value).unwrap_or(Value::Map(Vec::new())),
+                let empty = Family::new();
+                let entries = service.db.get(&family).unwrap_or(&empty);
+                let mut reply = node_message(4, "g_reply");
+                args.get(1).unwrap_or(&Value::Null).encode_into(&mut reply);
+                match tag {
+                    "g_db_family" => write_family(entries.iter(), &mut reply),
                     "g_db_keys" => {
-                        Value::Array(all.map(|(k, _)| Value::text(k.as_str())).collect())
+                        msg::array_header(entries.len() as u64, &mut reply);
+                        for key in entries.keys() {
+                            msg::text(key, &mut reply);
+                        }
                     }
-                    _ => Value::Array(all.map(|(_, v)| v.clone()).collect()),
-                };
-                let id = args.get(1).cloned().unwrap_or(Value::Null);
-                self.send_node(src, vec![Value::text("g_reply"), id, result], now);
+                    _ => {
+                        msg::array_header(entries.len() as u64, &mut reply);
+                        for value in entries.values() {
+                            reply.extend_from_slice(value);
+                        }
+                    }
+                }
+                self.send_node_message(src, &reply, now);
             }
             "g_mon1" => {
                 let Some(family) = name(0) else { return };
@@ -438,13 +493,13 @@ impl Node {
                     .entry(family.clone())
                     .or_default()
                     .insert(src.to_owned());
-                let current = service.db.get(&family).map(map_value);
-                let reply = vec![
-                    Value::text("g_chg1"),
-                    Value::text(family),
-                    current.unwrap_or(Value::Null),
-                ];
-                self.send_node(src, reply, now);
+                let mut reply = node_message(4, "g_chg1");
+                msg::text(&family, &mut reply);
+                match service.db.get(&family) {
+                    Some(entries) => write_family(entries.iter(), &mut reply),
+                    None => reply.push(NULL),
+                }
+                self.send_node_message(src, &reply, now);
             }
             "g_mon0" => {
                 let Some(family) = name(0) else { return };
@@ -473,7 +528,7 @@ impl Node {
     /// Every family of `db` (a map of maps) as `node`'s entries.
     fn seed_set(&mut self, node: &str, db: &Value, now: u64) {
         for (family, set) in entries(db) {
-            self.seed_update(node, &family, entries(&set), Vec::new(), now);
+            self.seed_update(node, &family, family_of(&set), Vec::new(), now);
         }
     }
 
@@ -500,24 +555,27 @@ impl Node {
                 ),
             );
         }
+        // Each message is encoded once, whoever it goes to.
         let update = |tag: &str, (set, del): (Family, Vec<String>)| {
-            vec![
-                Value::text(tag),
-                Value::text(family),
-                map_value(&set),
-                Value::Array(del.into_iter().map(Value::text).collect()),
-            ]
+            let mut out = node_message(5, tag);
+            msg::text(family, &mut out);
+            write_family(set.iter(), &mut out);
+            msg::array_header(del.len() as u64, &mut out);
+            for key in &del {
+                msg::text(key, &mut out);
+            }
+            out
         };
         if let Some(relay) = effects.relay {
             let message = update("g_upd", relay);
             for global in self.global.globals() {
-                self.send_node(&global, message.clone(), now);
+                self.send_node_message(&global, &message, now);
             }
         }
         if let Some(notify) = effects.notify {
             let message = update("g_chg2", notify);
             for watcher in watchers {
-                self.send_node(&watcher, message.clone(), now);
+                self.send_node_message(&watcher, &message, now);
             }
         }
         if family == "'g" {
@@ -531,8 +589,8 @@ impl Node {
         let Some(service) = self.service.as_ref() else {
             return;
         };
-        let db = service.slaves_db();
-        self.send_node(node, vec![Value::text("g_set"), db], now);
+        let message = service.g_set();
+        self.send_node_message(node, &message, now);
     }
 
     /// `node` went down (or turned global): its entries, mirrors and monitors go.
@@ -548,7 +606,7 @@ impl Node {
             .get(node)
             .into_iter()
             .flat_map(|s| &s.families)
-            .map(|(f, entries)| (f.clone(), entries.keys().cloned().collect()))
+            .map(|(f, entries)| (f.clone(), entries.keys().map(|k| k.to_string()).collect()))
             .collect();
         // Deleted while `node` is still a slave, so other global nodes learn it too.
         for (family, keys) in held {
@@ -598,7 +656,11 @@ impl Node {
             return;
         };
         let names = service.db.get("'g").into_iter().flat_map(BTreeMap::keys);
-        let keep: BTreeSet<String> = names.filter(|n| **n != me).take(max).cloned().collect();
+        let keep: BTreeSet<String> = names
+            .filter(|n| ***n != *me)
+            .take(max)
+            .map(|n| n.to_string())
+            .collect();
         let added = keep.difference(&service.keep).next().is_some();
         service.keep = keep;
         let down = self.kept_down();
@@ -655,8 +717,20 @@ mod tests {
     fn fam(pairs: &[(&str, i128)]) -> Family {
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), Value::Int(*v)))
+            .map(|(k, v)| (Key::from(*k), Stored::from(Value::Int(*v).encode())))
             .collect()
+    }
+
+    /// The merged view's value of `key` in `family`.
+    fn held(s: &Service, family: &str, key: &str) -> Value {
+        Value::decode(&s.db[family][key]).unwrap()
+    }
+
+    fn bytes(key: &str, len: usize) -> Family {
+        Family::from([(
+            Key::from(key),
+            Stored::from(Value::Bytes(vec![0; len]).encode()),
+        )])
     }
 
     #[test]
@@ -670,7 +744,7 @@ mod tests {
         s.update(&limits, "slave1", "f", fam(&[("k", 2)]), vec![]);
         let e = s.update(&limits, "slave2", "f", fam(&[("k", 3)]), vec![]);
         assert_eq!(e.relay, Some((fam(&[("k", 3)]), vec![])));
-        assert_eq!(s.db["f"]["k"], Value::Int(3));
+        assert_eq!(held(&s, "f", "k"), Value::Int(3));
         // slave2 deletes: slave1's value wins over the global node's, and is relayed.
         let e = s.update(&limits, "slave2", "f", Family::new(), vec!["k".into()]);
         assert_eq!(e.relay, Some((fam(&[("k", 2)]), vec![])));
@@ -688,10 +762,11 @@ mod tests {
 
     #[test]
     fn limits_count_entries_and_bytes_per_node() {
-        let one = entry_size("f", "a", &Value::Int(1));
+        let one = entry_size("a", &Value::Int(1).encode());
+        let family = family_size("f");
         let limits = GlobalLimits {
             max_entries_per_node: 2,
-            max_bytes_per_node: 2 * one + one / 2,
+            max_bytes_per_node: family + 2 * one + one / 2,
             ..GlobalLimits::default()
         };
         let mut s = Service::default();
@@ -703,14 +778,16 @@ mod tests {
             vec![],
         );
         assert_eq!(e.dropped, 1);
-        assert_eq!((s.shards["n"].entries, s.shards["n"].bytes), (2, 2 * one));
+        assert_eq!(
+            (s.shards["n"].entries, s.shards["n"].bytes),
+            (2, family + 2 * one)
+        );
         // Replacing fits; a larger value does not.
         let e = s.update(&limits, "n", "f", fam(&[("a", 5)]), vec![]);
         assert_eq!(e.dropped, 0);
-        let big = Family::from([("a".to_owned(), Value::Bytes(vec![0; one]))]);
-        let e = s.update(&limits, "n", "f", big, vec![]);
+        let e = s.update(&limits, "n", "f", bytes("a", one), vec![]);
         assert_eq!(e.dropped, 1);
-        assert_eq!(s.db["f"]["a"], Value::Int(5));
+        assert_eq!(held(&s, "f", "a"), Value::Int(5));
         s.update(
             &limits,
             "n",
@@ -726,7 +803,7 @@ mod tests {
     /// totals; what was stored stays, and deletions make room again.
     #[test]
     fn the_totals_bound_all_nodes_together() {
-        let one = entry_size("f", "k00", &Value::Int(1));
+        let one = entry_size("k00", &Value::Int(1).encode());
         let limits = GlobalLimits {
             max_entries: 25,
             max_bytes: 1000 * one,
@@ -736,7 +813,12 @@ mod tests {
         let mut dropped = 0;
         for n in 0..10 {
             let set = (0..5)
-                .map(|k| (format!("k{n}{k}"), Value::Int(1)))
+                .map(|k| {
+                    (
+                        Key::from(format!("k{n}{k}")),
+                        Stored::from(Value::Int(1).encode()),
+                    )
+                })
                 .collect();
             dropped += s
                 .update(&limits, &format!("n{n}"), "f", set, vec![])
@@ -748,15 +830,15 @@ mod tests {
         let e = s.update(&limits, "n0", "f", fam(&[("k00", 7)]), vec![]);
         assert_eq!(e.dropped, 0);
         // In bytes too.
+        let big = bytes("k00", one);
         let bytes = GlobalLimits {
             max_bytes: s.bytes + one / 2,
             ..limits
         };
         let e = s.update(&bytes, "n0", "f", fam(&[("k00", 8)]), vec![]);
         assert_eq!(e.dropped, 0, "same size");
-        let big = Family::from([("k00".to_owned(), Value::Bytes(vec![0; one]))]);
         assert_eq!(s.update(&bytes, "n0", "f", big, vec![]).dropped, 1);
-        assert_eq!(s.db["f"]["k00"], Value::Int(8));
+        assert_eq!(held(&s, "f", "k00"), Value::Int(8));
         // A node's deletions give its room back to everyone.
         s.update(
             &limits,
@@ -770,23 +852,17 @@ mod tests {
         assert_eq!(e.dropped, 0);
     }
 
-    /// The estimate the limits count is not below what the entries take, copy by copy
-    /// (`tests/faults.rs` measures the sandbox of a global node filled to its totals).
+    /// Every key and value is held once: the shard's and the merged view's entries share
+    /// one allocation each (`tests/db_memory.rs` measures what an entry takes).
     #[test]
-    fn an_entry_costs_at_least_its_two_copies() {
-        let value = Value::Array(vec![
-            Value::text("127.0.0.1:4040"),
-            Value::Bytes(vec![1; 100]),
-        ]);
-        let size = entry_size("'l", "node/abc", &value);
-        // Each copy: the key, the value's tree (three nodes, 14 + 100 bytes of heap).
-        let copy = "node/abc".len() + 3 * size_of::<Value>() + 14 + 100;
-        assert!(size >= 2 * copy, "{size} < 2 x {copy}");
-        // Values as deep as the decoder allows are walked without recursion.
-        let mut deep = Value::Null;
-        for _ in 0..512 {
-            deep = Value::Array(vec![deep]);
-        }
-        assert!(entry_size("f", "k", &deep) > 512 * size_of::<Value>());
+    fn entries_are_held_once() {
+        let limits = GlobalLimits::default();
+        let mut s = Service::default();
+        s.update(&limits, "n", "f", bytes("k", 100), vec![]);
+        let (shard_key, shard_value) = s.shards["n"].get("f", "k").unwrap();
+        let (merged_key, merged_value) = s.db["f"].get_key_value("k").unwrap();
+        assert!(Arc::ptr_eq(shard_key, merged_key));
+        assert!(Arc::ptr_eq(shard_value, merged_value));
+        assert_eq!(s.bytes, family_size("f") + entry_size("k", shard_value));
     }
 }
