@@ -874,3 +874,31 @@ async fn keys_of(node: &Node, family: &str) -> usize {
         other => panic!("db_keys {family}: {other:?}"),
     }
 }
+
+/// Messages of millions of tiny items, where the engine decodes them (a node-port request,
+/// a port that is not a string): decoded, each item would take dozens of bytes of sandbox
+/// memory per byte on the wire. The node refuses them and serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_millions_of_tiny_items_cannot_exhaust_the_sandbox() {
+    const ITEMS: u32 = 15 << 20;
+    // A CBOR array head for ITEMS (+ n) items.
+    let array = |n: u32| [&[0x9a][..], &(ITEMS + n).to_be_bytes()].concat();
+    let a = builder("tiny-a", "s").start().await.unwrap();
+    let messages = [
+        // ["", "snd", 1, 1, ...]
+        [array(2), b"\x60\x63snd".to_vec()].concat(),
+        // [[1, 1, ...]]: the port is the array.
+        [vec![0x81], array(0)].concat(),
+    ];
+    for (i, head) in messages.into_iter().enumerate() {
+        let mut raw =
+            RawPeer::connect_framing(&addr(&a), &format!("tiny{i}"), "s", Framing::Cbor).await;
+        raw.handshake().await.unwrap();
+        let mut message = head;
+        message.resize(message.len() + ITEMS as usize, 0x01);
+        raw.stream.write_all(&message).await.unwrap();
+        served_within(&a, "s", i, Duration::from_secs(5)).await;
+    }
+    assert!(logged_by("tiny-a", "dropped: decode error: more than 2097152 items").await);
+    assert_eq!(a.stopped(), None, "the node is still running");
+}

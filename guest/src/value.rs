@@ -76,8 +76,15 @@ impl Value {
     /// nest [`MAX_DEPTH`] levels deep: whatever walks the value afterwards (JSON output,
     /// serde, drop) recurses once per level, so deeper input is refused.
     pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
+        Value::decode_within(bytes, usize::MAX)
+    }
+
+    /// Decodes exactly one item of at most `max_items` items (containers and tags count,
+    /// with everything in them): a decoded item takes many times its encoding (an item of
+    /// one byte becomes a `Value` of 32), so peers' input is decoded within a bound.
+    pub fn decode_within(bytes: &[u8], max_items: usize) -> Result<Value, DecodeError> {
         let mut d = Decoder::new(bytes);
-        let v = decode(&mut d).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let v = decode(&mut d, max_items).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if d.position() != bytes.len() {
             return Err(DecodeError::Trailing);
         }
@@ -86,7 +93,7 @@ impl Value {
 
     /// Decodes the next item from `d`.
     pub(crate) fn decode_one(d: &mut Decoder) -> Result<Value, minicbor::decode::Error> {
-        decode(d)
+        decode(d, usize::MAX)
     }
 
     /// Encodes the value.
@@ -245,10 +252,11 @@ enum Open {
     Tag(u64),
 }
 
-/// Decodes one item without recursion (peers choose the nesting): open containers wait
-/// on an explicit stack of at most [`MAX_DEPTH`] entries.
-fn decode(d: &mut Decoder) -> Result<Value, minicbor::decode::Error> {
+/// Decodes one item of at most `max_items` items without recursion (peers choose the
+/// nesting): open containers wait on an explicit stack of at most [`MAX_DEPTH`] entries.
+fn decode(d: &mut Decoder, max_items: usize) -> Result<Value, minicbor::decode::Error> {
     let mut open: Vec<Open> = Vec::new();
+    let mut items = 0usize;
     loop {
         // Close every container that is complete, then read the next item.
         let closing = match open.last() {
@@ -277,6 +285,12 @@ fn decode(d: &mut Decoder) -> Result<Value, minicbor::decode::Error> {
                 }
             }
         } else {
+            items += 1;
+            if items > max_items {
+                return Err(minicbor::decode::Error::message(format!(
+                    "more than {max_items} items"
+                )));
+            }
             let ty = d.datatype()?;
             if matches!(
                 ty,
@@ -458,6 +472,26 @@ mod tests {
         let mut bytes = vec![if tags { 0xc6 } else { 0x81 }; levels - 1];
         bytes.push(0x80);
         bytes
+    }
+
+    #[test]
+    fn items_are_bounded_with_everything_in_them() {
+        // [1, [2, 3], 24(4)]: seven items (the tag and what it holds count apart).
+        let v = Value::Array(vec![
+            Value::Int(1),
+            Value::Array(vec![Value::Int(2), Value::Int(3)]),
+            Value::Tagged(24, Box::new(Value::Int(4))),
+        ]);
+        let bytes = v.encode();
+        assert_eq!(Value::decode_within(&bytes, 7), Ok(v));
+        assert_eq!(
+            Value::decode_within(&bytes, 6),
+            Err(DecodeError::Malformed(
+                "decode error: more than 6 items".into()
+            ))
+        );
+        // Counted as read: a huge declared length costs nothing until items come.
+        assert!(Value::decode_within(b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff\x01", 2).is_err());
     }
 
     #[test]

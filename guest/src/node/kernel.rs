@@ -12,11 +12,21 @@ const KNOWN: &[&str] = &[
     "g_found", "g_chg1", "g_chg2",
 ];
 
+/// Items a node-port request may hold, all nested items counted: decoded, each takes at
+/// least a `Value` (32 bytes), so this bounds a request's tree to about 64 MiB of the
+/// sandbox, while a 16 MiB message of one-byte items would take 512 MiB. The largest
+/// requests real nodes send, `g_set` with a whole database, stay well below it.
+pub(super) const MAX_REQUEST_ITEMS: usize = 1 << 21;
+
 impl Node {
     /// Handles `["", TAG, ARGS...]` from node `src`; `args` is the CBOR array `[TAG, ARGS...]`.
     pub(super) fn node_request(&mut self, src: &str, args: &[u8], now: u64) {
-        let Ok(Value::Array(items)) = Value::decode(args) else {
-            return;
+        let items = match Value::decode_within(args, MAX_REQUEST_ITEMS) {
+            Ok(Value::Array(items)) => items,
+            Ok(_) => return,
+            Err(e) => {
+                return self.warn_peer(src, format!("node-port request from {src} dropped: {e}"));
+            }
         };
         let mut items = items.into_iter();
         let Some(tag) = items.next() else { return };

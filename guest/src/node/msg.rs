@@ -116,11 +116,14 @@ pub(crate) fn split(message: &[u8]) -> Option<Parts<'_>> {
     let port = match d.datatype().ok()? {
         // The common case, read in place.
         Type::String => Cow::Borrowed(d.str().ok()?),
-        _ => Value::decode_one(&mut d)
+        // Only strings are names: anything else is not decoded at all (an array of
+        // millions of items would take many times its size).
+        Type::StringIndef | Type::Bytes | Type::BytesIndef => Value::decode_one(&mut d)
             .ok()?
             .as_name()?
             .into_owned()
             .into(),
+        _ => return None,
     };
     Some(Parts {
         port,
@@ -207,6 +210,8 @@ mod tests {
         );
         assert_eq!(join("p", b"\x9f\x01\xff").unwrap(), b"\x9f\x61p\x01\xff");
         assert_eq!(split(b"\x80"), None);
+        // A port that is not a string is no port, whatever it holds.
+        assert_eq!(split(b"\x82\x81\x01\x01"), None);
         assert_eq!(join("p", b"\x01"), Err(MessageError::NotAnArray));
     }
 }
