@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::request::{Entries, GlobalRequest};
 use super::{ConnId, LogLevel, Node, NodeError, NodeOutput, ids, msg};
 use crate::error::MessageError;
 use crate::value::Value;
@@ -107,17 +108,6 @@ impl Global {
                 })
                 .collect(),
         )
-    }
-}
-
-/// A map value as string keys and values (keys that are not names are skipped).
-pub(super) fn entries(value: &Value) -> BTreeMap<String, Value> {
-    match value {
-        Value::Map(pairs) => pairs
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_name()?.into_owned(), v.clone())))
-            .collect(),
-        _ => BTreeMap::new(),
     }
 }
 
@@ -285,20 +275,17 @@ impl Node {
     // ---- answers from global nodes ----------------------------------------------------
 
     /// `g_global`, `g_reply`, `g_found`, `g_chg1`, `g_chg2` from `src`.
-    pub(super) fn global_request(&mut self, src: &str, tag: &str, args: Vec<Value>, now: u64) {
+    pub(super) fn global_request(&mut self, src: &str, request: GlobalRequest, now: u64) {
         let from_master = self.global.master.as_deref() == Some(src);
-        let name = |i: usize| args.get(i).and_then(Value::as_name).map(|n| n.into_owned());
-        match tag {
-            "g_global" => self.global.add_global(src),
-            "g_reply" => {
-                let Some(id) = name(0) else { return };
+        match request {
+            GlobalRequest::IsGlobal => self.global.add_global(src),
+            GlobalRequest::Reply { id, result } => {
                 if self.global.pending.remove(&id).is_some() {
-                    let result = args.get(1).cloned().unwrap_or(Value::Null).encode();
+                    let result = result.encode();
                     self.outputs.push_back(NodeOutput::DbReply { id, result });
                 }
             }
-            "g_found" => {
-                let Some(node) = name(0) else { return };
+            GlobalRequest::Found { node, addrs } => {
                 self.global.pending.remove(&format!("g_find {node}"));
                 let finding = self
                     .peers
@@ -306,59 +293,47 @@ impl Node {
                     .and_then(|p| p.connecting.as_ref())
                     .is_some_and(|(d, _)| d.finding);
                 if finding {
-                    let addrs = match args.get(1) {
-                        Some(Value::Array(items)) => items
-                            .iter()
-                            .filter_map(|a| Some(a.as_name()?.into_owned()))
-                            .collect(),
-                        _ => Vec::new(),
-                    };
                     self.connect_to(&node, addrs, now);
                 }
             }
-            "g_chg1" if from_master => {
-                let Some(family) = name(0) else { return };
+            GlobalRequest::Whole { family, entries } if from_master => {
                 let Some(mirror) = self.global.mirrors.get_mut(&family) else {
                     return;
                 };
-                let new = args.get(1).map(entries).unwrap_or_default();
                 let del: Vec<String> = mirror
                     .keys()
-                    .filter(|k| !new.contains_key(*k))
+                    .filter(|k| !entries.contains_key(*k))
                     .cloned()
                     .collect();
-                let set: BTreeMap<String, Value> = new
+                let set: Entries = entries
                     .iter()
                     .filter(|(k, v)| mirror.get(*k) != Some(v))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                *mirror = new;
+                *mirror = entries;
                 let set = map_value(&set).encode();
                 self.outputs
                     .push_back(NodeOutput::DbChange { family, set, del });
             }
-            "g_chg2" if from_master => {
-                let Some(family) = name(0) else { return };
+            GlobalRequest::Changed { family, set, del } if from_master => {
                 let Some(mirror) = self.global.mirrors.get_mut(&family) else {
                     return;
                 };
-                let set = args.get(1).map(entries).unwrap_or_default();
-                let del: Vec<String> = match args.get(2) {
-                    Some(Value::Array(keys)) => keys
-                        .iter()
-                        .filter_map(|k| Some(k.as_name()?.into_owned()))
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                mirror.extend(set.clone());
+                let encoded = map_value(&set).encode();
+                mirror.extend(set);
                 for key in &del {
                     mirror.remove(key);
                 }
-                let set = map_value(&set).encode();
-                self.outputs
-                    .push_back(NodeOutput::DbChange { family, set, del });
+                self.outputs.push_back(NodeOutput::DbChange {
+                    family,
+                    set: encoded,
+                    del,
+                });
             }
-            _ => self.log(LogLevel::Debug, format!("{tag} from {src} ignored")),
+            other => self.log(
+                LogLevel::Debug,
+                format!("{} from {src} ignored", other.tag()),
+            ),
         }
     }
 

@@ -11,6 +11,7 @@ mod handshakes;
 mod ids;
 mod kernel;
 mod msg;
+mod request;
 mod seed;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::global::entries;
+use super::request::{Entries, GlobalRequest, Query};
 use super::{LogLevel, Node, msg};
 use crate::value::Value;
 
@@ -90,9 +90,9 @@ type Stored = Arc<[u8]>;
 /// Key -> value of one family.
 type Family = BTreeMap<Key, Stored>;
 
-/// The entries of a family from a CBOR map (keys that are not names are skipped).
-fn family_of(value: &Value) -> Family {
-    entries(value)
+/// Entries of a request as stored.
+fn family_of(entries: Entries) -> Family {
+    entries
         .into_iter()
         .map(|(k, v)| (Key::from(k), Stored::from(v.encode())))
         .collect()
@@ -340,17 +340,6 @@ impl Service {
     }
 }
 
-/// Keys of a CBOR array (items that are not names are skipped).
-fn keys(value: Option<&Value>) -> Vec<String> {
-    match value {
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|k| Some(k.as_name()?.into_owned()))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 impl Node {
     /// Entries and bytes (as [`GlobalLimits`] counts them) of the database this node holds
     /// as a global node, over all source nodes; zeros when it is not global.
@@ -393,18 +382,17 @@ impl Node {
     }
 
     /// A request `tag` (one of [`TAGS`]) from `src` for the global service.
-    pub(super) fn seed_request(&mut self, src: &str, tag: &str, args: Vec<Value>, now: u64) {
-        if tag == "g_slave" {
+    pub(super) fn seed_request(&mut self, src: &str, request: GlobalRequest, now: u64) {
+        if matches!(request, GlobalRequest::Slave { .. }) {
             self.become_global(now);
         }
-        let name = |i: usize| args.get(i).and_then(Value::as_name).map(|n| n.into_owned());
         let Some(service) = self.service.as_mut() else {
             return;
         };
-        match tag {
-            "g_slave" => {
+        match request {
+            GlobalRequest::Slave { db } => {
                 // An empty g_slave only starts the service.
-                let Some(db) = args.first() else { return };
+                let Some(db) = db else { return };
                 let max = self.config.global_limits.max_slaves;
                 if !service.slaves.contains_key(src) && service.slaves.len() >= max {
                     return self.warn_peer(
@@ -415,25 +403,17 @@ impl Node {
                 service.slaves.entry(src.to_owned()).or_default();
                 self.seed_set(src, db, now);
             }
-            "g_set" => {
-                let Some(db) = args.first() else { return };
-                let binds = entries(db)
-                    .get("'l")
-                    .map(entries)
-                    .and_then(|l| l.get(src).cloned());
+            GlobalRequest::Set { db } => {
+                let binds = db.get("'l").and_then(|l| l.get(src).cloned());
                 self.seed_set(src, db, now);
                 // A global node's listeners are mirrored as our own entry, so that every
                 // global node can find every other.
                 self.db_put("'l", src, binds.unwrap_or(Value::Null), now);
             }
-            "g_upd" => {
-                let Some(family) = name(0) else { return };
-                let set = args.get(1).map(family_of).unwrap_or_default();
-                let del = keys(args.get(2));
-                self.seed_update(src, &family, set, del, now);
+            GlobalRequest::Update { family, set, del } => {
+                self.seed_update(src, &family, family_of(set), del, now);
             }
-            "g_find" => {
-                let Some(node) = name(0) else { return };
+            GlobalRequest::Find { node } => {
                 let mut reply = node_message(4, "g_found");
                 msg::text(&node, &mut reply);
                 match service.db.get("'l").and_then(|l| l.get(&*node)) {
@@ -442,21 +422,20 @@ impl Node {
                 }
                 self.send_node_message(src, &reply, now);
             }
-            "g_db_family" | "g_db_keys" | "g_db_values" => {
-                let Some(family) = name(0) else { return };
+            GlobalRequest::Query { query, family, id } => {
                 let empty = Family::new();
                 let entries = service.db.get(&family).unwrap_or(&empty);
                 let mut reply = node_message(4, "g_reply");
-                args.get(1).unwrap_or(&Value::Null).encode_into(&mut reply);
-                match tag {
-                    "g_db_family" => write_family(entries.iter(), &mut reply),
-                    "g_db_keys" => {
+                id.encode_into(&mut reply);
+                match query {
+                    Query::Family => write_family(entries.iter(), &mut reply),
+                    Query::Keys => {
                         msg::array_header(entries.len() as u64, &mut reply);
                         for key in entries.keys() {
                             msg::text(key, &mut reply);
                         }
                     }
-                    _ => {
+                    Query::Values => {
                         msg::array_header(entries.len() as u64, &mut reply);
                         for value in entries.values() {
                             reply.extend_from_slice(value);
@@ -465,8 +444,7 @@ impl Node {
                 }
                 self.send_node_message(src, &reply, now);
             }
-            "g_mon1" => {
-                let Some(family) = name(0) else { return };
+            GlobalRequest::Watch { family } => {
                 let limits = self.config.global_limits;
                 let new_slave = !service.slaves.contains_key(src);
                 let watched = service.slaves.get(src).map_or(0, BTreeSet::len);
@@ -501,8 +479,7 @@ impl Node {
                 }
                 self.send_node_message(src, &reply, now);
             }
-            "g_mon0" => {
-                let Some(family) = name(0) else { return };
+            GlobalRequest::Unwatch { family } => {
                 if let Some(nodes) = service.mons.get_mut(&family) {
                     nodes.remove(src);
                     if nodes.is_empty() {
@@ -515,20 +492,24 @@ impl Node {
                     service.monitors = service.monitors.saturating_sub(1);
                 }
             }
-            "g_global" => {
+            GlobalRequest::IsGlobal => {
                 // Usually nothing to forget, but a slave may have become global.
                 self.seed_disconnect(src, now);
                 self.global.add_global(src);
                 self.global_connect(src, now);
             }
-            _ => {}
+            // Answers to a slave: not served (see `serves`).
+            GlobalRequest::Reply { .. }
+            | GlobalRequest::Found { .. }
+            | GlobalRequest::Whole { .. }
+            | GlobalRequest::Changed { .. } => {}
         }
     }
 
     /// Every family of `db` (a map of maps) as `node`'s entries.
-    fn seed_set(&mut self, node: &str, db: &Value, now: u64) {
-        for (family, set) in entries(db) {
-            self.seed_update(node, &family, family_of(&set), Vec::new(), now);
+    fn seed_set(&mut self, node: &str, db: BTreeMap<String, Entries>, now: u64) {
+        for (family, set) in db {
+            self.seed_update(node, &family, family_of(set), Vec::new(), now);
         }
     }
 
