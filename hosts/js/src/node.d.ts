@@ -96,10 +96,16 @@ export interface NodeOptions {
   maxHandshakes?: number;
   /** Messages a port holds before no connection reads on (default 1024). */
   portCapacity?: number;
+  /** Bytes a port holds before no connection reads on (default 16 MiB; a message costs
+   * its encoded size and 32 bytes; an empty port takes one message of any size). */
+  portBytes?: number;
   /** A full port that takes nothing this long is stalled (default 10000). */
   portStallMs?: number;
   /** Bytes waiting to be written to one connection before it is closed (default 64 MiB). */
   maxWriteQueue?: number;
+  /** Bytes waiting to be written to all connections together before the one holding the
+   * most is closed (default 128 MiB); past half of it, sends to every node wait. */
+  maxWriteTotal?: number;
   /** A connection whose writes make no progress this long is closed (default monitorTimeoutMs). */
   writeTimeoutMs?: number;
   /** What `close()` waits for queued writes by default (1000). */
@@ -127,6 +133,8 @@ export declare class Port implements AsyncIterableIterator<Value[]> {
   readonly id: string;
   /** Messages received and not taken yet. */
   readonly pending: number;
+  /** What the messages not taken yet cost the port's `portBytes` bound. */
+  readonly pendingBytes: number;
   readonly closed: boolean;
   /** The next message's arguments (undefined once the port is closed). */
   recv(): Promise<Value[] | undefined>;
@@ -155,10 +163,15 @@ export declare class Node extends EventEmitter<NodeEvents> {
   readonly stoppedBy?: unknown;
   /** A new local port (named `name`, else a fresh unique one). */
   port(name?: string): Port;
-  /** Sends `args` to `portId`; false: wait for 'drain' before sending more. */
+  /** Sends `args` to `portId`; false: sends to its node should wait (its connection has
+   * more than 1 MiB waiting): await `ready(portId)` (or 'drain') before sending it more. */
   send(portId: string, ...args: unknown[]): boolean;
-  /** Sends `[portId, args]` pairs in order. */
+  /** Sends `[portId, args]` pairs in order; false when sends to one of their nodes
+   * should wait. */
   sendBatch(messages: Array<[portId: string, args: unknown[]]>): boolean;
+  /** Resolves when a send to `portId` would not have to wait; rejects when the node
+   * closes first. */
+  ready(portId: string): Promise<void>;
   kill(portId: string, ...reason: unknown[]): void;
   monitor(portId: string): void;
   unmonitor(portId: string): void;

@@ -99,21 +99,40 @@ function prefixed(socket, head) {
 const defaultLimits = {
   /** Messages a port holds before no connection reads on. */
   portCapacity: 1024,
+  /** Bytes a port holds before no connection reads on (an empty port takes one message
+   * of any size). */
+  portBytes: 16 * 1024 * 1024,
   /** A full port that takes nothing this long is stalled (see `Port`). */
   portStallMs: 10000,
   /** Bytes waiting to be written to one connection before it is closed. */
   maxWriteQueue: 64 * 1024 * 1024,
+  /** Bytes waiting to be written to all connections together before the one holding the
+   * most is closed. */
+  maxWriteTotal: 128 * 1024 * 1024,
   /** What `close()` waits for queued writes by default. */
   closeTimeoutMs: 1000,
+};
+
+/** Bytes waiting to be written to a node's connection past which sends to that node
+ * wait (`send` returns false): far more than a socket buffer, so a fast peer's pipe stays
+ * full, and little enough that a slow peer holds back only the sends to it. */
+const HIGH_WATER = 1024 * 1024;
+
+/** What a message costs a port's byte bound: its encoding and what holding it takes. */
+const messageCost = (encoded) => encoded.length + 32;
+
+/** The node of a port id (`NODE#NAME`, or a bare node id for its node port). */
+const nodeOf = (portId) => {
+  const at = portId.indexOf('#');
+  return at < 0 ? portId : portId.slice(0, at);
 };
 
 const utf8Decoder = new TextDecoder();
 const utf8Encoder = new TextEncoder();
 
-/** `[portId, args]` pairs as the engine's `batch`: each port id's UTF-8 bytes and then
- * its arguments as a CBOR array, one buffer, with two lengths per message. */
-function toBatch(messages) {
-  const parts = messages.map(([portId, args]) => [utf8Encoder.encode(portId), cbor.encode(args)]);
+/** Encoded `[portId, args]` pairs (port id bytes, CBOR array of arguments) as the
+ * engine's `batch`: one buffer, with two lengths per message. */
+function toBatch(parts) {
   const data = new Uint8Array(parts.reduce((n, [p, a]) => n + p.length + a.length, 0));
   const sizes = new Uint32Array(2 * parts.length);
   let at = 0;
@@ -144,7 +163,8 @@ const finish = Symbol('finish');
  * An error of this node. `code`: `CLOSED` (the node is closed or closing), `STOPPED` (the
  * engine failed and the node stopped; `cause` says why), `REFUSED` (the engine refused
  * the call: an invalid port id, a full queue, a name already taken, ...), `PORT_FULL` (a
- * local port already holds `portCapacity` messages), `CONFIG` (invalid options), `BIND`
+ * local port already holds `portCapacity` messages or `portBytes` bytes), `CONFIG`
+ * (invalid options), `BIND`
  * (a listener could not bind; `cause` is the socket error), `TIMEOUT`, `DECODE` (the
  * answer to a database query could not be decoded). A `REFUSED` error has `kind`, the
  * engine's refusal kind (`invalid-port-id`, `port-exists`, `queue-full`,
@@ -173,12 +193,12 @@ function splitAddr(addr) {
  * A local port: an async iterator of the argument arrays sent to it, in order. Leaving a
  * `for await` loop (`break`, `return`, a throw) kills the port, as `close()` does.
  *
- * It holds at most `portCapacity` messages nobody has taken yet (plus what the read that
- * filled it carried); while it is full no connection of the node reads on, so senders
- * wait (TCP backpressure). A full port that takes nothing for `portStallMs` is stalled:
- * what it holds past its capacity is dropped with a warning, and messages that find it
- * full are dropped, until it takes one again, so one port nobody reads cannot stop the
- * node.
+ * It holds at most `portCapacity` messages and `portBytes` bytes nobody has taken yet
+ * (plus what the read that filled it carried; an empty port takes one message of any
+ * size); while it is full no connection of the node reads on, so senders wait (TCP
+ * backpressure). A full port that takes nothing for `portStallMs` is stalled: what it
+ * holds past its bounds is dropped with a warning, and messages that find it full are
+ * dropped, until it takes one again, so one port nobody reads cannot stop the node.
  */
 export class Port {
   #node;
@@ -186,13 +206,16 @@ export class Port {
   #waiters = [];
   #closed = false;
   #capacity;
+  #capacityBytes;
+  #bytes = 0; // the cost of what #queue holds
   #stallMs;
   #stalled = false;
   #stallTimer = null;
 
-  constructor(node, id, capacity, stallMs) {
+  constructor(node, id, capacity, capacityBytes, stallMs) {
     this.#node = node;
     this.#capacity = capacity;
+    this.#capacityBytes = capacityBytes;
     this.#stallMs = stallMs;
     /** The port id, `NODE#NAME`. */
     this.id = id;
@@ -208,31 +231,43 @@ export class Port {
     return this.#queue.length;
   }
 
+  /** What the messages not taken yet cost the port's byte bound (`portBytes`): their
+   * encoded size and 32 bytes each. */
+  get pendingBytes() {
+    return this.#bytes;
+  }
+
   /** Whether the port is closed (killed, or its node closed). */
   get closed() {
     return this.#closed;
   }
 
-  /** Room for `count` more messages from this node's application. */
-  [room](count) {
-    return this.#queue.length + count <= this.#capacity;
+  /** Room for `count` more messages costing `bytes` from this node's application. */
+  [room](count, bytes) {
+    if (this.#queue.length + count > this.#capacity) return false;
+    return this.#bytes + bytes <= this.#capacityBytes || (this.#queue.length === 0 && count === 1);
   }
 
-  [deliver](args) {
+  #full() {
+    return this.#queue.length >= this.#capacity || this.#bytes >= this.#capacityBytes;
+  }
+
+  [deliver](args, cost) {
     if (this.#closed) return;
     const waiter = this.#waiters.shift();
     if (waiter) {
       waiter({ value: args, done: false });
       return;
     }
-    if (this.#stalled && this.#queue.length >= this.#capacity) return;
-    this.#queue.push(args);
+    if (this.#stalled && this.#full()) return;
+    this.#queue.push({ args, cost });
+    this.#bytes += cost;
     this.#update();
   }
 
   /** Tells the node whether this port holds reading back, and arms the stall timer. */
   #update() {
-    const full = !this.#closed && !this.#stalled && this.#queue.length >= this.#capacity;
+    const full = !this.#closed && !this.#stalled && this.#full();
     if (full && !this.#stallTimer) {
       this.#stallTimer = setTimeout(() => this.#stall(), this.#stallMs);
       this.#stallTimer.unref();
@@ -246,7 +281,16 @@ export class Port {
   #stall() {
     this.#stallTimer = null;
     this.#stalled = true;
-    const dropped = this.#queue.splice(this.#capacity).length;
+    // Keep the oldest messages that fit the bounds (at least one).
+    let keep = 0;
+    let bytes = 0;
+    while (keep < this.#queue.length && keep < this.#capacity
+      && (keep === 0 || bytes + this.#queue[keep].cost <= this.#capacityBytes)) {
+      bytes += this.#queue[keep].cost;
+      keep += 1;
+    }
+    const dropped = this.#queue.splice(keep).length;
+    this.#bytes = bytes;
     this.#node.emit('log', 'warn', `port ${this.id} took no message for ${this.#stallMs} ms: dropped ${dropped} messages for it`);
     this.#update();
   }
@@ -256,6 +300,7 @@ export class Port {
     if (this.#closed) return;
     this.#closed = true;
     this.#queue = [];
+    this.#bytes = 0;
     this.#update();
     for (const waiter of this.#waiters.splice(0)) waiter({ value: undefined, done: true });
   }
@@ -269,7 +314,8 @@ export class Port {
   /** The iterator protocol: the next message, or `done` once the port is closed. */
   next() {
     if (this.#queue.length) {
-      const value = this.#queue.shift();
+      const { args: value, cost } = this.#queue.shift();
+      this.#bytes -= cost;
       this.#stalled = false;
       this.#stallTimer?.refresh();
       this.#update();
@@ -313,13 +359,17 @@ export class Port {
  * with a tag registered by `handleRequests`, 'db-change' (family, set, del) for monitored
  * database families (`set` an object of new or changed keys, `del` an array of deleted
  * keys; the first report holds the whole family), 'drain' when no connection has more
- * queued than its socket's high-water mark any more (after `send` returned false),
+ * queued than its socket's high-water mark any more (after `send` returned false; to wait
+ * for one destination only, await `ready(portId)`),
  * 'log' (level, message), 'close' (error, when the engine failed) once the node is closed.
  * A listener that throws does not disturb the node: its error is rethrown on the next tick.
  */
 export class Node extends EventEmitter {
   #engine;
-  #conns = new Map(); // conn id (string) -> { conn, socket, writeBlocked, writeTimer, written }
+  #conns = new Map(); // conn id (string) -> { conn, socket, writeBlocked, writeTimer, written, counted }
+  #upConns = new Map(); // node id -> conn id (string) of its working connection
+  #counted = 0; // the connections' `counted` bytes together: their unwritten bytes, or more
+  #readyWaiters = new Set(); // { node, resolve, reject } of `ready` calls
   #connecting = new Set(); // sockets still connecting
   #ports = new Map(); // port id -> Port
   #servers = [];
@@ -342,8 +392,9 @@ export class Node extends EventEmitter {
    * seeds, tls ({ cert, key, ca } PEM strings: TLS with mandatory certificates from that CA,
    * no host-name check), monitorTimeoutMs, keepaliveIntervalMs, connectIntervalMs,
    * maxQueueBytes, maxBufferedBytes, maxHandshakes (the engine's), and the host's limits:
-   * portCapacity (1024), portStallMs (10000), maxWriteQueue (64 MiB), writeTimeoutMs
-   * (monitorTimeoutMs, 30000), closeTimeoutMs (1000).
+   * portCapacity (1024), portBytes (16 MiB), portStallMs (10000), maxWriteQueue (64 MiB),
+   * maxWriteTotal (128 MiB), writeTimeoutMs (monitorTimeoutMs, 30000), closeTimeoutMs
+   * (1000).
    */
   static async start(options = {}) {
     const node = new Node(options);
@@ -437,7 +488,7 @@ export class Node extends EventEmitter {
 
   #attach(conn, socket) {
     const key = String(conn);
-    const c = { conn, socket, writeBlocked: false, writeTimer: null, written: 0 };
+    const c = { conn, socket, writeBlocked: false, writeTimer: null, written: 0, counted: 0 };
     socket.setNoDelay(true);
     socket.setKeepAlive(true);
     this.#conns.set(key, c);
@@ -463,12 +514,15 @@ export class Node extends EventEmitter {
   /** The connection is no longer ours: no more input from it, no more writes to it. */
   #forget(c) {
     this.#conns.delete(String(c.conn));
+    this.#counted -= c.counted;
+    c.counted = 0;
     clearTimeout(c.writeTimer);
     if (c.writeBlocked) {
       c.writeBlocked = false;
       this.#writeBlocked -= 1;
       if (!this.#writeBlocked) this.#emitSafe('drain');
     }
+    this.#wakeReady();
   }
 
   /** Closes a connection the host gave up on, telling the engine why. */
@@ -492,6 +546,45 @@ export class Node extends EventEmitter {
     }
     if (socket.writableLength > this.#limits.maxWriteQueue) {
       this.#drop(c, `peer does not read: more than ${this.#limits.maxWriteQueue} bytes waiting`);
+      return;
+    }
+    this.#counted += socket.writableLength - c.counted;
+    c.counted = socket.writableLength;
+    while (this.#counted > this.#limits.maxWriteTotal && this.#recount() > this.#limits.maxWriteTotal) {
+      let most = null;
+      for (const other of this.#conns.values()) if (!most || other.counted > most.counted) most = other;
+      this.#drop(most, `peer does not read: the node's connections have more than ${this.#limits.maxWriteTotal} bytes waiting, this one the most`);
+    }
+  }
+
+  /** Counts every connection's unwritten bytes again (`counted` only grows between
+   * writes and drains, as sockets write in the background); returns the total. */
+  #recount() {
+    this.#counted = 0;
+    for (const c of this.#conns.values()) {
+      c.counted = c.socket.writableLength;
+      this.#counted += c.counted;
+    }
+    return this.#counted;
+  }
+
+  /** Whether sends to `node` should wait: its connection has more than `HIGH_WATER`
+   * waiting, or all connections together more than half of `maxWriteTotal`. */
+  #behind(node) {
+    const c = this.#conns.get(this.#upConns.get(node));
+    if (c && c.socket.writableLength > HIGH_WATER) return true;
+    const half = this.#limits.maxWriteTotal / 2;
+    return this.#counted > half && this.#recount() > half;
+  }
+
+  /** Resolves the `ready` calls whose node no longer has to wait. */
+  #wakeReady() {
+    for (const w of this.#readyWaiters) {
+      if (this.#state !== 'running' || !this.#behind(w.node)) {
+        this.#readyWaiters.delete(w);
+        if (this.#state === 'running') w.resolve();
+        else w.reject(this.#closedError());
+      }
     }
   }
 
@@ -507,12 +600,15 @@ export class Node extends EventEmitter {
   }
 
   #drained(c) {
+    this.#counted -= c.counted - c.socket.writableLength;
+    c.counted = c.socket.writableLength;
     if (!c.writeBlocked) return;
     c.writeBlocked = false;
     clearTimeout(c.writeTimer);
     this.#writeBlocked -= 1;
     if (!this.#blocking.size) c.socket.resume();
     if (!this.#writeBlocked) this.#emitSafe('drain');
+    this.#wakeReady();
   }
 
   /** A port became full (`full`) or has room again: no connection reads while one is full. */
@@ -678,14 +774,17 @@ export class Node extends EventEmitter {
           at += sizes[i + 1];
           const port = this.#ports.get(portId);
           const args = port && this.#decode(raw, `message for ${portId}`);
-          if (args !== undefined) port[deliver](args);
+          if (args !== undefined) port[deliver](args, messageCost(raw));
         }
         break;
       }
       case 'node-up':
+        this.#upConns.set(val.node, String(val.conn));
         this.#emitSafe('node-up', val.node);
         break;
       case 'node-down':
+        this.#upConns.delete(val.node);
+        this.#wakeReady();
         this.#emitSafe('node-down', val.node, val.reason);
         break;
       case 'port-down':
@@ -752,15 +851,17 @@ export class Node extends EventEmitter {
   /** A new local port (with `name`, else a fresh unique one). */
   port(name) {
     const id = this.#run(() => (name === undefined ? this.#engine.newPort() : this.#engine.registerPort(name)));
-    const port = new Port(this, id, this.#limits.portCapacity, this.#limits.portStallMs);
+    const port = new Port(this, id, this.#limits.portCapacity, this.#limits.portBytes, this.#limits.portStallMs);
     this.#ports.set(id, port);
     return port;
   }
 
   /**
-   * Sends the remaining arguments as a message to `portId`. Returns false when a
-   * connection has more queued than its socket wants (wait for 'drain' before sending
-   * more), else true. Throws `AempError` (REFUSED, PORT_FULL, CLOSED, STOPPED).
+   * Sends the remaining arguments as a message to `portId`. Returns false when sends to
+   * its node should wait: its connection has more than 1 MiB waiting to be written, or
+   * all connections together more than half of `maxWriteTotal` (await `ready(portId)`, or
+   * the 'drain' event, before sending it more); else true. Sends to other nodes go on.
+   * Throws `AempError` (REFUSED, PORT_FULL, CLOSED, STOPPED).
    */
   send(portId, ...args) {
     return this.sendBatch([[portId, args]]);
@@ -771,25 +872,41 @@ export class Node extends EventEmitter {
    * went out. Returns as `send` does.
    */
   sendBatch(messages) {
-    // A local port takes no more than its capacity from the application.
-    const counts = new Map();
+    const parts = messages.map(([portId, args]) => [utf8Encoder.encode(portId), cbor.encode(args)]);
+    // A local port takes no more than its bounds from the application.
+    const taken = new Map(); // port -> [count, bytes]
     let fits = messages.length;
     for (const [i, [portId]] of messages.entries()) {
       const port = this.#ports.get(portId);
       if (!port) continue;
-      const count = (counts.get(port) ?? 0) + 1;
-      counts.set(port, count);
-      if (!port[room](count)) {
+      const [count, bytes] = taken.get(port) ?? [0, 0];
+      const more = [count + 1, bytes + messageCost(parts[i][1])];
+      taken.set(port, more);
+      if (!port[room](...more)) {
         fits = i;
         break;
       }
     }
-    if (fits > 0) this.#run(() => this.#engine.send(toBatch(messages.slice(0, fits)), now()));
+    if (fits > 0) this.#run(() => this.#engine.send(toBatch(parts.slice(0, fits)), now()));
     if (fits < messages.length) {
       const portId = messages[fits][0];
-      throw new AempError('PORT_FULL', `port ${portId} is full (${this.#limits.portCapacity} messages waiting)`, { sent: fits });
+      const { portCapacity, portBytes } = this.#limits;
+      throw new AempError('PORT_FULL', `port ${portId} is full (${portCapacity} messages or ${portBytes} bytes waiting)`, { sent: fits });
     }
-    return this.#writeBlocked === 0;
+    const nodes = new Set(messages.map(([portId]) => nodeOf(portId)));
+    return ![...nodes].some((node) => this.#behind(node));
+  }
+
+  /**
+   * Resolves when a send to `portId` would not have to wait (see `send`): at once when
+   * it would not now, else once its node's connection has written what it holds (or is
+   * gone). Rejects (CLOSED, STOPPED) when this node closes first.
+   */
+  ready(portId) {
+    if (this.#state !== 'running') return Promise.reject(this.#closedError());
+    const node = nodeOf(portId);
+    if (!this.#behind(node)) return Promise.resolve();
+    return new Promise((resolve, reject) => this.#readyWaiters.add({ node, resolve, reject }));
   }
 
   /** Kills a port (local or remote) with `reason` (what its monitors receive). */
@@ -987,6 +1104,8 @@ export class Node extends EventEmitter {
     const error = this.#closedError();
     for (const { reject } of this.#dbWaiters.values()) reject(error);
     this.#dbWaiters.clear();
+    for (const { reject } of this.#readyWaiters) reject(error);
+    this.#readyWaiters.clear();
     try {
       this.#engine?.[dispose]?.();
     } catch {

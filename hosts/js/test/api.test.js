@@ -267,3 +267,105 @@ test('garbage from a raw socket closes that connection only', async (t) => {
   b.send(inbox.id, 'still here');
   assert.deepEqual(await inbox.recv(), ['still here']);
 });
+
+test('big messages to a port nobody reads stay within portBytes, and the sender is held back', async (t) => {
+  const portBytes = 4 * 1024 * 1024;
+  const [a, b] = await pair(t, { portBytes, portStallMs: 60000 });
+  const port = a.port();
+  const size = 1024 * 1024;
+  const blob = Buffer.alloc(size, 1);
+  const total = 64; // 64 MiB offered
+  let sent = 0;
+  const producer = (async () => {
+    for (; sent < total; sent += 1) {
+      if (!b.send(port.id, sent, blob)) await b.ready(port.id);
+    }
+  })();
+  await until(() => port.pendingBytes >= portBytes);
+  await sleep(300);
+  // Full: the read that filled it (64 KiB) may complete one message past the bound.
+  assert.ok(port.pendingBytes <= portBytes + size + 64 * 1024 + 32, `${port.pendingBytes} bytes held`);
+  assert.ok(sent < total, `the sender is held back (${sent} of ${total} sent)`);
+  // Every message arrives, in order, as the port is read.
+  for (let i = 0; i < total; i += 1) {
+    const [n, bytes] = await port.recv();
+    assert.equal(n, i);
+    assert.equal(bytes.length, size);
+  }
+  await producer;
+  assert.equal(port.pendingBytes, 0);
+  // An empty port takes one message bigger than its bound, then nothing more.
+  const small = await Node.start({ nodeId: 'small-port', secret: 's', portBytes: 1024 });
+  t.after(() => small.close());
+  const one = small.port();
+  assert.equal(small.send(one.id, blob), true);
+  assert.throws(() => small.send(one.id, 'x'), { code: 'PORT_FULL' });
+  await until(() => one.pending === 1);
+  // Its cost: the encoding (an array head, a 5-byte byte-string head, the bytes) and 32.
+  assert.equal(one.pendingBytes, 1 + 5 + blob.length + 32);
+});
+
+test('a peer that does not read holds back only the sends to it', async (t) => {
+  const slow = await Node.start({ nodeId: 'slow', secret: 's', binds: ['127.0.0.1:0'], portCapacity: 1 });
+  const fast = await Node.start({ nodeId: 'fast', secret: 's', binds: ['127.0.0.1:0'] });
+  const sender = await Node.start({ nodeId: 'sender', secret: 's', writeTimeoutMs: 60000 });
+  t.after(() => Promise.all([slow.close(), fast.close(), sender.close()]));
+  sender.connect(slow.listenAddrs[0]);
+  sender.connect(fast.listenAddrs[0]);
+  await sender.waitUp('slow');
+  await sender.waitUp('fast');
+  // slow's only port is never read: slow stops reading, sender's writes to it pile up.
+  const stuck = slow.port();
+  const blob = Buffer.alloc(64 * 1024);
+  let sent = 0;
+  while (sender.send(stuck.id, blob)) sent += 1;
+  assert.ok(sent < 1000, 'sends to the slow node wait');
+  let waited = false;
+  const slowReady = sender.ready(stuck.id).then(() => {
+    waited = true;
+  });
+  // Sends to the fast node go on at once, at full rate.
+  const inbox = fast.port();
+  const started = Date.now();
+  for (let i = 0; i < 2000; i += 1) {
+    assert.equal(sender.send(inbox.id, i), true, 'a send to the fast node does not wait');
+    if (i % 100 === 99) await sender.ready(inbox.id);
+  }
+  for (let i = 0; i < 2000; i += 1) assert.deepEqual(await inbox.recv(), [i]);
+  const took = Date.now() - started;
+  assert.ok(took < 2000, `2000 messages to the fast node took ${took} ms`);
+  assert.equal(waited, false, 'the slow node is still behind');
+  assert.equal(sender.send(stuck.id, 'more'), false);
+  // Once slow reads again, its sends go on.
+  (async () => {
+    for await (const _ of stuck) {
+      // drain it
+    }
+  })();
+  await slowReady;
+});
+
+test('past maxWriteTotal the connection holding the most is closed', async (t) => {
+  const a = await Node.start({ nodeId: 'total-a', secret: 's', binds: ['127.0.0.1:0'], portCapacity: 1 });
+  const c = await Node.start({ nodeId: 'total-c', secret: 's', binds: ['127.0.0.1:0'], portCapacity: 1 });
+  const b = await Node.start({ nodeId: 'total-b', secret: 's', maxWriteTotal: 4 * 1024 * 1024, writeTimeoutMs: 60000 });
+  t.after(() => Promise.all([a.close(), b.close(), c.close()]));
+  b.connect(a.listenAddrs[0]);
+  b.connect(c.listenAddrs[0]);
+  await b.waitUp('total-a');
+  await b.waitUp('total-c');
+  const toA = a.port();
+  const toC = c.port();
+  const cut = logged(b, /peer does not read: the node's connections have more than 4194304 bytes waiting, this one the most/);
+  const down = once(b, 'node-down');
+  const blob = Buffer.alloc(64 * 1024);
+  // More to a than to c: a's connection holds the most.
+  for (let i = 0; i < 400 && b.isUp('total-a'); i += 1) {
+    b.send(toA.id, blob);
+    b.send(toA.id, blob);
+    b.send(toC.id, blob);
+  }
+  await cut;
+  assert.equal((await down)[0], 'total-a');
+  assert.equal(b.isUp('total-c'), true, 'the other connection stays');
+});

@@ -3,7 +3,7 @@
 import { AempError, Node, Port, decodeCbor, tlsFromPem } from 'aemp-js';
 import type { NodeOptions, Value, ValueObject } from 'aemp-js';
 
-const options: NodeOptions = { nodeId: 'ts/', secret: 's', binds: ['127.0.0.1:0'], portCapacity: 16 };
+const options: NodeOptions = { nodeId: 'ts/', secret: 's', binds: ['127.0.0.1:0'], portCapacity: 16, portBytes: 1 << 20, maxWriteTotal: 64 << 20 };
 
 export async function usage(pem: string): Promise<void> {
   await using node = await Node.start({ ...options, tls: tlsFromPem(pem) });
@@ -20,6 +20,8 @@ export async function usage(pem: string): Promise<void> {
   await node.waitUp('other', 5000);
   const port: Port = node.port();
   if (!node.send('other#echo', port.id, 'hello', 42, new Uint8Array([1]))) await new Promise<void>((r) => node.once('drain', () => r()));
+  if (!node.send('other#echo', 'more')) await node.ready('other#echo');
+  const waiting: number = port.pendingBytes;
   // @ts-expect-error: a port id is a string
   node.send(42, 'x');
   for await (const args of port) {
@@ -37,6 +39,6 @@ export async function usage(pem: string): Promise<void> {
   } catch (e) {
     if (e instanceof AempError && e.code === 'PORT_FULL') console.log(e.sent);
   }
-  console.log(reply, all, keys, values, decodeCbor(new Uint8Array([0xf6])), node.state);
+  console.log(reply, all, keys, values, waiting, decodeCbor(new Uint8Array([0xf6])), node.state);
   await node.close({ timeoutMs: 500 });
 }
