@@ -568,19 +568,30 @@ export class Node extends EventEmitter {
     return this.#counted;
   }
 
-  /** Whether sends to `node` should wait: its connection has more than `HIGH_WATER`
-   * waiting, or all connections together more than half of `maxWriteTotal`. */
-  #behind(node) {
-    const c = this.#conns.get(this.#upConns.get(node));
-    if (c && c.socket.writableLength > HIGH_WATER) return true;
+  /** Whether all connections together have more than half of `maxWriteTotal` waiting:
+   * then sends to every node wait. */
+  #allBehind() {
     const half = this.#limits.maxWriteTotal / 2;
     return this.#counted > half && this.#recount() > half;
   }
 
+  /** Whether `node`'s connection has more than `HIGH_WATER` waiting. */
+  #connBehind(node) {
+    const c = this.#conns.get(this.#upConns.get(node));
+    return c !== undefined && c.socket.writableLength > HIGH_WATER;
+  }
+
+  /** Whether sends to `node` should wait (see `send`). */
+  #behind(node) {
+    return this.#connBehind(node) || this.#allBehind();
+  }
+
   /** Resolves the `ready` calls whose node no longer has to wait. */
   #wakeReady() {
+    if (!this.#readyWaiters.size) return;
+    const allBehind = this.#state === 'running' && this.#allBehind();
     for (const w of this.#readyWaiters) {
-      if (this.#state !== 'running' || !this.#behind(w.node)) {
+      if (this.#state !== 'running' || !(allBehind || this.#connBehind(w.node))) {
         this.#readyWaiters.delete(w);
         if (this.#state === 'running') w.resolve();
         else w.reject(this.#closedError());
@@ -894,7 +905,7 @@ export class Node extends EventEmitter {
       throw new AempError('PORT_FULL', `port ${portId} is full (${portCapacity} messages or ${portBytes} bytes waiting)`, { sent: fits });
     }
     const nodes = new Set(messages.map(([portId]) => nodeOf(portId)));
-    return ![...nodes].some((node) => this.#behind(node));
+    return !this.#allBehind() && ![...nodes].some((node) => this.#connBehind(node));
   }
 
   /**
