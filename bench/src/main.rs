@@ -224,7 +224,7 @@ fn native_node_pump(
     while let Some(o) = from.poll_output() {
         match o {
             NodeOutput::Transmit { bytes, .. } => to.handle_input(to_conn, &bytes, 0),
-            NodeOutput::Deliver(batch) => delivered += batch.len(),
+            NodeOutput::Deliver(d) => delivered += d.len(),
             NodeOutput::NodeUp { .. } => up = true,
             NodeOutput::Close { reason, .. } => panic!("{reason}"),
             _ => {}
@@ -284,7 +284,7 @@ fn wasm_node_pump(
                     .call_handle_input(store, to, to_conn, &t.bytes, 0)
                     .expect("call");
             }
-            wit_node::NodeOutput::Deliver(batch) => delivered += batch.sizes.len() / 2,
+            wit_node::NodeOutput::Deliver(d) => delivered += d.sizes.len(),
             wit_node::NodeOutput::NodeUp(_) => up = true,
             wit_node::NodeOutput::Close(c) => panic!("{}", c.reason),
             _ => {}

@@ -1,6 +1,8 @@
-//! Many messages in two buffers, the form they cross the component boundary in (the node
-//! interface's `batch`): for each message its port id (UTF-8) and then its arguments (a
-//! CBOR array) one after another in `data`, and two lengths per message in `sizes`. One
+//! Many messages in two buffers, the forms they cross the component boundary in. A
+//! [`Batch`] (what the application sends, the node interface's `batch`) holds for each
+//! message its port id (UTF-8) and then its arguments (a CBOR array) one after another in
+//! `data`, and two lengths per message in `sizes`. A [`Delivery`] (what the node hands to
+//! one local port) holds only arguments, one length each: the port is named once. One
 //! list lifted or lowered per batch instead of two per message, and the receiver slices
 //! instead of parsing.
 
@@ -41,6 +43,63 @@ impl Batch {
     /// The (port id, arguments) pairs, in order.
     pub fn pairs(&self) -> impl Iterator<Item = Result<(&str, &[u8]), BatchError>> {
         pairs(&self.data, &self.sizes)
+    }
+}
+
+/// Messages for one local port, in the order they arrived: each message's arguments (a
+/// CBOR array) one after another in `data`, the length of each in `sizes`. A host hands
+/// it to the port's inbox as it is, slicing by `sizes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// The port's id (`NODE#NAME`), as `new_port`/`register_port` returned it.
+    pub port: String,
+    /// The messages' arguments, one after another.
+    pub data: Vec<u8>,
+    /// One length per message.
+    pub sizes: Vec<u32>,
+}
+
+impl Delivery {
+    /// An empty delivery for `port`.
+    pub fn new(port: String) -> Delivery {
+        Delivery {
+            port,
+            ..Delivery::default()
+        }
+    }
+
+    /// How many messages it holds.
+    pub fn len(&self) -> usize {
+        self.sizes.len()
+    }
+
+    /// Whether it holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.sizes.is_empty()
+    }
+
+    /// Appends one message whose arguments `write_args` encodes straight into `data`.
+    pub fn push_with(&mut self, write_args: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.data.len();
+        write_args(&mut self.data);
+        // As in `push_parts`: a message is far below 4 GiB.
+        let len = u32::try_from(self.data.len() - start).unwrap_or(u32::MAX);
+        self.sizes.push(len);
+    }
+
+    /// Each message's arguments, in order; sizes past the data end it.
+    pub fn messages(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = &self.data[..];
+        self.sizes.iter().map_while(move |&len| {
+            let (message, after) = split(rest, len).ok()?;
+            rest = after;
+            Some(message)
+        })
+    }
+
+    /// The bytes it holds (what counts toward the node's buffered bytes).
+    pub fn capacity_bytes(&self) -> usize {
+        self.port.capacity() + self.data.capacity() + self.sizes.capacity() * size_of::<u32>()
     }
 }
 
@@ -150,6 +209,21 @@ mod tests {
         assert_eq!(b.len(), 2);
         let got: Vec<_> = b.pairs().collect();
         assert_eq!(got, [Ok(("a#p", &b"\x80"[..])), Ok(("", &b"\x80"[..]))]);
+    }
+
+    #[test]
+    fn a_delivery_slices_by_its_sizes() {
+        let mut d = Delivery::new("a#p".into());
+        assert!(d.is_empty());
+        d.push_with(|out| out.extend_from_slice(b"\x81\x01"));
+        d.push_with(|out| out.push(0x80));
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            d.messages().collect::<Vec<_>>(),
+            [&b"\x81\x01"[..], &b"\x80"[..]]
+        );
+        d.sizes.push(5);
+        assert_eq!(d.messages().count(), 2);
     }
 
     #[test]

@@ -332,19 +332,18 @@ impl From<NodeOutput> for wnode::NodeOutput {
                 leftover,
             }),
             NodeOutput::Close { conn, reason } => W::Close(wnode::Close { conn, reason }),
-            NodeOutput::Deliver(b) => W::Deliver(wnode::Batch {
-                data: b.data,
-                sizes: b.sizes,
+            NodeOutput::Deliver(d) => W::Deliver(wnode::Delivery {
+                port: d.port,
+                data: d.data,
+                sizes: d.sizes,
             }),
             NodeOutput::NodeUp { node, conn } => W::NodeUp(wnode::NodeUp { node, conn }),
             NodeOutput::NodeDown { node, reason } => W::NodeDown(wnode::NodeDown { node, reason }),
             NodeOutput::PortDown { port, reason } => W::PortDown(wnode::PortDown { port, reason }),
-            NodeOutput::Request { node, tag, args } => {
-                W::Request(wnode::Request { node, tag, args })
-            }
+            NodeOutput::Request { tag, message } => W::Request(wnode::Request { tag, message }),
             NodeOutput::DbReply { id, result } => W::DbReply(wnode::DbReply { id, result }),
-            NodeOutput::DbChange { family, set, del } => {
-                W::DbChange(wnode::DbChange { family, set, del })
+            NodeOutput::DbChange { family, change } => {
+                W::DbChange(wnode::DbChange { family, change })
             }
             NodeOutput::Log { level, message } => W::Log(wnode::Log {
                 level: match level {

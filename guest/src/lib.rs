@@ -20,6 +20,7 @@ pub mod value;
 mod component;
 
 pub use auth::AuthMethod;
+pub use batch::Delivery;
 pub use config::Config;
 pub use connection::{Connection, Output, Session, TlsRole, Verdict};
 pub use error::{ConfigError, Error, MessageError, SendError, printable};

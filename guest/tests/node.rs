@@ -74,6 +74,34 @@ fn messages_between_ports_on_three_nodes_found_through_the_seed() {
     );
 }
 
+/// Consecutive messages for one port leave in one delivery (the port named once), and a
+/// message for another port starts the next: a host hands each to its port as it is.
+#[test]
+fn deliveries_are_grouped_by_port() {
+    let mut node = aemp_engine::Node::new(node_config("n", &[]), [7; 16], 0).unwrap();
+    let (p, q) = (node.new_port(), node.register_port("q").unwrap());
+    for (port, n) in [(&p, 1), (&p, 2), (&q, 3), (&p, 4)] {
+        node.send(port, &args(vec![Value::Int(n)]), 0).unwrap();
+    }
+    let mut deliveries = Vec::new();
+    while let Some(o) = node.poll_output() {
+        if let NodeOutput::Deliver(d) = o {
+            let messages: Vec<Value> = d.messages().map(|m| Value::decode(m).unwrap()).collect();
+            assert_eq!(d.data.len(), d.sizes.iter().sum::<u32>() as usize);
+            deliveries.push((d.port, messages));
+        }
+    }
+    let one = |n| Value::Array(vec![Value::Int(n)]);
+    assert_eq!(
+        deliveries,
+        [
+            (p.clone(), vec![one(1), one(2)]),
+            (q, vec![one(3)]),
+            (p, vec![one(4)])
+        ]
+    );
+}
+
 #[test]
 fn relay_through_snd() {
     let (mut net, a, b, c) = three();
@@ -246,8 +274,8 @@ fn database_operations_and_monitoring() {
     let changes: Vec<(Value, Vec<String>)> = net.events[b]
         .iter()
         .filter_map(|e| match e {
-            NodeOutput::DbChange { family, set, del } if family == "fam" => {
-                Some((Value::decode(set).unwrap(), del.clone()))
+            NodeOutput::DbChange { family, change } if family == "fam" => {
+                Some(db_change_parts(change))
             }
             _ => None,
         })
@@ -319,8 +347,8 @@ fn eval_and_unknown_requests_are_refused_unless_registered() {
         })
         .collect();
     assert_eq!(logs.len(), 2, "{logs:?}");
-    assert!(net.has(a, |e| matches!(e, NodeOutput::Request { node, tag, args }
-        if node == "b" && tag == "my_service" && Value::decode(args).unwrap() == Value::Array(vec![Value::Int(3)]))));
+    assert!(net.has(a, |e| matches!(e, NodeOutput::Request { tag, message }
+        if tag == "my_service" && request_parts(message) == ("b".into(), Value::Array(vec![Value::Int(3)])))));
 }
 
 #[test]
@@ -558,24 +586,22 @@ fn deliveries_coalesce_into_one_batch_in_order() {
             .unwrap();
     }
     net.run();
-    let batches: Vec<Vec<(String, Value)>> = net.events[b]
+    let deliveries: Vec<(String, Vec<Value>)> = net.events[b]
         .iter()
         .filter_map(|o| match o {
-            NodeOutput::Deliver(batch) => Some(
-                batch
-                    .pairs()
-                    .map(|pair| {
-                        let (port, args) = pair.unwrap();
-                        (port.to_owned(), Value::decode(args).unwrap())
-                    })
+            NodeOutput::Deliver(d) => Some((
+                d.port.clone(),
+                d.messages()
+                    .map(|args| Value::decode(args).unwrap())
                     .collect(),
-            ),
+            )),
             _ => None,
         })
         .collect();
-    let one = |port: &String, n| (port.clone(), Value::Array(vec![Value::Int(n)]));
-    assert_eq!(batches, [vec![one(&p1, 1), one(&p2, 2)], vec![one(&p1, 4)]]);
-    // The message for the missing port was logged between the two batches.
+    let one = |port: &String, n| (port.clone(), vec![Value::Array(vec![Value::Int(n)])]);
+    // One delivery per run of messages for one port.
+    assert_eq!(deliveries, [one(&p1, 1), one(&p2, 2), one(&p1, 4)]);
+    // The message for the missing port was logged between p2's and p1's deliveries.
     let kinds: Vec<_> = net.events[b]
         .iter()
         .filter_map(|o| match o {
@@ -584,7 +610,7 @@ fn deliveries_coalesce_into_one_batch_in_order() {
             _ => None,
         })
         .collect();
-    assert_eq!(kinds, ["deliver", "log", "deliver"]);
+    assert_eq!(kinds, ["deliver", "deliver", "log", "deliver"]);
 }
 
 /// The node remembers the connection of the last node it sent to; losing it and

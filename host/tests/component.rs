@@ -288,10 +288,13 @@ fn two_nodes_through_the_component() {
                         sent = true;
                     }
                     wit_node::NodeOutput::Deliver(d) => {
-                        for pair in aemp_engine::batch::pairs(&d.data, &d.sizes) {
-                            let (port, args) = pair.unwrap();
-                            delivered.push((port.to_owned(), args.to_vec()));
+                        let mut rest = &d.data[..];
+                        for &size in &d.sizes {
+                            let (args, after) = rest.split_at(size as usize);
+                            delivered.push((d.port.clone(), args.to_vec()));
+                            rest = after;
                         }
+                        assert!(rest.is_empty(), "a delivery's sizes cover its data");
                     }
                     _ => {}
                 }

@@ -111,6 +111,12 @@ impl Global {
     }
 }
 
+/// A [`NodeOutput::DbChange`]'s `[SET, DEL]`.
+fn db_change(set: &BTreeMap<String, Value>, del: &[String]) -> Vec<u8> {
+    let del = del.iter().map(|k| Value::text(k.as_str())).collect();
+    Value::Array(vec![map_value(set), Value::Array(del)]).encode()
+}
+
 pub(super) fn map_value(entries: &BTreeMap<String, Value>) -> Value {
     Value::Map(
         entries
@@ -311,24 +317,21 @@ impl Node {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 *mirror = entries;
-                let set = map_value(&set).encode();
+                let change = db_change(&set, &del);
                 self.outputs
-                    .push_back(NodeOutput::DbChange { family, set, del });
+                    .push_back(NodeOutput::DbChange { family, change });
             }
             GlobalRequest::Changed { family, set, del } if from_master => {
                 let Some(mirror) = self.global.mirrors.get_mut(&family) else {
                     return;
                 };
-                let encoded = map_value(&set).encode();
+                let change = db_change(&set, &del);
                 mirror.extend(set);
                 for key in &del {
                     mirror.remove(key);
                 }
-                self.outputs.push_back(NodeOutput::DbChange {
-                    family,
-                    set: encoded,
-                    del,
-                });
+                self.outputs
+                    .push_back(NodeOutput::DbChange { family, change });
             }
             other => self.log(
                 LogLevel::Debug,

@@ -100,12 +100,13 @@ impl Node {
         if !self.handlers.contains(tag) {
             return false;
         }
-        // The arguments after the tag, as they came.
-        let args = msg::split(request).map_or_else(Vec::new, |parts| parts.args());
+        // The sender, then the arguments after the tag as they came.
+        let Some(parts) = msg::split(request) else {
+            return false;
+        };
         self.outputs.push_back(NodeOutput::Request {
-            node: src.to_owned(),
             tag: tag.to_owned(),
-            args,
+            message: parts.renamed(src),
         });
         true
     }

@@ -20,7 +20,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 pub use ids::{expand_node_id, split_port_id};
 pub use seed::GlobalLimits;
 
-use crate::batch::{self, Batch};
+use crate::batch::Delivery;
 use crate::config::Config;
 use crate::connection::{Connection, Output, TlsRole, Verdict};
 use crate::error::{ConfigError, Error, MessageError};
@@ -120,9 +120,9 @@ pub enum NodeOutput {
     },
     /// Close `conn` after writing what was transmitted before; the id is free again.
     Close { conn: ConnId, reason: String },
-    /// Messages for local ports: each its port id and its arguments (a CBOR array).
-    /// Consecutive deliveries share one batch, built in place as they arrive.
-    Deliver(Batch),
+    /// Messages for one local port: consecutive deliveries to the same port share one,
+    /// built in place as they arrive.
+    Deliver(Delivery),
     /// A node completed a handshake; `conn` is its working connection (where what is
     /// sent to it goes) until it is reported down.
     NodeUp { node: String, conn: ConnId },
@@ -130,21 +130,15 @@ pub enum NodeOutput {
     NodeDown { node: String, reason: String },
     /// A port we monitor died; `reason` is a CBOR array (empty for a normal exit).
     PortDown { port: String, reason: Vec<u8> },
-    /// A node-port request with a tag the application registered; `args` is a CBOR array.
-    Request {
-        node: String,
-        tag: String,
-        args: Vec<u8>,
-    },
+    /// A node-port request with a tag the application registered. `message` is the CBOR
+    /// array `[NODE, ARGS...]`: the sender's node id, then the arguments after the tag.
+    Request { tag: String, message: Vec<u8> },
     /// The answer to a `db_family`/`db_keys`/`db_values` query (CBOR).
     DbReply { id: String, result: Vec<u8> },
-    /// A monitored database family changed: `set` is a CBOR map of new or changed keys,
-    /// `del` the deleted keys. The first report holds the whole family.
-    DbChange {
-        family: String,
-        set: Vec<u8>,
-        del: Vec<String>,
-    },
+    /// A monitored database family changed. `change` is the CBOR array `[SET, DEL]`: a
+    /// map of the new or changed keys and their values, an array of the deleted keys. The
+    /// first report holds the whole family.
+    DbChange { family: String, change: Vec<u8> },
     /// Something worth logging.
     Log { level: LogLevel, message: String },
 }
@@ -158,12 +152,10 @@ impl NodeOutput {
                 leftover: bytes, ..
             }
             | NodeOutput::PortDown { reason: bytes, .. }
-            | NodeOutput::Request { args: bytes, .. }
+            | NodeOutput::Request { message: bytes, .. }
             | NodeOutput::DbReply { result: bytes, .. }
-            | NodeOutput::DbChange { set: bytes, .. } => bytes.capacity(),
-            NodeOutput::Deliver(batch) => {
-                batch.data.capacity() + batch.sizes.capacity() * size_of::<u32>()
-            }
+            | NodeOutput::DbChange { change: bytes, .. } => bytes.capacity(),
+            NodeOutput::Deliver(delivery) => delivery.capacity_bytes(),
             NodeOutput::Connect { .. }
             | NodeOutput::Close { .. }
             | NodeOutput::NodeUp { .. }
@@ -1136,19 +1128,24 @@ impl Node {
     }
 
     /// Hands a message for an existing local port to the application: appended to the
-    /// delivery batch at the end of the outputs, or a new one.
+    /// delivery at the end of the outputs if it is for the same port, else in a new one.
     fn deliver(&mut self, parts: &msg::Parts<'_>) {
-        if !matches!(self.outputs.back(), Some(NodeOutput::Deliver(_))) {
-            self.outputs
-                .push_back(NodeOutput::Deliver(Batch::default()));
-        }
-        let Some(NodeOutput::Deliver(b)) = self.outputs.back_mut() else {
-            unreachable!("a delivery batch was just made sure of")
+        let port = parts.port.as_ref();
+        let same_port = |d: &Delivery| {
+            d.port
+                .strip_prefix(self.node_id.as_str())
+                .and_then(|rest| rest.strip_prefix('#'))
+                == Some(port)
         };
-        let port_id = [self.node_id.as_str(), "#", parts.port.as_ref()];
-        batch::push_parts(&mut b.data, &mut b.sizes, &port_id, |out| {
-            parts.write_args(out)
-        });
+        if !matches!(self.outputs.back(), Some(NodeOutput::Deliver(d)) if same_port(d)) {
+            let port_id = format!("{}#{port}", self.node_id);
+            self.outputs
+                .push_back(NodeOutput::Deliver(Delivery::new(port_id)));
+        }
+        let Some(NodeOutput::Deliver(d)) = self.outputs.back_mut() else {
+            unreachable!("a delivery for the port was just made sure of")
+        };
+        d.push_with(|out| parts.write_args(out));
     }
 
     /// Kills a local port: app monitors and remote watchers learn `reason`.

@@ -98,6 +98,19 @@ impl Parts<'_> {
         out.extend_from_slice(self.rest);
     }
 
+    /// `[first, ARGS...]`: the same arguments after another first item, in a buffer of
+    /// its own.
+    pub fn renamed(&self, first: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.rest.len() + first.len() + 18);
+        match self.len {
+            Some(n) => array_header(n.saturating_add(1), &mut out),
+            None => out.push(0x9f),
+        }
+        text(first, &mut out);
+        out.extend_from_slice(self.rest);
+        out
+    }
+
     /// The CBOR array of the arguments in a buffer of its own.
     pub fn args(&self) -> Vec<u8> {
         let mut args = Vec::with_capacity(self.rest.len() + 9);
@@ -209,6 +222,22 @@ mod tests {
             Value::Array(vec![Value::Int(1)])
         );
         assert_eq!(join("p", b"\x9f\x01\xff").unwrap(), b"\x9f\x61p\x01\xff");
+        assert_eq!(
+            super::split(msg).unwrap().renamed("n"),
+            b"\x9f\x61n\x01\xff"
+        );
+        let args = Value::Array(vec![Value::Int(1), Value::Bytes(b"x".to_vec())]).encode();
+        let renamed = super::split(&join("port", &args).unwrap())
+            .unwrap()
+            .renamed("node");
+        assert_eq!(
+            Value::decode(&renamed).unwrap(),
+            Value::Array(vec![
+                Value::text("node"),
+                Value::Int(1),
+                Value::Bytes(b"x".to_vec())
+            ])
+        );
         assert_eq!(split(b"\x80"), None);
         // A port that is not a string is no port, whatever it holds.
         assert_eq!(split(b"\x82\x81\x01\x01"), None);

@@ -275,17 +275,12 @@ impl Net {
                 }
                 self.events[x].push(NodeOutput::Close { conn, reason });
             }
-            NodeOutput::Request { node, tag, args }
+            NodeOutput::Request { tag, message }
                 if self.seed.as_ref().is_some_and(|(s, _)| *s == x) =>
             {
                 let (_, mut seed) = self.seed.take().unwrap();
-                seed.handle(
-                    &mut self.nodes[x],
-                    &node,
-                    &tag,
-                    Value::decode(&args).unwrap(),
-                    now,
-                );
+                let (node, args) = request_parts(&message);
+                seed.handle(&mut self.nodes[x], &node, &tag, args, now);
                 self.seed = Some((x, seed));
             }
             other => self.events[x].push(other),
@@ -369,11 +364,9 @@ impl Net {
         self.events[i]
             .iter()
             .filter_map(|e| match e {
-                NodeOutput::DbChange {
-                    family: f,
-                    set,
-                    del,
-                } if f == family => Some((Value::decode(set).unwrap(), del.clone())),
+                NodeOutput::DbChange { family: f, change } if f == family => {
+                    Some(db_change_parts(change))
+                }
                 _ => None,
             })
             .collect()
@@ -391,10 +384,10 @@ impl Net {
         self.events[i]
             .iter()
             .filter_map(|e| match e {
-                NodeOutput::Deliver(batch) => Some(batch.pairs().map(|pair| {
-                    let (port, args) = pair.unwrap();
-                    (port.to_owned(), Value::decode(args).unwrap())
-                })),
+                NodeOutput::Deliver(d) => Some(
+                    d.messages()
+                        .map(|args| (d.port.clone(), Value::decode(args).unwrap())),
+                ),
                 _ => None,
             })
             .flatten()
@@ -425,4 +418,29 @@ pub fn args(items: Vec<Value>) -> Vec<u8> {
 
 pub fn t(s: &str) -> Value {
     Value::text(s)
+}
+
+/// A [`NodeOutput::Request`]'s message `[NODE, ARGS...]` as the sender and the arguments
+/// (an array).
+pub fn request_parts(message: &[u8]) -> (String, Value) {
+    let Value::Array(mut items) = Value::decode(message).unwrap() else {
+        panic!("a request is an array");
+    };
+    let node = items.remove(0).as_name().unwrap().into_owned();
+    (node, Value::Array(items))
+}
+
+/// A [`NodeOutput::DbChange`]'s `[SET, DEL]` as the map and the deleted keys.
+pub fn db_change_parts(change: &[u8]) -> (Value, Vec<String>) {
+    let Value::Array(items) = Value::decode(change).unwrap() else {
+        panic!("a change is an array");
+    };
+    let [set, Value::Array(del)] = <[Value; 2]>::try_from(items).unwrap() else {
+        panic!("a change is [SET, DEL]");
+    };
+    let del = del
+        .iter()
+        .map(|k| k.as_name().unwrap().into_owned())
+        .collect();
+    (set, del)
 }

@@ -185,10 +185,9 @@ impl Wire {
         self.events
             .iter()
             .filter_map(|e| match e {
-                NodeOutput::Deliver(batch) => Some(
-                    batch
-                        .pairs()
-                        .map(|pair| Value::decode(pair.expect("a pair").1).expect("decodes")),
+                NodeOutput::Deliver(d) => Some(
+                    d.messages()
+                        .map(|args| Value::decode(args).expect("decodes")),
                 ),
                 _ => None,
             })

@@ -2,12 +2,11 @@
 //! through the engine, timers, and the port inboxes with the messages held for them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aemp_engine::{Value, batch, printable};
+use aemp_engine::{Value, printable};
 use tokio::sync::mpsc::{Receiver, Sender, WeakSender, channel};
 use tokio::sync::{broadcast, watch};
 use wasmtime::component::ResourceAny;
@@ -15,7 +14,7 @@ use wasmtime::component::ResourceAny;
 use super::inbox::{self, Chunk, Inbox, Offer};
 use super::io::{self, Dialed, End, Io};
 use super::parked::{self, Parked};
-use super::subscribe::{Topic, Waiters, db_entry, request_entry};
+use super::subscribe::{Topic, Waiters};
 use super::{Cmd, DbQuery, Event, HIGH_WATER, NodeError, Port, Refusal, Reply, decode_args};
 use crate::sandbox::{self, Instance, wit, wit_node};
 use crate::tls::Role;
@@ -766,7 +765,10 @@ impl Driver {
                     tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason));
                 }
             }
-            O::Deliver(b) => self.deliver_batch(b),
+            O::Deliver(d) => {
+                let chunk = Chunk::from_sizes(d.data, &d.sizes);
+                self.deliver(&d.port, chunk);
+            }
             O::NodeUp(wit_node::NodeUp { node, conn }) => {
                 tracing::info!("{} is up", printable(&node));
                 self.up.insert(node.clone(), conn);
@@ -790,7 +792,7 @@ impl Driver {
             }
             O::Request(r) => {
                 let inbox = Topic::Requests(r.tag).inbox();
-                self.deliver(&inbox, Chunk::single(request_entry(r.node, &r.args)));
+                self.deliver(&inbox, Chunk::single(r.message));
             }
             O::DbReply(r) => {
                 if let Some(waiter) = self.db_waiters.remove(&r.id) {
@@ -799,7 +801,7 @@ impl Driver {
             }
             O::DbChange(c) => {
                 let inbox = Topic::Db(c.family).inbox();
-                self.deliver(&inbox, Chunk::single(db_entry(&c.set, c.del)));
+                self.deliver(&inbox, Chunk::single(c.change));
             }
             O::Log(l) => match l.level {
                 wit_node::LogLevel::Error => tracing::error!("{}", l.message),
@@ -811,55 +813,6 @@ impl Driver {
         Ok(())
     }
 }
-impl Driver {
-    /// Delivers the engine's batch of messages for local ports: as one chunk when it is
-    /// all for one port (the bytes are not copied), else a chunk of copies per run of
-    /// messages for the same port (so that no port keeps another port's bytes alive).
-    fn deliver_batch(&mut self, b: wit_node::Batch) {
-        let mut runs: Vec<(&str, Vec<Range<usize>>)> = Vec::new();
-        for pair in batch::pairs(&b.data, &b.sizes) {
-            let (port, args) = match pair {
-                Ok(pair) => pair,
-                // The engine made the batch: this is a bug, not a peer's doing.
-                Err(e) => {
-                    tracing::error!("undeliverable batch from the engine: {e}");
-                    break;
-                }
-            };
-            // `args` lies in `b.data`.
-            let start = args.as_ptr() as usize - b.data.as_ptr() as usize;
-            let span = start..start + args.len();
-            match runs.last_mut() {
-                Some((last, spans)) if *last == port => spans.push(span),
-                _ => runs.push((port, vec![span])),
-            }
-        }
-        if let [(port, _)] = runs.as_slice() {
-            let port = port.to_string();
-            let spans = runs.pop().map(|(_, spans)| spans).unwrap_or_default();
-            return self.deliver(&port, Chunk::new(b.data, spans));
-        }
-        let runs: Vec<(String, Chunk)> = runs
-            .into_iter()
-            .map(|(port, spans)| {
-                let mut data = Vec::new();
-                let spans = spans
-                    .into_iter()
-                    .map(|span| {
-                        let start = data.len();
-                        data.extend_from_slice(b.data.get(span).unwrap_or_default());
-                        start..data.len()
-                    })
-                    .collect();
-                (port.to_owned(), Chunk::new(data, spans))
-            })
-            .collect();
-        for (port, chunk) in runs {
-            self.deliver(&port, chunk);
-        }
-    }
-}
-
 /// Which nodes the application's sends must wait for: those whose connection has more
 /// than [`HIGH_WATER`] bytes waiting, and every node while all connections together have
 /// more than half of `max_write_total` waiting.

@@ -1,9 +1,9 @@
 //! Port inboxes: the bounded queue between the driver and one receiver ([`super::Port`],
 //! [`super::Requests`], [`super::DbMonitor`]).
 //!
-//! The driver hands over a round's messages for a port as one [`Chunk`] (the engine's
-//! `deliver` batch itself when it is all for one port: no copy and no allocation per
-//! message), and the receiver is woken once per chunk, not per message. The bound is in
+//! The driver hands over each of the engine's deliveries to a port as one [`Chunk`] (the
+//! delivery's buffer itself: no copy and no allocation per message), and the receiver is
+//! woken once per chunk, not per message. The bound is in
 //! messages and in bytes: a chunk that does not fit is split, the inbox takes what fits
 //! and the driver holds the rest. An empty inbox takes one message whatever its size, so
 //! a message larger than the byte bound still gets through, one at a time. The driver
@@ -49,6 +49,20 @@ impl Chunk {
             next: 0,
             bytes,
         }
+    }
+
+    /// Messages one after another in `data`, the length of each in `sizes` (the engine's
+    /// `deliver` as it comes); sizes past the data end it.
+    pub(super) fn from_sizes(data: Vec<u8>, sizes: &[u32]) -> Chunk {
+        let mut start = 0usize;
+        let spans = sizes
+            .iter()
+            .map_while(|&len| {
+                let end = start.checked_add(usize::try_from(len).ok()?)?;
+                (end <= data.len()).then(|| std::mem::replace(&mut start, end)..end)
+            })
+            .collect();
+        Chunk::new(data, spans)
     }
 
     /// What the messages in the chunk count toward an inbox's byte bound.

@@ -162,20 +162,6 @@ impl Topic {
     }
 }
 
-/// A request as its inbox holds it: `[node, args...]`.
-pub(super) fn request_entry(node: String, args: &[u8]) -> Vec<u8> {
-    let mut items = vec![Value::Text(node)];
-    items.extend(decode_args(args));
-    Value::Array(items).encode()
-}
-
-/// A database change as its inbox holds it: `[set, [del...]]`.
-pub(super) fn db_entry(set: &[u8], del: Vec<String>) -> Vec<u8> {
-    let set = Value::decode(set).unwrap_or(Value::Map(Vec::new()));
-    let del = Value::Array(del.into_iter().map(Value::Text).collect());
-    Value::Array(vec![set, del]).encode()
-}
-
 /// Tells the driver a handle is gone; a drop cannot wait, so when the command queue is
 /// full a task waits for room (one per handle).
 fn unsubscribe(tx: &Sender<Cmd>, topic: Topic) {

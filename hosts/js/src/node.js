@@ -127,7 +127,6 @@ const nodeOf = (portId) => {
   return at < 0 ? portId : portId.slice(0, at);
 };
 
-const utf8Decoder = new TextDecoder();
 const utf8Encoder = new TextEncoder();
 
 /** Encoded `[portId, args]` pairs (port id bytes, CBOR array of arguments) as the
@@ -775,16 +774,16 @@ export class Node extends EventEmitter {
         break;
       }
       case 'deliver': {
-        // A batch: each message's port id, then its arguments, `sizes` giving both lengths.
+        // Messages for one port: each message's arguments one after another, `sizes`
+        // giving their lengths.
+        const port = this.#ports.get(val.port);
+        if (!port) break;
         const { data, sizes } = val;
         let at = 0;
-        for (let i = 0; i + 1 < sizes.length; i += 2) {
-          const portId = utf8Decoder.decode(data.subarray(at, at + sizes[i]));
-          at += sizes[i];
-          const raw = data.subarray(at, at + sizes[i + 1]);
-          at += sizes[i + 1];
-          const port = this.#ports.get(portId);
-          const args = port && this.#decode(raw, `message for ${portId}`);
+        for (const size of sizes) {
+          const raw = data.subarray(at, at + size);
+          at += size;
+          const args = this.#decode(raw, `message for ${val.port}`);
           if (args !== undefined) port[deliver](args, messageCost(raw));
         }
         break;
@@ -802,8 +801,11 @@ export class Node extends EventEmitter {
         this.#emitSafe('port-down', val.port, this.#decode(val.reason, 'reason') ?? []);
         break;
       case 'request': {
-        const args = this.#decode(val.args, `request ${val.tag} from ${val.node}`);
-        if (args !== undefined) this.#emitSafe('request', val.node, val.tag, args);
+        // `[NODE, ARGS...]`
+        const message = this.#decode(val.message, `request ${val.tag}`);
+        if (Array.isArray(message) && typeof message[0] === 'string') {
+          this.#emitSafe('request', message[0], val.tag, message.slice(1));
+        }
         break;
       }
       case 'db-reply': {
@@ -817,9 +819,12 @@ export class Node extends EventEmitter {
         }
         break;
       }
-      case 'db-change':
-        this.#emitSafe('db-change', val.family, this.#decode(val.set, 'database change') ?? {}, val.del);
+      case 'db-change': {
+        // `[SET, DEL]`
+        const [set, del] = this.#decode(val.change, 'database change') ?? [];
+        this.#emitSafe('db-change', val.family, set ?? {}, Array.isArray(del) ? del : []);
         break;
+      }
       case 'log':
         this.#emitSafe('log', val.level, val.message);
         break;
