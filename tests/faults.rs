@@ -574,29 +574,6 @@ async fn a_stuck_tls_handshake_is_closed_at_the_handshake_deadline() {
 // global node's database (each asserts the legitimate peer is served during the attack).
 // ---------------------------------------------------------------------------------------
 
-/// A fresh node `check-N` reaches `node` and delivers a message to one of its ports
-/// within `limit`, from connect to receipt.
-async fn served_within(node: &Node, secret: &str, n: usize, limit: Duration) {
-    let other = builder(&format!("check-{n}-{}", node.id()), secret)
-        .start()
-        .await
-        .unwrap();
-    let mut port = node.port().await.unwrap();
-    let served = tokio::time::timeout(limit, async {
-        other.connect(&addr(node)).await.unwrap();
-        other.wait_up(node.id(), limit).await.unwrap();
-        other.send(port.id(), vec![t("served")]).await.unwrap();
-        port.recv().await
-    })
-    .await;
-    assert_eq!(
-        served.ok().flatten(),
-        Some(vec![t("served")]),
-        "check {n} was not served within {limit:?}"
-    );
-    other.shutdown(WAIT).await.unwrap();
-}
-
 /// Hundreds of connections that never speak, closed by the node and opened again as fast
 /// as it closes them, keep the handshake table full: a peer that completes its handshake
 /// in milliseconds is still served, every time, and the node's descriptors do not run out.
@@ -865,14 +842,6 @@ async fn members_together_cannot_exhaust_a_global_node() {
         grown as f64 / entry_bytes as f64
     );
     assert!(grown < 200 << 20, "the sandbox grew by {grown} bytes");
-}
-
-/// How many keys `family` has, as `node` learns from its master.
-async fn keys_of(node: &Node, family: &str) -> usize {
-    match tokio::time::timeout(WAIT, node.db_keys(family)).await {
-        Ok(Ok(Value::Array(keys))) => keys.len(),
-        other => panic!("db_keys {family}: {other:?}"),
-    }
 }
 
 /// Messages of millions of tiny items, where the engine decodes them (a node-port request,

@@ -1,6 +1,8 @@
 //! An aemp-only network on loopback sockets: a seed that becomes a global node and three
 //! nodes that know only the seed. They find each other and share the database through it.
 
+use std::time::Duration;
+
 use aemp_host::{DbMonitor, Node, Value};
 use aemp_tests::*;
 
@@ -112,4 +114,81 @@ async fn a_seed_and_three_nodes_find_each_other_and_share_the_database() {
     );
     family_becomes(&a, "fam", &map(&[])).await;
     keys_become(&a, "'l", &listeners(&["gl-a", "gl-c", "gl-seed"])).await;
+}
+
+/// One member's big entry (12 MiB, within its own database limit) in a family many nodes
+/// monitor: the global node answers every new watcher with the whole family (`g_chg1`)
+/// and sends every change to all of them (`g_chg2`). Copies for two dozen watchers would
+/// take 288 MiB, past the sandbox (the node stopped with "the engine ran out of sandbox
+/// memory"); they now wait for room in the outputs, so the node lives and every watcher
+/// gets the entry and the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_entry_for_many_watchers_cannot_exhaust_a_global_node() {
+    const WATCHERS: usize = 24;
+    const BIG: usize = 12 << 20;
+    let seed = builder("fanout-seed", "s").start().await.unwrap();
+    let at = addr(&seed);
+    let member = builder("fanout-m", "s").seed(&at).start().await.unwrap();
+    member.wait_up(seed.id(), WAIT).await.unwrap();
+    member
+        .db_set("big", "k", Value::Bytes(vec![b'1'; BIG]))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while keys_of(&member, "big").await < 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the entry is stored");
+    let mut watchers = Vec::new();
+    for w in 0..WATCHERS {
+        let node = builder(&format!("fanout-w{w}"), "s")
+            .seed(&at)
+            .start()
+            .await
+            .unwrap();
+        node.wait_up(seed.id(), WAIT).await.unwrap();
+        watchers.push(node);
+    }
+    // All subscribe at once: their `g_mon1` reach the global node in the same rounds.
+    let mut subscribing = tokio::task::JoinSet::new();
+    for (w, node) in watchers.iter().enumerate() {
+        let node = node.clone();
+        subscribing.spawn(async move { (w, node.db_monitor("big").await.unwrap()) });
+    }
+    let mut monitors: Vec<_> = subscribing.join_all().await;
+    monitors.sort_by_key(|(w, _)| *w);
+    let value_of = |change: aemp_host::DbChange| match change.set {
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .find(|(k, _)| *k == t("k"))
+            .map(|(_, v)| v),
+        _ => None,
+    };
+    for (w, changes) in &mut monitors {
+        let first = tokio::time::timeout(WAIT, changes.recv()).await;
+        let first = first.unwrap_or_else(|_| panic!("watcher {w} got the family"));
+        assert_eq!(
+            first.and_then(value_of),
+            Some(Value::Bytes(vec![b'1'; BIG])),
+            "watcher {w}"
+        );
+    }
+    // A change goes to all of them.
+    member
+        .db_set("big", "k", Value::Bytes(vec![b'2'; BIG]))
+        .await
+        .unwrap();
+    for (w, changes) in &mut monitors {
+        let change = tokio::time::timeout(WAIT, changes.recv()).await;
+        let change = change.unwrap_or_else(|_| panic!("watcher {w} got the change"));
+        assert_eq!(
+            change.and_then(value_of),
+            Some(Value::Bytes(vec![b'2'; BIG])),
+            "watcher {w}"
+        );
+    }
+    assert_eq!(seed.stopped(), None, "the global node is still running");
+    served_within(&seed, "s", 0, Duration::from_secs(2)).await;
 }

@@ -386,3 +386,34 @@ pub fn leaf_pem(network: &str) -> String {
         .expect("network certificate");
     read(dir.path(), "cert.pem") + &read(dir.path(), "key.pem") + network_cert
 }
+
+/// A fresh node `check-N` reaches `node` and delivers a message to one of its ports
+/// within `limit`, from connect to receipt.
+pub async fn served_within(node: &Node, secret: &str, n: usize, limit: Duration) {
+    let other = builder(&format!("check-{n}-{}", node.id()), secret)
+        .start()
+        .await
+        .unwrap();
+    let mut port = node.port().await.unwrap();
+    let served = tokio::time::timeout(limit, async {
+        other.connect(&addr(node)).await.unwrap();
+        other.wait_up(node.id(), limit).await.unwrap();
+        other.send(port.id(), vec![t("served")]).await.unwrap();
+        port.recv().await
+    })
+    .await;
+    assert_eq!(
+        served.ok().flatten(),
+        Some(vec![t("served")]),
+        "check {n} was not served within {limit:?}"
+    );
+    other.shutdown(WAIT).await.unwrap();
+}
+
+/// How many keys `family` has, as `node` learns from its master.
+pub async fn keys_of(node: &Node, family: &str) -> usize {
+    match tokio::time::timeout(WAIT, node.db_keys(family)).await {
+        Ok(Ok(Value::Array(keys))) => keys.len(),
+        other => panic!("db_keys {family}: {other:?}"),
+    }
+}

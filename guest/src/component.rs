@@ -210,11 +210,9 @@ impl wnode::GuestNode for NodeResource {
     }
 
     fn poll_outputs(&self) -> Vec<wnode::NodeOutput> {
-        let mut node = self.0.borrow_mut();
         // Consecutive deliveries are one batch already, built in place by the node.
-        std::iter::from_fn(|| node.poll_output())
-            .map(Into::into)
-            .collect()
+        let outputs = self.0.borrow_mut().poll_outputs();
+        outputs.into_iter().map(Into::into).collect()
     }
 
     fn connect_addr(&self, addr: String, now_ms: u64) -> u64 {

@@ -341,3 +341,50 @@ fn database_limits_drop_what_does_not_fit() {
         Some(map(&[("k1", int(5)), ("k4", int(4))]))
     );
 }
+
+/// A change of a family goes to every watcher, one copy each: the copies wait for room in
+/// the global node's outputs instead of all being made at once (with twenty watchers of a
+/// 12 MiB entry that was 240 MiB, past the sandbox). No poll returns much more than the
+/// budget, and every watcher gets the change.
+#[test]
+fn a_change_for_many_watchers_waits_for_room_in_the_outputs() {
+    const WATCHERS: usize = 8;
+    const BUDGET: usize = 1 << 20;
+    const BIG: usize = 300 << 10;
+    let mut net = Net::new();
+    let mut config = node_config("seed", &["seed:4040"]);
+    config.max_buffered_bytes = BUDGET;
+    let s = net.add(config);
+    let member = net.add(node_config("m", &["seed:4040"]));
+    let watchers: Vec<usize> = (0..WATCHERS)
+        .map(|w| net.add(node_config(&format!("w{w}"), &["seed:4040"])))
+        .collect();
+    net.run();
+    let now = net.now;
+    for &w in &watchers {
+        net.nodes[w].db_mon("big", now);
+    }
+    net.run();
+    let value = Value::Bytes(vec![7; BIG]);
+    net.nodes[member]
+        .db_set("big", "k", &value.encode(), now)
+        .unwrap();
+    net.run();
+    // All eight copies (2.4 MiB) did not come out at once; no poll went past the budget
+    // by more than the one message that always moves on.
+    assert!(net.most_polled[s] >= BIG, "{}", net.most_polled[s]);
+    assert!(
+        net.most_polled[s] <= BUDGET + BIG + 1024,
+        "one poll returned {} bytes of transmits",
+        net.most_polled[s]
+    );
+    for &w in &watchers {
+        let changes = net.db_changes(w, "big");
+        assert_eq!(
+            changes.last().map(|(set, _)| set.clone()),
+            Some(map(&[("k", value.clone())])),
+            "watcher {w}"
+        );
+    }
+    assert!(!net.logged(s, "does not keep up"));
+}

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::request::{Entries, GlobalRequest};
-use super::{ConnId, LogLevel, Node, NodeError, NodeOutput, ids, msg};
+use super::{ConnId, LogLevel, Node, NodeError, NodeOutput, Outgoing, Shared, ids, msg};
 use crate::error::MessageError;
 use crate::value::Value;
 
@@ -263,6 +263,18 @@ impl Node {
                 LogLevel::Warn,
                 format!("global request to {node} dropped: {e}"),
             );
+        }
+    }
+
+    /// Sends a node-port message, encoded once, to each of `nodes`: their connections
+    /// share the one copy while it waits for room in the outputs.
+    pub(super) fn broadcast(&mut self, nodes: Vec<String>, message: Vec<u8>, now: u64) {
+        let shared = Shared::from(message);
+        for node in nodes {
+            match self.working_conn(&node) {
+                Some(conn) => self.transmit(conn, Outgoing::Shared(&shared), false),
+                None => self.send_node_message(&node, &shared, now),
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //! Connection ids are chosen by the node: [`Node::handle_accept`] returns one for an
 //! incoming socket, [`NodeOutput::Connect`] names one for an outgoing socket.
 
+mod deferred;
 mod global;
 mod handshakes;
 mod ids;
@@ -27,6 +28,7 @@ use crate::error::{ConfigError, Error, MessageError};
 use crate::framing::Checker;
 use crate::greeting::NONCE_LEN;
 use crate::value::Value;
+use deferred::{Deferred, Shared};
 use global::Global;
 use handshakes::Handshakes;
 
@@ -320,6 +322,35 @@ pub struct Node {
     queued_held: usize,
     /// Accepted connections in their handshake, oldest first (see `max_handshakes`).
     handshakes: Handshakes,
+    /// Bytes put into transmits since the host last took the outputs: what
+    /// [`transmit`](Self::transmit) checks against the budget before it copies more.
+    transmitted: usize,
+    /// Messages for connections the outputs had no room for yet.
+    deferred: Deferred,
+}
+
+/// A message to transmit: borrowed (copied into the transmit at once, or into a shared
+/// buffer if it must wait), or shared already (one encoding for many connections).
+#[derive(Clone, Copy)]
+enum Outgoing<'a> {
+    Bytes(&'a [u8]),
+    Shared(&'a Shared),
+}
+
+impl Outgoing<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Outgoing::Bytes(bytes) => bytes,
+            Outgoing::Shared(shared) => shared,
+        }
+    }
+
+    fn shared(&self) -> Shared {
+        match self {
+            Outgoing::Bytes(bytes) => Shared::from(*bytes),
+            Outgoing::Shared(shared) => Shared::clone(shared),
+        }
+    }
 }
 
 /// The largest send buffer a node keeps between messages (larger ones are freed).
@@ -381,6 +412,8 @@ impl Node {
             conns_held: 0,
             queued_held: 0,
             handshakes: Handshakes::default(),
+            transmitted: 0,
+            deferred: Deferred::default(),
             config,
         };
         let binds = node
@@ -491,7 +524,7 @@ impl Node {
             self.peers.values().map(|p| p.queued_bytes).sum::<usize>()
         );
         let outputs: usize = self.outputs.iter().map(NodeOutput::buffered_bytes).sum();
-        self.conns_held + self.queued_held + outputs
+        self.conns_held + self.queued_held + self.deferred.held() + outputs
     }
 
     /// The peer closed `conn`.
@@ -566,16 +599,38 @@ impl Node {
             })
         });
         let keep = self.service.as_ref().and_then(|s| s.keep_at);
+        // Messages waiting for room: released by the next poll, so poll at once.
+        let deferred = (!self.deferred.is_empty()).then_some(self.now);
         conns
             .chain(dials)
             .chain(self.next_seed_at)
             .chain(keep)
+            .chain(deferred)
             .min()
     }
 
-    /// The next thing for the host to do.
+    /// The next thing for the host to do. When the outputs run out, messages that
+    /// waited for room are released into them (as much as the budget allows).
     pub fn poll_output(&mut self) -> Option<NodeOutput> {
-        self.outputs.pop_front()
+        if self.outputs.is_empty() {
+            self.release_deferred();
+        }
+        let output = self.outputs.pop_front();
+        if self.outputs.is_empty() {
+            self.transmitted = 0;
+        }
+        output
+    }
+
+    /// Everything to act on now, in order (what [`poll_output`](Self::poll_output) would
+    /// return until `None`, but at most one release of waiting messages: what is still
+    /// waiting after it shows in [`poll_timeout`](Self::poll_timeout) as due now).
+    pub fn poll_outputs(&mut self) -> VecDeque<NodeOutput> {
+        if self.outputs.is_empty() {
+            self.release_deferred();
+        }
+        self.transmitted = 0;
+        std::mem::take(&mut self.outputs)
     }
 
     // ---- the application's side ----------------------------------------------------
@@ -857,6 +912,7 @@ impl Node {
     /// Removes `conn`, with its share of [`Node::buffered_bytes`].
     fn remove_conn(&mut self, conn: ConnId) -> Option<Conn> {
         let c = self.conns.remove(&conn)?;
+        self.deferred.remove(conn);
         self.conns_held -= c.held;
         if let Some(seq) = c.handshake {
             self.handshakes.remove(seq);
@@ -996,15 +1052,70 @@ impl Node {
             self.seed_up(i, &node);
         }
         for message in queue {
-            self.transmit(conn, &message, false);
+            self.transmit(conn, Outgoing::Bytes(&message), false);
         }
         let now = self.now;
         self.seed_node_up(&node, now);
     }
 
     /// Sends `message` on `conn`'s transport; `checked`: the node has checked it
-    /// already (against the same limits), so the transport need not again.
-    fn transmit(&mut self, conn: ConnId, message: &[u8], checked: bool) {
+    /// already (against the same limits), so the transport need not again. When the
+    /// outputs have no room for it within `max_buffered_bytes` (or messages wait for
+    /// `conn` already), it waits for the host's next poll instead.
+    fn transmit(&mut self, conn: ConnId, message: Outgoing<'_>, checked: bool) {
+        if self.must_wait(conn, message.bytes().len()) {
+            return self.defer(conn, message.shared());
+        }
+        self.transmit_now(conn, message.bytes(), checked);
+    }
+
+    /// Whether a message of `len` bytes for `conn` must wait: messages wait for it
+    /// already, or the outputs have no room for it (the first since the host's last poll
+    /// always has room, so that messages move on).
+    fn must_wait(&self, conn: ConnId, len: usize) -> bool {
+        self.deferred.waits(conn) || (self.transmitted > 0 && len > self.output_room())
+    }
+
+    /// Room left in the budget for more transmits before the host polls.
+    fn output_room(&self) -> usize {
+        let held = self.conns_held + self.queued_held + self.deferred.held();
+        self.config
+            .max_buffered_bytes
+            .saturating_sub(held)
+            .saturating_sub(self.transmitted)
+    }
+
+    /// Makes `message` wait for `conn`; a connection with more waiting than a queue for
+    /// a node may hold (`max_queue_bytes`) is closed: its peer does not keep up.
+    fn defer(&mut self, conn: ConnId, message: Shared) {
+        let bound = self.config.max_queue_bytes;
+        if self.deferred.push(conn, message, bound).is_err() {
+            self.close(
+                conn,
+                format!("peer does not keep up: more than {bound} bytes wait for its connection"),
+            );
+        }
+    }
+
+    /// Moves waiting messages into the outputs, round robin over their connections, as
+    /// far as the budget allows (at least one, so that they always move on).
+    fn release_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        self.transmitted = 0;
+        self.deferred.recount();
+        while let Some((conn, message)) =
+            self.deferred.pop(self.output_room(), self.transmitted == 0)
+        {
+            self.transmit_now(conn, &message, false);
+        }
+        self.deferred.recount();
+    }
+
+    /// [`transmit`](Self::transmit) without the check for room.
+    fn transmit_now(&mut self, conn: ConnId, message: &[u8], checked: bool) {
+        self.transmitted = self.transmitted.saturating_add(message.len());
         let Some(t) = self.conns.get_mut(&conn).and_then(|c| c.transport.as_mut()) else {
             return;
         };
@@ -1052,7 +1163,13 @@ impl Node {
         }
         // The common case first, without allocating a key.
         if let Some(conn) = self.working_conn(node) {
-            self.transmit(conn, message, checked);
+            // The application's messages (checked) are refused rather than kept waiting:
+            // its sender learns of it and tries again, instead of having the connection
+            // closed once too much waits.
+            if checked && self.must_wait(conn, message.len()) {
+                return Err(NodeError::BudgetExhausted(self.config.max_buffered_bytes));
+            }
+            self.transmit(conn, Outgoing::Bytes(message), checked);
             return Ok(());
         }
         let max_nodes = self.config.max_nodes;

@@ -548,16 +548,11 @@ impl Node {
             out
         };
         if let Some(relay) = effects.relay {
-            let message = update("g_upd", relay);
-            for global in self.global.globals() {
-                self.send_node_message(&global, &message, now);
-            }
+            let globals = self.global.globals();
+            self.broadcast(globals, update("g_upd", relay), now);
         }
         if let Some(notify) = effects.notify {
-            let message = update("g_chg2", notify);
-            for watcher in watchers {
-                self.send_node_message(&watcher, &message, now);
-            }
+            self.broadcast(watchers, update("g_chg2", notify), now);
         }
         if family == "'g" {
             self.keep_sync(now);

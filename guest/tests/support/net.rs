@@ -174,6 +174,8 @@ pub struct Net {
     pub unreachable: Vec<usize>,
     /// Nodes that crashed: unreachable, and nothing they do has any effect.
     pub dead: Vec<usize>,
+    /// Per node, the most bytes of transmits one poll returned.
+    pub most_polled: Vec<usize>,
     pub now: u64,
     nonce: u8,
 }
@@ -189,6 +191,7 @@ impl Net {
             links: HashMap::new(),
             unreachable: Vec::new(),
             dead: Vec::new(),
+            most_polled: Vec::new(),
             now: 1_000,
             nonce: 0,
         }
@@ -202,6 +205,7 @@ impl Net {
             .push(Node::new(config, [i as u8 + 1; 16], self.now).unwrap());
         self.names.push(id);
         self.events.push(Vec::new());
+        self.most_polled.push(0);
         i
     }
 
@@ -230,10 +234,18 @@ impl Net {
         loop {
             let mut round = Vec::new();
             for x in 0..self.nodes.len() {
-                while let Some(o) = self.nodes[x].poll_output() {
-                    if !self.dead.contains(&x) {
-                        round.push((x, o));
-                    }
+                // As a host polls: everything at once, one release of waiting messages.
+                let outputs = self.nodes[x].poll_outputs();
+                let transmitted = outputs
+                    .iter()
+                    .map(|o| match o {
+                        NodeOutput::Transmit { bytes, .. } => bytes.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                self.most_polled[x] = self.most_polled[x].max(transmitted);
+                if !self.dead.contains(&x) {
+                    round.extend(outputs.into_iter().map(|o| (x, o)));
                 }
             }
             if round.is_empty() {
