@@ -3,6 +3,7 @@
 use crate::auth::AuthMethod;
 use crate::error::ConfigError;
 use crate::framing::{Framing, Limits};
+use crate::value::MAX_DEPTH;
 
 /// How this side of a connection greets, authenticates and frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,10 +91,6 @@ impl Config {
         Ok(())
     }
 }
-
-/// The deepest nesting a configuration may allow: converting between framings recurses
-/// once per level, and the stack (1 MiB in the component) must hold it with room to spare.
-pub const MAX_DEPTH: usize = 512;
 
 /// `aemp` or `aemp-NAME` with NAME made of word characters (the reference's `^aemp-\w+$`).
 pub(crate) fn is_protocol(word: &str) -> bool {

@@ -17,7 +17,7 @@ use crate::config::{Config, is_protocol};
 use crate::error::{ConfigError, Error, SendError};
 use crate::framing::{self, Checker, Decoder, Framing};
 use crate::greeting::{self, Greeting, MAX_LINE, NONCE_LEN};
-use crate::{PROTOCOL_VERSION, PROVIDER};
+use crate::protocol::{PROTOCOL_VERSION, PROVIDER};
 
 /// The TLS role this side takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

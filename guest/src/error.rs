@@ -5,7 +5,8 @@
 
 use thiserror::Error;
 
-use crate::PROTOCOL_VERSION;
+use crate::protocol::PROTOCOL_VERSION;
+use crate::value::MAX_DEPTH;
 
 /// A fatal protocol error: the connection is over once the engine reports one.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -127,8 +128,8 @@ pub enum ConfigError {
     /// At least one framing is needed.
     #[error("no framing configured")]
     NoFraming,
-    /// `max_depth` is above [`crate::config::MAX_DEPTH`].
-    #[error("max_depth {0} is above the supported {max}", max = crate::config::MAX_DEPTH)]
+    /// `max_depth` is above [`MAX_DEPTH`].
+    #[error("max_depth {0} is above the supported {max}", max = MAX_DEPTH)]
     DepthTooLarge(usize),
     /// Greeting keys must be non-empty and free of `=`, CR and LF.
     #[error("invalid greeting key '{0}'")]

@@ -14,6 +14,7 @@ pub mod error;
 pub mod framing;
 pub mod greeting;
 pub mod node;
+mod protocol;
 pub mod value;
 
 #[cfg(target_arch = "wasm32")]
@@ -27,10 +28,5 @@ pub use error::{ConfigError, Error, MessageError, SendError, printable};
 pub use framing::{Framing, Limits, split_sequence};
 pub use greeting::{Greeting, NONCE_LEN};
 pub use node::{ConnId, GlobalLimits, LogLevel, Node, NodeConfig, NodeError, NodeOutput};
+pub use protocol::{PROTOCOL_VERSION, PROVIDER};
 pub use value::{DecodeError, Value};
-
-/// The AEMP protocol version this engine speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
-
-/// What we announce as `provider` in the greeting.
-pub const PROVIDER: &str = concat!("aemp-", env!("CARGO_PKG_VERSION"));

@@ -8,7 +8,9 @@ use std::borrow::Cow;
 use minicbor::data::{Tag, Type};
 use minicbor::{Decoder, Encoder};
 
-pub use crate::config::MAX_DEPTH;
+/// The deepest nesting a configuration may allow: converting between framings recurses
+/// once per level, and the stack (1 MiB in the component) must hold it with room to spare.
+pub const MAX_DEPTH: usize = 512;
 
 /// Why bytes are not exactly one [`Value`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
