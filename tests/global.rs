@@ -159,36 +159,29 @@ async fn a_big_entry_for_many_watchers_cannot_exhaust_a_global_node() {
     }
     let mut monitors: Vec<_> = subscribing.join_all().await;
     monitors.sort_by_key(|(w, _)| *w);
-    let value_of = |change: aemp_host::DbChange| match change.set {
-        Value::Map(pairs) => pairs
-            .into_iter()
-            .find(|(k, _)| *k == t("k"))
-            .map(|(_, v)| v),
-        _ => None,
-    };
-    for (w, changes) in &mut monitors {
-        let first = tokio::time::timeout(WAIT, changes.recv()).await;
-        let first = first.unwrap_or_else(|_| panic!("watcher {w} got the family"));
-        assert_eq!(
-            first.and_then(value_of),
-            Some(Value::Bytes(vec![b'1'; BIG])),
-            "watcher {w}"
-        );
+    /// Every watcher's next change sets `k` to BIG bytes of `byte`.
+    async fn all_get(monitors: &mut [(usize, DbMonitor)], byte: u8, what: &str) {
+        for (w, changes) in monitors {
+            let change = tokio::time::timeout(WAIT, changes.recv()).await;
+            let change = change.unwrap_or_else(|_| panic!("watcher {w} got {what}"));
+            let value = change.and_then(|c| match c.set {
+                Value::Map(pairs) => pairs.into_iter().find(|(k, _)| *k == t("k")),
+                _ => None,
+            });
+            assert_eq!(
+                value.map(|(_, v)| v),
+                Some(Value::Bytes(vec![byte; BIG])),
+                "watcher {w}"
+            );
+        }
     }
+    all_get(&mut monitors, b'1', "the family").await;
     // A change goes to all of them.
     member
         .db_set("big", "k", Value::Bytes(vec![b'2'; BIG]))
         .await
         .unwrap();
-    for (w, changes) in &mut monitors {
-        let change = tokio::time::timeout(WAIT, changes.recv()).await;
-        let change = change.unwrap_or_else(|_| panic!("watcher {w} got the change"));
-        assert_eq!(
-            change.and_then(value_of),
-            Some(Value::Bytes(vec![b'2'; BIG])),
-            "watcher {w}"
-        );
-    }
+    all_get(&mut monitors, b'2', "the change").await;
     assert_eq!(seed.stopped(), None, "the global node is still running");
     served_within(&seed, "s", 0, Duration::from_secs(2)).await;
 }
