@@ -15,7 +15,6 @@ pub use node::{
     DbChange, DbMonitor, Event, Messages, Monitor, Node, NodeBuilder, NodeError, Port, Refusal,
     Request, Requests, SendBatch,
 };
-pub(crate) use sandbox::EngineBindings;
 pub use sandbox::{Limits as SandboxLimits, Sandbox, SandboxError};
 pub use tls::TlsConfig;
 

@@ -1,18 +1,16 @@
 //! How to start a node: [`NodeBuilder`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aemp_engine::{AuthMethod, Framing};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::channel;
-use tokio::sync::{broadcast, watch};
 
-use super::driver::Driver;
-use super::io::{self, Io};
+use super::driver::{Driver, Limits};
+use super::engine::{self, Engine};
+use super::io::Io;
 use super::{CMD_QUEUE, Node, NodeError};
 use crate::config::Profile;
 use crate::sandbox::{self, Sandbox, wit};
@@ -298,7 +296,6 @@ impl NodeBuilder {
             bound.push(local);
             listeners.push(listener);
         }
-        let trap = |e: wasmtime::Error| NodeError::Stopped(sandbox::describe(&e));
         let mut instance = sandbox.instantiate_with(self.sandbox_limits)?;
         let hostname = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
@@ -307,14 +304,8 @@ impl NodeBuilder {
             .node_id
             .clone()
             .unwrap_or_else(|| format!("{hostname}/"));
-        let (store, b) = instance.parts();
-        let api = b.aemp_engine_node();
-        let node_id = api
-            .call_expand_node_id(&mut *store, &template, &hostname)
-            .map_err(trap)?;
-        let mut config = api
-            .call_default_node_config(&mut *store, &node_id)
-            .map_err(trap)?;
+        let node_id = engine::expand_node_id(&mut instance, &template, &hostname)?;
+        let mut config = engine::default_config(&mut instance, &node_id)?;
         config.transport.secret = self.secret.clone();
         config.transport.tls = self.tls.is_some();
         config.transport.framings = self.framings.iter().map(|f| wit_framing(*f)).collect();
@@ -346,74 +337,38 @@ impl NodeBuilder {
         }
         config.binds = announced(&bound, &hostname);
         config.seeds = self.seeds.clone();
-        let started = Instant::now();
         let epoch_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
         config.wall_clock_offset_ms = epoch_ms;
-        let node = api
-            .node()
-            .call_create(&mut *store, &config, 0)
-            .map_err(trap)?
-            .map_err(|r| NodeError::Config(r.message))?;
+        let engine = Engine::create(instance, &config)?;
 
         let (tx, rx) = channel(CMD_QUEUE);
-        let (dial_tx, dial_rx) = channel(io::DIAL_QUEUE);
-        let write_timeout = self.write_timeout.unwrap_or(self.monitor_timeout);
-        let (events, _) = broadcast::channel(1024);
-        let (status_tx, status) = watch::channel(None);
-        let unwritten = Arc::new(AtomicUsize::new(0));
-        let driver = Driver {
-            instance,
-            node,
-            started,
-            io: Io::new(listeners, self.tls.clone(), write_timeout),
-            dialing: HashSet::new(),
-            dial_tx,
-            ports: HashMap::new(),
-            db_waiters: HashMap::new(),
-            events: events.clone(),
-            up: HashMap::new(),
-            waiters: Default::default(),
-            shutdown: None,
+        let io = Io::new(
+            listeners,
+            self.tls.clone(),
+            self.write_timeout.unwrap_or(self.monitor_timeout),
+        );
+        let limits = Limits {
             monitor_timeout: self.monitor_timeout,
             max_write_queue: self.max_write_queue,
             max_write_total: self.max_write_total,
             port_capacity: self.port_capacity,
             port_bytes: self.port_bytes,
             port_stall: self.port_stall,
-            held: VecDeque::new(),
-            held_bytes: 0,
-            paused: HashSet::new(),
-            round_reads: Vec::new(),
-            held_app: 0,
-            held_app_bytes: 0,
-            parked: Default::default(),
-            app_round: false,
-            reading: true,
-            held_ports: HashMap::new(),
-            stalled: HashSet::new(),
-            status: status_tx,
-            cmd_tx: tx.downgrade(),
-            unwritten: unwritten.clone(),
-            engine_due: None,
-            dirty: true,
-            due_stale: true,
         };
+        let (driver, shared) = Driver::new(engine, io, limits, &tx);
         // Every log line of this node carries its id.
         let span = tracing::info_span!("node", id = %node_id);
-        tokio::spawn(tracing::Instrument::instrument(
-            driver.run(rx, dial_rx),
-            span,
-        ));
+        tokio::spawn(tracing::Instrument::instrument(driver.run(rx), span));
         Ok(Node {
             id: node_id,
             listen: bound,
             tx,
-            events,
-            status,
-            unwritten,
+            events: shared.events,
+            status: shared.status,
+            unwritten: shared.unwritten,
             send_bytes: Arc::new(tokio::sync::Semaphore::new(super::SEND_QUEUE_BYTES)),
         })
     }

@@ -1,43 +1,29 @@
-//! The task that drives one node: commands from the application, rounds of socket I/O
-//! through the engine, timers, and the port inboxes with the messages held for them.
+//! The task that drives one node: the loop that waits for commands from the application,
+//! sockets, dials and timers, and acts on each through the engine ([`Engine`]), the
+//! sockets ([`Io`]) and the inboxes ([`Deliveries`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aemp_engine::{Value, printable};
 use tokio::sync::mpsc::{Receiver, Sender, WeakSender, channel};
 use tokio::sync::{broadcast, watch};
-use wasmtime::component::ResourceAny;
 
-use super::inbox::{self, Chunk, Inbox, Offer};
+use super::deliver::{Deliveries, Target};
+use super::engine::{Engine, Fatal};
+use super::inbox::Chunk;
 use super::io::{self, Dialed, End, Io};
 use super::parked::{self, Parked};
 use super::subscribe::{Topic, Waiters};
-use super::{Cmd, DbQuery, Event, HIGH_WATER, NodeError, Port, Refusal, Reply, decode_args};
-use crate::sandbox::{self, Instance, wit, wit_node};
+use super::{Cmd, Event, HIGH_WATER, NodeError, Port, Reply, decode_args};
+use crate::sandbox::{self, wit, wit_node};
 use crate::tls::Role;
 
-/// The task that owns the engine instance and the sockets of one node.
-pub(super) struct Driver {
-    pub(super) instance: Instance,
-    pub(super) node: ResourceAny,
-    pub(super) started: Instant,
-    pub(super) io: Io,
-    /// Outgoing connects in progress.
-    pub(super) dialing: HashSet<u64>,
-    pub(super) dial_tx: Sender<Dialed>,
-    /// Each port's inbox: the arguments of each message, as a CBOR array.
-    pub(super) ports: HashMap<String, Inbox>,
-    pub(super) db_waiters: HashMap<String, Reply<Value>>,
-    pub(super) events: broadcast::Sender<Event>,
-    /// The nodes that are up, with their working connections.
-    pub(super) up: HashMap<String, u64>,
-    /// Who waits for a port to die or a node to come up.
-    pub(super) waiters: Waiters,
-    /// Set by [`Node::shutdown`](super::Node::shutdown): the driver ends after this round.
-    pub(super) shutdown: Option<Reply<()>>,
+/// The host's limits for one node (the builder's settings of the same names).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
     pub(super) monitor_timeout: Duration,
     pub(super) max_write_queue: usize,
     /// Bytes waiting for all connections together before the one holding most is cut off.
@@ -46,56 +32,40 @@ pub(super) struct Driver {
     /// Bytes of messages a port's inbox holds.
     pub(super) port_bytes: usize,
     pub(super) port_stall: Duration,
-    /// Messages for ports whose inbox was full, in arrival order. The connections read in
-    /// a round that had messages held read no more until nothing is held; past
-    /// [`HELD_MAX`] bytes no connection reads.
-    pub(super) held: VecDeque<Held>,
-    /// What `held` counts toward [`HELD_MAX`] (the chunks' bytes).
-    pub(super) held_bytes: usize,
-    /// The connections not read while messages are held (see `held`).
-    pub(super) paused: HashSet<u64>,
-    /// The connections read in the current round.
-    pub(super) round_reads: Vec<u64>,
-    /// How many of `held` came from the application's commands, and their bytes; at a
-    /// port's capacity (in either) the driver takes no more commands.
-    pub(super) held_app: usize,
-    pub(super) held_app_bytes: usize,
-    /// The application's sends waiting for slow peers.
-    pub(super) parked: Parked,
-    /// Whether the outputs being handled answer the application's commands.
-    pub(super) app_round: bool,
-    /// Whether the last round read every connection (nothing was held).
-    pub(super) reading: bool,
-    /// The ports messages are held for.
-    pub(super) held_ports: HashMap<String, HeldPort>,
-    /// Ports that took nothing for `port_stall`: messages finding them full are dropped.
-    pub(super) stalled: HashSet<String>,
-    pub(super) status: watch::Sender<Option<String>>,
-    pub(super) cmd_tx: WeakSender<Cmd>,
+}
+
+/// What the node's handles share with its driver.
+pub(super) struct Shared {
+    pub(super) events: broadcast::Sender<Event>,
+    /// Why the node stopped, once it has.
+    pub(super) status: watch::Receiver<Option<String>>,
     /// What [`super::Node::pending_bytes`] reads.
     pub(super) unwritten: Arc<AtomicUsize>,
-    /// When the engine wants `handle-timeout`, as of `due_stale` last cleared.
-    pub(super) engine_due: Option<tokio::time::Instant>,
-    /// The engine was called since its outputs were last taken: it may have some. (Every
-    /// call counts in a round trip's time, so the driver asks only when this is set.)
-    pub(super) dirty: bool,
-    /// The engine was called since `engine_due` was asked.
-    pub(super) due_stale: bool,
 }
 
-/// Messages waiting for room in their port's inbox.
-pub(super) struct Held {
-    port: String,
-    chunk: Chunk,
-    from_app: bool,
-}
-
-/// A port messages are held for.
-pub(super) struct HeldPort {
-    /// How many messages.
-    count: usize,
-    /// When it last took a message (or the first was held).
-    progress: tokio::time::Instant,
+/// The task that owns the engine instance and the sockets of one node.
+pub(super) struct Driver {
+    engine: Engine,
+    io: Io,
+    deliveries: Deliveries,
+    limits: Limits,
+    /// Outgoing connects in progress.
+    dialing: HashSet<u64>,
+    dial_tx: Sender<Dialed>,
+    dialed: Receiver<Dialed>,
+    db_waiters: HashMap<String, Reply<Value>>,
+    events: broadcast::Sender<Event>,
+    /// The nodes that are up, with their working connections.
+    up: HashMap<String, u64>,
+    /// Who waits for a port to die or a node to come up.
+    waiters: Waiters,
+    /// Set by [`Node::shutdown`](super::Node::shutdown): the driver ends after this round.
+    shutdown: Option<Reply<()>>,
+    /// The application's sends waiting for slow peers.
+    parked: Parked,
+    status: watch::Sender<Option<String>>,
+    cmd_tx: WeakSender<Cmd>,
+    unwritten: Arc<AtomicUsize>,
 }
 
 /// What woke the driver.
@@ -110,15 +80,6 @@ enum Wake {
 /// Why a node that was shut down stopped.
 pub(super) const SHUT_DOWN: &str = "shut down";
 
-/// Bytes of held messages past which no connection reads on, whoever sent them. Below
-/// it only the connections whose reads had messages held wait, so a port that is behind
-/// stops its senders, not the node: a new peer's handshake and messages for other ports
-/// go on.
-const HELD_MAX: usize = 32 << 20;
-
-/// How often held messages are offered again to their ports.
-const HELD_RETRY: Duration = Duration::from_millis(10);
-
 /// Commands taken in one go, at most.
 const BATCH: usize = 64;
 
@@ -126,12 +87,48 @@ const BATCH: usize = 64;
 const BATCH_BYTES: usize = 64 * 1024;
 
 impl Driver {
-    fn now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+    /// A driver for the node in `engine`, with the sockets of `io`; `cmd_tx` is the
+    /// sending side of the commands [`Driver::run`] takes (held weakly: the node stops
+    /// once every handle and port is gone).
+    pub(super) fn new(
+        engine: Engine,
+        io: Io,
+        limits: Limits,
+        cmd_tx: &Sender<Cmd>,
+    ) -> (Driver, Shared) {
+        let (dial_tx, dialed) = channel(io::DIAL_QUEUE);
+        let (events, _) = broadcast::channel(1024);
+        let (status, status_rx) = watch::channel(None);
+        let unwritten = Arc::new(AtomicUsize::new(0));
+        let shared = Shared {
+            events: events.clone(),
+            status: status_rx,
+            unwritten: unwritten.clone(),
+        };
+        let driver = Driver {
+            engine,
+            io,
+            deliveries: Deliveries::new(limits.port_capacity, limits.port_bytes, limits.port_stall),
+            limits,
+            dialing: HashSet::new(),
+            dial_tx,
+            dialed,
+            db_waiters: HashMap::new(),
+            events,
+            up: HashMap::new(),
+            waiters: Waiters::default(),
+            shutdown: None,
+            parked: Parked::default(),
+            status,
+            cmd_tx: cmd_tx.downgrade(),
+            unwritten,
+        };
+        (driver, shared)
     }
 
-    pub(super) async fn run(mut self, mut cmds: Receiver<Cmd>, mut dialed: Receiver<Dialed>) {
-        let result = self.serve(&mut cmds, &mut dialed).await;
+    /// Runs the node until every handle is gone, it is shut down, or its instance fails.
+    pub(super) async fn run(mut self, mut cmds: Receiver<Cmd>) {
+        let result = self.serve(&mut cmds).await;
         if let Err(e) = result {
             let reason = sandbox::describe(&e);
             tracing::error!("node stopped: {reason}");
@@ -150,24 +147,10 @@ impl Driver {
         }
     }
 
-    async fn serve(
-        &mut self,
-        cmds: &mut Receiver<Cmd>,
-        dialed: &mut Receiver<Dialed>,
-    ) -> wasmtime::Result<()> {
+    async fn serve(&mut self, cmds: &mut Receiver<Cmd>) -> Result<(), Fatal> {
         self.round()?;
         loop {
-            if self.due_stale {
-                let (store, b) = self.instance.parts();
-                self.engine_due = b
-                    .aemp_engine_node()
-                    .node()
-                    .call_poll_timeout(store, self.node)?
-                    .map(|ms| self.started + Duration::from_millis(ms))
-                    .map(tokio::time::Instant::from);
-                self.due_stale = false;
-            }
-            let engine_due = self.engine_due;
+            let engine_due = self.engine.deadline()?;
             let due = match (engine_due, self.io.deadline()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -178,33 +161,15 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             };
-            // Room in the inbox of the port the first held message is for, or a moment
-            // passed (for the other ports, and to notice stalls). Room for half an inbox
-            // (or all that is held for it) at once: waking per message taken would cost
-            // a task switch per message.
-            let waiting = self.held.front().map(|h| {
-                let held = self.held_ports.get(&h.port).map_or(1, |p| p.count);
-                let want = held.min(self.port_capacity.div_ceil(2));
-                self.ports.get(&h.port).map(|inbox| inbox.room(want))
-            });
-            let room = async move {
-                match waiting {
-                    Some(Some(room)) => {
-                        let _ = tokio::time::timeout(HELD_RETRY, room).await;
-                    }
-                    Some(None) => {}
-                    None => std::future::pending().await,
-                }
-            };
+            let room = self.deliveries.room();
             // Commands wait while the application's messages for its own ports fill a
             // port's inbox, or too many sends wait for slow peers.
-            let take_cmds = self.held_app < self.port_capacity
-                && self.held_app_bytes < self.port_bytes
-                && self.parked.len() < parked::MAX_PARKED;
+            let take_cmds =
+                self.deliveries.takes_commands() && self.parked.len() < parked::MAX_PARKED;
             let ready = self.io.ready();
             let wake = tokio::select! {
                 cmd = cmds.recv(), if take_cmds => Wake::Cmd(cmd),
-                Some(d) = dialed.recv() => Wake::Dialed(d),
+                Some(d) = self.dialed.recv() => Wake::Dialed(d),
                 () = sleep => Wake::Timer,
                 () = room => Wake::Room,
                 () = ready => Wake::Io,
@@ -212,7 +177,7 @@ impl Driver {
             match wake {
                 Wake::Cmd(None) => return Ok(()),
                 Wake::Cmd(Some(cmd)) => {
-                    self.app_round = true;
+                    self.deliveries.set_from_app(true);
                     // Bounded in bytes too, so that what one go adds to the write
                     // buffers stays small beside the high-water mark.
                     let mut bytes = cmd.bytes();
@@ -232,15 +197,13 @@ impl Driver {
                 }
                 Wake::Dialed(d) => self.dialed(d)?,
                 Wake::Timer => {
-                    let now = self.now();
-                    if engine_due.is_some_and(|at| at <= tokio::time::Instant::now()) {
-                        self.node_api(|s, n, b| {
-                            b.aemp_engine_node().node().call_handle_timeout(s, n, now)
-                        })?;
+                    let now = tokio::time::Instant::now();
+                    if engine_due.is_some_and(|at| at <= now) {
+                        self.engine.handle_timeout()?;
                     }
-                    self.io.expire(tokio::time::Instant::now());
+                    self.io.expire(now);
                 }
-                Wake::Room => self.deliver_held(),
+                Wake::Room => self.deliveries.deliver_held(),
                 Wake::Io => {}
             }
             self.round()?;
@@ -256,53 +219,33 @@ impl Driver {
     }
 
     /// Acts on what woke the driver, then one round of socket I/O: every ready socket
-    /// is read (unless messages are held: full ports push back), everything read goes to
-    /// the engine in one call, its outputs are acted on and the connections written.
-    fn round(&mut self) -> wasmtime::Result<()> {
+    /// is read (unless messages are held: full inboxes push back), everything read goes
+    /// to the engine in one call, its outputs are acted on and the connections written.
+    fn round(&mut self) -> Result<(), Fatal> {
         self.settle()?;
-        self.app_round = false;
-        let reading = self.held.is_empty();
-        // (Paused connections may have been passed over since messages were held, even
-        // when the last round saw nothing held: they are read again as soon as none is.)
-        if reading && (!self.reading || !self.paused.is_empty()) {
-            self.paused.clear();
+        if self.deliveries.begin_round() {
             self.io.ready_all();
         }
-        self.reading = reading;
-        let polled = if self.held_bytes > HELD_MAX {
-            self.io.poll(|_| false)
-        } else {
-            let paused = &self.paused;
-            self.io.poll(|conn| !paused.contains(&conn))
-        };
-        self.round_reads.clear();
-        self.round_reads
-            .extend(polled.inputs.iter().map(|&(conn, _)| conn));
-        let now = self.now();
+        let deliveries = &self.deliveries;
+        let polled = self.io.poll(|conn| deliveries.may_read(conn));
+        self.deliveries
+            .read(polled.inputs.iter().map(|&(conn, _)| conn));
         for (stream, peer) in polled.accepted {
-            let conn = self.node_api(|s, n, b| {
-                b.aemp_engine_node()
-                    .node()
-                    .call_handle_accept(s, n, &peer, now)
-            })?;
+            let conn = self.engine.handle_accept(&peer)?;
             self.io.add(conn, stream);
         }
         if !polled.inputs.is_empty() {
-            self.node_api(|s, n, b| {
-                b.aemp_engine_node()
-                    .node()
-                    .call_handle_inputs(s, n, &polled.inputs, now)
-            })?;
+            self.engine.handle_inputs(&polled.inputs)?;
         }
         self.settle()?;
+        let max_total = self.limits.max_write_total;
         let mut pending = self.io.pending();
-        while pending > self.max_write_total {
+        while pending > max_total {
             // The connection holding most is the likeliest not to read.
             let Some(conn) = self.io.largest() else { break };
             let reason = format!(
-                "peer does not read: the node's connections have more than {} bytes \
-                 waiting, this one the most",
-                self.max_write_total
+                "peer does not read: the node's connections have more than {max_total} bytes \
+                 waiting, this one the most"
             );
             self.cut_off(conn, &reason)?;
             self.settle()?;
@@ -313,258 +256,90 @@ impl Driver {
     }
 
     /// Drops connection `conn` as a peer that does not read, and tells the engine.
-    fn cut_off(&mut self, conn: u64, reason: &str) -> wasmtime::Result<()> {
+    fn cut_off(&mut self, conn: u64, reason: &str) -> Result<(), Fatal> {
         tracing::warn!("connection {conn}: {reason}");
         if self.io.drop_conn(conn) {
-            let now = self.now();
-            self.node_api(|s, n, b| {
-                b.aemp_engine_node()
-                    .node()
-                    .call_handle_conn_error(s, n, conn, reason, now)
-            })?;
+            self.engine.handle_conn_error(conn, reason)?;
         }
         Ok(())
     }
 
     /// Carries out the application's send now.
-    fn send_now(&mut self, send: parked::Send) -> wasmtime::Result<()> {
-        let now = self.now();
-        let batch = &send.batch;
-        let result =
-            self.node_api(|s, n, b| b.aemp_engine_node().node().call_send(s, n, batch, now))?;
-        let _ = send.reply.send(result.map_err(send_refused));
+    fn send_now(&mut self, send: parked::Send) -> Result<(), Fatal> {
+        let result = self.engine.send(&send.batch)?;
+        let _ = send.reply.send(result);
         Ok(())
     }
 
     /// Carries out the waiting sends whose peers caught up, then acts on the outputs.
-    fn unpark(&mut self) -> wasmtime::Result<()> {
-        let ready = self
-            .parked
-            .release(slow_nodes(&self.up, &self.io, self.max_write_total));
+    fn unpark(&mut self) -> Result<(), Fatal> {
+        let ready =
+            self.parked
+                .release(slow_nodes(&self.up, &self.io, self.limits.max_write_total));
         if ready.is_empty() {
             return Ok(());
         }
         // Their messages for local ports count as the application's, as when sent at once.
-        self.app_round = true;
+        self.deliveries.set_from_app(true);
         for send in ready {
             self.send_now(send)?;
         }
         self.settle()?;
-        self.app_round = false;
+        self.deliveries.set_from_app(false);
         Ok(())
     }
 
     /// Acts on the engine's outputs and writes the connections, until the engine has
     /// nothing more to say and every connection that ended was reported.
-    fn settle(&mut self) -> wasmtime::Result<()> {
+    fn settle(&mut self) -> Result<(), Fatal> {
         loop {
-            self.flush()?;
+            // Each poll takes all the engine has; acting on it may call the engine again.
+            while let Some(outputs) = self.engine.poll_outputs()? {
+                for output in outputs {
+                    self.output(output)?;
+                }
+            }
             self.io.write_all();
             if self.io.ended.is_empty() {
                 return Ok(());
             }
-            let now = self.now();
             for (conn, end) in std::mem::take(&mut self.io.ended) {
                 match end {
-                    End::Eof => self.node_api(|s, n, b| {
-                        b.aemp_engine_node().node().call_handle_eof(s, n, conn, now)
-                    })?,
+                    End::Eof => self.engine.handle_eof(conn)?,
                     End::Failed(reason) => {
                         tracing::debug!("connection {conn} failed: {reason}");
-                        self.node_api(|s, n, b| {
-                            b.aemp_engine_node()
-                                .node()
-                                .call_handle_conn_error(s, n, conn, &reason, now)
-                        })?
+                        self.engine.handle_conn_error(conn, &reason)?;
                     }
                 }
             }
         }
     }
 
-    fn dialed(&mut self, dialed: Dialed) -> wasmtime::Result<()> {
-        let now = self.now();
+    fn dialed(&mut self, dialed: Dialed) -> Result<(), Fatal> {
         match dialed {
             Dialed::Connected(conn, stream) => {
                 if self.dialing.remove(&conn) {
                     self.io.add(conn, stream);
-                    self.node_api(|s, n, b| {
-                        b.aemp_engine_node()
-                            .node()
-                            .call_handle_connected(s, n, conn, now)
-                    })?;
+                    self.engine.handle_connected(conn)?;
                 }
             }
             Dialed::Failed(conn, reason) => {
                 if self.dialing.remove(&conn) {
                     tracing::debug!("connect {conn} failed: {reason}");
-                    self.node_api(|s, n, b| {
-                        b.aemp_engine_node()
-                            .node()
-                            .call_handle_connect_failed(s, n, conn, &reason, now)
-                    })?;
+                    self.engine.handle_connect_failed(conn, &reason)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Hands messages to their port; holds what does not fit when the inbox is full (and
-    /// everything while messages for the port are held already, to keep their order);
-    /// drops them when the port is stalled.
-    fn deliver(&mut self, port: &str, mut chunk: Chunk) {
-        let Some(inbox) = self.ports.get(port) else {
-            return;
-        };
-        // (The emptiness checks spare a hash of the port id per round.)
-        if self.held_ports.is_empty() || !self.held_ports.contains_key(port) {
-            let offered = inbox.offer(&mut chunk);
-            if !self.stalled.is_empty() && !matches!(offered, Offer::Full { taken: 0 }) {
-                self.stalled.remove(port);
-            }
-            match offered {
-                Offer::Taken | Offer::Closed => return,
-                // Logged once, when the port stalled.
-                Offer::Full { .. } if self.stalled.contains(port) => return,
-                Offer::Full { .. } => {}
-            }
-        }
-        self.hold(port.to_owned(), chunk);
-    }
-
-    fn hold(&mut self, port: String, chunk: Chunk) {
-        let now = tokio::time::Instant::now();
-        let n = chunk.len();
-        self.held_ports
-            .entry(port.clone())
-            .or_insert(HeldPort {
-                count: 0,
-                progress: now,
-            })
-            .count += n;
-        self.held_bytes = self.held_bytes.saturating_add(chunk.bytes());
-        if self.app_round {
-            self.held_app += n;
-            self.held_app_bytes = self.held_app_bytes.saturating_add(chunk.bytes());
-        } else {
-            // What this round read filled a port: those connections wait.
-            self.paused.extend(self.round_reads.iter().copied());
-        }
-        self.held.push_back(Held {
-            port,
-            chunk,
-            from_app: self.app_round,
-        });
-    }
-
-    /// Moves held messages into their inboxes, in order for each port, and stalls the
-    /// ports that took nothing for `port_stall`.
-    fn deliver_held(&mut self) {
-        let now = tokio::time::Instant::now();
-        let mut full = HashSet::new();
-        let mut kept = VecDeque::new();
-        for mut h in std::mem::take(&mut self.held) {
-            if full.contains(&h.port) {
-                kept.push_back(h);
-                continue;
-            }
-            let (before, before_bytes) = (h.chunk.len(), h.chunk.bytes());
-            let offered = match self.ports.get(&h.port) {
-                Some(inbox) => inbox.offer(&mut h.chunk),
-                None => Offer::Closed,
-            };
-            // Taken, or gone with the port: either way no longer held.
-            let (done, done_bytes) = match offered {
-                Offer::Taken | Offer::Closed => (before, before_bytes),
-                Offer::Full { taken } => (taken, before_bytes - h.chunk.bytes()),
-            };
-            self.held_bytes = self.held_bytes.saturating_sub(done_bytes);
-            if h.from_app {
-                self.held_app -= done;
-                self.held_app_bytes = self.held_app_bytes.saturating_sub(done_bytes);
-            }
-            if let Some(p) = self.held_ports.get_mut(&h.port) {
-                p.count -= done;
-                if done > 0 {
-                    p.progress = now;
-                }
-                if p.count == 0 {
-                    self.held_ports.remove(&h.port);
-                }
-            }
-            if let Offer::Full { .. } = offered {
-                full.insert(h.port.clone());
-                kept.push_back(h);
-            }
-        }
-        self.held = kept;
-        let stalled: Vec<String> = self
-            .held_ports
-            .iter()
-            .filter(|(_, p)| now >= p.progress + self.port_stall)
-            .map(|(port, _)| port.clone())
-            .collect();
-        for port in stalled {
-            let dropped: usize = self
-                .held
-                .iter()
-                .filter(|h| h.port == port)
-                .map(|h| h.chunk.len())
-                .sum();
-            self.held.retain(|h| h.port != port);
-            tracing::warn!(
-                "port {} took no message for {} ms: dropped {dropped} messages for it",
-                printable(&port),
-                self.port_stall.as_millis(),
-            );
-            self.held_ports.remove(&port);
-            self.stalled.insert(port);
-            let from_app = self.held.iter().filter(|h| h.from_app);
-            self.held_app = from_app.clone().map(|h| h.chunk.len()).sum();
-            self.held_app_bytes = from_app.map(|h| h.chunk.bytes()).sum();
-            self.held_bytes = self.held.iter().map(|h| h.chunk.bytes()).sum();
-        }
-    }
-
-    /// Calls into the engine with the store, the node resource and the bindings; the
-    /// engine may have outputs and another timeout afterwards.
-    fn node_api<T>(
-        &mut self,
-        f: impl FnOnce(
-            &mut wasmtime::Store<sandbox::State>,
-            ResourceAny,
-            &crate::EngineBindings,
-        ) -> wasmtime::Result<T>,
-    ) -> wasmtime::Result<T> {
-        self.dirty = true;
-        self.due_stale = true;
-        let node = self.node;
-        let (store, b) = self.instance.parts();
-        f(store, node, b)
-    }
-
-    fn command(&mut self, cmd: Cmd) -> wasmtime::Result<()> {
-        let now = self.now();
+    fn command(&mut self, cmd: Cmd) -> Result<(), Fatal> {
         match cmd {
             Cmd::Port { name, reply } => {
-                let id =
-                    match &name {
-                        None => Ok(self
-                            .node_api(|s, n, b| b.aemp_engine_node().node().call_new_port(s, n))?),
-                        Some(name) => self
-                            .node_api(|s, n, b| {
-                                b.aemp_engine_node().node().call_register_port(s, n, name)
-                            })?
-                            .map_err(refused),
-                    };
-                let port = id.map(|id| {
-                    let (tx, rx) = inbox::inbox(self.port_capacity, self.port_bytes);
-                    self.ports.insert(id.clone(), tx);
-                    Port {
-                        id,
-                        rx,
-                        tx: self.command_sender(),
-                    }
+                let port = self.engine.port(name.as_deref())?.map(|id| Port {
+                    rx: self.deliveries.open(Target::Port(id.clone())),
+                    id,
+                    tx: self.command_sender(),
                 });
                 let _ = reply.send(port);
             }
@@ -582,7 +357,7 @@ impl Driver {
                 let send = if self.parked.is_empty() && !self.io.above(HIGH_WATER) {
                     Err(send)
                 } else {
-                    let slow = slow_nodes(&self.up, &self.io, self.max_write_total);
+                    let slow = slow_nodes(&self.up, &self.io, self.limits.max_write_total);
                     self.parked.park(send, slow)
                 };
                 if let Err(send) = send {
@@ -594,101 +369,57 @@ impl Driver {
                 reason,
                 reply,
             } => {
-                self.ports.remove(&port);
-                self.stalled.remove(&port);
-                let reason = Value::Array(reason).encode();
-                let result = self.node_api(|s, n, b| {
-                    b.aemp_engine_node()
-                        .node()
-                        .call_kill(s, n, &port, &reason, now)
-                })?;
+                let result = self.engine.kill(&port, &Value::Array(reason).encode())?;
+                self.deliveries.close(&Target::Port(port));
                 if let Some(reply) = reply {
-                    let _ = reply.send(result.map_err(refused));
+                    let _ = reply.send(result);
                 }
             }
             Cmd::Monitor { port, reply } => {
-                let result = self.node_api(|s, n, b| {
-                    b.aemp_engine_node().node().call_monitor(s, n, &port, now)
-                })?;
-                let monitor = result.map(|()| self.waiters.monitor(port));
-                let _ = reply.send(monitor.map_err(refused));
+                let monitor = self
+                    .engine
+                    .monitor(&port)?
+                    .map(|()| self.waiters.monitor(port));
+                let _ = reply.send(monitor);
             }
             Cmd::Unmonitor { port, reply } => {
-                let result = self.node_api(|s, n, b| {
-                    b.aemp_engine_node().node().call_unmonitor(s, n, &port, now)
-                })?;
+                let result = self.engine.unmonitor(&port)?;
                 self.waiters.unmonitor(&port);
-                let _ = reply.send(result.map_err(refused));
+                let _ = reply.send(result);
             }
             Cmd::WaitUp { node, reply } => {
                 let up = self.up.contains_key(&node);
                 self.waiters.wait_up(node, up, reply);
             }
             Cmd::Subscribe { topic, reply } => {
-                self.node_api(|s, n, b| {
-                    let api = b.aemp_engine_node().node();
-                    match &topic {
-                        Topic::Requests(tag) => api.call_register_handler(s, n, tag),
-                        Topic::Db(family) => api.call_db_mon(s, n, family, now),
-                    }
-                })?;
-                let (tx, rx) = inbox::inbox(self.port_capacity, self.port_bytes);
-                let inbox = topic.inbox();
+                match &topic {
+                    Topic::Requests(tag) => self.engine.register_handler(tag)?,
+                    Topic::Db(family) => self.engine.db_mon(family)?,
+                }
                 // A new handle for the same topic takes over; what was held for the old
                 // one goes to the new one.
-                self.stalled.remove(&inbox);
-                self.ports.insert(inbox, tx);
+                let rx = self.deliveries.open(Target::Topic(topic));
                 let _ = reply.send(Ok(rx));
             }
             Cmd::Unsubscribe { topic } => {
-                let inbox = topic.inbox();
                 // A handle replaced by a newer one leaves the newer one in place.
-                if self.ports.get(&inbox).is_some_and(Inbox::is_closed) {
-                    self.ports.remove(&inbox);
-                    self.stalled.remove(&inbox);
-                    if let Topic::Db(family) = &topic {
-                        self.node_api(|s, n, b| {
-                            b.aemp_engine_node().node().call_db_unmon(s, n, family, now)
-                        })?;
-                    }
+                if self.deliveries.close_if_gone(&topic)
+                    && let Topic::Db(family) = &topic
+                {
+                    self.engine.db_unmon(family)?;
                 }
             }
-            Cmd::Connect { addr } => {
-                self.node_api(|s, n, b| {
-                    b.aemp_engine_node()
-                        .node()
-                        .call_connect_addr(s, n, &addr, now)
-                })?;
-            }
+            Cmd::Connect { addr } => self.engine.connect_addr(&addr)?,
             Cmd::DbSet { family, key, value } => {
-                let value = value.encode();
-                // The value was encoded here, so the engine cannot refuse it.
-                let _ = self.node_api(|s, n, b| {
-                    b.aemp_engine_node()
-                        .node()
-                        .call_db_set(s, n, &family, &key, &value, now)
-                })?;
+                self.engine.db_set(&family, &key, &value.encode())?;
             }
-            Cmd::DbDel { family, keys } => {
-                self.node_api(|s, n, b| {
-                    b.aemp_engine_node()
-                        .node()
-                        .call_db_del(s, n, &family, &keys, now)
-                })?;
-            }
+            Cmd::DbDel { family, keys } => self.engine.db_del(&family, &keys)?,
             Cmd::DbQuery {
                 kind,
                 family,
                 reply,
             } => {
-                let id = self.node_api(|s, n, b| {
-                    let api = b.aemp_engine_node().node();
-                    match kind {
-                        DbQuery::Family => api.call_db_family(s, n, &family, now),
-                        DbQuery::Keys => api.call_db_keys(s, n, &family, now),
-                        DbQuery::Values => api.call_db_values(s, n, &family, now),
-                    }
-                })?;
+                let id = self.engine.db_query(kind, &family)?;
                 // Queries whose caller gave up waiting are forgotten here.
                 self.db_waiters.retain(|_, w| !w.is_closed());
                 self.db_waiters.insert(id, reply);
@@ -697,12 +428,12 @@ impl Driver {
                 let _ = reply.send(Ok(self.up.contains_key(&node)));
             }
             Cmd::Memory { reply } => {
-                let _ = reply.send(Ok(self.instance.memory_bytes()));
+                let _ = reply.send(Ok(self.engine.memory_bytes()));
             }
             Cmd::Pending { reply } => {
-                let queued =
-                    self.node_api(|s, n, b| b.aemp_engine_node().node().call_queued_bytes(s, n))?;
-                let _ = reply.send(Ok(self.io.pending() + queued as usize));
+                let queued = self.engine.queued_bytes()?;
+                let queued = usize::try_from(queued).unwrap_or(usize::MAX);
+                let _ = reply.send(Ok(self.io.pending().saturating_add(queued)));
             }
             Cmd::Shutdown { reply } => self.shutdown = Some(reply),
         }
@@ -716,41 +447,27 @@ impl Driver {
         self.cmd_tx.upgrade().unwrap_or_else(|| channel(1).0)
     }
 
-    /// Acts on everything the engine has to say, until it has nothing more. (Each
-    /// `poll-outputs` takes all the engine has; acting on them may call it again.)
-    fn flush(&mut self) -> wasmtime::Result<()> {
-        while self.dirty {
-            self.dirty = false;
-            let (store, b) = self.instance.parts();
-            let outputs = b
-                .aemp_engine_node()
-                .node()
-                .call_poll_outputs(store, self.node)?;
-            for output in outputs {
-                self.output(output)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn output(&mut self, output: wit_node::NodeOutput) -> wasmtime::Result<()> {
+    fn output(&mut self, output: wit_node::NodeOutput) -> Result<(), Fatal> {
         use wit_node::NodeOutput as O;
         match output {
             O::Transmit(t) => {
                 let conn = t.conn;
-                let over = |q: usize| q > self.max_write_queue;
+                let max = self.limits.max_write_queue;
+                let over = |q: usize| q > max;
                 // Past the limit, what the socket takes now may still bring it under.
                 if self.io.queue(conn, t.bytes).is_some_and(over) && over(self.io.write_now(conn)) {
-                    let reason = format!(
-                        "peer does not read: more than {} bytes waiting",
-                        self.max_write_queue
-                    );
+                    let reason = format!("peer does not read: more than {max} bytes waiting");
                     self.cut_off(conn, &reason)?;
                 }
             }
             O::Connect(c) => {
                 self.dialing.insert(c.conn);
-                io::spawn_connect(c.conn, c.addr, self.monitor_timeout, self.dial_tx.clone());
+                io::spawn_connect(
+                    c.conn,
+                    c.addr,
+                    self.limits.monitor_timeout,
+                    self.dial_tx.clone(),
+                );
             }
             O::StartTls(t) => {
                 let role = match t.role {
@@ -767,7 +484,7 @@ impl Driver {
             }
             O::Deliver(d) => {
                 let chunk = Chunk::from_sizes(d.data, &d.sizes);
-                self.deliver(&d.port, chunk);
+                self.deliveries.deliver_port(&d.port, chunk);
             }
             O::NodeUp(wit_node::NodeUp { node, conn }) => {
                 tracing::info!("{} is up", printable(&node));
@@ -791,8 +508,9 @@ impl Driver {
                 });
             }
             O::Request(r) => {
-                let inbox = Topic::Requests(r.tag).inbox();
-                self.deliver(&inbox, Chunk::single(r.message));
+                let topic = Topic::Requests(r.tag);
+                self.deliveries
+                    .deliver_topic(&topic, Chunk::single(r.message));
             }
             O::DbReply(r) => {
                 if let Some(waiter) = self.db_waiters.remove(&r.id) {
@@ -800,8 +518,9 @@ impl Driver {
                 }
             }
             O::DbChange(c) => {
-                let inbox = Topic::Db(c.family).inbox();
-                self.deliver(&inbox, Chunk::single(c.change));
+                let topic = Topic::Db(c.family);
+                self.deliveries
+                    .deliver_topic(&topic, Chunk::single(c.change));
             }
             O::Log(l) => match l.level {
                 wit_node::LogLevel::Error => tracing::error!("{}", l.message),
@@ -813,6 +532,7 @@ impl Driver {
         Ok(())
     }
 }
+
 /// Which nodes the application's sends must wait for: those whose connection has more
 /// than [`HIGH_WATER`] bytes waiting, and every node while all connections together have
 /// more than half of `max_write_total` waiting.
@@ -825,48 +545,5 @@ fn slow_nodes<'a>(
     move |node| {
         up.get(node)
             .is_some_and(|&conn| all_behind || io.pending_of(conn) > HIGH_WATER)
-    }
-}
-
-impl Refusal {
-    fn from_wit(kind: wit::RefusalKind) -> Refusal {
-        use wit::RefusalKind as K;
-        match kind {
-            K::InvalidPortId => Refusal::InvalidPortId,
-            K::PortExists => Refusal::PortExists,
-            K::QueueFull => Refusal::QueueFull,
-            K::BudgetExhausted => Refusal::BudgetExhausted,
-            K::NotConnected => Refusal::NotConnected,
-            K::Closed => Refusal::Closed,
-            K::TooLarge => Refusal::TooLarge,
-            K::TooDeep => Refusal::TooDeep,
-            K::NotAnArray => Refusal::NotAnArray,
-            K::Malformed => Refusal::Malformed,
-            K::NotJson => Refusal::NotJson,
-            K::InvalidConfig => Refusal::InvalidConfig,
-        }
-    }
-}
-
-/// The engine's refusal of one call.
-pub(super) fn refused(r: wit::Refusal) -> NodeError {
-    NodeError::Refused {
-        kind: Refusal::from_wit(r.kind),
-        message: r.message,
-    }
-}
-
-/// The engine's refusal of a batch: partial when some messages went out first.
-pub(super) fn send_refused(e: wit::SendError) -> NodeError {
-    let cause = refused(wit::Refusal {
-        kind: e.kind,
-        message: e.message,
-    });
-    match e.index {
-        0 => cause,
-        sent => NodeError::Partial {
-            sent: sent as usize,
-            cause: Box::new(cause),
-        },
     }
 }

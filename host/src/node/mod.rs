@@ -62,7 +62,9 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, broadcast, oneshot, watch};
 
 mod builder;
+mod deliver;
 mod driver;
+mod engine;
 mod inbox;
 mod io;
 mod parked;

@@ -151,17 +151,6 @@ pub(super) enum Topic {
     Db(String),
 }
 
-impl Topic {
-    /// The key of its inbox among the driver's ports. Local port ids are `NODE#NAME`, so
-    /// a key starting with a control character never names a port.
-    pub(super) fn inbox(&self) -> String {
-        match self {
-            Topic::Requests(tag) => format!("\u{1}request {tag}"),
-            Topic::Db(family) => format!("\u{1}db {family}"),
-        }
-    }
-}
-
 /// Tells the driver a handle is gone; a drop cannot wait, so when the command queue is
 /// full a task waits for room (one per handle).
 fn unsubscribe(tx: &Sender<Cmd>, topic: Topic) {

@@ -1,0 +1,325 @@
+//! The node's engine instance as one typed value: every call of the WIT `node` resource
+//! as a method, with the state that goes with calling it (whether it may have outputs,
+//! when it wants its timeout), as [`crate::sandbox::Instance`] does for the transport.
+//!
+//! Refusals leave here as [`NodeError`]s; a `wasmtime::Error` means the instance itself
+//! failed (a trap, a limit) and the node stops.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceAny;
+
+use super::{DbQuery, NodeError, Refusal};
+use crate::sandbox::{self, Instance, wit, wit_node};
+
+/// A call into the instance that failed: the node cannot go on.
+pub(super) type Fatal = wasmtime::Error;
+
+/// One node resource in its own instance.
+pub(super) struct Engine {
+    instance: Instance,
+    node: ResourceAny,
+    /// The origin of the engine's clock (its `now-ms` is milliseconds since).
+    started: Instant,
+    /// The engine was called since its outputs were last taken: it may have some. (Every
+    /// call counts in a round trip's time, so outputs are asked for only when this is set.)
+    dirty: bool,
+    /// The engine was called since `due` was asked.
+    due_stale: bool,
+    /// When the engine wants `handle-timeout`, as of the last time it was asked.
+    due: Option<tokio::time::Instant>,
+}
+
+/// The node id a template stands for on this host (`%n`, `%u`, a trailing `/`).
+pub(super) fn expand_node_id(
+    instance: &mut Instance,
+    template: &str,
+    hostname: &str,
+) -> Result<String, NodeError> {
+    let (store, b) = instance.parts();
+    b.aemp_engine_node()
+        .call_expand_node_id(store, template, hostname)
+        .map_err(stopped)
+}
+
+/// The engine's defaults for a node called `node_id`.
+pub(super) fn default_config(
+    instance: &mut Instance,
+    node_id: &str,
+) -> Result<wit_node::NodeConfig, NodeError> {
+    let (store, b) = instance.parts();
+    b.aemp_engine_node()
+        .call_default_node_config(store, node_id)
+        .map_err(stopped)
+}
+
+/// A failed instance as the application sees it.
+fn stopped(e: Fatal) -> NodeError {
+    NodeError::Stopped(sandbox::describe(&e))
+}
+
+impl Engine {
+    /// Creates the node in `instance`; its clock starts now.
+    pub(super) fn create(
+        mut instance: Instance,
+        config: &wit_node::NodeConfig,
+    ) -> Result<Engine, NodeError> {
+        let (store, b) = instance.parts();
+        let node = b
+            .aemp_engine_node()
+            .node()
+            .call_create(store, config, 0)
+            .map_err(stopped)?
+            .map_err(|r| NodeError::Config(r.message))?;
+        Ok(Engine {
+            instance,
+            node,
+            started: Instant::now(),
+            dirty: true,
+            due_stale: true,
+            due: None,
+        })
+    }
+
+    /// Milliseconds on the engine's clock.
+    pub(super) fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Bytes of linear memory the instance holds.
+    pub(super) fn memory_bytes(&self) -> usize {
+        self.instance.memory_bytes()
+    }
+
+    /// Calls the node resource; afterwards it may have outputs and another deadline.
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(
+            &mut wasmtime::Store<sandbox::State>,
+            ResourceAny,
+            &wit_node::GuestNode,
+        ) -> wasmtime::Result<T>,
+    ) -> Result<T, Fatal> {
+        self.dirty = true;
+        self.due_stale = true;
+        let node = self.node;
+        let (store, b) = self.instance.parts();
+        f(store, node, &b.aemp_engine_node().node())
+    }
+
+    /// When the engine wants [`Engine::handle_timeout`], if ever (asked again only after a
+    /// call since the last time).
+    pub(super) fn deadline(&mut self) -> Result<Option<tokio::time::Instant>, Fatal> {
+        if self.due_stale {
+            let (store, b) = self.instance.parts();
+            let due = b
+                .aemp_engine_node()
+                .node()
+                .call_poll_timeout(store, self.node)?;
+            self.due = due.map(|ms| (self.started + Duration::from_millis(ms)).into());
+            self.due_stale = false;
+        }
+        Ok(self.due)
+    }
+
+    /// Everything the engine has to say since it was last asked, or `None` when it was
+    /// not called since (and so has nothing).
+    pub(super) fn poll_outputs(&mut self) -> Result<Option<Vec<wit_node::NodeOutput>>, Fatal> {
+        if !self.dirty {
+            return Ok(None);
+        }
+        self.dirty = false;
+        let (store, b) = self.instance.parts();
+        let outputs = b
+            .aemp_engine_node()
+            .node()
+            .call_poll_outputs(store, self.node)?;
+        Ok(Some(outputs))
+    }
+
+    /// The clock reached the engine's deadline.
+    pub(super) fn handle_timeout(&mut self) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_handle_timeout(s, n, now))
+    }
+
+    /// A socket from `peer` was accepted; returns its connection id.
+    pub(super) fn handle_accept(&mut self, peer: &str) -> Result<u64, Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_handle_accept(s, n, peer, now))
+    }
+
+    /// What one round read from the connections, in one call.
+    pub(super) fn handle_inputs(&mut self, inputs: &[(u64, Vec<u8>)]) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_handle_inputs(s, n, inputs, now))
+    }
+
+    /// The peer of `conn` closed its side.
+    pub(super) fn handle_eof(&mut self, conn: u64) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_handle_eof(s, n, conn, now))
+    }
+
+    /// The host closed `conn` because its socket failed (or its peer does not read).
+    pub(super) fn handle_conn_error(&mut self, conn: u64, reason: &str) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_handle_conn_error(s, n, conn, reason, now))
+    }
+
+    /// The connect the engine asked for on `conn` succeeded.
+    pub(super) fn handle_connected(&mut self, conn: u64) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_handle_connected(s, n, conn, now))
+    }
+
+    /// The connect the engine asked for on `conn` failed.
+    pub(super) fn handle_connect_failed(&mut self, conn: u64, reason: &str) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_handle_connect_failed(s, n, conn, reason, now))
+    }
+
+    /// Dials `addr` without knowing the node there.
+    pub(super) fn connect_addr(&mut self, addr: &str) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_connect_addr(s, n, addr, now))?;
+        Ok(())
+    }
+
+    /// A local port: a fresh unique one without `name`.
+    pub(super) fn port(&mut self, name: Option<&str>) -> Result<Result<String, NodeError>, Fatal> {
+        match name {
+            None => self.call(|s, n, api| api.call_new_port(s, n)).map(Ok),
+            Some(name) => Ok(self
+                .call(|s, n, api| api.call_register_port(s, n, name))?
+                .map_err(refused)),
+        }
+    }
+
+    /// Sends a batch; stops at the first refusal.
+    pub(super) fn send(&mut self, batch: &wit_node::Batch) -> Result<Result<(), NodeError>, Fatal> {
+        let now = self.now();
+        Ok(self
+            .call(|s, n, api| api.call_send(s, n, batch, now))?
+            .map_err(send_refused))
+    }
+
+    /// Kills a port with `reason` (a CBOR array).
+    pub(super) fn kill(
+        &mut self,
+        port: &str,
+        reason: &[u8],
+    ) -> Result<Result<(), NodeError>, Fatal> {
+        let now = self.now();
+        Ok(self
+            .call(|s, n, api| api.call_kill(s, n, port, reason, now))?
+            .map_err(refused))
+    }
+
+    pub(super) fn monitor(&mut self, port: &str) -> Result<Result<(), NodeError>, Fatal> {
+        let now = self.now();
+        Ok(self
+            .call(|s, n, api| api.call_monitor(s, n, port, now))?
+            .map_err(refused))
+    }
+
+    pub(super) fn unmonitor(&mut self, port: &str) -> Result<Result<(), NodeError>, Fatal> {
+        let now = self.now();
+        Ok(self
+            .call(|s, n, api| api.call_unmonitor(s, n, port, now))?
+            .map_err(refused))
+    }
+
+    /// Node-port requests with `tag` go to the application from now on.
+    pub(super) fn register_handler(&mut self, tag: &str) -> Result<(), Fatal> {
+        self.call(|s, n, api| api.call_register_handler(s, n, tag))
+    }
+
+    /// Sets `key` of `family` to `value` (one CBOR item, as [`aemp_engine::Value`]
+    /// encodes it, so the engine has no reason to refuse it).
+    pub(super) fn db_set(&mut self, family: &str, key: &str, value: &[u8]) -> Result<(), Fatal> {
+        let now = self.now();
+        let refused = self.call(|s, n, api| api.call_db_set(s, n, family, key, value, now))?;
+        if let Err(r) = refused {
+            tracing::warn!("the engine refused a database value: {}", r.message);
+        }
+        Ok(())
+    }
+
+    pub(super) fn db_del(&mut self, family: &str, keys: &[String]) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_db_del(s, n, family, keys, now))
+    }
+
+    /// Asks the database; the answer comes as a `db-reply` output with the id returned.
+    pub(super) fn db_query(&mut self, kind: DbQuery, family: &str) -> Result<String, Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| match kind {
+            DbQuery::Family => api.call_db_family(s, n, family, now),
+            DbQuery::Keys => api.call_db_keys(s, n, family, now),
+            DbQuery::Values => api.call_db_values(s, n, family, now),
+        })
+    }
+
+    /// Changes of `family` come as `db-change` outputs from now on.
+    pub(super) fn db_mon(&mut self, family: &str) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_db_mon(s, n, family, now))
+    }
+
+    pub(super) fn db_unmon(&mut self, family: &str) -> Result<(), Fatal> {
+        let now = self.now();
+        self.call(|s, n, api| api.call_db_unmon(s, n, family, now))
+    }
+
+    /// Bytes of messages waiting for nodes that are not connected yet.
+    pub(super) fn queued_bytes(&mut self) -> Result<u64, Fatal> {
+        let (store, b) = self.instance.parts();
+        b.aemp_engine_node()
+            .node()
+            .call_queued_bytes(store, self.node)
+    }
+}
+
+impl Refusal {
+    fn from_wit(kind: wit::RefusalKind) -> Refusal {
+        use wit::RefusalKind as K;
+        match kind {
+            K::InvalidPortId => Refusal::InvalidPortId,
+            K::PortExists => Refusal::PortExists,
+            K::QueueFull => Refusal::QueueFull,
+            K::BudgetExhausted => Refusal::BudgetExhausted,
+            K::NotConnected => Refusal::NotConnected,
+            K::Closed => Refusal::Closed,
+            K::TooLarge => Refusal::TooLarge,
+            K::TooDeep => Refusal::TooDeep,
+            K::NotAnArray => Refusal::NotAnArray,
+            K::Malformed => Refusal::Malformed,
+            K::NotJson => Refusal::NotJson,
+            K::InvalidConfig => Refusal::InvalidConfig,
+        }
+    }
+}
+
+/// The engine's refusal of one call.
+fn refused(r: wit::Refusal) -> NodeError {
+    NodeError::Refused {
+        kind: Refusal::from_wit(r.kind),
+        message: r.message,
+    }
+}
+
+/// The engine's refusal of a batch: partial when some messages went out first.
+fn send_refused(e: wit::SendError) -> NodeError {
+    let cause = refused(wit::Refusal {
+        kind: e.kind,
+        message: e.message,
+    });
+    match e.index {
+        0 => cause,
+        sent => NodeError::Partial {
+            sent: sent as usize,
+            cause: Box::new(cause),
+        },
+    }
+}
