@@ -9,7 +9,8 @@ use exports::aemp::engine::transport as wit;
 
 use crate::{
     AuthMethod, Config, ConfigError, Connection, Error, Framing, Limits, LogLevel, MessageError,
-    NONCE_LEN, Node, NodeConfig, NodeError, NodeOutput, Output, SendError, TlsRole, Verdict, batch,
+    NONCE_LEN, Node, NodeConfig, NodeError, NodeOutput, Output, RefusalKind, SendError, TlsRole,
+    Verdict, batch,
 };
 
 wit_bindgen::generate!({
@@ -462,36 +463,35 @@ enum Refused<'a> {
 
 /// The kind and message of a refusal, as the WIT carries them.
 fn refusal(e: Refused) -> wit::Refusal {
-    use wit::RefusalKind as K;
-    let message_kind = |m: &MessageError| match m {
-        MessageError::TooLarge(_) => K::TooLarge,
-        MessageError::TooDeep(_) => K::TooDeep,
-        MessageError::NotAnArray => K::NotAnArray,
-        MessageError::Malformed { .. } => K::Malformed,
-        MessageError::NotJson(_) => K::NotJson,
-    };
     let (kind, message) = match e {
-        Refused::Config(e) => (K::InvalidConfig, e.to_string()),
-        Refused::Send(e) => (
-            match e {
-                SendError::NotConnected => K::NotConnected,
-                SendError::Closed => K::Closed,
-                SendError::Message(m) => message_kind(m),
-            },
-            e.to_string(),
-        ),
-        Refused::Node(e) => (
-            match e {
-                NodeError::InvalidPortId(_) => K::InvalidPortId,
-                NodeError::QueueFull(_) => K::QueueFull,
-                NodeError::BudgetExhausted(_) | NodeError::TooManyNodes(..) => K::BudgetExhausted,
-                NodeError::PortExists(_) => K::PortExists,
-                NodeError::Message(m) => message_kind(m),
-            },
-            e.to_string(),
-        ),
+        Refused::Config(e) => (e.refusal_kind(), e.to_string()),
+        Refused::Send(e) => (e.refusal_kind(), e.to_string()),
+        Refused::Node(e) => (e.refusal_kind(), e.to_string()),
     };
-    wit::Refusal { kind, message }
+    wit::Refusal {
+        kind: kind.into(),
+        message,
+    }
+}
+
+impl From<RefusalKind> for wit::RefusalKind {
+    fn from(kind: RefusalKind) -> wit::RefusalKind {
+        use wit::RefusalKind as K;
+        match kind {
+            RefusalKind::InvalidConfig => K::InvalidConfig,
+            RefusalKind::InvalidPortId => K::InvalidPortId,
+            RefusalKind::PortExists => K::PortExists,
+            RefusalKind::QueueFull => K::QueueFull,
+            RefusalKind::BudgetExhausted => K::BudgetExhausted,
+            RefusalKind::NotConnected => K::NotConnected,
+            RefusalKind::Closed => K::Closed,
+            RefusalKind::TooLarge => K::TooLarge,
+            RefusalKind::TooDeep => K::TooDeep,
+            RefusalKind::NotAnArray => K::NotAnArray,
+            RefusalKind::Malformed => K::Malformed,
+            RefusalKind::NotJson => K::NotJson,
+        }
+    }
 }
 
 /// `send` stopped at message `index`: the ones before it were queued.

@@ -139,6 +139,69 @@ pub enum ConfigError {
     InvalidGreetingValue(String),
 }
 
+/// What kind of refusal an application's call met: the error enums below (and the
+/// node's) flattened, for hosts to match on. The WIT `refusal-kind` carries it across
+/// the component boundary and the Rust host re-exports it as `Refusal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefusalKind {
+    /// The configuration is invalid.
+    InvalidConfig,
+    /// Port ids are `NODE#NAME`.
+    InvalidPortId,
+    /// A local port of that name exists already.
+    PortExists,
+    /// The destination node is not connected and its queue is full.
+    QueueFull,
+    /// Queueing would take the node past its memory budget for peers.
+    BudgetExhausted,
+    /// The connection has not completed its handshake.
+    NotConnected,
+    /// The connection is closed.
+    Closed,
+    /// The message is larger than the maximum message size.
+    TooLarge,
+    /// The message is nested deeper than the limit.
+    TooDeep,
+    /// A message must be an array `[PORT, ARGS...]`.
+    NotAnArray,
+    /// Not one well-formed CBOR item.
+    Malformed,
+    /// The value has no JSON form, for a peer that speaks json.
+    NotJson,
+}
+
+impl MessageError {
+    /// The kind of refusal this is.
+    pub fn refusal_kind(&self) -> RefusalKind {
+        match self {
+            MessageError::TooLarge(_) => RefusalKind::TooLarge,
+            MessageError::TooDeep(_) => RefusalKind::TooDeep,
+            MessageError::NotAnArray => RefusalKind::NotAnArray,
+            MessageError::Malformed { .. } => RefusalKind::Malformed,
+            MessageError::NotJson(_) => RefusalKind::NotJson,
+        }
+    }
+}
+
+impl SendError {
+    /// The kind of refusal this is.
+    pub fn refusal_kind(&self) -> RefusalKind {
+        match self {
+            SendError::NotConnected => RefusalKind::NotConnected,
+            SendError::Closed => RefusalKind::Closed,
+            SendError::Message(m) => m.refusal_kind(),
+        }
+    }
+}
+
+impl ConfigError {
+    /// The kind of refusal this is (always [`RefusalKind::InvalidConfig`]).
+    pub fn refusal_kind(&self) -> RefusalKind {
+        RefusalKind::InvalidConfig
+    }
+}
+
 /// `text` with control characters (newlines, escape sequences, ...) escaped as Rust
 /// escapes them (`\n`, `\u{1b}`): for putting peer-controlled text (node ids, tags,
 /// greeting words, reasons) into a log line.

@@ -24,7 +24,7 @@ pub use auth::AuthMethod;
 pub use batch::Delivery;
 pub use config::Config;
 pub use connection::{Connection, Output, Session, TlsRole, Verdict};
-pub use error::{ConfigError, Error, MessageError, SendError, printable};
+pub use error::{ConfigError, Error, MessageError, RefusalKind, SendError, printable};
 pub use framing::{Framing, Limits, split_sequence};
 pub use greeting::{Greeting, NONCE_LEN};
 pub use node::{ConnId, GlobalLimits, LogLevel, Node, NodeConfig, NodeError, NodeOutput};

@@ -24,7 +24,7 @@ pub use seed::GlobalLimits;
 use crate::batch::Delivery;
 use crate::config::Config;
 use crate::connection::{Connection, Output, TlsRole, Verdict};
-use crate::error::{ConfigError, Error, MessageError};
+use crate::error::{ConfigError, Error, MessageError, RefusalKind};
 use crate::framing::Checker;
 use crate::greeting::NONCE_LEN;
 use crate::value::Value;
@@ -190,6 +190,21 @@ pub enum NodeError {
     /// The message is unacceptable.
     #[error(transparent)]
     Message(#[from] MessageError),
+}
+
+impl NodeError {
+    /// The kind of refusal this is.
+    pub fn refusal_kind(&self) -> RefusalKind {
+        match self {
+            NodeError::InvalidPortId(_) => RefusalKind::InvalidPortId,
+            NodeError::QueueFull(_) => RefusalKind::QueueFull,
+            NodeError::BudgetExhausted(_) | NodeError::TooManyNodes(..) => {
+                RefusalKind::BudgetExhausted
+            }
+            NodeError::PortExists(_) => RefusalKind::PortExists,
+            NodeError::Message(m) => m.refusal_kind(),
+        }
+    }
 }
 
 /// Hashes connection ids for the node's table of connections. The node hands the ids

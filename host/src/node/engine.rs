@@ -281,30 +281,29 @@ impl Engine {
     }
 }
 
-impl Refusal {
-    fn from_wit(kind: wit::RefusalKind) -> Refusal {
-        use wit::RefusalKind as K;
-        match kind {
-            K::InvalidPortId => Refusal::InvalidPortId,
-            K::PortExists => Refusal::PortExists,
-            K::QueueFull => Refusal::QueueFull,
-            K::BudgetExhausted => Refusal::BudgetExhausted,
-            K::NotConnected => Refusal::NotConnected,
-            K::Closed => Refusal::Closed,
-            K::TooLarge => Refusal::TooLarge,
-            K::TooDeep => Refusal::TooDeep,
-            K::NotAnArray => Refusal::NotAnArray,
-            K::Malformed => Refusal::Malformed,
-            K::NotJson => Refusal::NotJson,
-            K::InvalidConfig => Refusal::InvalidConfig,
-        }
+/// The engine's kind of refusal, back from its WIT form.
+fn refusal_kind(kind: wit::RefusalKind) -> Refusal {
+    use wit::RefusalKind as K;
+    match kind {
+        K::InvalidPortId => Refusal::InvalidPortId,
+        K::PortExists => Refusal::PortExists,
+        K::QueueFull => Refusal::QueueFull,
+        K::BudgetExhausted => Refusal::BudgetExhausted,
+        K::NotConnected => Refusal::NotConnected,
+        K::Closed => Refusal::Closed,
+        K::TooLarge => Refusal::TooLarge,
+        K::TooDeep => Refusal::TooDeep,
+        K::NotAnArray => Refusal::NotAnArray,
+        K::Malformed => Refusal::Malformed,
+        K::NotJson => Refusal::NotJson,
+        K::InvalidConfig => Refusal::InvalidConfig,
     }
 }
 
 /// The engine's refusal of one call.
 fn refused(r: wit::Refusal) -> NodeError {
     NodeError::Refused {
-        kind: Refusal::from_wit(r.kind),
+        kind: refusal_kind(r.kind),
         message: r.message,
     }
 }

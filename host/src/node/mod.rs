@@ -139,35 +139,9 @@ pub enum NodeError {
     Cancelled,
 }
 
-/// What the engine refused a call for (the kinds of [`NodeError::Refused`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Refusal {
-    /// Port ids are `NODE#NAME`.
-    InvalidPortId,
-    /// A local port of that name exists already.
-    PortExists,
-    /// The destination node is not connected and its queue is full.
-    QueueFull,
-    /// Queueing would take the node past its memory budget for peers.
-    BudgetExhausted,
-    /// The connection has not completed its handshake.
-    NotConnected,
-    /// The connection is closed.
-    Closed,
-    /// The message is larger than the maximum message size.
-    TooLarge,
-    /// The message is nested deeper than the limit.
-    TooDeep,
-    /// A message must be an array `[PORT, ARGS...]`.
-    NotAnArray,
-    /// Not one well-formed CBOR item.
-    Malformed,
-    /// The value has no JSON form, for a peer that speaks json.
-    NotJson,
-    /// The configuration is invalid.
-    InvalidConfig,
-}
+/// What the engine refused a call for (the kinds of [`NodeError::Refused`]): the engine's
+/// own [`aemp_engine::RefusalKind`].
+pub use aemp_engine::RefusalKind as Refusal;
 
 /// Something that happened to the node, for observers ([`Node::events`]). A subscriber
 /// that falls more than 1024 events behind misses some (it is told so with
