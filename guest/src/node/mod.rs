@@ -507,7 +507,7 @@ impl Node {
             return;
         };
         let max = self.config.max_buffered_bytes;
-        let others = self.buffered_bytes() - held;
+        let others = self.buffered_bytes().saturating_sub(held);
         if let Some(t) = self.transport(conn) {
             if others.saturating_add(t.buffered_after(data.len())) > max {
                 t.abort(Error::NodeBudgetExhausted(max));
@@ -539,7 +539,10 @@ impl Node {
             self.peers.values().map(|p| p.queued_bytes).sum::<usize>()
         );
         let outputs: usize = self.outputs.iter().map(NodeOutput::buffered_bytes).sum();
-        self.conns_held + self.queued_held + self.deferred.held() + outputs
+        self.conns_held
+            .saturating_add(self.queued_held)
+            .saturating_add(self.deferred.held())
+            .saturating_add(outputs)
     }
 
     /// The peer closed `conn`.
@@ -920,7 +923,7 @@ impl Node {
             return;
         };
         let now = c.transport.as_ref().map_or(0, Connection::buffered_bytes);
-        self.conns_held = self.conns_held - c.held + now;
+        self.conns_held = self.conns_held.saturating_sub(c.held).saturating_add(now);
         c.held = now;
     }
 
@@ -928,7 +931,7 @@ impl Node {
     fn remove_conn(&mut self, conn: ConnId) -> Option<Conn> {
         let c = self.conns.remove(&conn)?;
         self.deferred.remove(conn);
-        self.conns_held -= c.held;
+        self.conns_held = self.conns_held.saturating_sub(c.held);
         if let Some(seq) = c.handshake {
             self.handshakes.remove(seq);
         }
@@ -974,7 +977,7 @@ impl Node {
             return;
         };
         self.last_route.1 = None;
-        self.queued_held -= peer.queued_bytes;
+        self.queued_held = self.queued_held.saturating_sub(peer.queued_bytes);
         self.global.forget_find(node);
         let prefix = format!("{node}#");
         let fired: Vec<String> = self
@@ -1046,7 +1049,9 @@ impl Node {
         self.last_route.1 = None;
         peer.connecting = None;
         let queue = std::mem::take(&mut peer.queue);
-        self.queued_held -= std::mem::take(&mut peer.queued_bytes);
+        self.queued_held = self
+            .queued_held
+            .saturating_sub(std::mem::take(&mut peer.queued_bytes));
         self.outputs.push_back(NodeOutput::NodeUp {
             node: node.clone(),
             conn,
@@ -1093,7 +1098,10 @@ impl Node {
 
     /// Room left in the budget for more transmits before the host polls.
     fn output_room(&self) -> usize {
-        let held = self.conns_held + self.queued_held + self.deferred.held();
+        let held = self
+            .conns_held
+            .saturating_add(self.queued_held)
+            .saturating_add(self.deferred.held());
         self.config
             .max_buffered_bytes
             .saturating_sub(held)
@@ -1193,7 +1201,7 @@ impl Node {
         }
         let max = self.config.max_queue_bytes;
         let peer = self.peers.entry(node.to_owned()).or_default();
-        if peer.queued_bytes + message.len() > max {
+        if peer.queued_bytes.saturating_add(message.len()) > max {
             return Err(NodeError::QueueFull(node.to_owned()));
         }
         let budget = self.config.max_buffered_bytes;
@@ -1201,8 +1209,8 @@ impl Node {
             return Err(NodeError::BudgetExhausted(budget));
         }
         let peer = self.peers.entry(node.to_owned()).or_default();
-        peer.queued_bytes += message.len();
-        self.queued_held += message.len();
+        peer.queued_bytes = peer.queued_bytes.saturating_add(message.len());
+        self.queued_held = self.queued_held.saturating_add(message.len());
         peer.queue.push_back(message.to_vec());
         self.connect(node, now);
         Ok(())
