@@ -27,6 +27,8 @@ pub use connection::{Connection, Output, Session, TlsRole, Verdict};
 pub use error::{ConfigError, Error, MessageError, RefusalKind, SendError, printable};
 pub use framing::{Framing, Limits, split_sequence};
 pub use greeting::{Greeting, NONCE_LEN};
-pub use node::{ConnId, GlobalLimits, LogLevel, Node, NodeConfig, NodeError, NodeOutput};
+pub use node::{
+    ConnId, GlobalLimits, LogLevel, Node, NodeConfig, NodeError, NodeOutput, REQUEST_TAGS,
+};
 pub use protocol::{PROTOCOL_VERSION, PROVIDER};
 pub use value::{DecodeError, Value};

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 pub use ids::{expand_node_id, split_port_id};
+pub use request::REQUEST_TAGS;
 pub use seed::GlobalLimits;
 
 use crate::batch::Delivery;

@@ -165,6 +165,35 @@ pub(crate) enum RequestError {
     },
 }
 
+/// Every tag [`parse`] understands (the fuzz target sends each of them; a test checks
+/// that none of them falls through to [`Request::Other`]).
+pub const REQUEST_TAGS: &[&str] = &[
+    "",
+    "devnull",
+    "mon1",
+    "mon0",
+    "kil0",
+    "kil1",
+    "snd",
+    "can",
+    "time",
+    "eval",
+    "g_global",
+    "g_reply",
+    "g_found",
+    "g_chg1",
+    "g_chg2",
+    "g_slave",
+    "g_set",
+    "g_upd",
+    "g_find",
+    "g_db_family",
+    "g_db_keys",
+    "g_db_values",
+    "g_mon1",
+    "g_mon0",
+];
+
 /// Parses `[TAG, ARGS...]`, the node-port message without its port.
 pub(crate) fn parse(args: &[u8]) -> Result<Request, RequestError> {
     let Value::Array(items) = Value::decode_within(args, MAX_REQUEST_ITEMS)? else {
@@ -337,6 +366,22 @@ fn database(value: &Value) -> BTreeMap<String, Entries> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_tag_is_parsed_and_no_other() {
+        // Arguments enough for every tag that needs some.
+        let args = || (0..4).map(|_| Value::Text("x#y".into()));
+        for tag in REQUEST_TAGS {
+            let items = std::iter::once(Value::Text((*tag).into())).chain(args());
+            let parsed = parse(&Value::Array(items.collect()).encode());
+            assert!(
+                !matches!(parsed, Ok(Request::Other { .. })),
+                "{tag:?} is listed but not parsed: {parsed:?}"
+            );
+        }
+        let other = Value::Array(vec![Value::Text("handled".into())]).encode();
+        assert!(matches!(parse(&other), Ok(Request::Other { .. })));
+    }
 
     fn t(s: &str) -> Value {
         Value::text(s)
