@@ -53,7 +53,7 @@ func NewRuntime(ctx context.Context, wasm []byte) (*Runtime, error) {
 			NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(resourceNew),
 			[]api.ValueType{api.ValueTypeI32}, []api.ValueType{api.ValueTypeI32}).Export("[resource-new]"+res.name).
 			NewFunctionBuilder().WithGoModuleFunction(api.GoModuleFunc(resourceDrop),
-			[]api.ValueType{api.ValueTypeI32}, nil).Export("[resource-drop]"+res.name).
+			[]api.ValueType{api.ValueTypeI32}, nil).Export("[resource-drop]" + res.name).
 			Instantiate(ctx)
 		if err != nil {
 			return nil, err
