@@ -582,3 +582,13 @@ func (n *Node) PollOutputs() (out []Output, err error) {
 	}, n.rep)
 	return
 }
+
+// IsUp calls is-up.
+func (n *Node) IsUp(node string) (bool, error) {
+	p, l := n.in.str(node)
+	res, err := n.in.fn(n.method("is-up")).Call(n.in.ctx, n.rep, p, l)
+	if err != nil {
+		return false, fmt.Errorf("%w: is-up: %v", ErrTrap, err)
+	}
+	return res[0] != 0, nil
+}
