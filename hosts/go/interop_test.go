@@ -4,10 +4,12 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 )
@@ -108,4 +110,70 @@ func toInt(v any) int64 {
 		return int64(x)
 	}
 	return -1
+}
+
+// A wrong secret is refused with the reference implementation's text, and the node is
+// never up.
+func TestWrongSecretRefused(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-secret", "shared", "cbor")
+	logs := make(chan string, 100)
+	n, err := Start(ctx, Config{NodeID: "go-wrong", Secret: "other", Seeds: []string{addr},
+		Log: func(_ int, msg string) {
+			select {
+			case logs <- msg:
+			default:
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	for {
+		select {
+		case msg := <-logs:
+			if strings.Contains(msg, "authentication failure/shared secret mismatch") {
+				wctx, wcancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				defer wcancel()
+				if err := n.WaitUp(wctx, "rust-secret"); !errors.Is(err, context.DeadlineExceeded) {
+					t.Fatalf("node up with a wrong secret: %v", err)
+				}
+				return
+			}
+		case <-ctx.Done():
+			t.Fatal("no authentication failure logged")
+		}
+	}
+}
+
+// A Rust node connects to the Go node's listener (the Go node as the server side).
+func TestRustConnectsToGo(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	n, err := Start(ctx, Config{NodeID: "go-server", Secret: "shared", Binds: []string{"127.0.0.1:0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	p, err := n.RegisterPort(ctx, "inbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	rc, _ := json.Marshal(map[string]string{"secret": "shared"})
+	os.WriteFile(filepath.Join(dir, "rc"), rc, 0o600)
+	cmd := exec.CommandContext(ctx, aempBin(t), "snd", "go-server#inbox", `"from rust"`, "7", "--connect", n.Addrs()[0])
+	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("aemp snd: %v\n%s", err, out)
+	}
+	m, err := p.Recv(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A bare CLI argument is a string, a JSON-quoted one its JSON value.
+	if len(m) != 2 || m[0] != "from rust" || m[1] != "7" {
+		t.Fatalf("got %#v", m)
+	}
 }

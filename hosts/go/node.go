@@ -27,6 +27,9 @@ type Config struct {
 	Binds []string
 	// Seeds are addresses of seed nodes to keep connected.
 	Seeds []string
+	// Log, when set, receives the engine's log lines (level 0 error .. 3 debug), such
+	// as why a connection closed; it runs on the node's loop and must not block.
+	Log func(level int, msg string)
 }
 
 // Errors a caller can match with errors.Is.
@@ -121,6 +124,7 @@ type Node struct {
 	wg     sync.WaitGroup
 	mu     sync.Mutex // guards ports for Port lookups outside the loop
 	ups    map[string][]chan struct{}
+	log    func(level int, msg string)
 	closed bool
 }
 
@@ -159,7 +163,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	n := &Node{id: cfg.NodeID, inst: inst, start: time.Now(), ops: make(chan func()),
 		events: make(chan event, 256), done: make(chan struct{}),
-		conns: map[uint64]*conn{}, ports: map[string]*Port{}, ups: map[string][]chan struct{}{}}
+		conns: map[uint64]*conn{}, ports: map[string]*Port{}, ups: map[string][]chan struct{}{}, log: cfg.Log}
 	var binds []string
 	for _, b := range cfg.Binds {
 		ln, err := net.Listen("tcp", b)
@@ -416,6 +420,10 @@ func (n *Node) flush() error {
 			n.mu.Unlock()
 			if p != nil {
 				p.push(o.Bytes, o.Sizes)
+			}
+		case abi.OutLog:
+			if n.log != nil {
+				n.log(int(o.Level), o.Str)
 			}
 		case abi.OutNodeUp:
 			for _, ch := range n.ups[o.Str] {
