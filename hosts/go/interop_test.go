@@ -177,3 +177,33 @@ func TestRustConnectsToGo(t *testing.T) {
 		t.Fatalf("got %#v", m)
 	}
 }
+
+// A monitor on the Rust node's echo port fires with the reason the Go node killed it with.
+func TestMonitorFiresOnKill(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-mon", "shared", "cbor")
+	n, err := Start(ctx, Config{NodeID: "go-mon", Secret: "shared", Seeds: []string{addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if err := n.WaitUp(ctx, "rust-mon"); err != nil {
+		t.Fatal(err)
+	}
+	down, err := n.Monitor(ctx, "rust-mon#echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Kill(ctx, "rust-mon#echo", "die", "now"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case reason := <-down:
+		if len(reason) != 2 || reason[0] != "die" || reason[1] != "now" {
+			t.Fatalf("reason %#v", reason)
+		}
+	case <-ctx.Done():
+		t.Fatal("monitor did not fire")
+	}
+}

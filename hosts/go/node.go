@@ -125,6 +125,7 @@ type Node struct {
 	mu     sync.Mutex // guards ports for Port lookups outside the loop
 	ups    map[string][]chan struct{}
 	log    func(level int, msg string)
+	mons   map[string][]chan []any
 	closed bool
 }
 
@@ -163,7 +164,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	n := &Node{id: cfg.NodeID, inst: inst, start: time.Now(), ops: make(chan func()),
 		events: make(chan event, 256), done: make(chan struct{}),
-		conns: map[uint64]*conn{}, ports: map[string]*Port{}, ups: map[string][]chan struct{}{}, log: cfg.Log}
+		conns: map[uint64]*conn{}, ports: map[string]*Port{}, ups: map[string][]chan struct{}{}, log: cfg.Log, mons: map[string][]chan []any{}}
 	var binds []string
 	for _, b := range cfg.Binds {
 		ln, err := net.Listen("tcp", b)
@@ -421,6 +422,14 @@ func (n *Node) flush() error {
 			if p != nil {
 				p.push(o.Bytes, o.Sizes)
 			}
+		case abi.OutPortDown:
+			var reason []any
+			// A reason Go cannot decode still fires the monitor, with no reason.
+			_ = cbor.Unmarshal(o.Bytes, &reason)
+			for _, ch := range n.mons[o.Str] {
+				ch <- reason
+			}
+			delete(n.mons, o.Str)
 		case abi.OutLog:
 			if n.log != nil {
 				n.log(int(o.Level), o.Str)
@@ -568,4 +577,32 @@ func (n *Node) Close(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// Kill kills a port (local or remote) with a reason; no reason is a normal exit.
+func (n *Node) Kill(ctx context.Context, portID string, reason ...any) error {
+	if reason == nil {
+		reason = []any{}
+	}
+	enc, err := cbor.Marshal(reason)
+	if err != nil {
+		return err
+	}
+	return n.do(ctx, func() error { return refusal(n.eng.Kill(portID, enc, n.now())) })
+}
+
+// Monitor watches a port: the channel receives its kill reason once, when it dies.
+func (n *Node) Monitor(ctx context.Context, portID string) (<-chan []any, error) {
+	ch := make(chan []any, 1)
+	err := n.do(ctx, func() error {
+		if err := refusal(n.eng.Monitor(portID, n.now())); err != nil {
+			return err
+		}
+		n.mons[portID] = append(n.mons[portID], ch)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return ch, nil
 }

@@ -4,23 +4,29 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"sync"
 	"testing"
 
 	"github.com/aemp-project/aemp/hosts/go/engine"
 )
 
+// testRuntime compiles the module once for all tests, as a host process does.
+var testRuntime = sync.OnceValues(func() (*Runtime, error) {
+	return NewRuntime(context.Background(), engine.Wasm)
+})
+
 func newNode(t *testing.T, id string, edit func(*NodeConfig)) *Node {
 	t.Helper()
 	ctx := context.Background()
-	rt, err := NewRuntime(ctx, engine.Wasm)
+	rt, err := testRuntime()
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { rt.Close(ctx) })
 	in, err := rt.Instantiate(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { in.Close() })
 	c, err := in.DefaultNodeConfig(id)
 	if err != nil {
 		t.Fatal(err)
@@ -38,11 +44,10 @@ func newNode(t *testing.T, id string, edit func(*NodeConfig)) *Node {
 // The default config lifts with the engine's defaults, lowers back and creates a node.
 func TestNodeConfigRoundTrip(t *testing.T) {
 	ctx := context.Background()
-	rt, err := NewRuntime(ctx, engine.Wasm)
+	rt, err := testRuntime()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer rt.Close(ctx)
 	in, err := rt.Instantiate(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -72,12 +77,14 @@ func TestNodeConfigRoundTrip(t *testing.T) {
 // An invalid config comes back as a refusal (result err arm), not a trap.
 func TestCreateRefused(t *testing.T) {
 	ctx := context.Background()
-	rt, _ := NewRuntime(ctx, engine.Wasm)
-	defer rt.Close(ctx)
+	rt, err := testRuntime()
+	if err != nil {
+		t.Fatal(err)
+	}
 	in, _ := rt.Instantiate(ctx)
 	c, _ := in.DefaultNodeConfig("x")
 	c.Transport.NodeID = ""
-	_, err := in.Create(c, 0)
+	_, err = in.Create(c, 0)
 	var r *Refusal
 	if !errors.As(err, &r) || r.Kind != 0 || r.Message == "" {
 		t.Fatalf("want invalid-config refusal, got %v", err)
@@ -189,4 +196,31 @@ func FuzzLiftOutputs(f *testing.F) {
 		_, _ = LiftOutputs(Mem{B: mem}, p)
 		_, _ = LiftNodeConfig(Mem{B: mem}, p)
 	})
+}
+
+// result<_, refusal>: ok for a well-formed call, malformed (kind 10) for a reason that
+// is not one CBOR item.
+func TestMonitorKillResults(t *testing.T) {
+	n := newNode(t, "a", nil)
+	port, _ := n.NewPort()
+	if err := n.Monitor(port, 0); err != nil {
+		t.Fatal(err)
+	}
+	var r *Refusal
+	if err := n.Kill(port, []byte{0x82, 0x01}, 0); !errors.As(err, &r) || r.Kind != 10 {
+		t.Fatalf("want malformed, got %v", err)
+	}
+	if err := n.Kill(port, []byte{0x81, 0x61, 'x'}, 0); err != nil {
+		t.Fatal(err)
+	}
+	out, err := n.PollOutputs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range out {
+		if o.Kind == OutPortDown && o.Str == port && bytes.Equal(o.Bytes, []byte{0x81, 0x61, 'x'}) {
+			return
+		}
+	}
+	t.Fatalf("no port-down in %+v", out)
 }
