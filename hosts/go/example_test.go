@@ -33,3 +33,25 @@ func ExampleNode_RegisterPort() {
 	fmt.Println(errors.Is(err, aemp.ErrPortExists))
 	// Output: true
 }
+
+// Messages is the iterator form of Recv.
+func ExamplePort_Messages() {
+	ctx := context.Background()
+	node, _ := aemp.Start(ctx, aemp.Config{NodeID: "example3"})
+	defer node.Close(ctx)
+	port, _ := node.Port(ctx)
+	for i := range 3 {
+		_ = node.Send(ctx, port.ID, i)
+	}
+	got := 0
+	for msg := range port.Messages(ctx) {
+		fmt.Println(msg)
+		if got++; got == 3 {
+			break
+		}
+	}
+	// Output:
+	// [0]
+	// [1]
+	// [2]
+}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"net"
 	"sync"
 	"time"
@@ -485,6 +486,18 @@ func (p *Port) Recv(ctx context.Context) ([]any, error) {
 		case <-p.ready:
 		case <-ctx.Done():
 			return nil, ctx.Err()
+		}
+	}
+}
+
+// Messages yields the port's messages until ctx ends or the loop body breaks.
+func (p *Port) Messages(ctx context.Context) iter.Seq[[]any] {
+	return func(yield func([]any) bool) {
+		for {
+			m, err := p.Recv(ctx)
+			if err != nil || !yield(m) {
+				return
+			}
 		}
 	}
 }
