@@ -1,0 +1,60 @@
+// Command aemp-echo runs a Go node with an "echo" port: each message's remaining
+// arguments are sent to the port id in its first argument, like `aemp run --echo`.
+//
+//	go run ./cmd/aemp-echo -nodeid go -secret shared -listen 127.0.0.1:4041
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"strings"
+
+	"github.com/aemp-project/aemp/hosts/go"
+)
+
+func main() {
+	nodeID := flag.String("nodeid", "go", "node id")
+	secret := flag.String("secret", "", "the network's shared secret")
+	listen := flag.String("listen", "127.0.0.1:4041", "address to listen on")
+	seeds := flag.String("seeds", "", "comma-separated seed addresses")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	cfg := aemp.Config{NodeID: *nodeID, Secret: *secret, Binds: []string{*listen},
+		Log: func(level int, msg string) {
+			if level <= 1 {
+				log.Print(msg)
+			}
+		}}
+	if *seeds != "" {
+		cfg.Seeds = strings.Split(*seeds, ",")
+	}
+	node, err := aemp.Start(ctx, cfg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	port, err := node.RegisterPort(ctx, "echo")
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Printf("node %s listening on %s\necho port %s\n", node.ID(), node.Addrs()[0], port.ID)
+	for {
+		m, err := port.Recv(ctx)
+		if err != nil {
+			break
+		}
+		if len(m) == 0 {
+			continue
+		}
+		if to, ok := m[0].(string); ok {
+			if err := node.Send(ctx, to, m[1:]...); err != nil {
+				log.Print(err)
+			}
+		}
+	}
+	node.Close(context.Background())
+}

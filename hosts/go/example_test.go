@@ -1,0 +1,57 @@
+package aemp_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/aemp-project/aemp/hosts/go"
+)
+
+// A node sends to one of its own ports and receives the message.
+func ExampleStart() {
+	ctx := context.Background()
+	node, err := aemp.Start(ctx, aemp.Config{NodeID: "example", Secret: "shared"})
+	if err != nil {
+		panic(err)
+	}
+	defer node.Close(ctx)
+	port, _ := node.RegisterPort(ctx, "inbox")
+	_ = node.Send(ctx, port.ID, "hello", 42)
+	msg, _ := port.Recv(ctx)
+	fmt.Println(port.ID, msg)
+	// Output: example#inbox [hello 42]
+}
+
+// Refusals match with errors.Is.
+func ExampleNode_RegisterPort() {
+	ctx := context.Background()
+	node, _ := aemp.Start(ctx, aemp.Config{NodeID: "example2"})
+	defer node.Close(ctx)
+	_, _ = node.RegisterPort(ctx, "echo")
+	_, err := node.RegisterPort(ctx, "echo")
+	fmt.Println(errors.Is(err, aemp.ErrPortExists))
+	// Output: true
+}
+
+// Messages is the iterator form of Recv.
+func ExamplePort_Messages() {
+	ctx := context.Background()
+	node, _ := aemp.Start(ctx, aemp.Config{NodeID: "example3"})
+	defer node.Close(ctx)
+	port, _ := node.Port(ctx)
+	for i := range 3 {
+		_ = node.Send(ctx, port.ID, i)
+	}
+	got := 0
+	for msg := range port.Messages(ctx) {
+		fmt.Println(msg)
+		if got++; got == 3 {
+			break
+		}
+	}
+	// Output:
+	// [0]
+	// [1]
+	// [2]
+}

@@ -1,0 +1,209 @@
+package aemp
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// aempBin is the Rust CLI: $AEMP_BIN, else the workspace's debug build. A missing
+// binary fails the tests: interop is what they are for.
+func aempBin(t *testing.T) string {
+	t.Helper()
+	bin := os.Getenv("AEMP_BIN")
+	if bin == "" {
+		bin, _ = filepath.Abs("../../target/debug/aemp")
+	}
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("the Rust aemp binary is needed (cargo build -p aemp-host, or set AEMP_BIN): %v", err)
+	}
+	return bin
+}
+
+// rustNode starts `aemp run --echo` and returns its listening address.
+func rustNode(t *testing.T, id, secret, framing string) string {
+	t.Helper()
+	dir := t.TempDir()
+	rc, _ := json.Marshal(map[string]string{"secret": secret})
+	if err := os.WriteFile(filepath.Join(dir, "rc"), rc, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(aempBin(t), "run", "--echo", "--nodeid", id, "--listen", "127.0.0.1:0", "--framing", framing)
+	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	re := regexp.MustCompile(`^node \S+ listening on (\S+)$`)
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		if m := re.FindStringSubmatch(sc.Text()); m != nil {
+			go func() {
+				for sc.Scan() {
+				}
+			}()
+			return m[1]
+		}
+	}
+	t.Fatal("aemp run printed no address")
+	return ""
+}
+
+// A Go node reaches a Rust node's echo port with hmac authentication, in both framings;
+// the echo comes back over the same link, so messages go both ways.
+func TestHMACEchoWithRust(t *testing.T) {
+	for _, framing := range []string{"json", "cbor"} {
+		t.Run(framing, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			addr := rustNode(t, "rust-"+framing, "shared", framing)
+			n, err := Start(ctx, Config{NodeID: "go-" + framing, Secret: "shared", Seeds: []string{addr}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer n.Close(ctx)
+			if err := n.WaitUp(ctx, "rust-"+framing); err != nil {
+				t.Fatal(err)
+			}
+			p, err := n.Port(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := range 3 {
+				if err := n.Send(ctx, "rust-"+framing+"#echo", p.ID, "hello", int64(i), []byte{1, 2}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := range 3 {
+				m, err := p.Recv(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(m) != 3 || m[0] != "hello" || toInt(m[1]) != int64(i) {
+					t.Fatalf("message %d: %#v", i, m)
+				}
+			}
+		})
+	}
+}
+
+func toInt(v any) int64 {
+	switch x := v.(type) {
+	case uint64:
+		return int64(x)
+	case int64:
+		return x
+	case float64:
+		return int64(x)
+	}
+	return -1
+}
+
+// A wrong secret is refused with the reference implementation's text, and the node is
+// never up.
+func TestWrongSecretRefused(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-secret", "shared", "cbor")
+	logs := make(chan string, 100)
+	n, err := Start(ctx, Config{NodeID: "go-wrong", Secret: "other", Seeds: []string{addr},
+		Log: func(_ int, msg string) {
+			select {
+			case logs <- msg:
+			default:
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	for {
+		select {
+		case msg := <-logs:
+			if strings.Contains(msg, "authentication failure/shared secret mismatch") {
+				wctx, wcancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				defer wcancel()
+				if err := n.WaitUp(wctx, "rust-secret"); !errors.Is(err, context.DeadlineExceeded) {
+					t.Fatalf("node up with a wrong secret: %v", err)
+				}
+				return
+			}
+		case <-ctx.Done():
+			t.Fatal("no authentication failure logged")
+		}
+	}
+}
+
+// A Rust node connects to the Go node's listener (the Go node as the server side).
+func TestRustConnectsToGo(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	n, err := Start(ctx, Config{NodeID: "go-server", Secret: "shared", Binds: []string{"127.0.0.1:0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	p, err := n.RegisterPort(ctx, "inbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	rc, _ := json.Marshal(map[string]string{"secret": "shared"})
+	os.WriteFile(filepath.Join(dir, "rc"), rc, 0o600)
+	cmd := exec.CommandContext(ctx, aempBin(t), "snd", "go-server#inbox", `"from rust"`, "7", "--connect", n.Addrs()[0])
+	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("aemp snd: %v\n%s", err, out)
+	}
+	m, err := p.Recv(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A bare CLI argument is a string, a JSON-quoted one its JSON value.
+	if len(m) != 2 || m[0] != "from rust" || m[1] != "7" {
+		t.Fatalf("got %#v", m)
+	}
+}
+
+// A monitor on the Rust node's echo port fires with the reason the Go node killed it with.
+func TestMonitorFiresOnKill(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-mon", "shared", "cbor")
+	n, err := Start(ctx, Config{NodeID: "go-mon", Secret: "shared", Seeds: []string{addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if err := n.WaitUp(ctx, "rust-mon"); err != nil {
+		t.Fatal(err)
+	}
+	down, err := n.Monitor(ctx, "rust-mon#echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Kill(ctx, "rust-mon#echo", "die", "now"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case reason := <-down:
+		if len(reason) != 2 || reason[0] != "die" || reason[1] != "now" {
+			t.Fatalf("reason %#v", reason)
+		}
+	case <-ctx.Done():
+		t.Fatal("monitor did not fire")
+	}
+}
