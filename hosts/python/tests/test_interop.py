@@ -149,7 +149,7 @@ async def test_refusal_carries_kind() -> None:
             py.port("taken")
         assert e.value.kind == "port-exists"
         with pytest.raises(aemp.RefusedError) as e:
-            await py.send("no-hash-here#", 1)
+            await py.send("#no-node", 1)
         assert e.value.kind == "invalid-port-id"
     with pytest.raises(aemp.ClosedError):
         await py.send("x#y", 1)

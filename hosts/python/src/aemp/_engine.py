@@ -11,7 +11,7 @@ from typing import Any
 
 from wasmtime import Engine as _WasmEngine
 from wasmtime import Store
-from wasmtime.component import Component, Linker, Record, ResourceAny
+from wasmtime.component import Component, Func, Instance, Linker, Record, ResourceAny
 
 COMPONENT_NAME = "aemp_engine.component.wasm"
 _NODE_INTERFACE = "aemp:engine/node@0.1.0"
@@ -49,10 +49,13 @@ class _Runtime:
         assert iface is not None, f"component exports no {_NODE_INTERFACE}"
         self._iface = iface
 
-    def index(self, name: str) -> Any:
+    def func(self, store: Store, instance: Instance, name: str) -> Func:
+        """The node interface's function ``name`` in ``instance``."""
         found = self.component.get_export_index(name, self._iface)
-        assert found is not None, f"component exports no {name}"
-        return found
+        func = instance.get_func(store, found) if found is not None else None
+        if func is None:
+            raise RuntimeError(f"the component exports no {name}: wrong component file?")
+        return func
 
 
 _runtime: _Runtime | None = None
@@ -80,7 +83,7 @@ def _check(value: Any) -> Any:
     """Results come back as the ok value, or as a refusal record: no ok type of this
     interface is a record, so a record is the error."""
     if isinstance(value, Record):
-        raise Refused(value.kind, value.message, getattr(value, "index", None))
+        raise Refused(getattr(value, "kind"), getattr(value, "message"), getattr(value, "index", None))
     return value
 
 
@@ -108,10 +111,10 @@ class NodeEngine:
         self._store: Store | None = Store(rt.engine)
         instance = rt.linker.instantiate(self._store, rt.component)
         self._funcs = {
-            name: instance.get_func(self._store, rt.index(f"[method]node.{name}"))
+            name: rt.func(self._store, instance, f"[method]node.{name}")
             for name in self._METHODS
         }
-        create = instance.get_func(self._store, rt.index("[static]node.create"))
+        create = rt.func(self._store, instance, "[static]node.create")
         self._node: ResourceAny | None = _check(create(self._store, config, now_ms))
         live_instances.add(self)
 
@@ -138,7 +141,8 @@ class NodeEngine:
 
 def default_node_config(node_id: str) -> Record:
     """The engine's defaults for a node id."""
-    return _free_call("default-node-config", node_id)
+    config: Record = _free_call("default-node-config", node_id)
+    return config
 
 
 def expand_node_id(template: str, hostname: str) -> str:
@@ -153,6 +157,6 @@ def _free_call(name: str, *args: Any) -> Any:
     store = Store(rt.engine)
     try:
         instance = rt.linker.instantiate(store, rt.component)
-        return instance.get_func(store, rt.index(name))(store, *args)
+        return rt.func(store, instance, name)(store, *args)
     finally:
         store.close()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
@@ -52,30 +54,28 @@ def decode(data: bytes) -> Any:
     return cbor2.loads(data)
 
 
-def tls_context(pem: str) -> ssl.SSLContext:
-    """A TLS context from an AnyEvent::MP certificate file: this node's certificate (the
-    first) and key, and every certificate of the file as a trust anchor. Peers must present
-    a certificate that is one of them or chains to one; host names are not checked (nodes
-    are named by node id)."""
-    import os
-    import tempfile
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    # A certificate of the file is trusted as it is, not only a self-signed root.
-    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.load_verify_locations(cadata=pem)
+def tls_contexts(pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The client and server TLS contexts from an AnyEvent::MP certificate file: this
+    node's certificate (the first) and key, and every certificate of the file as a trust
+    anchor. Peers must present a certificate that is one of them or chains to one; host
+    names are not checked (nodes are named by node id)."""
+    contexts = (ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     # load_cert_chain reads files only.
     fd, path = tempfile.mkstemp(suffix=".pem")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(pem)
-        ctx.load_cert_chain(path)
+        for ctx in contexts:
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            # A certificate of the file is trusted as it is, not only a self-signed root.
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+            ctx.load_verify_locations(cadata=pem)
+            ctx.load_cert_chain(path)
     finally:
         os.unlink(path)
-    return ctx
+    return contexts
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -296,7 +296,7 @@ class Node:
     :meth:`handle_requests`, ``db-change`` (family, set, deleted) for monitored families.
     """
 
-    def __init__(self, engine: NodeEngine, node_id: str, tls: ssl.SSLContext | None,
+    def __init__(self, engine: NodeEngine, node_id: str, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None,
                  port_capacity: int) -> None:
         self._engine: NodeEngine | None = engine
         #: This node's id.
@@ -321,6 +321,8 @@ class Node:
         self._monitors: dict[str, list[asyncio.Future[list[Any]]]] = collections.defaultdict(list)
         self._db_waiters: dict[str, asyncio.Future[Any]] = {}
         self._closing: asyncio.Task[None] | None = None
+        # Set once close() has drained: from then on no new connection is taken.
+        self._ending = False
 
     @classmethod
     async def start(
@@ -343,7 +345,7 @@ class Node:
         hostname = socket.gethostname()
         node_id = _engine.expand_node_id(node_id or f"{hostname}/", hostname)
         config = _engine.default_node_config(node_id)
-        transport = config.transport
+        transport = getattr(config, "transport")
         if secret is not None:
             transport.secret = secret.encode() if isinstance(secret, str) else secret
         if framings is not None:
@@ -353,11 +355,11 @@ class Node:
         if connect_interval_ms is not None:
             setattr(config, "connect-interval-ms", connect_interval_ms)
         try:
-            tls = tls_context(cert) if cert is not None else None
+            tls = tls_contexts(cert) if cert is not None else None
         except (ssl.SSLError, OSError) as e:
             raise AempError(f"invalid certificate file: {e}") from e
         transport.tls = tls is not None
-        config.seeds = list(seeds)
+        setattr(config, "seeds", list(seeds))
         setattr(config, "wall-clock-offset-ms", int(time.time() * 1000) - _now())
         try:
             engine = NodeEngine(config, _now())
@@ -519,7 +521,8 @@ class Node:
             if self._tls is None:
                 c.fail("TLS requested but no certificate configured")
             else:
-                c.start_tls(self._tls, val.role == "server", val.leftover)
+                server = val.role == "server"
+                c.start_tls(self._tls[server], server, val.leftover)
         elif tag == "close":
             c = self._conns.pop(val.conn, None)
             if c is not None and c.transport is not None:
@@ -581,7 +584,7 @@ class Node:
     # connections
 
     def _accepted(self, c: _Conn, peer: str) -> int | None:
-        if self._engine is None or self._closing is not None:
+        if self._engine is None or self._ending:
             assert c.transport is not None
             c.gone = True
             c.transport.abort()
@@ -604,7 +607,7 @@ class Node:
         except (OSError, ValueError) as e:
             self._guard("handle-connect-failed", conn, str(e) or type(e).__name__, _now())
             return
-        if self._engine is None or self._closing is not None:
+        if self._engine is None or self._ending:
             c.gone = True
             assert c.transport is not None
             c.transport.abort()
@@ -799,6 +802,7 @@ class Node:
                 await asyncio.sleep(0.01)
         except ClosedError:
             pass
+        self._ending = True
         for server in self._servers:
             server.close()
         for task in list(self._connecting):
