@@ -669,16 +669,31 @@ class Node:
         together. Returns once the message is queued and its node's connection has room
         (waits while the peer is slow). Raises :class:`RefusedError` when the engine
         refuses it, :class:`ClosedError` when the node is closed."""
+        await self.send_batch([(port_id, args)])
+
+    async def send_batch(self, messages: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        """Sends ``(port_id, args)`` pairs in order, as :meth:`send` does, in one call into
+        the engine. Each message is queued or refused on its own; the first refusal is
+        raised once all have been tried."""
         if self.closed:
             raise ClosedError(f"node {self.id} is closed")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._outbox.append((port_id.encode(), cbor2.dumps(list(args)), fut))
+        futures: list[asyncio.Future[None]] = []
+        nodes: set[str] = set()
+        for port_id, args in messages:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._outbox.append((port_id.encode(), cbor2.dumps(list(args)), fut))
+            futures.append(fut)
+            nodes.add(_node_of(port_id))
         self._schedule()
-        await fut
-        conn = self._up.get(_node_of(port_id))
-        c = self._conns.get(conn) if conn is not None else None
-        if c is not None and c.paused:
-            await c.drained.wait()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        for node in nodes:
+            conn = self._up.get(node)
+            c = self._conns.get(conn) if conn is not None else None
+            if c is not None and c.paused:
+                await c.drained.wait()
 
     def kill(self, port_id: str, *reason: Any) -> None:
         """Kills a port (local or remote) with ``reason`` (what monitors receive)."""
