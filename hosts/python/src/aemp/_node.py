@@ -79,7 +79,12 @@ def tls_contexts(pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
+    """``host:port`` (the host possibly in brackets, ``*`` for every interface); a bind
+    without a port (AnyEvent::MP's default ``*``) takes a dynamic one."""
+    if addr.count(":") != 1 and not addr.startswith("["):
+        host, port = addr, "0"
+    else:
+        host, _, port = addr.rpartition(":")
     host = host.strip("[]")
     return ("0.0.0.0" if host in ("*", "") else host), int(port)
 
@@ -373,6 +378,20 @@ class Node:
             raise
         node._flush()
         return node
+
+    @classmethod
+    async def from_config(cls, profile: str | None = None, **overrides: Any) -> Node:
+        """Starts a node as the AnyEvent::MP configuration file's ``profile`` (default:
+        the host name) says (see :mod:`aemp.config`); ``overrides`` are
+        :meth:`start`'s keyword arguments and win over the file."""
+        from .config import ConfigError, load_profile
+
+        try:
+            options = load_profile(profile).options()
+        except ConfigError as e:
+            raise AempError(str(e)) from e
+        options.update(overrides)
+        return await cls.start(**options)
 
     async def _listen(self, binds: Iterable[str]) -> None:
         for bind in binds:
