@@ -123,6 +123,12 @@ async def test_unusual_cbor_survived(rust: list[RustNode]) -> None:
         import cbor2
         await py.send("rust-cbor#echo", port.id, cbor2.CBORTag(4711, "x"))
         assert await port.recv() == [cbor2.CBORTag(4711, "x")]
+        # Tags whose content cbor2 cannot give their meaning stay tags; simple values and
+        # undefined survive.
+        odd = [cbor2.CBORTag(1, "not a time"), cbor2.CBORTag(36, 5), cbor2.undefined,
+               cbor2.CBORSimpleValue(99)]
+        await py.send("rust-cbor#echo", port.id, *odd)
+        assert await port.recv() == odd
         assert py.is_up("rust-cbor")
 
 

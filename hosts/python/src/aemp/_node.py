@@ -48,10 +48,27 @@ class RefusedError(AempError):
     """The engine refused the call; ``kind`` says why."""
 
 
+# Tags cbor2 gives a meaning to (times, decimals, regexps, MIME, UUIDs, sets, ...), kept
+# as plain CBORTags when their content does not fit that meaning. Bignums (2, 3) always
+# decode: any byte string is a valid one.
+_RAW_TAGS = (0, 1, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100, 256, 258, 260, 261, 1004, 55799)
+
+
+def _raw(tag: int) -> Callable[[Any, bool], Any]:
+    return lambda value, _immutable: cbor2.CBORTag(tag, value)
+
+
+_AS_TAGS = {tag: _raw(tag) for tag in _RAW_TAGS}
+
+
 def decode(data: bytes) -> Any:
     """CBOR from a peer as Python values: byte strings stay ``bytes``, bignums are ints,
-    other tags ``cbor2.CBORTag``."""
-    return cbor2.loads(data)
+    tags cbor2 knows decode (epoch times as ``datetime``...), other tags, and known ones
+    whose content does not fit, as ``cbor2.CBORTag``."""
+    try:
+        return cbor2.loads(data)
+    except cbor2.CBORDecodeError:
+        return cbor2.loads(data, semantic_decoders=_AS_TAGS)
 
 
 def tls_contexts(pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
