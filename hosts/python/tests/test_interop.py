@@ -168,3 +168,22 @@ async def test_thousand_nodes_leave_no_instances() -> None:
         await node.close()
     gc.collect()
     assert len(_engine.live_instances) == 0
+
+
+async def test_garbage_from_raw_sockets_harms_nothing(rust: list[RustNode]) -> None:
+    async with await aemp.Node.start("py-garbage", secret="shared",
+                                     binds=["127.0.0.1:0"]) as py:
+        host, port_no = py.listen_addrs[0].rsplit(":", 1)
+        for junk in [b"\x00" * 100 + b"\n", b"aemp;1;x;;;\n" + b"\xff" * 5000, b"GET / HTTP/1.0\r\n\r\n",
+                     b"a" * 70000]:
+            reader, writer = await asyncio.open_connection(host, int(port_no))
+            writer.write(junk)
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), 10)  # the node hangs up
+            writer.close()
+        inbox = py.port("inbox")
+        r = await rust_node("rust-after", "shared", extra=("--connect", py.listen_addrs[0]))
+        rust.append(r)
+        await py.wait_up("rust-after")
+        await py.send("rust-after#echo", inbox.id, "still here")
+        assert await inbox.recv() == ["still here"]
