@@ -520,13 +520,13 @@ class Node:
             break
 
     def _flush(self) -> None:
-        """Acts on every engine output, then re-arms the engine's timer."""
-        while self._engine is not None:
-            outputs = self._call("poll-outputs")
-            if not outputs:
-                break
-            for output in outputs:
-                self._output(output.tag, output.payload)
+        """Acts on every engine output, then re-arms the engine's timer. One poll is
+        enough: whatever calls the engine while outputs are acted on schedules a round of
+        its own, and a call through wasmtime-py costs tens of µs."""
+        for output in self._call("poll-outputs"):
+            if self._engine is None:
+                return
+            self._output(output.tag, output.payload)
         if self._engine is None:
             return
         if self._timer is not None:
@@ -657,14 +657,24 @@ class Node:
             self._schedule()
 
     def _eof(self, c: _Conn) -> None:
-        if c.conn is not None and self._conns.pop(c.conn, None) is c:
-            self._round()  # input read before the end goes first
-            self._guard("handle-eof", c.conn, _now())
+        self._end(c, "handle-eof")
 
     def _lost(self, c: _Conn, reason: str) -> None:
-        if c.conn is not None and self._conns.pop(c.conn, None) is c:
-            self._round()
-            self._guard("handle-conn-error", c.conn, reason, _now())
+        self._end(c, "handle-conn-error", reason)
+
+    def _end(self, c: _Conn, name: str, *args: Any) -> None:
+        """The connection ended: input read before the end goes first. Outputs wait for
+        the round (this may run while outputs are being acted on)."""
+        if c.conn is None or self._conns.pop(c.conn, None) is not c:
+            return
+        try:
+            if self._inputs:
+                inputs, self._inputs = self._inputs, []
+                self._call("handle-inputs", inputs, _now())
+            self._call(name, c.conn, *args, _now())
+        except (Refused, ClosedError):
+            return
+        self._schedule()
 
     def _blocks(self, port: Port, full: bool) -> None:
         """No connection reads while a port is full."""
