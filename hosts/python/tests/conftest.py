@@ -48,11 +48,16 @@ async def rust_node(node_id: str, secret: str, framing: str = "cbor", cert: bool
         str(AEMP_BIN), "run", "--echo", "--nodeid", node_id, "--listen", "127.0.0.1:0",
         "--framing", framing, *extra, env=env, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
+    addr = None
+    # `--connect` dials before the echo port exists: a test may use the node once both
+    # lines are out.
     while line := (await asyncio.wait_for(proc.stdout.readline(), 20)).decode():
         m = re.match(r"^node \S+ listening on (\S+)$", line.strip())
         if m:
-            return RustNode(m.group(1), proc, json.loads(rc.read_text()), d)
-    raise AssertionError("aemp run printed no address")
+            addr = m.group(1)
+        elif line.startswith("echo port ") and addr is not None:
+            return RustNode(addr, proc, json.loads(rc.read_text()), d)
+    raise AssertionError("aemp run printed no address and echo port")
 
 
 @pytest.fixture

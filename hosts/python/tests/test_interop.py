@@ -33,7 +33,7 @@ async def test_messages_both_ways(rust: list[RustNode], framing: str) -> None:
         async with py.port() as port:
             # The echo port sends the rest back to the port in the first argument.
             await py.send(f"rust-{framing}#echo", port.id, "hello", 42, {"k": [1.5, True, None]})
-            assert await port.recv() == ["hello", 42, {"k": [1.5, True, None]}]
+            assert await asyncio.wait_for(port.recv(), 10) == ["hello", 42, {"k": [1.5, True, None]}]
 
 
 async def test_rust_connects_to_python(rust: list[RustNode]) -> None:
@@ -46,7 +46,7 @@ async def test_rust_connects_to_python(rust: list[RustNode]) -> None:
         rust.append(r)
         await py.wait_up("rust-dialer")
         await py.send("rust-dialer#echo", port.id, b"\x00\x01\xff", 2**70)
-        assert await port.recv() == [b"\x00\x01\xff", 2**70]
+        assert await asyncio.wait_for(port.recv(), 10) == [b"\x00\x01\xff", 2**70]
 
 
 async def test_wrong_secret_refused_with_reference_text(rust: list[RustNode]) -> None:
@@ -79,7 +79,7 @@ async def test_tls_with_reference_certificate(rust: list[RustNode]) -> None:
                    for line in logs), logs
         port = py.port()
         await py.send("rust-tls#echo", port.id, b"\x00\x01\xff")
-        assert await port.recv() == [b"\x00\x01\xff"]
+        assert await asyncio.wait_for(port.recv(), 10) == [b"\x00\x01\xff"]
 
 
 async def test_monitor_fires_on_kill(rust: list[RustNode]) -> None:
@@ -118,17 +118,17 @@ async def test_unusual_cbor_survived(rust: list[RustNode]) -> None:
         port = py.port()
         odd = [-(2**80), b"", {1: "int key"}, float("inf"), "\u00e9\U0001f600", [[[[]]]]]
         await py.send("rust-cbor#echo", port.id, *odd)
-        assert await port.recv() == odd
+        assert await asyncio.wait_for(port.recv(), 10) == odd
         # A tagged value cbor2 does not know decodes as a CBORTag.
         import cbor2
         await py.send("rust-cbor#echo", port.id, cbor2.CBORTag(4711, "x"))
-        assert await port.recv() == [cbor2.CBORTag(4711, "x")]
+        assert await asyncio.wait_for(port.recv(), 10) == [cbor2.CBORTag(4711, "x")]
         # Tags whose content cbor2 cannot give their meaning stay tags; simple values and
         # undefined survive.
         odd = [cbor2.CBORTag(1, "not a time"), cbor2.CBORTag(36, 5), cbor2.undefined,
                cbor2.CBORSimpleValue(99)]
         await py.send("rust-cbor#echo", port.id, *odd)
-        assert await port.recv() == odd
+        assert await asyncio.wait_for(port.recv(), 10) == odd
         assert py.is_up("rust-cbor")
 
 
@@ -186,4 +186,29 @@ async def test_garbage_from_raw_sockets_harms_nothing(rust: list[RustNode]) -> N
         rust.append(r)
         await py.wait_up("rust-after")
         await py.send("rust-after#echo", inbox.id, "still here")
-        assert await inbox.recv() == ["still here"]
+        assert await asyncio.wait_for(inbox.recv(), 10) == ["still here"]
+
+
+async def test_full_port_holds_the_sender_back() -> None:
+    async with await aemp.Node.start("py-bp-rx", secret="s", binds=["127.0.0.1:0"],
+                                     port_capacity=8) as rx, \
+            await aemp.Node.start("py-bp-tx", secret="s") as tx:
+        inbox = rx.port("inbox")
+        tx.connect(rx.listen_addrs[0])
+        await tx.wait_up("py-bp-rx")
+        blob = b"x" * 16384
+        count = 1000  # 16 MiB: far more than the socket buffers hold
+
+        async def produce() -> None:
+            for i in range(count):
+                await tx.send("py-bp-rx#inbox", i, blob)
+
+        producer = asyncio.create_task(produce())
+        await asyncio.sleep(1.0)
+        # Nobody reads: the port stopped at its bound (plus one read's worth), and the
+        # sender waits on TCP instead of queueing everything.
+        assert inbox.pending < 8 + 64
+        assert not producer.done()
+        got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(count)]
+        await producer
+        assert got == list(range(count))

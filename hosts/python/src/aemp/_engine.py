@@ -13,6 +13,10 @@ from wasmtime import Engine as _WasmEngine
 from wasmtime import Store
 from wasmtime.component import Component, Func, Instance, Linker, Record, ResourceAny
 
+from . import _bytes
+
+_bytes.install()
+
 COMPONENT_NAME = "aemp_engine.component.wasm"
 _NODE_INTERFACE = "aemp:engine/node@0.1.0"
 
