@@ -1,0 +1,214 @@
+"""The Python node and the Rust `aemp` node on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+
+import aemp
+from aemp import _engine
+
+from conftest import RustNode, rust_node
+
+
+def logs_of(node: aemp.Node) -> list[str]:
+    logs: list[str] = []
+    node.on("log", lambda level, message: logs.append(message))
+    return logs
+
+
+@pytest.mark.parametrize("framing", ["json", "cbor"])
+async def test_messages_both_ways(rust: list[RustNode], framing: str) -> None:
+    r = await rust_node(f"rust-{framing}", "shared", framing)
+    rust.append(r)
+    async with await aemp.Node.start(f"py-{framing}", secret="shared",
+                                     framings=[framing]) as py:
+        logs = logs_of(py)
+        py.connect(r.addr)
+        await py.wait_up(f"rust-{framing}")
+        assert any(f"connected as rust-{framing} (hmac_sha3_512/hmac_sha3_512 "
+                   f"{framing}/{framing})" in line for line in logs), logs
+        async with py.port() as port:
+            # The echo port sends the rest back to the port in the first argument.
+            await py.send(f"rust-{framing}#echo", port.id, "hello", 42, {"k": [1.5, True, None]})
+            assert await asyncio.wait_for(port.recv(), 10) == ["hello", 42, {"k": [1.5, True, None]}]
+
+
+async def test_rust_connects_to_python(rust: list[RustNode]) -> None:
+    async with await aemp.Node.start("py-listen", secret="shared",
+                                     binds=["127.0.0.1:0"]) as py:
+        port = py.port("inbox")
+        # cbor: a json link turns byte strings into text.
+        r = await rust_node("rust-dialer", "shared", "cbor",
+                            extra=("--connect", py.listen_addrs[0]))
+        rust.append(r)
+        await py.wait_up("rust-dialer")
+        await py.send("rust-dialer#echo", port.id, b"\x00\x01\xff", 2**70)
+        assert await asyncio.wait_for(port.recv(), 10) == [b"\x00\x01\xff", 2**70]
+
+
+async def test_wrong_secret_refused_with_reference_text(rust: list[RustNode]) -> None:
+    r = await rust_node("rust-secret", "right")
+    rust.append(r)
+    async with await aemp.Node.start("py-secret", secret="wrong") as py:
+        refused = asyncio.get_running_loop().create_future()
+
+        def on_log(level: str, message: str) -> None:
+            if "authentication failure/shared secret mismatch" in message and not refused.done():
+                refused.set_result(message)
+
+        py.on("log", on_log)
+        py.connect(r.addr)
+        message = await asyncio.wait_for(refused, 10)
+        assert message.endswith("disconnected - authentication failure/shared secret mismatch.")
+        assert not py.is_up("rust-secret")
+
+
+async def test_tls_with_reference_certificate(rust: list[RustNode]) -> None:
+    r = await rust_node("rust-tls", "shared", cert=True)
+    rust.append(r)
+    cert = r.rc["cert"]
+    assert isinstance(cert, str)
+    async with await aemp.Node.start("py-tls", secret="shared", cert=cert) as py:
+        logs = logs_of(py)
+        py.connect(r.addr)
+        await py.wait_up("rust-tls")
+        assert any("connected as rust-tls (tls_sha3_512/tls_sha3_512 cbor/cbor, tls)" in line
+                   for line in logs), logs
+        port = py.port()
+        await py.send("rust-tls#echo", port.id, b"\x00\x01\xff")
+        assert await asyncio.wait_for(port.recv(), 10) == [b"\x00\x01\xff"]
+
+
+async def test_monitor_fires_on_kill(rust: list[RustNode]) -> None:
+    r = await rust_node("rust-mon", "shared")
+    rust.append(r)
+    async with await aemp.Node.start("py-mon", secret="shared") as py:
+        py.connect(r.addr)
+        await py.wait_up("rust-mon")
+        watched = asyncio.ensure_future(py.monitor("rust-mon#echo"))
+        await asyncio.sleep(0.2)
+        assert not watched.done()
+        py.kill("rust-mon#echo", "bye", 7)
+        assert await asyncio.wait_for(watched, 10) == ["bye", 7]
+
+
+async def test_found_through_rust_seed(rust: list[RustNode]) -> None:
+    seed = await rust_node("rust-seed", "shared")
+    rust.append(seed)
+    async with await aemp.Node.start("py-a", secret="shared", binds=["127.0.0.1:0"],
+                                     seeds=[seed.addr]) as a, \
+            await aemp.Node.start("py-b", secret="shared", binds=["127.0.0.1:0"],
+                                  seeds=[seed.addr]) as b:
+        inbox = a.port("inbox")
+        await b.wait_up("rust-seed")
+        # b knows nothing of a but its id: the seed tells it where a listens.
+        await b.send("py-a#inbox", "found")
+        assert await asyncio.wait_for(inbox.recv(), 15) == ["found"]
+
+
+async def test_unusual_cbor_survived(rust: list[RustNode]) -> None:
+    r = await rust_node("rust-cbor", "shared")
+    rust.append(r)
+    async with await aemp.Node.start("py-cbor", secret="shared") as py:
+        py.connect(r.addr)
+        await py.wait_up("rust-cbor")
+        port = py.port()
+        odd = [-(2**80), b"", {1: "int key"}, float("inf"), "\u00e9\U0001f600", [[[[]]]]]
+        await py.send("rust-cbor#echo", port.id, *odd)
+        assert await asyncio.wait_for(port.recv(), 10) == odd
+        # A tagged value cbor2 does not know decodes as a CBORTag.
+        import cbor2
+        await py.send("rust-cbor#echo", port.id, cbor2.CBORTag(4711, "x"))
+        assert await asyncio.wait_for(port.recv(), 10) == [cbor2.CBORTag(4711, "x")]
+        # Tags whose content cbor2 cannot give their meaning stay tags; simple values and
+        # undefined survive.
+        odd = [cbor2.CBORTag(1, "not a time"), cbor2.CBORTag(36, 5), cbor2.undefined,
+               cbor2.CBORSimpleValue(99)]
+        await py.send("rust-cbor#echo", port.id, *odd)
+        assert await asyncio.wait_for(port.recv(), 10) == odd
+        assert py.is_up("rust-cbor")
+
+
+async def test_close_delivers_queued(rust: list[RustNode]) -> None:
+    r = await rust_node("rust-close", "shared", extra=())
+    rust.append(r)
+    async with await aemp.Node.start("py-close-rx", secret="shared",
+                                     binds=["127.0.0.1:0"]) as rx:
+        inbox = rx.port("inbox")
+        tx = await aemp.Node.start("py-close-tx", secret="shared")
+        tx.connect(rx.listen_addrs[0])
+        # Queued before the node is even connected: close() must still send them.
+        sends = [asyncio.ensure_future(tx.send("py-close-rx#inbox", i)) for i in range(100)]
+        await asyncio.gather(*sends)
+        await tx.close()
+        got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(100)]
+        assert got == list(range(100))
+
+
+async def test_refusal_carries_kind() -> None:
+    async with await aemp.Node.start("py-refuse") as py:
+        py.port("taken")
+        with pytest.raises(aemp.RefusedError) as e:
+            py.port("taken")
+        assert e.value.kind == "port-exists"
+        with pytest.raises(aemp.RefusedError) as e:
+            await py.send("#no-node", 1)
+        assert e.value.kind == "invalid-port-id"
+    with pytest.raises(aemp.ClosedError):
+        await py.send("x#y", 1)
+
+
+async def test_thousand_nodes_leave_no_instances() -> None:
+    for i in range(1000):
+        node = await aemp.Node.start(f"py-life-{i}", binds=["127.0.0.1:0"])
+        node.port()
+        await node.close()
+    gc.collect()
+    assert len(_engine.live_instances) == 0
+
+
+async def test_garbage_from_raw_sockets_harms_nothing(rust: list[RustNode]) -> None:
+    async with await aemp.Node.start("py-garbage", secret="shared",
+                                     binds=["127.0.0.1:0"]) as py:
+        host, port_no = py.listen_addrs[0].rsplit(":", 1)
+        for junk in [b"\x00" * 100 + b"\n", b"aemp;1;x;;;\n" + b"\xff" * 5000, b"GET / HTTP/1.0\r\n\r\n",
+                     b"a" * 70000]:
+            reader, writer = await asyncio.open_connection(host, int(port_no))
+            writer.write(junk)
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), 10)  # the node hangs up
+            writer.close()
+        inbox = py.port("inbox")
+        r = await rust_node("rust-after", "shared", extra=("--connect", py.listen_addrs[0]))
+        rust.append(r)
+        await py.wait_up("rust-after")
+        await py.send("rust-after#echo", inbox.id, "still here")
+        assert await asyncio.wait_for(inbox.recv(), 10) == ["still here"]
+
+
+async def test_full_port_holds_the_sender_back() -> None:
+    async with await aemp.Node.start("py-bp-rx", secret="s", binds=["127.0.0.1:0"],
+                                     port_capacity=8) as rx, \
+            await aemp.Node.start("py-bp-tx", secret="s") as tx:
+        inbox = rx.port("inbox")
+        tx.connect(rx.listen_addrs[0])
+        await tx.wait_up("py-bp-rx")
+        blob = b"x" * 16384
+        count = 1000  # 16 MiB: far more than the socket buffers hold
+
+        async def produce() -> None:
+            for i in range(count):
+                await tx.send("py-bp-rx#inbox", i, blob)
+
+        producer = asyncio.create_task(produce())
+        await asyncio.sleep(1.0)
+        # Nobody reads: the port stopped at its bound (plus one read's worth), and the
+        # sender waits on TCP instead of queueing everything.
+        assert inbox.pending < 8 + 64
+        assert not producer.done()
+        got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(count)]
+        await producer
+        assert got == list(range(count))
