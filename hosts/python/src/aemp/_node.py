@@ -11,6 +11,7 @@ import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -22,6 +23,8 @@ from ._engine import NodeEngine, Refused, record
 # Bytes waiting to be written to a connection past which sends to its node wait: far more
 # than a socket buffer, so a fast peer's pipe stays full.
 HIGH_WATER = 1024 * 1024
+# What a message costs a port's byte bound on top of its encoding (as in the JS host).
+PORT_MESSAGE_COST = 32
 # How long a connection the engine closes may take to write what is queued for it.
 LINGER_S = 1.0
 
@@ -106,6 +109,23 @@ def _split_addr(addr: str) -> tuple[str, int]:
     return ("0.0.0.0" if host in ("*", "") else host), int(port)
 
 
+@dataclass(frozen=True)
+class _Limits:
+    """The host's bounds (see :meth:`Node.start`)."""
+
+    port_capacity: int
+    port_bytes: int
+    port_stall_ms: int
+    max_write_queue: int
+    max_write_total: int
+    write_timeout_ms: int
+
+    def check(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise AempError(f"{name} must be a positive integer, not {value!r}")
+
+
 def _node_of(port_id: str) -> str:
     return port_id.partition("#")[0]
 
@@ -123,6 +143,8 @@ class _Conn(asyncio.Protocol):
         self._out = ssl.MemoryBIO()
         self._handshaken = False
         self._pending: list[bytes] = []  # plaintext written before the TLS handshake ended
+        self.sent = 0  # bytes handed to the transport, for the write timeout's progress
+        self.write_timer: asyncio.TimerHandle | None = None
         self.paused = False
         self.drained = asyncio.Event()
         self.drained.set()
@@ -162,16 +184,23 @@ class _Conn(asyncio.Protocol):
             self.gone = True
             self.node._lost(self, str(exc) if exc else "connection closed")
         self.drained.set()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
         if not self.done.done():
             self.done.set_result(None)
 
     def pause_writing(self) -> None:
         self.paused = True
         self.drained.clear()
+        self.node._write_paused(self)
 
     def resume_writing(self) -> None:
         self.paused = False
         self.drained.set()
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
 
     # for the node
 
@@ -180,9 +209,20 @@ class _Conn(asyncio.Protocol):
         self._in.write(leftover)
         self._pump()
 
+    def buffered(self) -> int:
+        """Bytes waiting to be written (TLS records and plaintext before the handshake)."""
+        if self.transport is None:
+            return 0
+        return self.transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def written(self) -> int:
+        """Bytes the socket took so far."""
+        return self.sent - (self.transport.get_write_buffer_size() if self.transport else 0)
+
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         if self.tls is None:
+            self.sent += len(data)
             self.transport.write(data)
         elif not self._handshaken:
             self._pending.append(data)
@@ -196,6 +236,9 @@ class _Conn(asyncio.Protocol):
 
     def fail(self, reason: str) -> None:
         """The host gives up on this connection."""
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
         if self.transport is not None:
             self.transport.abort()
         if not self.gone:
@@ -204,7 +247,9 @@ class _Conn(asyncio.Protocol):
 
     def _send_records(self) -> None:
         if self._out.pending and self.transport is not None:
-            self.transport.write(self._out.read())
+            records = self._out.read()
+            self.sent += len(records)
+            self.transport.write(records)
 
     def _pump(self) -> None:
         assert self.tls is not None
@@ -237,32 +282,78 @@ class _Conn(asyncio.Protocol):
 
 class Port:
     """A local port: ``async for args in port`` yields the argument lists sent to it.
-    ``async with`` (or :meth:`close`) kills it. It holds at most the node's
-    ``port_capacity`` messages; while one port is full no connection of the node reads,
-    so senders wait (TCP backpressure)."""
+    ``async with`` (or :meth:`close`) kills it.
 
-    def __init__(self, node: Node, port_id: str, capacity: int) -> None:
+    It holds at most the node's ``port_capacity`` messages and ``port_bytes`` bytes not
+    taken yet (plus what the engine call that filled it delivered; an empty port takes one
+    message of any size); while one port is full no connection of the node reads, so
+    senders wait (TCP backpressure). A full port that takes nothing for ``port_stall_ms``
+    is stalled: what it holds past its bounds is dropped with one warning, and messages
+    that find it full are dropped until it takes one, so one port nobody reads cannot
+    stop the node."""
+
+    def __init__(self, node: Node, port_id: str, capacity: int, capacity_bytes: int,
+                 stall_ms: int) -> None:
         self.node = node
         #: The port id, ``NODE#NAME``.
         self.id = port_id
-        self._queue: collections.deque[list[Any]] = collections.deque()
+        self._queue: collections.deque[tuple[list[Any], int]] = collections.deque()
+        self._bytes = 0  # the cost of what _queue holds
         self._capacity = capacity
+        self._capacity_bytes = capacity_bytes
+        self._stall_ms = stall_ms
+        self._stalled = False
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
 
-    def _deliver(self, args: list[Any]) -> None:
-        if self.closed:
+    def _full(self) -> bool:
+        return len(self._queue) >= self._capacity or self._bytes >= self._capacity_bytes
+
+    def _deliver(self, args: list[Any], cost: int) -> None:
+        if self.closed or (self._stalled and self._full()):
             return
-        self._queue.append(args)
+        self._queue.append((args, cost))
+        self._bytes += cost
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        if len(self._queue) == self._capacity:
-            self.node._blocks(self, True)
+        self._update()
+
+    def _update(self) -> None:
+        """Tells the node whether this port holds reading back; arms the stall timer."""
+        full = not self.closed and not self._stalled and self._full()
+        if full and self._stall_timer is None:
+            self._stall_timer = asyncio.get_running_loop().call_later(
+                self._stall_ms / 1000, self._stall)
+        elif not full and self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self.node._blocks(self, full)
+
+    def _stall(self) -> None:
+        self._stall_timer = None
+        self._stalled = True
+        # Keep the oldest messages that fit the bounds (at least one).
+        keep = 0
+        kept_bytes = 0
+        for _, cost in self._queue:
+            if keep >= self._capacity or (keep and kept_bytes + cost > self._capacity_bytes):
+                break
+            keep += 1
+            kept_bytes += cost
+        dropped = len(self._queue) - keep
+        while len(self._queue) > keep:
+            self._queue.pop()
+        self._bytes = kept_bytes
+        self.node._emit("log", "warn", f"port {self.id} took no message for {self._stall_ms} ms: "
+                        f"dropped {dropped} messages for it")
+        self._update()
 
     def _finish(self) -> None:
         self.closed = True
         self._queue.clear()
-        self.node._blocks(self, False)
+        self._bytes = 0
+        self._update()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -270,6 +361,12 @@ class Port:
     def pending(self) -> int:
         """Messages received and not taken yet."""
         return len(self._queue)
+
+    @property
+    def pending_bytes(self) -> int:
+        """What the messages not taken yet cost the byte bound (``port_bytes``): their
+        encoded size and 32 bytes each."""
+        return self._bytes
 
     async def recv(self) -> list[Any]:
         """The next message's arguments; raises :class:`ClosedError` once the port is
@@ -279,9 +376,14 @@ class Port:
                 raise ClosedError(f"port {self.id} is closed")
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        args = self._queue.popleft()
-        if len(self._queue) == self._capacity - 1:
-            self.node._blocks(self, False)
+        args, cost = self._queue.popleft()
+        self._bytes -= cost
+        # Taking a message ends a stall and restarts the stall clock.
+        self._stalled = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self._update()
         return args
 
     def __aiter__(self) -> AsyncIterator[list[Any]]:
@@ -319,14 +421,15 @@ class Node:
     """
 
     def __init__(self, engine: NodeEngine, node_id: str, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None,
-                 port_capacity: int) -> None:
+                 limits: _Limits) -> None:
         self._engine: NodeEngine | None = engine
         #: This node's id.
         self.id = node_id
         #: The addresses this node listens on.
         self.listen_addrs: list[str] = []
         self._tls = tls
-        self._port_capacity = port_capacity
+        self._limits = limits
+        self._wrote = False  # a transmit since the last check of the write total
         self._loop = asyncio.get_running_loop()
         self._conns: dict[int, _Conn] = {}
         self._up: dict[str, int] = {}  # node id -> its working connection
@@ -359,11 +462,29 @@ class Node:
         monitor_timeout_ms: int | None = None,
         connect_interval_ms: int | None = None,
         port_capacity: int = 1024,
+        port_bytes: int = 16 * 1024 * 1024,
+        port_stall_ms: int = 10000,
+        max_write_queue: int = 64 * 1024 * 1024,
+        max_write_total: int = 128 * 1024 * 1024,
+        write_timeout_ms: int | None = None,
     ) -> Node:
         """Starts a node. ``node_id`` defaults to ``<hostname>/`` (``%n``, ``%u`` and a
         trailing ``/`` are expanded); ``cert`` is the PEM text of an AnyEvent::MP
         certificate file (certificate, key, CA certificates): TLS as the Rust host does
-        it. Raises :class:`AempError` on invalid options or a bind that fails."""
+        it. Raises :class:`AempError` on invalid options or a bind that fails.
+
+        The host's bounds, as in the JS host: a port holds ``port_capacity`` messages
+        and ``port_bytes`` bytes (see :class:`Port`) and is stalled after
+        ``port_stall_ms`` full without taking one; a connection with more than
+        ``max_write_queue`` bytes waiting to be written is closed, as is the one holding
+        the most when all hold more than ``max_write_total``, and one whose pending
+        writes make no progress for ``write_timeout_ms`` (default: the monitor timeout,
+        30 s). Each closes with ``peer does not read: ...``, the engine told why."""
+        if write_timeout_ms is None:
+            write_timeout_ms = monitor_timeout_ms or 30000
+        limits = _Limits(port_capacity, port_bytes, port_stall_ms, max_write_queue,
+                         max_write_total, write_timeout_ms)
+        limits.check()
         hostname = socket.gethostname()
         node_id = _engine.expand_node_id(node_id or f"{hostname}/", hostname)
         config = _engine.default_node_config(node_id)
@@ -387,7 +508,7 @@ class Node:
             engine = NodeEngine(config, _now())
         except Refused as e:
             raise AempError(f"invalid node options: {e}", e.kind) from e
-        node = cls(engine, node_id, tls, port_capacity)
+        node = cls(engine, node_id, tls, limits)
         try:
             await node._listen(binds)
         except BaseException:
@@ -529,6 +650,9 @@ class Node:
             self._output(output.tag, output.payload)
         if self._engine is None:
             return
+        if self._wrote:
+            self._wrote = False
+            self._check_write_total()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -546,6 +670,9 @@ class Node:
             c = self._conns.get(val.conn)
             if c is not None:
                 c.write(val.bytes)
+                self._wrote = True
+                if c.buffered() > self._limits.max_write_queue:
+                    c.fail(f"peer does not read: more than {self._limits.max_write_queue} bytes waiting")
         elif tag == "connect":
             task = self._loop.create_task(self._connect(val.conn, val.addr))
             self._connecting.add(task)
@@ -575,7 +702,7 @@ class Node:
                 at += size
                 args = self._decode(raw, f"message for {val.port}")
                 if isinstance(args, list):
-                    port._deliver(args)
+                    port._deliver(args, size + PORT_MESSAGE_COST)
         elif tag == "node-up":
             self._up[val.node] = val.conn
             for fut in self._up_waiters.pop(val.node, []):
@@ -676,6 +803,38 @@ class Node:
             return
         self._schedule()
 
+    def _check_write_total(self) -> None:
+        """Past ``max_write_total`` waiting over all connections, the one holding the most
+        goes (once a round: summing is linear in the connections)."""
+        limit = self._limits.max_write_total
+        sizes = {c: c.buffered() for c in self._conns.values()}
+        total = sum(sizes.values())
+        while total > limit and sizes:
+            most = max(sizes, key=sizes.__getitem__)
+            total -= sizes.pop(most)
+            most.fail(f"peer does not read: the node's connections have more than {limit} "
+                      "bytes waiting, this one the most")
+
+    def _write_paused(self, c: _Conn) -> None:
+        """A connection whose transport asks to wait must write something every
+        ``write_timeout_ms``."""
+        if c.write_timer is None:
+            self._arm_write_check(c, c.written())
+
+    def _arm_write_check(self, c: _Conn, written: int) -> None:
+        c.write_timer = self._loop.call_later(self._limits.write_timeout_ms / 1000,
+                                              self._write_check, c, written)
+
+    def _write_check(self, c: _Conn, before: int) -> None:
+        c.write_timer = None
+        if c.gone or not c.paused:
+            return
+        now = c.written()
+        if now > before:
+            self._arm_write_check(c, now)
+        else:
+            c.fail(f"peer does not read: nothing written for {self._limits.write_timeout_ms} ms")
+
     def _blocks(self, port: Port, full: bool) -> None:
         """No connection reads while a port is full."""
         before = bool(self._blocking)
@@ -701,7 +860,8 @@ class Node:
                             else self._call("register-port", name))
         except Refused as e:
             raise RefusedError(str(e), e.kind) from e
-        port = Port(self, port_id, self._port_capacity)
+        port = Port(self, port_id, self._limits.port_capacity, self._limits.port_bytes,
+                    self._limits.port_stall_ms)
         self._ports[port_id] = port
         return port
 
