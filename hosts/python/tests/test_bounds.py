@@ -1,0 +1,124 @@
+"""The Python host's bounds: write queues, write timeout, port bytes, stalled ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+
+import aemp
+
+from conftest import RustNode, rust_node
+
+
+def events_of(node: aemp.Node) -> tuple[list[str], dict[str, str]]:
+    logs: list[str] = []
+    downs: dict[str, str] = {}
+    node.on("log", lambda level, message: logs.append(message))
+    node.on("node-down", lambda peer, reason: downs.setdefault(peer, reason))
+    return logs, downs
+
+
+async def echo_round_trip(py: aemp.Node, peer: str, text: str) -> None:
+    async with py.port() as back:
+        await py.send(f"{peer}#echo", back.id, text)
+        assert await asyncio.wait_for(back.recv(), 10) == [text]
+
+
+async def flood_until_down(py: aemp.Node, peer: str, downs: dict[str, str]) -> None:
+    """Sends 64 KiB messages to a peer's echo port until the node drops it."""
+    blob = b"x" * 65536
+    async with asyncio.timeout(30):
+        while peer not in downs:
+            await py.send(f"{peer}#echo", f"{py.id}#nobody", blob)
+
+
+async def stopped_and_live(py: aemp.Node, rust: list[RustNode], name: str) -> None:
+    """Two Rust nodes connected to ``py``; ``{name}-stuck`` is stopped (reads nothing)."""
+    for suffix in ("stuck", "live"):
+        r = await rust_node(f"{name}-{suffix}", "s", extra=("--connect", py.listen_addrs[0]))
+        rust.append(r)
+        await py.wait_up(f"{name}-{suffix}")
+    os.kill(rust[0].proc.pid, signal.SIGSTOP)
+
+
+async def test_peer_that_does_not_read_is_cut_off_past_the_write_limit(
+        rust: list[RustNode]) -> None:
+    limit = 512 * 1024  # below the level where sends wait, so only the limit stops them
+    async with await aemp.Node.start("py-wq", secret="s", binds=["127.0.0.1:0"],
+                                     max_write_queue=limit) as py:
+        _, downs = events_of(py)
+        await stopped_and_live(py, rust, "wq")
+        await flood_until_down(py, "wq-stuck", downs)
+        assert f"peer does not read: more than {limit} bytes waiting" in downs["wq-stuck"]
+        assert "wq-live" not in downs
+        await echo_round_trip(py, "wq-live", "still served")
+
+
+async def test_peer_that_does_not_read_is_cut_off_after_the_write_timeout(
+        rust: list[RustNode]) -> None:
+    timeout_ms = 1000
+    async with await aemp.Node.start("py-wt", secret="s", binds=["127.0.0.1:0"],
+                                     write_timeout_ms=timeout_ms) as py:
+        _, downs = events_of(py)
+        await stopped_and_live(py, rust, "wt")
+        await flood_until_down(py, "wt-stuck", downs)
+        assert f"peer does not read: nothing written for {timeout_ms} ms" in downs["wt-stuck"]
+        assert "wt-live" not in downs
+        await echo_round_trip(py, "wt-live", "still served")
+
+
+async def test_stalled_port_drops_and_the_node_serves_another(rust: list[RustNode]) -> None:
+    capacity, stall_ms, count = 8, 500, 100
+    async with await aemp.Node.start("py-stall", secret="s", binds=["127.0.0.1:0"],
+                                     port_capacity=capacity, port_stall_ms=stall_ms) as py:
+        logs, _ = events_of(py)
+        r = await rust_node("stall-echo", "s", extra=("--connect", py.listen_addrs[0]))
+        rust.append(r)
+        await py.wait_up("stall-echo")
+        stuck, live = py.port("stuck"), py.port("live")
+        await py.send_batch([("stall-echo#echo", [stuck.id, i]) for i in range(count)])
+        # The echoes come back in order over one connection: this one arrives only once
+        # the node reads past the stuck port's flood.
+        await py.send("stall-echo#echo", live.id, "alive")
+        assert await asyncio.wait_for(live.recv(), 10) == ["alive"]
+        warnings = [m for m in logs if m.startswith(f"port {stuck.id} took no message")]
+        assert len(warnings) == 1, logs
+        m = re.fullmatch(rf"port {stuck.id} took no message for {stall_ms} ms: "
+                         r"dropped (\d+) messages for it", warnings[0])
+        # Those held past the capacity at the stall were dropped with the line, those that
+        # found it full later without one.
+        assert m is not None and int(m.group(1)) <= count - capacity
+        # It kept the oldest it has room for.
+        assert stuck.pending == capacity
+        assert [await stuck.recv() for _ in range(capacity)] == [[i] for i in range(capacity)]
+        # Taking a message ended the stall: the port takes messages again.
+        await py.send("stall-echo#echo", stuck.id, "again")
+        assert await asyncio.wait_for(stuck.recv(), 10) == ["again"]
+
+
+async def test_byte_bound_of_a_port_holds_the_sender_back() -> None:
+    port_bytes = 64 * 1024
+    async with await aemp.Node.start("py-bb-rx", secret="s", binds=["127.0.0.1:0"],
+                                     port_bytes=port_bytes) as rx, \
+            await aemp.Node.start("py-bb-tx", secret="s") as tx:
+        inbox = rx.port("inbox")
+        tx.connect(rx.listen_addrs[0])
+        await tx.wait_up("py-bb-rx")
+        blob = b"x" * 16384
+        count = 1000  # 16 MiB, far below the default 1024 messages' worth of room
+
+        async def produce() -> None:
+            for i in range(count):
+                await tx.send("py-bb-rx#inbox", i, blob)
+
+        producer = asyncio.create_task(produce())
+        await asyncio.sleep(1.0)
+        # Nobody reads: the port stopped at its byte bound (plus one read's worth, at
+        # most 256 KiB in asyncio), and the sender waits on TCP.
+        assert inbox.pending_bytes < port_bytes + 256 * 1024 + len(blob)
+        assert not producer.done()
+        got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(count)]
+        await producer
+        assert got == list(range(count))
