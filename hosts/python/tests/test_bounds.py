@@ -122,3 +122,26 @@ async def test_byte_bound_of_a_port_holds_the_sender_back() -> None:
         got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(count)]
         await producer
         assert got == list(range(count))
+
+
+async def test_peer_that_reads_again_is_read_again(rust: list[RustNode]) -> None:
+    # A connection that cannot write reads nothing more; once the peer reads what waits,
+    # the node reads its answers again.
+    async with await aemp.Node.start("py-rs", secret="s", binds=["127.0.0.1:0"]) as py:
+        _, downs = events_of(py)
+        await stopped_and_live(py, rust, "rs")
+        blob = b"x" * 65536
+        sent = 0
+        async with asyncio.timeout(30):
+            while True:
+                send = asyncio.ensure_future(py.send("rs-stuck#echo", f"{py.id}#nobody", blob))
+                done, _ = await asyncio.wait([send], timeout=0.5)
+                if not done:
+                    break  # the connection asked to wait
+                send.result()
+                sent += 1
+        assert sent > 0
+        os.kill(rust[0].proc.pid, signal.SIGCONT)
+        await asyncio.wait_for(send, 10)
+        await echo_round_trip(py, "rs-stuck", "read again")
+        assert "rs-stuck" not in downs

@@ -191,8 +191,12 @@ class _Conn(asyncio.Protocol):
             self.done.set_result(None)
 
     def pause_writing(self) -> None:
+        # A peer that does not read our answers cannot make us queue more: read nothing
+        # more from it until it does.
         self.paused = True
         self.drained.clear()
+        assert self.transport is not None
+        self.transport.pause_reading()
         self.node._write_paused(self)
 
     def resume_writing(self) -> None:
@@ -201,6 +205,8 @@ class _Conn(asyncio.Protocol):
         if self.write_timer is not None:
             self.write_timer.cancel()
             self.write_timer = None
+        if self.transport is not None and not self.node._blocking and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     # for the node
 
@@ -848,7 +854,7 @@ class Node:
             if c.transport is not None and not c.transport.is_closing():
                 if self._blocking:
                     c.transport.pause_reading()
-                else:
+                elif not c.paused:
                     c.transport.resume_reading()
 
     # the API
