@@ -7,6 +7,8 @@ import os
 import re
 import signal
 
+import pytest
+
 import aemp
 
 from conftest import RustNode, rust_node
@@ -67,6 +69,27 @@ async def test_peer_that_does_not_read_is_cut_off_after_the_write_timeout(
         assert f"peer does not read: nothing written for {timeout_ms} ms" in downs["wt-stuck"]
         assert "wt-live" not in downs
         await echo_round_trip(py, "wt-live", "still served")
+
+
+async def test_connection_holding_most_is_cut_off_past_the_write_total(
+        rust: list[RustNode]) -> None:
+    total = 512 * 1024
+    async with await aemp.Node.start("py-wtot", secret="s", binds=["127.0.0.1:0"],
+                                     max_write_total=total) as py:
+        _, downs = events_of(py)
+        await stopped_and_live(py, rust, "wtot")
+        await flood_until_down(py, "wtot-stuck", downs)
+        assert (f"peer does not read: the node's connections have more than {total} bytes "
+                "waiting, this one the most") in downs["wtot-stuck"]
+        assert "wtot-live" not in downs
+        await echo_round_trip(py, "wtot-live", "still served")
+
+
+async def test_invalid_bounds_refused() -> None:
+    for bound in ("port_capacity", "port_bytes", "port_stall_ms", "max_write_queue",
+                  "max_write_total", "write_timeout_ms"):
+        with pytest.raises(aemp.AempError, match=bound):
+            await aemp.Node.start("py-bad", **{bound: 0})
 
 
 async def test_stalled_port_drops_and_the_node_serves_another(rust: list[RustNode]) -> None:
