@@ -205,7 +205,7 @@ class _Conn(asyncio.Protocol):
         if self.write_timer is not None:
             self.write_timer.cancel()
             self.write_timer = None
-        if self.transport is not None and not self.node._blocking and not self.transport.is_closing():
+        if self.transport is not None and not self.node._blocking:
             self.transport.resume_reading()
 
     # for the node
@@ -677,8 +677,9 @@ class Node:
             if c is not None:
                 c.write(val.bytes)
                 self._wrote = True
-                if c.buffered() > self._limits.max_write_queue:
-                    c.fail(f"peer does not read: more than {self._limits.max_write_queue} bytes waiting")
+                limit = self._limits.max_write_queue
+                if c.buffered() > limit:
+                    c.fail(f"peer does not read: more than {limit} bytes waiting")
         elif tag == "connect":
             task = self._loop.create_task(self._connect(val.conn, val.addr))
             self._connecting.add(task)
