@@ -291,3 +291,38 @@ func TestTLSOtherCARefused(t *testing.T) {
 		t.Fatalf("node came up across CAs: %v", err)
 	}
 }
+
+// A Rust node with the same certificate file connects to the Go listener: the Go node
+// is the TLS server and requires the client's certificate.
+func TestTLSRustConnectsToGo(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	cert := genCert(t, dir)
+	n, err := Start(ctx, Config{NodeID: "go-tls-server", Secret: "shared", Cert: cert, Binds: []string{"127.0.0.1:0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	p, err := n.RegisterPort(ctx, "inbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile := filepath.Join(dir, "cert.pem")
+	if err := os.WriteFile(certFile, cert, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(ctx, aempBin(t), "snd", "go-tls-server#inbox", `"over tls"`, "--secret", "shared",
+		"--cert", certFile, "--connect", n.Addrs()[0])
+	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("aemp snd: %v\n%s", err, out)
+	}
+	m, err := p.Recv(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m) != 1 || m[0] != "over tls" {
+		t.Fatalf("got %#v", m)
+	}
+}
