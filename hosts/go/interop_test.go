@@ -31,10 +31,22 @@ func aempBin(t *testing.T) string {
 // rustNode starts `aemp run --echo` and returns its listening address.
 func rustNode(t *testing.T, id, secret, framing string) string {
 	t.Helper()
+	addr, _ := rustNodeCert(t, id, secret, framing, false)
+	return addr
+}
+
+// rustNodeCert is rustNode; with withCert, `aemp gencert` first makes the node's
+// certificate (a fresh CA of its own), returned as PEM for a Go node to share.
+func rustNodeCert(t *testing.T, id, secret, framing string, withCert bool) (string, []byte) {
+	t.Helper()
 	dir := t.TempDir()
 	rc, _ := json.Marshal(map[string]string{"secret": secret})
 	if err := os.WriteFile(filepath.Join(dir, "rc"), rc, 0o600); err != nil {
 		t.Fatal(err)
+	}
+	var cert []byte
+	if withCert {
+		cert = genCert(t, dir)
 	}
 	cmd := exec.Command(aempBin(t), "run", "--echo", "--nodeid", id, "--listen", "127.0.0.1:0", "--framing", framing)
 	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
@@ -55,11 +67,31 @@ func rustNode(t *testing.T, id, secret, framing string) string {
 				for sc.Scan() {
 				}
 			}()
-			return m[1]
+			return m[1], cert
 		}
 	}
 	t.Fatal("aemp run printed no address")
-	return ""
+	return "", nil
+}
+
+// genCert runs `aemp gencert` on dir/rc and returns the certificate file it stored.
+func genCert(t *testing.T, dir string) []byte {
+	t.Helper()
+	rcPath := filepath.Join(dir, "rc")
+	cmd := exec.Command(aempBin(t), "gencert")
+	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+rcPath)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("aemp gencert: %v: %s", err, out)
+	}
+	raw, err := os.ReadFile(rcPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rc struct{ Cert string }
+	if err := json.Unmarshal(raw, &rc); err != nil || rc.Cert == "" {
+		t.Fatalf("aemp gencert stored no cert: %v %s", err, raw)
+	}
+	return []byte(rc.Cert)
 }
 
 // A Go node reaches a Rust node's echo port with hmac authentication, in both framings;
@@ -205,5 +237,92 @@ func TestMonitorFiresOnKill(t *testing.T) {
 		}
 	case <-ctx.Done():
 		t.Fatal("monitor did not fire")
+	}
+}
+
+// A Go node and a Rust node sharing one certificate file talk over TLS: the Go node
+// dials, and the echoes come back over the same link, so messages go both ways.
+func TestTLSEchoWithRust(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	addr, cert := rustNodeCert(t, "rust-tls", "shared", "cbor", true)
+	n, err := Start(ctx, Config{NodeID: "go-tls", Secret: "shared", Cert: cert, Seeds: []string{addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if err := n.WaitUp(ctx, "rust-tls"); err != nil {
+		t.Fatal(err)
+	}
+	p, err := n.Port(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if err := n.Send(ctx, "rust-tls#echo", p.ID, "tls", int64(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 3 {
+		m, err := p.Recv(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m) != 2 || m[0] != "tls" || toInt(m[1]) != int64(i) {
+			t.Fatalf("message %d: %#v", i, m)
+		}
+	}
+}
+
+// A peer whose certificate comes from another CA is refused: the node never comes up.
+func TestTLSOtherCARefused(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr, _ := rustNodeCert(t, "rust-tls-other", "shared", "cbor", true)
+	other := genCert(t, t.TempDir())
+	n, err := Start(ctx, Config{NodeID: "go-tls-other", Secret: "shared", Cert: other, Seeds: []string{addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
+	defer wcancel()
+	if err := n.WaitUp(wctx, "rust-tls-other"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("node came up across CAs: %v", err)
+	}
+}
+
+// A Rust node with the same certificate file connects to the Go listener: the Go node
+// is the TLS server and requires the client's certificate.
+func TestTLSRustConnectsToGo(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	cert := genCert(t, dir)
+	n, err := Start(ctx, Config{NodeID: "go-tls-server", Secret: "shared", Cert: cert, Binds: []string{"127.0.0.1:0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	p, err := n.RegisterPort(ctx, "inbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile := filepath.Join(dir, "cert.pem")
+	if err := os.WriteFile(certFile, cert, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(ctx, aempBin(t), "snd", "go-tls-server#inbox", `"over tls"`, "--secret", "shared",
+		"--cert", certFile, "--connect", n.Addrs()[0])
+	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("aemp snd: %v\n%s", err, out)
+	}
+	m, err := p.Recv(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m) != 1 || m[0] != "over tls" {
+		t.Fatalf("got %#v", m)
 	}
 }

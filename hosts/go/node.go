@@ -6,11 +6,15 @@ package aemp
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"iter"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -28,6 +32,10 @@ type Config struct {
 	Binds []string
 	// Seeds are addresses of seed nodes to keep connected.
 	Seeds []string
+	// Cert, when set, is the PEM text of an AnyEvent::MP certificate file (certificate(s)
+	// and private key): connections then switch to TLS when the engine says so. Every
+	// certificate in it is a trust anchor; peers must present one of them or a chain to one.
+	Cert []byte
 	// Log, when set, receives the engine's log lines (level 0 error .. 3 debug), such
 	// as why a connection closed; it runs on the node's loop and must not block.
 	Log func(level int, msg string)
@@ -128,6 +136,9 @@ type Node struct {
 	log    func(level int, msg string)
 	mons   map[string][]chan []any
 	closed bool
+	tlsCli *tls.Config
+	tlsSrv *tls.Config
+	resume []uint64 // conns whose reader waits for the loop to take its bytes
 }
 
 type event struct {
@@ -140,8 +151,74 @@ type event struct {
 }
 
 type conn struct {
-	c   net.Conn
-	out chan []byte // bounded: the writer applies TCP backpressure to the loop
+	c    net.Conn      // what the reader reads next: the socket, or TLS over it
+	out  chan outMsg   // bounded: the writer applies TCP backpressure to the loop
+	next chan net.Conn // the reader waits here after each read, so no TLS record is read as plain bytes
+}
+
+// outMsg is bytes to write, or (sw set) the switch of the writer to TLS.
+type outMsg struct {
+	b  []byte
+	sw net.Conn
+}
+
+// CertFromFile reads an AnyEvent::MP certificate file for Config.Cert.
+func CertFromFile(path string) ([]byte, error) { return os.ReadFile(path) }
+
+// tlsConfigs builds the client and server configs from a certificate file: no host-name
+// check, client certificates required, the file's certificates as the only roots.
+func tlsConfigs(pemText []byte) (client, server *tls.Config, err error) {
+	pair, err := tls.X509KeyPair(pemText, pemText)
+	if err != nil {
+		return nil, nil, fmt.Errorf("aemp: certificate: %w", err)
+	}
+	roots := x509.NewCertPool()
+	for rest := pemText; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		if b.Type == "CERTIFICATE" {
+			c, err := x509.ParseCertificate(b.Bytes)
+			if err != nil {
+				return nil, nil, fmt.Errorf("aemp: certificate: %w", err)
+			}
+			roots.AddCert(c)
+		}
+	}
+	verify := func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return errors.New("aemp: peer sent no certificate")
+		}
+		inter := x509.NewCertPool()
+		for _, c := range cs.PeerCertificates[1:] {
+			inter.AddCert(c)
+		}
+		_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter,
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+		return err
+	}
+	base := &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12,
+		InsecureSkipVerify: true, // the chain check is VerifyConnection's; there is no host name
+		VerifyConnection:   verify}
+	client, server = base.Clone(), base.Clone()
+	server.ClientAuth = tls.RequireAnyClientCert
+	return client, server, nil
+}
+
+// prefixConn reads leftover (bytes already taken from the socket) before the socket.
+type prefixConn struct {
+	net.Conn
+	pre []byte
+}
+
+func (p *prefixConn) Read(b []byte) (int, error) {
+	if len(p.pre) > 0 {
+		k := copy(b, p.pre)
+		p.pre = p.pre[k:]
+		return k, nil
+	}
+	return p.Conn.Read(b)
 }
 
 func (n *Node) now() uint64 { return uint64(time.Since(n.start).Milliseconds()) }
@@ -163,9 +240,18 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	if cfg.Secret != "" {
 		c.Transport.Secret = []byte(cfg.Secret)
 	}
+	var tcli, tsrv *tls.Config
+	if cfg.Cert != nil {
+		if tcli, tsrv, err = tlsConfigs(cfg.Cert); err != nil {
+			inst.Close()
+			return nil, err
+		}
+		c.Transport.TLS = true
+	}
 	n := &Node{id: cfg.NodeID, inst: inst, start: time.Now(), ops: make(chan func()),
 		events: make(chan event, 256), done: make(chan struct{}),
-		conns: map[uint64]*conn{}, ports: map[string]*Port{}, ups: map[string][]chan struct{}{}, log: cfg.Log, mons: map[string][]chan []any{}}
+		conns: map[uint64]*conn{}, ports: map[string]*Port{}, ups: map[string][]chan struct{}{}, log: cfg.Log, mons: map[string][]chan []any{},
+		tlsCli: tcli, tlsSrv: tsrv}
 	var binds []string
 	for _, b := range cfg.Binds {
 		ln, err := net.Listen("tcp", b)
@@ -277,6 +363,7 @@ func (n *Node) loop() {
 		if err == nil {
 			err = n.flush()
 		}
+		n.resumeReaders()
 		if err != nil {
 			n.err = fmt.Errorf("%w: %v", ErrStopped, err)
 			return
@@ -299,6 +386,7 @@ func (n *Node) arm(t *time.Timer) {
 // handle feeds an event and every other one already waiting as one handle-inputs round.
 func (n *Node) handle(ev event) error {
 	var inputs []abi.Input
+	n.resume = n.resume[:0]
 	for {
 		var err error
 		switch {
@@ -312,6 +400,7 @@ func (n *Node) handle(ev event) error {
 			err = n.eng.HandleConnected(ev.conn, n.now())
 		case ev.data != nil:
 			inputs = append(inputs, abi.Input{Conn: ev.conn, Data: ev.data})
+			n.resume = append(n.resume, ev.conn)
 		case ev.eof || ev.err != nil:
 			if len(inputs) > 0 { // keep the order of bytes and the end
 				if err = n.eng.HandleInputs(inputs, n.now()); err != nil {
@@ -345,28 +434,44 @@ func (n *Node) endConn(ev event) error {
 	if ok {
 		delete(n.conns, ev.conn)
 		close(c.out)
+		close(c.next)
 	}
 	return n.eng.HandleConnError(ev.conn, ev.err.Error(), !ok, n.now())
 }
 
 func (n *Node) addConn(id uint64, nc net.Conn) {
-	c := &conn{c: nc, out: make(chan []byte, 64)}
+	c := &conn{c: nc, out: make(chan outMsg, 64), next: make(chan net.Conn, 1)}
 	n.conns[id] = c
 	go func() { // writer
-		for b := range c.out {
-			if _, err := nc.Write(b); err != nil {
+		w := nc
+		for m := range c.out {
+			if m.sw != nil {
+				w = m.sw
+				continue
+			}
+			if _, err := w.Write(m.b); err != nil {
 				break
 			}
 		}
-		nc.Close()
+		w.Close()
 	}()
 	go func() { // reader
+		r := nc
 		for {
 			buf := make([]byte, 64<<10)
-			k, err := nc.Read(buf)
+			k, err := r.Read(buf)
 			if k > 0 {
 				select {
 				case n.events <- event{conn: id, data: buf[:k]}:
+				case <-n.done:
+					return
+				}
+				var ok bool
+				select {
+				case r, ok = <-c.next:
+					if !ok {
+						return
+					}
 				case <-n.done:
 					return
 				}
@@ -396,7 +501,11 @@ func (n *Node) flush() error {
 		switch o.Kind {
 		case abi.OutTransmit:
 			if c, ok := n.conns[o.Conn]; ok {
-				c.out <- o.Bytes
+				c.out <- outMsg{b: o.Bytes}
+			}
+		case abi.OutStartTLS:
+			if c, ok := n.conns[o.Conn]; ok {
+				n.startTLS(c, o.Role, o.Bytes)
 			}
 		case abi.OutConnect:
 			id, addr := o.Conn, o.Str
@@ -415,6 +524,7 @@ func (n *Node) flush() error {
 			if c, ok := n.conns[o.Conn]; ok {
 				delete(n.conns, o.Conn)
 				close(c.out) // the writer writes what was queued, then closes
+				close(c.next)
 			}
 		case abi.OutDeliver:
 			n.mu.Lock()
@@ -443,6 +553,35 @@ func (n *Node) flush() error {
 		}
 	}
 	return nil
+}
+
+// resumeReaders lets readers whose bytes the engine took read on, through TLS if
+// the engine started it meanwhile.
+func (n *Node) resumeReaders() {
+	for _, id := range n.resume {
+		if c, ok := n.conns[id]; ok {
+			c.next <- c.c
+		}
+	}
+	n.resume = n.resume[:0]
+}
+
+// startTLS wraps the socket in TLS; the handshake runs on first read or write, and
+// its failure ends as a read error, closing this connection only.
+func (n *Node) startTLS(c *conn, role uint8, leftover []byte) {
+	raw := &prefixConn{Conn: c.c, pre: append([]byte(nil), leftover...)}
+	var t *tls.Conn
+	switch {
+	case n.tlsCli == nil: // the engine asks only when TLS is configured
+		t = tls.Client(raw, &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true,
+			VerifyConnection: func(tls.ConnectionState) error { return errors.New("aemp: no certificate configured") }})
+	case role == 0:
+		t = tls.Client(raw, n.tlsCli)
+	default:
+		t = tls.Server(raw, n.tlsSrv)
+	}
+	c.c = t
+	c.out <- outMsg{sw: t}
 }
 
 // Port is a local port: messages sent to its ID arrive in Recv.
