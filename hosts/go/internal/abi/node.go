@@ -88,25 +88,9 @@ func LiftNodeConfig(m Mem, p uint32) (c NodeConfig, err error) {
 		}
 		return e
 	})
-	get(func() error {
-		d, e := m.U8(p + 64)
-		if e == nil && d == 1 {
-			var s string
-			s, e = m.String(p + 68)
-			t.PeerAddr = &s
-		}
-		return e
-	})
+	get(func() (e error) { t.PeerAddr, e = liftOption(m, p+64, 4, m.String); return })
 	get(func() (e error) { t.MonitorTimeoutMs, e = m.U64(p + 80); return })
-	get(func() error {
-		d, e := m.U8(p + 88)
-		if e == nil && d == 1 {
-			var v uint64
-			v, e = m.U64(p + 96)
-			t.KeepaliveIntervalMs = &v
-		}
-		return e
-	})
+	get(func() (e error) { t.KeepaliveIntervalMs, e = liftOption(m, p+88, 8, m.U64); return })
 	get(func() (e error) { t.MaxMessageSize, e = m.U32(p + 104); return })
 	get(func() (e error) { t.MaxDep, e = m.U32(p + 108); return })
 	get(func() (e error) { c.Binds, e = liftStrings(m, p+112); return })
@@ -591,4 +575,17 @@ func (n *Node) IsUp(node string) (bool, error) {
 		return false, fmt.Errorf("%w: is-up: %v", ErrTrap, err)
 	}
 	return res[0] != 0, nil
+}
+
+// liftOption reads an option<T>: its discriminant at p, the value off bytes after it.
+func liftOption[T any](m Mem, p, off uint32, lift func(uint32) (T, error)) (*T, error) {
+	d, err := m.U8(p)
+	if err != nil || d != 1 {
+		return nil, err
+	}
+	v, err := lift(p + off)
+	if err != nil {
+		return nil, err
+	}
+	return &v, nil
 }
