@@ -5,11 +5,11 @@
 //! Requests to the master (`g_find`, `g_mon1`, `g_db_*`) are kept until answered and sent
 //! again to every new master, as the reference does.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use super::request::{Entries, GlobalRequest};
-use super::{ConnId, LogLevel, Node, NodeError, NodeOutput, Outgoing, Shared, ids, msg};
-use crate::error::MessageError;
+use super::effect::{Effect, Effects, Jitter, View};
+use super::request::{Entries, GlobalRequest, Query};
+use super::{ConnId, LogLevel, NodeOutput, ids};
 use crate::value::Value;
 
 /// Global-protocol state of a normal node.
@@ -24,8 +24,6 @@ pub(super) struct Global {
     next_id: String,
     /// Mirrors of monitored families.
     mirrors: BTreeMap<String, BTreeMap<String, Value>>,
-    /// Nodes that announced themselves as global (`g_global`).
-    globals: BTreeSet<String>,
 }
 
 impl Default for Global {
@@ -36,7 +34,6 @@ impl Default for Global {
             pending: BTreeMap::new(),
             next_id: "a".into(),
             mirrors: BTreeMap::new(),
-            globals: BTreeSet::new(),
         }
     }
 }
@@ -51,33 +48,13 @@ impl Global {
     }
 
     /// Sets a local entry; false when the value is unchanged.
-    pub(super) fn set_local(&mut self, family: &str, key: &str, value: Value) -> bool {
+    fn set_local(&mut self, family: &str, key: &str, value: Value) -> bool {
         let entries = self.local_db.entry(family.to_owned()).or_default();
         if entries.get(key) == Some(&value) {
             return false;
         }
         entries.insert(key.to_owned(), value);
         true
-    }
-
-    /// Whether `node` announced itself as global and is still up.
-    pub(super) fn is_global(&self, node: &str) -> bool {
-        self.globals.contains(node)
-    }
-
-    /// Notes that `node` is a global node.
-    pub(super) fn add_global(&mut self, node: &str) {
-        self.globals.insert(node.to_owned());
-    }
-
-    /// `node` went down or is forgotten as a global node.
-    pub(super) fn remove_global(&mut self, node: &str) {
-        self.globals.remove(node);
-    }
-
-    /// The global nodes that are up.
-    pub(super) fn globals(&self) -> Vec<String> {
-        self.globals.iter().cloned().collect()
     }
 
     /// Drops a pending `g_find` for `node`.
@@ -126,196 +103,76 @@ pub(super) fn map_value(entries: &BTreeMap<String, Value>) -> Value {
     )
 }
 
-impl Node {
-    // ---- seeds and master --------------------------------------------------------------
+/// What global requests are logged as when they cannot be sent.
+const WHAT: &str = "global request";
 
-    /// (Re)starts keeping the seeds connected, with a fresh backoff.
-    pub(super) fn seed_again(&mut self, now: u64) {
-        self.seed_retry = 600 * self.jitter_permille() / 1000;
-        self.seed_all(now);
-    }
-
-    /// Dials every seed that is neither up nor being dialled; re-arms the retry timer
-    /// (doubling up to `monitor_timeout`) while any seed is not up.
-    pub(super) fn seed_all(&mut self, now: u64) {
-        for i in 0..self.seeds.len() {
-            if self.seeds[i].up || self.seeds[i].myself || self.seeds[i].conn.is_some() {
-                continue;
-            }
-            let addr = self.seeds[i].addr.clone();
-            let conn = self.alloc_conn(&addr, None, Some(i));
-            self.seeds[i].conn = Some(conn);
-            self.outputs.push_back(NodeOutput::Connect { conn, addr });
-        }
-        if self.seeds.iter().all(|s| s.up || s.myself) {
-            self.next_seed_at = None;
-        } else {
-            self.next_seed_at = Some(now.saturating_add(self.seed_retry));
-            self.seed_retry = (self.seed_retry * 2).min(self.config.transport.monitor_timeout_ms);
-        }
-    }
-
-    /// A seed connection ended. After a working connection the backoff starts afresh;
-    /// a failed attempt waits for the retry timer that is already armed.
-    pub(super) fn seed_lost(&mut self, i: usize) {
-        let Some(seed) = self.seeds.get_mut(i) else {
-            return;
-        };
-        let was_up = seed.up;
-        seed.conn = None;
-        seed.up = false;
-        let now = self.now;
-        if was_up {
-            self.seed_again(now);
-        } else if self.next_seed_at.is_none() {
-            self.next_seed_at = Some(now.saturating_add(self.seed_retry));
-        }
-    }
-
-    /// A connection reached ourselves: if it was dialled for a seed, that seed is us, so we
-    /// become a global node (as every seed is).
-    pub(super) fn found_myself(&mut self, conn: ConnId) {
-        let Some(i) = self.conns.get(&conn).and_then(|c| c.seed) else {
-            return;
-        };
-        if let Some(seed) = self.seeds.get_mut(i) {
-            seed.myself = true;
-        }
-        let now = self.now;
-        self.become_global(now);
-    }
-
-    /// A seed completed its handshake as `node`.
-    pub(super) fn seed_up(&mut self, i: usize, node: &str) {
-        if let Some(seed) = self.seeds.get_mut(i) {
-            seed.up = true;
-            seed.node = Some(node.to_owned());
-        }
-        let now = self.now;
-        self.send_node(node, vec![Value::text("g_slave")], now);
-        if self.global.master.is_none() {
-            self.master_set(node, now);
-        }
-    }
-
-    /// Picks the first seed that is up as master, if any.
-    pub(super) fn master_search(&mut self) {
-        // The seed just lost may still be marked up: skip nodes that are not.
-        let up = self
-            .seeds
-            .iter()
-            .filter(|s| s.up)
-            .filter_map(|s| s.node.clone())
-            .find(|n| self.is_up(n));
-        if let Some(node) = up {
-            let now = self.now;
-            self.master_set(&node, now);
-        }
-    }
-
+impl Global {
     /// Makes `node` our master: sends it our database and every pending request.
-    pub(super) fn master_set(&mut self, node: &str, now: u64) {
-        self.global.master = Some(node.to_owned());
-        self.log(LogLevel::Info, format!("global master is {node}"));
-        let db = self.global.local_db_value();
-        self.send_node(node, vec![Value::text("g_slave"), db], now);
-        for (_, sent) in self.global.pending.values_mut() {
+    pub(super) fn master_set(&mut self, node: &str, view: &View<'_>, fx: &mut Effects) {
+        self.master = Some(node.to_owned());
+        fx.log(LogLevel::Info, format!("global master is {node}"));
+        fx.send(
+            node,
+            vec![Value::text("g_slave"), self.local_db_value()],
+            WHAT,
+        );
+        for (_, sent) in self.pending.values_mut() {
             *sent = false;
         }
-        self.flush_global(now);
+        self.flush(view, fx);
+    }
+
+    /// A seed completed its handshake as `node`: slave to it, and make it master if we
+    /// have none.
+    pub(super) fn seed_up(&mut self, node: &str, view: &View<'_>, fx: &mut Effects) {
+        fx.send(node, vec![Value::text("g_slave")], WHAT);
+        if self.master.is_none() {
+            self.master_set(node, view, fx);
+        }
     }
 
     /// The master, when it can be reached now (a global node is its own master).
-    fn master_up(&self) -> Option<String> {
-        let master = self.global.master.as_ref()?;
-        (*master == self.node_id || self.is_up(master)).then(|| master.clone())
+    fn master_up(&self, view: &View<'_>) -> Option<String> {
+        let master = self.master.as_ref()?;
+        (master == view.node_id || view.is_up(master)).then(|| master.clone())
     }
 
     /// Sends requests the current master has not seen yet.
-    pub(super) fn flush_global(&mut self, now: u64) {
-        let Some(master) = self.master_up() else {
+    pub(super) fn flush(&mut self, view: &View<'_>, fx: &mut Effects) {
+        let Some(master) = self.master_up(view) else {
             return;
         };
-        let unsent: Vec<Vec<Value>> = self
-            .global
-            .pending
-            .values_mut()
-            .filter(|(_, sent)| !*sent)
-            .map(|(items, sent)| {
-                *sent = true;
-                items.clone()
-            })
-            .collect();
-        for items in unsent {
-            self.send_node(&master, items, now);
+        for (items, sent) in self.pending.values_mut().filter(|(_, sent)| !*sent) {
+            *sent = true;
+            fx.send(&master, items.clone(), WHAT);
         }
     }
 
-    /// Sends `["", items...]` to `node`.
-    pub(super) fn send_node(&mut self, node: &str, items: Vec<Value>, now: u64) {
-        self.send_node_message(node, &msg::build("", items), now);
-    }
-
-    /// Sends a node-port message `["", ...]`, already encoded, to `node`.
-    pub(super) fn send_node_message(&mut self, node: &str, message: &[u8], now: u64) {
-        if let Err(e) = self.route(node, message, false, now) {
-            self.log(
-                LogLevel::Warn,
-                format!("global request to {node} dropped: {e}"),
-            );
-        }
-    }
-
-    /// Sends a node-port message, encoded once, to each of `nodes`: their connections
-    /// share the one copy while it waits for room in the outputs.
-    pub(super) fn broadcast(&mut self, nodes: Vec<String>, message: Vec<u8>, now: u64) {
-        let shared = Shared::from(message);
-        for node in nodes {
-            match self.working_conn(&node) {
-                Some(conn) => self.transmit(conn, Outgoing::Shared(&shared), false),
-                None => self.send_node_message(&node, &shared, now),
-            }
-        }
-    }
-
-    /// Asks the master where `node` listens; false when there is nobody to ask.
-    pub(super) fn find(&mut self, node: &str) -> bool {
-        if self.seeds.is_empty() && self.service.is_none() {
-            return false;
-        }
-        self.global.request(
+    /// Asks the master where `node` listens.
+    pub(super) fn find(&mut self, node: &str, view: &View<'_>, fx: &mut Effects) {
+        self.request(
             format!("g_find {node}"),
             vec![Value::text("g_find"), Value::text(node)],
         );
-        true
+        self.flush(view, fx);
     }
 
-    // ---- answers from global nodes ----------------------------------------------------
-
-    /// `g_global`, `g_reply`, `g_found`, `g_chg1`, `g_chg2` from `src`.
-    pub(super) fn global_request(&mut self, src: &str, request: GlobalRequest, now: u64) {
-        let from_master = self.global.master.as_deref() == Some(src);
+    /// `g_reply`, `g_found`, `g_chg1`, `g_chg2` from `src` (the answers to a slave).
+    pub(super) fn answer(&mut self, src: &str, request: GlobalRequest, fx: &mut Effects) {
+        let from_master = self.master.as_deref() == Some(src);
         match request {
-            GlobalRequest::IsGlobal => self.global.add_global(src),
             GlobalRequest::Reply { id, result } => {
-                if self.global.pending.remove(&id).is_some() {
+                if self.pending.remove(&id).is_some() {
                     let result = result.encode();
-                    self.outputs.push_back(NodeOutput::DbReply { id, result });
+                    fx.output(NodeOutput::DbReply { id, result });
                 }
             }
             GlobalRequest::Found { node, addrs } => {
-                self.global.pending.remove(&format!("g_find {node}"));
-                let finding = self
-                    .peers
-                    .get(&node)
-                    .and_then(|p| p.connecting.as_ref())
-                    .is_some_and(|(d, _)| d.finding);
-                if finding {
-                    self.connect_to(&node, addrs, now);
-                }
+                self.pending.remove(&format!("g_find {node}"));
+                fx.push(Effect::Found { node, addrs });
             }
             GlobalRequest::Whole { family, entries } if from_master => {
-                let Some(mirror) = self.global.mirrors.get_mut(&family) else {
+                let Some(mirror) = self.mirrors.get_mut(&family) else {
                     return;
                 };
                 let del: Vec<String> = mirror
@@ -330,11 +187,10 @@ impl Node {
                     .collect();
                 *mirror = entries;
                 let change = db_change(&set, &del);
-                self.outputs
-                    .push_back(NodeOutput::DbChange { family, change });
+                fx.output(NodeOutput::DbChange { family, change });
             }
             GlobalRequest::Changed { family, set, del } if from_master => {
-                let Some(mirror) = self.global.mirrors.get_mut(&family) else {
+                let Some(mirror) = self.mirrors.get_mut(&family) else {
                     return;
                 };
                 let change = db_change(&set, &del);
@@ -342,10 +198,9 @@ impl Node {
                 for key in &del {
                     mirror.remove(key);
                 }
-                self.outputs
-                    .push_back(NodeOutput::DbChange { family, change });
+                fx.output(NodeOutput::DbChange { family, change });
             }
-            other => self.log(
+            other => fx.log(
                 LogLevel::Debug,
                 format!("{} from {src} ignored", other.tag()),
             ),
@@ -354,41 +209,21 @@ impl Node {
 
     // ---- the shared database ------------------------------------------------------------
 
-    /// Sets our entry `key` of `family` to `value` (CBOR) and tells the master.
-    pub fn db_set(
-        &mut self,
-        family: &str,
-        key: &str,
-        value: &[u8],
-        now: u64,
-    ) -> Result<(), NodeError> {
-        let value = Value::decode(value).map_err(|e| MessageError::Malformed {
-            framing: "cbor",
-            detail: e.to_string(),
-        })?;
-        self.db_put(family, key, value, now);
-        Ok(())
-    }
-
-    pub(super) fn db_put(&mut self, family: &str, key: &str, value: Value, now: u64) {
-        self.now = now;
-        if !self.global.set_local(family, key, value.clone()) {
+    /// Sets our entry `key` of `family` to `value` and tells the master.
+    pub(super) fn put(&mut self, family: &str, key: &str, value: Value, fx: &mut Effects) {
+        if !self.set_local(family, key, value.clone()) {
             return;
         }
-        if let Some(master) = self.global.master.clone() {
+        if let Some(master) = &self.master {
             let set = Value::Map(vec![(Value::text(key), value)]);
-            self.send_node(
-                &master,
-                vec![Value::text("g_upd"), Value::text(family), set],
-                now,
-            );
+            let items = vec![Value::text("g_upd"), Value::text(family), set];
+            fx.send(master, items, WHAT);
         }
     }
 
     /// Deletes our entries `keys` of `family` and tells the master.
-    pub fn db_del(&mut self, family: &str, keys: &[&str], now: u64) {
-        self.now = now;
-        let Some(entries) = self.global.local_db.get_mut(family) else {
+    pub(super) fn delete(&mut self, family: &str, keys: &[&str], fx: &mut Effects) {
+        let Some(entries) = self.local_db.get_mut(family) else {
             return;
         };
         let gone: Vec<Value> = keys
@@ -399,75 +234,187 @@ impl Node {
         if gone.is_empty() {
             return;
         }
-        if let Some(master) = self.global.master.clone() {
+        if let Some(master) = &self.master {
             let items = vec![
                 Value::text("g_upd"),
                 Value::text(family),
                 Value::Null,
                 Value::Array(gone),
             ];
-            self.send_node(&master, items, now);
+            fx.send(master, items, WHAT);
         }
     }
 
-    /// Asks the master for the whole `family` (a map); the answer comes as
+    /// Asks the master for part of `family`; the answer comes as
     /// [`NodeOutput::DbReply`] with the returned id.
-    pub fn db_family(&mut self, family: &str, now: u64) -> String {
-        self.db_query("g_db_family", family, now)
-    }
-
-    /// Asks the master for the keys of `family` (an array).
-    pub fn db_keys(&mut self, family: &str, now: u64) -> String {
-        self.db_query("g_db_keys", family, now)
-    }
-
-    /// Asks the master for the values of `family` (an array).
-    pub fn db_values(&mut self, family: &str, now: u64) -> String {
-        self.db_query("g_db_values", family, now)
-    }
-
-    fn db_query(&mut self, tag: &str, family: &str, now: u64) -> String {
-        self.now = now;
-        let id = self.global.fresh_id();
+    pub(super) fn query(
+        &mut self,
+        query: Query,
+        family: &str,
+        view: &View<'_>,
+        fx: &mut Effects,
+    ) -> String {
+        let id = self.fresh_id();
         let items = vec![
-            Value::text(tag),
+            Value::text(query.tag()),
             Value::text(family),
             Value::text(id.as_str()),
         ];
-        self.global.request(id.clone(), items);
-        self.flush_global(now);
+        self.request(id.clone(), items);
+        self.flush(view, fx);
         id
     }
 
     /// Monitors `family`: [`NodeOutput::DbChange`] reports its contents, then each change.
-    pub fn db_mon(&mut self, family: &str, now: u64) {
-        self.now = now;
-        if self.global.mirrors.contains_key(family) {
+    pub(super) fn watch(&mut self, family: &str, view: &View<'_>, fx: &mut Effects) {
+        if self.mirrors.contains_key(family) {
             return;
         }
-        self.global
-            .mirrors
-            .insert(family.to_owned(), BTreeMap::new());
-        self.global.request(
+        self.mirrors.insert(family.to_owned(), BTreeMap::new());
+        self.request(
             format!("mon1 {family}"),
             vec![Value::text("g_mon1"), Value::text(family)],
         );
-        self.flush_global(now);
+        self.flush(view, fx);
     }
 
     /// Stops monitoring `family`.
-    pub fn db_unmon(&mut self, family: &str, now: u64) {
-        self.now = now;
-        if self.global.mirrors.remove(family).is_none() {
+    pub(super) fn unwatch(&mut self, family: &str, view: &View<'_>, fx: &mut Effects) {
+        if self.mirrors.remove(family).is_none() {
             return;
         }
-        self.global.pending.remove(&format!("mon1 {family}"));
-        if let Some(master) = self.master_up() {
-            self.send_node(
+        self.pending.remove(&format!("mon1 {family}"));
+        if let Some(master) = self.master_up(view) {
+            fx.send(
                 &master,
                 vec![Value::text("g_mon0"), Value::text(family)],
-                now,
+                WHAT,
             );
         }
+    }
+}
+
+/// A seed address and its connection state.
+#[derive(Debug)]
+struct Seed {
+    addr: String,
+    conn: Option<ConnId>,
+    node: Option<String>,
+    up: bool,
+    /// The address is our own: not dialled again (and we are global).
+    myself: bool,
+}
+
+/// The seeds, kept connected with a backoff: the node dials what [`Seeds::due`] returns.
+#[derive(Debug)]
+pub(super) struct Seeds {
+    list: Vec<Seed>,
+    retry: u64,
+    next_at: Option<u64>,
+}
+
+impl Seeds {
+    pub(super) fn new(addrs: &[String]) -> Seeds {
+        let list = addrs
+            .iter()
+            .map(|addr| Seed {
+                addr: addr.clone(),
+                conn: None,
+                node: None,
+                up: false,
+                myself: false,
+            })
+            .collect();
+        Seeds {
+            list,
+            retry: 0,
+            next_at: None,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// When [`Seeds::due`] has seeds to dial again.
+    pub(super) fn next_at(&self) -> Option<u64> {
+        self.next_at
+    }
+
+    /// Starts afresh with a new backoff (0.6-1.2 s); returns the seeds to dial.
+    pub(super) fn again(
+        &mut self,
+        jitter: &mut Jitter,
+        now: u64,
+        max: u64,
+    ) -> Vec<(usize, String)> {
+        self.retry = jitter.scale(600);
+        self.due(now, max)
+    }
+
+    /// The seeds (index and address) that are neither up nor being dialled, to dial
+    /// now; re-arms the retry timer (doubling up to `max`) while any seed is not up.
+    pub(super) fn due(&mut self, now: u64, max: u64) -> Vec<(usize, String)> {
+        let due = self
+            .list
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.up && !s.myself && s.conn.is_none())
+            .map(|(i, s)| (i, s.addr.clone()))
+            .collect();
+        if self.list.iter().all(|s| s.up || s.myself) {
+            self.next_at = None;
+        } else {
+            self.next_at = Some(now.saturating_add(self.retry));
+            self.retry = self.retry.saturating_mul(2).min(max);
+        }
+        due
+    }
+
+    /// Seed `i` is being dialled on `conn`.
+    pub(super) fn dialling(&mut self, i: usize, conn: ConnId) {
+        if let Some(seed) = self.list.get_mut(i) {
+            seed.conn = Some(conn);
+        }
+    }
+
+    /// Seed `i`'s connection ended; true if it was up, when the backoff is to start
+    /// afresh ([`Seeds::again`]). A failed attempt waits for the retry timer.
+    pub(super) fn lost(&mut self, i: usize, now: u64) -> bool {
+        let Some(seed) = self.list.get_mut(i) else {
+            return false;
+        };
+        let was_up = seed.up;
+        seed.conn = None;
+        seed.up = false;
+        if !was_up && self.next_at.is_none() {
+            self.next_at = Some(now.saturating_add(self.retry));
+        }
+        was_up
+    }
+
+    /// Seed `i` is this node itself.
+    pub(super) fn myself(&mut self, i: usize) {
+        if let Some(seed) = self.list.get_mut(i) {
+            seed.myself = true;
+        }
+    }
+
+    /// Seed `i` completed its handshake as `node`.
+    pub(super) fn up(&mut self, i: usize, node: &str) {
+        if let Some(seed) = self.list.get_mut(i) {
+            seed.up = true;
+            seed.node = Some(node.to_owned());
+        }
+    }
+
+    /// The first seed that is up, by its node id.
+    pub(super) fn first_up(&self, view: &View<'_>) -> Option<String> {
+        // The seed just lost may still be marked up: skip nodes that are not.
+        self.list
+            .iter()
+            .filter(|s| s.up)
+            .filter_map(|s| s.node.clone())
+            .find(|n| view.is_up(n))
     }
 }

@@ -7,6 +7,7 @@
 //! incoming socket, [`NodeOutput::Connect`] names one for an outgoing socket.
 
 mod deferred;
+mod effect;
 mod global;
 mod handshakes;
 mod ids;
@@ -30,8 +31,30 @@ use crate::framing::Checker;
 use crate::greeting::NONCE_LEN;
 use crate::value::Value;
 use deferred::{Deferred, Shared};
-use global::Global;
+use effect::{Cx, Effect, Effects, Jitter, View};
+use global::{Global, Seeds};
 use handshakes::Handshakes;
+use kernel::{Kernel, Monitored};
+use request::{GlobalRequest, Query, Request};
+
+/// The [`View`] of `node` for its parts, borrowing only the fields it names, so that a
+/// part (another field) can be borrowed mutably beside it.
+macro_rules! view {
+    ($node:expr) => {
+        view!($node, $node.service.is_some())
+    };
+    // For the global service, borrowed mutably meanwhile.
+    ($node:expr, $global:expr) => {
+        View {
+            config: &$node.config,
+            node_id: &$node.node_id,
+            peers: &$node.peers,
+            globals: &$node.globals,
+            global: $global,
+            now: $node.now,
+        }
+    };
+}
 
 /// Identifies one connection (socket) of a node.
 pub type ConnId = u64;
@@ -273,19 +296,6 @@ struct Peer {
     queued_bytes: usize,
     /// Set while trying to connect; the attempt fails at `until`.
     connecting: Option<(Dial, u64)>,
-    /// Its ports we asked to monitor (`mon1` sent).
-    lmon: BTreeSet<String>,
-}
-
-/// A seed address and its connection state.
-#[derive(Debug)]
-struct Seed {
-    addr: String,
-    conn: Option<ConnId>,
-    node: Option<String>,
-    up: bool,
-    /// The address is our own: not dialled again (and we are global).
-    myself: bool,
 }
 
 /// One AEMP node. See the module documentation.
@@ -300,25 +310,20 @@ pub struct Node {
     /// here: on wasm32-unknown-unknown (no OS randomness) std takes them from the
     /// addresses of a stack and a heap byte, the same in every fresh instance.
     peers: BTreeMap<String, Peer>,
-    /// Local port names.
-    ports: BTreeSet<String>,
-    /// Prefix and counter for fresh port names.
-    uniq: String,
-    port_counter: String,
-    /// Monitors the application holds, by port id, with their count.
-    monitors: BTreeMap<String, usize>,
-    /// Remote nodes monitoring our local ports: port name -> nodes.
-    rmon: BTreeMap<String, BTreeSet<String>>,
-    /// Node-port tags the application handles.
-    handlers: BTreeSet<String>,
-    seeds: Vec<Seed>,
-    seed_retry: u64,
-    next_seed_at: Option<u64>,
+    /// Local ports, monitors, the node port.
+    kernel: Kernel,
+    seeds: Seeds,
     global: Global,
     /// The global-node state, once this node is global.
     service: Option<seed::Service>,
-    /// A small generator for jitter (not for secrets), seeded by the host.
-    jitter: u64,
+    /// Nodes that announced themselves as global (`g_global`) and are up.
+    globals: BTreeSet<String>,
+    jitter: Jitter,
+    /// What the parts asked for and [`run_effects`](Self::run_effects) has not done yet.
+    effects: Effects,
+    /// Set while effects are being carried out, so that effects queued meanwhile join
+    /// that run instead of starting another.
+    applying: bool,
     outputs: VecDeque<NodeOutput>,
     /// Checks the messages the application sends.
     checker: Checker,
@@ -390,35 +395,21 @@ impl Node {
     pub fn new(config: NodeConfig, seed: [u8; 16], now: u64) -> Result<Node, ConfigError> {
         config.transport.validate()?;
         let node_id = config.transport.node_id.clone();
-        let seeds = config
-            .seeds
-            .iter()
-            .map(|addr| Seed {
-                addr: addr.clone(),
-                conn: None,
-                node: None,
-                up: false,
-                myself: false,
-            })
-            .collect();
-        let jitter = u64::from_le_bytes(seed[8..16].try_into().unwrap_or_default()) | 1;
+        let seeds = Seeds::new(&config.seeds);
+        let jitter = Jitter::new(seed[8..16].try_into().unwrap_or_default());
         let mut node = Node {
             node_id: node_id.clone(),
             conns: HashMap::default(),
             next_conn: 1,
             peers: BTreeMap::new(),
-            ports: BTreeSet::new(),
-            uniq: ids::alnum(&seed[..9]),
-            port_counter: "a".into(),
-            monitors: BTreeMap::new(),
-            rmon: BTreeMap::new(),
-            handlers: BTreeSet::new(),
+            kernel: Kernel::new(ids::alnum(&seed[..9])),
             seeds,
-            seed_retry: 0,
-            next_seed_at: None,
             global: Global::default(),
             service: None,
+            globals: BTreeSet::new(),
             jitter,
+            effects: Effects::default(),
+            applying: false,
             outputs: VecDeque::new(),
             checker: Checker::default(),
             scratch: Vec::new(),
@@ -438,8 +429,10 @@ impl Node {
             .iter()
             .map(|b| Value::text(b.as_str()))
             .collect();
-        node.global.set_local("'l", &node_id, Value::Array(binds));
+        node.global
+            .put("'l", &node_id, Value::Array(binds), &mut node.effects);
         node.seed_again(now);
+        node.run_effects();
         Ok(node)
     }
 
@@ -590,17 +583,23 @@ impl Node {
         for node in nodes {
             self.dial_step(&node, now);
         }
-        if self.next_seed_at.is_some_and(|t| t <= now) {
-            self.seed_all(now);
+        if self.seeds.next_at().is_some_and(|t| t <= now) {
+            let due = self
+                .seeds
+                .due(now, self.config.transport.monitor_timeout_ms);
+            self.dial_seeds(due);
         }
-        if self
-            .service
-            .as_ref()
-            .and_then(|s| s.keep_at)
-            .is_some_and(|t| t <= now)
+        if let Some(service) = self.service.as_mut()
+            && service.keep_at.is_some_and(|t| t <= now)
         {
-            self.keep_all(now);
+            let cx = &mut Cx {
+                view: &view!(self, true),
+                jitter: &mut self.jitter,
+                fx: &mut self.effects,
+            };
+            service.keep_all(cx);
         }
+        self.run_effects();
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next, if ever.
@@ -622,7 +621,7 @@ impl Node {
         let deferred = (!self.deferred.is_empty()).then_some(self.now);
         conns
             .chain(dials)
-            .chain(self.next_seed_at)
+            .chain(self.seeds.next_at())
             .chain(keep)
             .chain(deferred)
             .min()
@@ -667,13 +666,8 @@ impl Node {
 
     /// Creates a local port with a fresh unique name; returns its port id.
     pub fn new_port(&mut self) -> String {
-        loop {
-            ids::increment(&mut self.port_counter);
-            let name = format!("{}{}", self.uniq, self.port_counter);
-            if self.ports.insert(name.clone()) {
-                return format!("{}#{name}", self.node_id);
-            }
-        }
+        let name = self.kernel.new_port();
+        format!("{}#{name}", self.node_id)
     }
 
     /// Creates a local port with a chosen name (e.g. `echo`); returns its port id.
@@ -681,7 +675,7 @@ impl Node {
         if name.is_empty() || name.contains('#') {
             return Err(NodeError::InvalidPortId(name.to_owned()));
         }
-        if !self.ports.insert(name.to_owned()) {
+        if !self.kernel.register_port(name) {
             return Err(NodeError::PortExists(name.to_owned()));
         }
         Ok(format!("{}#{name}", self.node_id))
@@ -717,7 +711,9 @@ impl Node {
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
         let reason = reason_values(reason)?;
         if node == self.node_id {
-            self.kill_local(port, reason, now);
+            self.kernel
+                .kill_local(port, reason, &view!(self), &mut self.effects);
+            self.run_effects();
             Ok(())
         } else {
             let mut args = vec![Value::text("kil1"), Value::text(port)];
@@ -733,29 +729,22 @@ impl Node {
         self.now = now;
         let (node, port) =
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
-        // One spelling per port, so that a connection loss finds every monitor of its node.
-        let port_id = &format!("{node}#{port}");
-        if node == self.node_id && !self.ports.contains(port) {
-            let reason = no_such_port(port_id);
-            self.outputs.push_back(NodeOutput::PortDown {
-                port: port_id.to_owned(),
-                reason: Value::Array(reason).encode(),
-            });
-            return Ok(());
-        }
-        *self.monitors.entry(port_id.to_owned()).or_default() += 1;
-        if node != self.node_id && !port.is_empty() {
-            let peer = self.peers.entry(node.to_owned()).or_default();
-            if peer.lmon.insert(port.to_owned()) {
-                self.route(
-                    node,
-                    &msg::build("", [Value::text("mon1"), Value::text(port)]),
-                    false,
-                    now,
-                )?;
+        match self.kernel.monitor(&self.node_id, node, port) {
+            Monitored::Counted => Ok(()),
+            Monitored::AskRemote => {
+                // The peer entry the monitor is tied to (gone when the node is).
+                self.peers.entry(node.to_owned()).or_default();
+                let message = msg::build("", [Value::text("mon1"), Value::text(port)]);
+                self.route(node, &message, false, now)
+            }
+            Monitored::NoSuchPort(reason) => {
+                self.outputs.push_back(NodeOutput::PortDown {
+                    port: format!("{node}#{port}"),
+                    reason,
+                });
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// Drops one monitor of `port_id`; the last one tells a remote node to stop (`mon0`).
@@ -763,25 +752,9 @@ impl Node {
         self.now = now;
         let (node, port) =
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
-        let port_id = &format!("{node}#{port}");
-        let Some(count) = self.monitors.get_mut(port_id) else {
-            return Ok(());
-        };
-        *count -= 1;
-        if *count > 0 {
-            return Ok(());
-        }
-        self.monitors.remove(port_id);
-        if let Some(peer) = self.peers.get_mut(node)
-            && peer.lmon.remove(port)
-            && peer.conn.is_some()
-        {
-            self.route(
-                node,
-                &msg::build("", [Value::text("mon0"), Value::text(port)]),
-                false,
-                now,
-            )?;
+        if self.kernel.unmonitor(node, port) && self.is_up(node) {
+            let message = msg::build("", [Value::text("mon0"), Value::text(port)]);
+            self.route(node, &message, false, now)?;
         }
         Ok(())
     }
@@ -789,7 +762,7 @@ impl Node {
     /// Lets the application handle node-port requests tagged `tag` (as
     /// [`NodeOutput::Request`]); without a handler such requests are refused.
     pub fn register_handler(&mut self, tag: &str) {
-        self.handlers.insert(tag.to_owned());
+        self.kernel.register_handler(tag);
     }
 
     /// Our listening addresses changed (e.g. after binding port 0): updates `'l`.
@@ -797,8 +770,290 @@ impl Node {
         self.now = now;
         let value = Value::Array(binds.iter().map(|b| Value::text(b.as_str())).collect());
         self.config.binds = binds;
-        let node_id = self.node_id.clone();
-        self.db_put("'l", &node_id, value, now);
+        self.global
+            .put("'l", &self.node_id, value, &mut self.effects);
+        self.run_effects();
+    }
+
+    // ---- the shared database ----------------------------------------------------------
+
+    /// Sets our entry `key` of `family` to `value` (CBOR) and tells the master.
+    pub fn db_set(
+        &mut self,
+        family: &str,
+        key: &str,
+        value: &[u8],
+        now: u64,
+    ) -> Result<(), NodeError> {
+        self.now = now;
+        let value = Value::decode(value).map_err(|e| MessageError::Malformed {
+            framing: "cbor",
+            detail: e.to_string(),
+        })?;
+        self.global.put(family, key, value, &mut self.effects);
+        self.run_effects();
+        Ok(())
+    }
+
+    /// Deletes our entries `keys` of `family` and tells the master.
+    pub fn db_del(&mut self, family: &str, keys: &[&str], now: u64) {
+        self.now = now;
+        self.global.delete(family, keys, &mut self.effects);
+        self.run_effects();
+    }
+
+    /// Asks the master for the whole `family` (a map); the answer comes as
+    /// [`NodeOutput::DbReply`] with the returned id.
+    pub fn db_family(&mut self, family: &str, now: u64) -> String {
+        self.db_query(Query::Family, family, now)
+    }
+
+    /// Asks the master for the keys of `family` (an array).
+    pub fn db_keys(&mut self, family: &str, now: u64) -> String {
+        self.db_query(Query::Keys, family, now)
+    }
+
+    /// Asks the master for the values of `family` (an array).
+    pub fn db_values(&mut self, family: &str, now: u64) -> String {
+        self.db_query(Query::Values, family, now)
+    }
+
+    fn db_query(&mut self, query: Query, family: &str, now: u64) -> String {
+        self.now = now;
+        let id = self
+            .global
+            .query(query, family, &view!(self), &mut self.effects);
+        self.run_effects();
+        id
+    }
+
+    /// Monitors `family`: [`NodeOutput::DbChange`] reports its contents, then each change.
+    pub fn db_mon(&mut self, family: &str, now: u64) {
+        self.now = now;
+        self.global.watch(family, &view!(self), &mut self.effects);
+        self.run_effects();
+    }
+
+    /// Stops monitoring `family`.
+    pub fn db_unmon(&mut self, family: &str, now: u64) {
+        self.now = now;
+        self.global.unwatch(family, &view!(self), &mut self.effects);
+        self.run_effects();
+    }
+
+    /// Entries and bytes (as [`GlobalLimits`] counts them) of the database this node holds
+    /// as a global node, over all source nodes; zeros when it is not global.
+    pub fn global_db_usage(&self) -> (usize, usize) {
+        self.service.as_ref().map_or((0, 0), seed::Service::usage)
+    }
+
+    // ---- the global protocol -------------------------------------------------------
+
+    /// Starts keeping the seeds connected, with a fresh backoff.
+    fn seed_again(&mut self, now: u64) {
+        let max = self.config.transport.monitor_timeout_ms;
+        let due = self.seeds.again(&mut self.jitter, now, max);
+        self.dial_seeds(due);
+    }
+
+    /// Dials seeds (index and address).
+    fn dial_seeds(&mut self, due: Vec<(usize, String)>) {
+        for (i, addr) in due {
+            let conn = self.alloc_conn(&addr, None, Some(i));
+            self.seeds.dialling(i, conn);
+            self.outputs.push_back(NodeOutput::Connect { conn, addr });
+        }
+    }
+
+    /// A connection reached ourselves: if it was dialled for a seed, that seed is us, so we
+    /// become a global node (as every seed is).
+    fn found_myself(&mut self, conn: ConnId) {
+        let Some(i) = self.conns.get(&conn).and_then(|c| c.seed) else {
+            return;
+        };
+        self.seeds.myself(i);
+        self.become_global();
+    }
+
+    /// Whether this node serves `tag` as a global node now.
+    fn serves(&self, tag: &str) -> bool {
+        seed::serves(tag, self.service.is_some(), self.config.serve_global)
+    }
+
+    /// Becomes a global node (once): our own master, announced to every node that is up,
+    /// connected to the global nodes we know.
+    fn become_global(&mut self) {
+        if self.service.is_some() || !self.config.serve_global {
+            return;
+        }
+        self.service = Some(seed::Service::default());
+        let fx = &mut self.effects;
+        fx.log(LogLevel::Info, "acting as a global node".into());
+        let view = view!(self);
+        self.global.master_set(view.node_id, &view, fx);
+        fx.push(Effect::Own {
+            family: "'g".into(),
+            key: view.node_id.to_owned(),
+            value: Some(Value::Null),
+        });
+        for node in view.up() {
+            fx.send(&node, vec![Value::text("g_global")], "global request");
+            if self.globals.contains(&node) {
+                seed::Service::meet(&node, fx);
+            }
+        }
+        self.run_effects();
+    }
+
+    /// Handles `["", TAG, ARGS...]` from node `src`; `args` is the CBOR array
+    /// `[TAG, ARGS...]`.
+    fn node_request(&mut self, src: &str, args: &[u8]) {
+        match request::parse(args) {
+            Ok(Request::Global(request)) => self.global_request(src, request, args),
+            Ok(request) => {
+                let view = view!(self);
+                self.kernel
+                    .request(src, request, args, &view, &mut self.effects);
+                self.run_effects();
+            }
+            Err(e) => self.warn_peer(src, format!("node-port request from {src} dropped: {e}")),
+        }
+    }
+
+    /// A request of the global protocol from `src`: for the service if this node is (or
+    /// now becomes) global and serves it, else for the client; `args` as it came, for an
+    /// application handler when neither takes it.
+    fn global_request(&mut self, src: &str, request: GlobalRequest, args: &[u8]) {
+        let is_global = matches!(request, GlobalRequest::IsGlobal);
+        if self.serves(request.tag()) {
+            if matches!(request, GlobalRequest::Slave { .. }) {
+                self.become_global();
+            }
+            if is_global {
+                // Out while the service forgets `src` as a slave, so that it does not
+                // hear of its own deletions.
+                self.globals.remove(src);
+            }
+            if let Some(service) = self.service.as_mut() {
+                let cx = &mut Cx {
+                    view: &view!(self, true),
+                    jitter: &mut self.jitter,
+                    fx: &mut self.effects,
+                };
+                service.request(src, request, cx);
+            }
+        } else if is_global {
+            self.globals.insert(src.to_owned());
+        } else if !request.is_service() {
+            self.global.answer(src, request, &mut self.effects);
+        } else {
+            let tag = request.tag();
+            self.kernel.unserved(src, tag, args, &mut self.effects);
+        }
+        self.run_effects();
+    }
+
+    /// Carries out the parts' effects, in order, including those they cause.
+    fn run_effects(&mut self) {
+        if self.applying {
+            return;
+        }
+        self.applying = true;
+        while let Some(effect) = self.effects.pop() {
+            let queued = self.effects.len();
+            self.apply(effect);
+            self.effects.first_since(queued);
+        }
+        self.applying = false;
+    }
+
+    fn apply(&mut self, effect: Effect) {
+        let now = self.now;
+        match effect {
+            Effect::Send {
+                node,
+                message,
+                what,
+            } => {
+                if let Err(e) = self.route(&node, &message, false, now) {
+                    self.log(LogLevel::Warn, format!("{what} to {node} dropped: {e}"));
+                }
+            }
+            Effect::Broadcast { nodes, message } => {
+                // The connections share the one copy while it waits for room.
+                let shared = Shared::from(message);
+                for node in nodes {
+                    match self.working_conn(&node) {
+                        Some(conn) => self.transmit(conn, Outgoing::Shared(&shared), false),
+                        None => {
+                            if let Err(e) = self.route(&node, &shared, false, now) {
+                                let message = format!("global request to {node} dropped: {e}");
+                                self.log(LogLevel::Warn, message);
+                            }
+                        }
+                    }
+                }
+            }
+            Effect::Relay {
+                src,
+                port_id,
+                message,
+            } => {
+                let Some((node, _)) = split_port_id(&port_id) else {
+                    return;
+                };
+                if let Err(e) = self.route(node, &message, false, now) {
+                    self.warn_peer(&src, format!("relay from {src} to {port_id} failed: {e}"));
+                }
+            }
+            Effect::Output(output) => self.outputs.push_back(output),
+            Effect::Log(level, message) => self.log(level, message),
+            Effect::WarnPeer { peer, message } => self.warn_peer(&peer, message),
+            Effect::Found { node, addrs } => {
+                let finding = self
+                    .peers
+                    .get(&node)
+                    .and_then(|p| p.connecting.as_ref())
+                    .is_some_and(|(d, _)| d.finding);
+                if finding {
+                    self.connect_to(&node, addrs, now);
+                }
+            }
+            Effect::Reach(node) => {
+                self.peers.entry(node.clone()).or_default();
+                self.connect(&node, now);
+            }
+            Effect::Forget(_) | Effect::Keep => {
+                if let Some(service) = self.service.as_mut() {
+                    let cx = &mut Cx {
+                        view: &view!(self, true),
+                        jitter: &mut self.jitter,
+                        fx: &mut self.effects,
+                    };
+                    match effect {
+                        Effect::Forget(node) => service.forget(&node, cx),
+                        _ => service.keep_sync(cx),
+                    }
+                }
+            }
+            Effect::IsGlobal(node) => {
+                self.globals.insert(node);
+            }
+            Effect::ShareDb(node) => {
+                if let Some(message) = self.service.as_ref().map(seed::Service::g_set)
+                    && let Err(e) = self.route(&node, &message, false, now)
+                {
+                    self.log(
+                        LogLevel::Warn,
+                        format!("global request to {node} dropped: {e}"),
+                    );
+                }
+            }
+            Effect::Own { family, key, value } => match value {
+                Some(value) => self.global.put(&family, &key, value, &mut self.effects),
+                None => self.global.delete(&family, &[&key], &mut self.effects),
+            },
+        }
     }
 
     // ---- internals -----------------------------------------------------------------
@@ -964,8 +1219,10 @@ impl Node {
         {
             self.transport_error(node, &reason, true);
         }
-        if let Some(i) = c.seed {
-            self.seed_lost(i);
+        if let Some(i) = c.seed
+            && self.seeds.lost(i, self.now)
+        {
+            self.seed_again(self.now);
         }
     }
 
@@ -980,13 +1237,7 @@ impl Node {
         self.last_route.1 = None;
         self.queued_held = self.queued_held.saturating_sub(peer.queued_bytes);
         self.global.forget_find(node);
-        let prefix = format!("{node}#");
-        let fired: Vec<String> = self
-            .monitors
-            .range(prefix.clone()..)
-            .take_while(|(p, _)| p.starts_with(&prefix))
-            .map(|(p, _)| p.clone())
-            .collect();
+        let fired = self.kernel.node_gone(node, was_up);
         let why = Value::Array(vec![
             Value::text("transport_error"),
             Value::text(node),
@@ -994,7 +1245,6 @@ impl Node {
         ])
         .encode();
         for port in fired {
-            self.monitors.remove(&port);
             self.outputs.push_back(NodeOutput::PortDown {
                 port,
                 reason: why.clone(),
@@ -1002,22 +1252,22 @@ impl Node {
         }
         if was_up {
             self.warned.remove(node);
-            // Its monitors of our ports went with the connection (it fired them itself).
-            self.rmon.retain(|_, watchers| {
-                watchers.remove(node);
-                !watchers.is_empty()
-            });
             self.outputs.push_back(NodeOutput::NodeDown {
                 node: node.to_owned(),
                 reason: reason.to_owned(),
             });
-            self.global.remove_global(node);
+            self.globals.remove(node);
             if self.global.master() == Some(node) {
                 self.global.master_lost();
-                self.master_search();
+                if let Some(seed) = self.seeds.first_up(&view!(self)) {
+                    self.global
+                        .master_set(&seed, &view!(self), &mut self.effects);
+                }
             }
-            let now = self.now;
-            self.seed_node_down(node, now);
+            if self.service.is_some() {
+                seed::Service::node_down(node, &mut self.effects);
+            }
+            self.run_effects();
         }
     }
 
@@ -1070,13 +1320,22 @@ impl Node {
             self.close(id, format!("{node} connected elsewhere"));
         }
         if let Some(i) = self.conns.get(&conn).and_then(|c| c.seed) {
-            self.seed_up(i, &node);
+            self.seeds.up(i, &node);
+            self.global.seed_up(&node, &view!(self), &mut self.effects);
+            self.run_effects();
         }
         for message in queue {
             self.transmit(conn, Outgoing::Bytes(&message), false);
         }
-        let now = self.now;
-        self.seed_node_up(&node, now);
+        if let Some(service) = self.service.as_mut() {
+            let cx = &mut Cx {
+                view: &view!(self, true),
+                jitter: &mut self.jitter,
+                fx: &mut self.effects,
+            };
+            service.node_up(&node, cx);
+            self.run_effects();
+        }
     }
 
     /// Sends `message` on `conn`'s transport; `checked`: the node has checked it
@@ -1182,7 +1441,7 @@ impl Node {
         now: u64,
     ) -> Result<(), NodeError> {
         if node == self.node_id {
-            self.deliver_local(node, message, now);
+            self.deliver_local(node, message);
             return Ok(());
         }
         // The common case first, without allocating a key.
@@ -1239,26 +1498,26 @@ impl Node {
             return;
         };
         // A message for a local port, the common case, needs no copy of the sender's name.
-        if !parts.port.is_empty() && self.ports.contains(parts.port.as_ref()) {
+        if !parts.port.is_empty() && self.kernel.has_port(parts.port.as_ref()) {
             return self.deliver(&parts);
         }
-        let (src, now) = (src.to_owned(), self.now);
-        self.deliver_parts(&src, &parts, now);
+        let src = src.to_owned();
+        self.deliver_parts(&src, &parts);
     }
 
     /// Delivers a message addressed to this node, sent by `src`.
-    fn deliver_local(&mut self, src: &str, message: &[u8], now: u64) {
+    fn deliver_local(&mut self, src: &str, message: &[u8]) {
         if let Some(parts) = msg::split(message) {
-            self.deliver_parts(src, &parts, now);
+            self.deliver_parts(src, &parts);
         }
     }
 
     /// Delivers a message from `src` for its local port (the node port when empty).
-    fn deliver_parts(&mut self, src: &str, parts: &msg::Parts<'_>, now: u64) {
+    fn deliver_parts(&mut self, src: &str, parts: &msg::Parts<'_>) {
         let port = parts.port.as_ref();
         if port.is_empty() {
-            self.node_request(src, &parts.args(), now);
-        } else if self.ports.contains(port) {
+            self.node_request(src, &parts.args());
+        } else if self.kernel.has_port(port) {
             self.deliver(parts);
         } else {
             self.log(
@@ -1289,36 +1548,6 @@ impl Node {
         d.push_with(|out| parts.write_args(out));
     }
 
-    /// Kills a local port: app monitors and remote watchers learn `reason`.
-    fn kill_local(&mut self, port: &str, reason: Vec<Value>, now: u64) {
-        if !self.ports.remove(port) {
-            return;
-        }
-        let port_id = format!("{}#{port}", self.node_id);
-        let watched = self.monitors.remove(&port_id).is_some();
-        if watched {
-            self.outputs.push_back(NodeOutput::PortDown {
-                port: port_id.clone(),
-                reason: Value::Array(reason.clone()).encode(),
-            });
-        }
-        let watchers = self.rmon.remove(port).unwrap_or_default();
-        if !watched && watchers.is_empty() && !reason.is_empty() {
-            self.log(
-                LogLevel::Info,
-                format!("unmonitored local port {port} died with reason: {reason:?}"),
-            );
-        }
-        for node in watchers {
-            if self.is_up(&node) {
-                let mut args = vec![Value::text("kil0"), Value::text(port)];
-                args.extend(reason.iter().cloned());
-                // The node is up, so this is sent and cannot be refused for a full queue.
-                let _ = self.route(&node, &msg::build("", args), false, now);
-            }
-        }
-    }
-
     /// Starts connecting to `node` unless connected or already trying.
     fn connect(&mut self, node: &str, now: u64) {
         let timeout = self.config.transport.monitor_timeout_ms;
@@ -1328,17 +1557,16 @@ impl Node {
         if peer.conn.is_some() || peer.connecting.is_some() {
             return;
         }
-        peer.connecting = Some((Dial::default(), now.saturating_add(timeout)));
-        if self.find(node) {
-            if let Some((dial, _)) = self.peers.get_mut(node).and_then(|p| p.connecting.as_mut()) {
-                dial.finding = true;
-            }
-            self.flush_global(now);
-        } else if let Some((dial, _)) = self.peers.get_mut(node).and_then(|p| p.connecting.as_mut())
-        {
-            // Without seeds there is nobody to ask; the node may still connect to us (its
-            // handshake may be under way), so wait for that until the deadline.
-            dial.no_address = true;
+        let mut dial = Dial::default();
+        // Without seeds there is nobody to ask; the node may still connect to us (its
+        // handshake may be under way), so wait for that until the deadline.
+        let ask = !self.seeds.is_empty() || self.service.is_some();
+        dial.finding = ask;
+        dial.no_address = !ask;
+        peer.connecting = Some((dial, now.saturating_add(timeout)));
+        if ask {
+            self.global.find(node, &view!(self), &mut self.effects);
+            self.run_effects();
         }
     }
 
@@ -1424,23 +1652,6 @@ impl Node {
             _ => {}
         }
     }
-
-    /// Jitter factor in [1, 2) as thousandths (xorshift; timing only, not secret).
-    fn jitter_permille(&mut self) -> u64 {
-        self.jitter ^= self.jitter << 13;
-        self.jitter ^= self.jitter >> 7;
-        self.jitter ^= self.jitter << 17;
-        1000 + self.jitter % 1000
-    }
-}
-
-/// The reason of a monitor on a port that does not exist.
-fn no_such_port(port_id: &str) -> Vec<Value> {
-    vec![
-        Value::text("no_such_port"),
-        Value::text("cannot monitor nonexistent port"),
-        Value::text(port_id),
-    ]
 }
 
 /// The items of a CBOR array of reasons.

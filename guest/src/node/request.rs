@@ -35,6 +35,17 @@ pub(crate) enum Query {
     Values,
 }
 
+impl Query {
+    /// The query's tag on the wire.
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            Query::Family => "g_db_family",
+            Query::Keys => "g_db_keys",
+            Query::Values => "g_db_values",
+        }
+    }
+}
+
 /// A request to the node port.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Request {
@@ -123,11 +134,7 @@ impl GlobalRequest {
             GlobalRequest::Set { .. } => "g_set",
             GlobalRequest::Update { .. } => "g_upd",
             GlobalRequest::Find { .. } => "g_find",
-            GlobalRequest::Query { query, .. } => match query {
-                Query::Family => "g_db_family",
-                Query::Keys => "g_db_keys",
-                Query::Values => "g_db_values",
-            },
+            GlobalRequest::Query { query, .. } => query.tag(),
             GlobalRequest::Watch { .. } => "g_mon1",
             GlobalRequest::Unwatch { .. } => "g_mon0",
         }

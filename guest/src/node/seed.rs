@@ -18,8 +18,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use super::effect::{Cx, Effect, Effects, View};
+use super::msg;
 use super::request::{Entries, GlobalRequest, Query};
-use super::{LogLevel, Node, msg};
 use crate::value::Value;
 
 /// Node-port tags a global node serves (`g_slave` is served by every node that may
@@ -198,9 +199,9 @@ pub(super) struct Service {
     pub(super) keep_at: Option<u64>,
 }
 
-/// The effects of one update of a family, to be sent by the node.
+/// What follows from one update of a family, for the node to send.
 #[derive(Debug, Default)]
-struct Effects {
+struct Outcome {
     /// For the other global nodes (`g_upd`): set and deleted keys.
     relay: Option<(Family, Vec<String>)>,
     /// For monitors (`g_chg2`): set and deleted keys.
@@ -220,8 +221,8 @@ impl Service {
         family: &str,
         mut set: Family,
         del: Vec<String>,
-    ) -> Effects {
-        let mut effects = Effects::default();
+    ) -> Outcome {
+        let mut effects = Outcome::default();
         let shard = self.shards.entry(node.to_owned()).or_default();
         let merged = self.db.entry(family.to_owned()).or_default();
         let (total_entries, total_bytes) = (&mut self.entries, &mut self.bytes);
@@ -319,7 +320,7 @@ impl Service {
     }
 
     /// `["", "g_set", DB]`: the entries of every slave (ourselves included), merged.
-    fn g_set(&self) -> Vec<u8> {
+    pub(super) fn g_set(&self) -> Vec<u8> {
         let mut db: BTreeMap<&str, BTreeMap<&Key, &Stored>> = BTreeMap::new();
         for (_, shard) in self
             .shards
@@ -340,91 +341,66 @@ impl Service {
     }
 }
 
-impl Node {
-    /// Entries and bytes (as [`GlobalLimits`] counts them) of the database this node holds
-    /// as a global node, over all source nodes; zeros when it is not global.
-    pub fn global_db_usage(&self) -> (usize, usize) {
-        self.service
-            .as_ref()
-            .map_or((0, 0), |s| (s.entries, s.bytes))
+/// Whether a node serves `tag` as a global node: when it is one (`global`), or for
+/// `g_slave` when it may become one.
+pub(super) fn serves(tag: &str, global: bool, may_become: bool) -> bool {
+    TAGS.contains(&tag) && (global || (tag == "g_slave" && may_become))
+}
+
+/// What the service's messages are logged as when they cannot be sent.
+const WHAT: &str = "global request";
+
+impl Service {
+    /// Entries and bytes (as [`GlobalLimits`] counts them) of the database held, over
+    /// all source nodes.
+    pub(super) fn usage(&self) -> (usize, usize) {
+        (self.entries, self.bytes)
     }
 
-    /// Whether this node serves `tag` as a global node now (`g_slave` whenever it may
-    /// become one).
-    pub(super) fn serves(&self, tag: &str) -> bool {
-        TAGS.contains(&tag)
-            && (self.service.is_some() || (tag == "g_slave" && self.config.serve_global))
-    }
-
-    /// Becomes a global node (once): our own master, announced to every node that is up,
-    /// connected to the global nodes we know.
-    pub(super) fn become_global(&mut self, now: u64) {
-        if self.service.is_some() || !self.config.serve_global {
-            return;
-        }
-        self.service = Some(Service::default());
-        self.log(LogLevel::Info, "acting as a global node".into());
-        let me = self.node_id.clone();
-        self.master_set(&me, now);
-        self.db_put("'g", &me, Value::Null, now);
-        let up: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.conn.is_some())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for node in up {
-            self.send_node(&node, vec![Value::text("g_global")], now);
-            if self.global.is_global(&node) {
-                self.global_connect(&node, now);
-            }
-        }
-    }
-
-    /// A request `tag` (one of [`TAGS`]) from `src` for the global service.
-    pub(super) fn seed_request(&mut self, src: &str, request: GlobalRequest, now: u64) {
-        if matches!(request, GlobalRequest::Slave { .. }) {
-            self.become_global(now);
-        }
-        let Some(service) = self.service.as_mut() else {
-            return;
-        };
+    /// A request (one of [`TAGS`]) from `src`. For `g_global` the node has taken `src`
+    /// out of its globals; [`Effect::IsGlobal`] puts it back.
+    pub(super) fn request(&mut self, src: &str, request: GlobalRequest, cx: &mut Cx<'_, '_>) {
+        let limits = cx.view.config.global_limits;
         match request {
             GlobalRequest::Slave { db } => {
                 // An empty g_slave only starts the service.
                 let Some(db) = db else { return };
-                let max = self.config.global_limits.max_slaves;
-                if !service.slaves.contains_key(src) && service.slaves.len() >= max {
-                    return self.warn_peer(
+                let max = limits.max_slaves;
+                if !self.slaves.contains_key(src) && self.slaves.len() >= max {
+                    return cx.fx.warn_peer(
                         src,
                         format!("g_slave from {src} ignored: {max} slaves already"),
                     );
                 }
-                service.slaves.entry(src.to_owned()).or_default();
-                self.seed_set(src, db, now);
+                self.slaves.entry(src.to_owned()).or_default();
+                self.set(src, db, cx);
             }
             GlobalRequest::Set { db } => {
                 let binds = db.get("'l").and_then(|l| l.get(src).cloned());
-                self.seed_set(src, db, now);
+                self.set(src, db, cx);
                 // A global node's listeners are mirrored as our own entry, so that every
                 // global node can find every other.
-                self.db_put("'l", src, binds.unwrap_or(Value::Null), now);
+                cx.fx.push(Effect::Own {
+                    family: "'l".into(),
+                    key: src.to_owned(),
+                    value: Some(binds.unwrap_or(Value::Null)),
+                });
             }
             GlobalRequest::Update { family, set, del } => {
-                self.seed_update(src, &family, family_of(set), del, now);
+                self.update_and_tell(src, &family, family_of(set), del, cx);
             }
             GlobalRequest::Find { node } => {
                 let mut reply = node_message(4, "g_found");
                 msg::text(&node, &mut reply);
-                match service.db.get("'l").and_then(|l| l.get(&*node)) {
+                match self.db.get("'l").and_then(|l| l.get(&*node)) {
                     Some(addrs) => reply.extend_from_slice(addrs),
                     None => reply.push(NULL),
                 }
-                self.send_node_message(src, &reply, now);
+                cx.fx.send_message(src, reply, WHAT);
             }
             GlobalRequest::Query { query, family, id } => {
                 let empty = Family::new();
-                let entries = service.db.get(&family).unwrap_or(&empty);
+                let entries = self.db.get(&family).unwrap_or(&empty);
                 let mut reply = node_message(4, "g_reply");
                 id.encode_into(&mut reply);
                 match query {
@@ -442,61 +418,60 @@ impl Node {
                         }
                     }
                 }
-                self.send_node_message(src, &reply, now);
+                cx.fx.send_message(src, reply, WHAT);
             }
             GlobalRequest::Watch { family } => {
-                let limits = self.config.global_limits;
-                let new_slave = !service.slaves.contains_key(src);
-                let watched = service.slaves.get(src).map_or(0, BTreeSet::len);
-                let known = service.slaves.get(src).is_some_and(|w| w.contains(&family));
-                let refused = if new_slave && service.slaves.len() >= limits.max_slaves {
+                let new_slave = !self.slaves.contains_key(src);
+                let watched = self.slaves.get(src).map_or(0, BTreeSet::len);
+                let known = self.slaves.get(src).is_some_and(|w| w.contains(&family));
+                let refused = if new_slave && self.slaves.len() >= limits.max_slaves {
                     Some(format!("{} slaves already", limits.max_slaves))
                 } else if !known && watched >= limits.max_monitors_per_node {
                     Some("too many monitors".to_owned())
-                } else if !known && service.monitors >= limits.max_monitors {
+                } else if !known && self.monitors >= limits.max_monitors {
                     Some(format!("{} monitors already", limits.max_monitors))
                 } else {
                     None
                 };
                 if let Some(why) = refused {
-                    return self
+                    return cx
+                        .fx
                         .warn_peer(src, format!("g_mon1 {family} from {src} ignored: {why}"));
                 }
-                let watched = service.slaves.entry(src.to_owned()).or_default();
+                let watched = self.slaves.entry(src.to_owned()).or_default();
                 if watched.insert(family.clone()) {
-                    service.monitors += 1;
+                    self.monitors += 1;
                 }
-                service
-                    .mons
+                self.mons
                     .entry(family.clone())
                     .or_default()
                     .insert(src.to_owned());
                 let mut reply = node_message(4, "g_chg1");
                 msg::text(&family, &mut reply);
-                match service.db.get(&family) {
+                match self.db.get(&family) {
                     Some(entries) => write_family(entries.iter(), &mut reply),
                     None => reply.push(NULL),
                 }
-                self.send_node_message(src, &reply, now);
+                cx.fx.send_message(src, reply, WHAT);
             }
             GlobalRequest::Unwatch { family } => {
-                if let Some(nodes) = service.mons.get_mut(&family) {
+                if let Some(nodes) = self.mons.get_mut(&family) {
                     nodes.remove(src);
                     if nodes.is_empty() {
-                        service.mons.remove(&family);
+                        self.mons.remove(&family);
                     }
                 }
-                if let Some(watched) = service.slaves.get_mut(src)
+                if let Some(watched) = self.slaves.get_mut(src)
                     && watched.remove(&family)
                 {
-                    service.monitors = service.monitors.saturating_sub(1);
+                    self.monitors = self.monitors.saturating_sub(1);
                 }
             }
             GlobalRequest::IsGlobal => {
                 // Usually nothing to forget, but a slave may have become global.
-                self.seed_disconnect(src, now);
-                self.global.add_global(src);
-                self.global_connect(src, now);
+                Service::disconnect(src, cx.fx);
+                cx.fx.push(Effect::IsGlobal(src.to_owned()));
+                Service::meet(src, cx.fx);
             }
             // Answers to a slave: not served (see `serves`).
             GlobalRequest::Reply { .. }
@@ -507,28 +482,24 @@ impl Node {
     }
 
     /// Every family of `db` (a map of maps) as `node`'s entries.
-    fn seed_set(&mut self, node: &str, db: BTreeMap<String, Entries>, now: u64) {
+    fn set(&mut self, node: &str, db: BTreeMap<String, Entries>, cx: &mut Cx<'_, '_>) {
         for (family, set) in db {
-            self.seed_update(node, &family, family_of(set), Vec::new(), now);
+            self.update_and_tell(node, &family, family_of(set), Vec::new(), cx);
         }
     }
 
     /// Applies an update of `node`'s entries and sends what follows from it.
-    fn seed_update(&mut self, node: &str, family: &str, set: Family, del: Vec<String>, now: u64) {
-        let limits = self.config.global_limits;
-        let Some(service) = self.service.as_mut() else {
-            return;
-        };
-        let effects = service.update(&limits, node, family, set, del);
-        let watchers: Vec<String> = service
-            .mons
-            .get(family)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
+    fn update_and_tell(
+        &mut self,
+        node: &str,
+        family: &str,
+        set: Family,
+        del: Vec<String>,
+        cx: &mut Cx<'_, '_>,
+    ) {
+        let effects = self.update(&cx.view.config.global_limits, node, family, set, del);
         if effects.dropped > 0 {
-            self.warn_peer(
+            cx.fx.warn_peer(
                 node,
                 format!(
                     "{} entries of {node} in family {family} ignored: database limit reached",
@@ -548,76 +519,86 @@ impl Node {
             out
         };
         if let Some(relay) = effects.relay {
-            let globals = self.global.globals();
-            self.broadcast(globals, update("g_upd", relay), now);
+            let nodes = cx.view.globals.iter().cloned().collect();
+            let message = update("g_upd", relay);
+            cx.fx.push(Effect::Broadcast { nodes, message });
         }
         if let Some(notify) = effects.notify {
-            self.broadcast(watchers, update("g_chg2", notify), now);
+            let nodes = self
+                .mons
+                .get(family)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            let message = update("g_chg2", notify);
+            cx.fx.push(Effect::Broadcast { nodes, message });
         }
         if family == "'g" {
-            self.keep_sync(now);
+            self.keep_sync(cx);
         }
     }
 
     /// A global node we met: note it as global in `'g` and send it our slaves' entries.
-    fn global_connect(&mut self, node: &str, now: u64) {
-        self.db_put("'g", node, Value::Null, now);
-        let Some(service) = self.service.as_ref() else {
-            return;
-        };
-        let message = service.g_set();
-        self.send_node_message(node, &message, now);
+    pub(super) fn meet(node: &str, fx: &mut Effects) {
+        fx.push(Effect::Own {
+            family: "'g".into(),
+            key: node.to_owned(),
+            value: Some(Value::Null),
+        });
+        // After the entry above reached our own shard, so that it is in what is sent.
+        fx.push(Effect::ShareDb(node.to_owned()));
     }
 
-    /// `node` went down (or turned global): its entries, mirrors and monitors go.
-    pub(super) fn seed_disconnect(&mut self, node: &str, now: u64) {
-        self.global.remove_global(node);
-        self.db_del("'g", &[node], now);
-        self.db_del("'l", &[node], now);
-        let Some(service) = self.service.as_mut() else {
-            return;
-        };
-        let held: Vec<(String, Vec<String>)> = service
+    /// `node` went down (or turned global): our mirrors of its `'g` and `'l` entries go,
+    /// then ([`Effect::Forget`]) what it held.
+    fn disconnect(node: &str, fx: &mut Effects) {
+        for family in ["'g", "'l"] {
+            fx.push(Effect::Own {
+                family: family.into(),
+                key: node.to_owned(),
+                value: None,
+            });
+        }
+        fx.push(Effect::Forget(node.to_owned()));
+    }
+
+    /// Forgets `node`'s entries (deleted while it is still a slave, so that other global
+    /// nodes learn it too), monitors and slavery.
+    pub(super) fn forget(&mut self, node: &str, cx: &mut Cx<'_, '_>) {
+        let held: Vec<(String, Vec<String>)> = self
             .shards
             .get(node)
             .into_iter()
             .flat_map(|s| &s.families)
             .map(|(f, entries)| (f.clone(), entries.keys().map(|k| k.to_string()).collect()))
             .collect();
-        // Deleted while `node` is still a slave, so other global nodes learn it too.
         for (family, keys) in held {
-            self.seed_update(node, &family, Family::new(), keys, now);
+            self.update_and_tell(node, &family, Family::new(), keys, cx);
         }
-        let Some(service) = self.service.as_mut() else {
-            return;
-        };
-        if let Some(shard) = service.shards.remove(node) {
-            service.entries = service.entries.saturating_sub(shard.entries);
-            service.bytes = service.bytes.saturating_sub(shard.bytes);
+        if let Some(shard) = self.shards.remove(node) {
+            self.entries = self.entries.saturating_sub(shard.entries);
+            self.bytes = self.bytes.saturating_sub(shard.bytes);
         }
-        if let Some(watched) = service.slaves.remove(node) {
-            service.monitors = service.monitors.saturating_sub(watched.len());
+        if let Some(watched) = self.slaves.remove(node) {
+            self.monitors = self.monitors.saturating_sub(watched.len());
         }
-        service.mons.retain(|_, nodes| {
+        self.mons.retain(|_, nodes| {
             nodes.remove(node);
             !nodes.is_empty()
         });
     }
 
     /// A node came up: tell it we are global.
-    pub(super) fn seed_node_up(&mut self, node: &str, now: u64) {
-        if self.service.is_some() {
-            self.send_node(node, vec![Value::text("g_global")], now);
-            self.keep_sync(now);
-        }
+    pub(super) fn node_up(&mut self, node: &str, cx: &mut Cx<'_, '_>) {
+        cx.fx.send(node, vec![Value::text("g_global")], WHAT);
+        self.keep_sync(cx);
     }
 
     /// A node went down: forget what it held; dial it again if it is a global node.
-    pub(super) fn seed_node_down(&mut self, node: &str, now: u64) {
-        if self.service.is_some() {
-            self.seed_disconnect(node, now);
-            self.keep_sync(now);
-        }
+    pub(super) fn node_down(node: &str, fx: &mut Effects) {
+        Service::disconnect(node, fx);
+        fx.push(Effect::Keep);
     }
 
     // ---- keeping the global nodes connected ---------------------------------------------
@@ -625,63 +606,45 @@ impl Node {
     /// Recomputes the global nodes to keep connected from `'g`; when one of them is down
     /// and newly so, starts dialling with a fresh backoff (0.3-0.6 s, doubling up to
     /// `monitor_timeout`).
-    fn keep_sync(&mut self, now: u64) {
-        let me = self.node_id.clone();
-        let max = self.config.global_limits.max_global_nodes;
-        let Some(service) = self.service.as_mut() else {
-            return;
-        };
-        let names = service.db.get("'g").into_iter().flat_map(BTreeMap::keys);
+    pub(super) fn keep_sync(&mut self, cx: &mut Cx<'_, '_>) {
+        let max = cx.view.config.global_limits.max_global_nodes;
+        let names = self.db.get("'g").into_iter().flat_map(BTreeMap::keys);
         let keep: BTreeSet<String> = names
-            .filter(|n| ***n != *me)
+            .filter(|n| ***n != *cx.view.node_id)
             .take(max)
             .map(|n| n.to_string())
             .collect();
-        let added = keep.difference(&service.keep).next().is_some();
-        service.keep = keep;
-        let down = self.kept_down();
-        if down.is_empty() {
-            if let Some(service) = self.service.as_mut() {
-                service.keep_at = None;
-            }
-        } else if added || self.service.as_ref().is_some_and(|s| s.keep_at.is_none()) {
-            let retry = 300 * self.jitter_permille() / 1000;
-            if let Some(service) = self.service.as_mut() {
-                service.keep_retry = retry;
-            }
-            self.keep_all(now);
+        let added = keep.difference(&self.keep).next().is_some();
+        self.keep = keep;
+        if self.kept_down(cx.view).is_empty() {
+            self.keep_at = None;
+        } else if added || self.keep_at.is_none() {
+            self.keep_retry = cx.jitter.scale(300);
+            self.keep_all(cx);
         }
     }
 
     /// Kept global nodes without a working connection (being dialled or not).
-    fn kept_down(&self) -> Vec<String> {
-        let Some(service) = self.service.as_ref() else {
-            return Vec::new();
-        };
-        service
-            .keep
+    fn kept_down(&self, view: &View<'_>) -> Vec<String> {
+        self.keep
             .iter()
-            .filter(|n| !self.is_up(n))
+            .filter(|n| !view.is_up(n))
             .cloned()
             .collect()
     }
 
     /// Dials every kept node that is down and re-arms the retry timer.
-    pub(super) fn keep_all(&mut self, now: u64) {
-        let down = self.kept_down();
-        let max = self.config.transport.monitor_timeout_ms;
-        let Some(service) = self.service.as_mut() else {
-            return;
-        };
+    pub(super) fn keep_all(&mut self, cx: &mut Cx<'_, '_>) {
+        let down = self.kept_down(cx.view);
         if down.is_empty() {
-            service.keep_at = None;
+            self.keep_at = None;
             return;
         }
-        service.keep_at = Some(now.saturating_add(service.keep_retry));
-        service.keep_retry = (service.keep_retry * 2).min(max);
+        let max = cx.view.config.transport.monitor_timeout_ms;
+        self.keep_at = Some(cx.view.now.saturating_add(self.keep_retry));
+        self.keep_retry = self.keep_retry.saturating_mul(2).min(max);
         for node in down {
-            self.peers.entry(node.clone()).or_default();
-            self.connect(&node, now);
+            cx.fx.push(Effect::Reach(node));
         }
     }
 }
