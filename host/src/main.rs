@@ -20,6 +20,26 @@ use cli::verbs::{self, DbQuery, PERL_ONLY, Verb};
 /// What `snd` asks the target node to send back to confirm delivery (the reference's text).
 const CONFIRMATION: &str = "message sent successfully";
 
+/// The profile and node id the protocol verbs configure themselves with, as the
+/// reference's (`--profile` chooses another profile).
+const CLIENT_PROFILE: &str = "aemp";
+const CLIENT_NODE_ID: &str = "aemp/%n/%u";
+
+/// The characters of a generated secret, and its length (the reference's `nonce62 180`,
+/// about 1071 bits).
+const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+const SECRET_LEN: usize = 180;
+
+/// What `restart` asks a node to evaluate (the reference's request: restart through
+/// AnyEvent::Watchdog once the node is idle).
+const RESTART_EXPR: &str = "my $w; $w = AE::idle sub { undef $w; use AnyEvent::Watchdog::Util ();AnyEvent::Watchdog::Util::restart}; ()";
+
+/// What `trace` asks each node to evaluate: the nodes it is connected to.
+const UP_NODES_EXPR: &str = "AnyEvent::MP::Kernel::up_nodes";
+
+/// How long `trace` waits for each node's answer, as the reference.
+const TRACE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A one-line error for the user.
 type Result<T> = std::result::Result<T, String>;
 
@@ -86,8 +106,7 @@ fn say(text: &str) {
 }
 
 fn fail(message: String) -> ExitCode {
-    // Not eprintln!, which panics if stderr is closed.
-    let _ = writeln!(std::io::stderr(), "aemp: {message}");
+    warn(&message);
     ExitCode::FAILURE
 }
 
@@ -143,13 +162,7 @@ impl Session {
             Verb::Set { key, value } => config::set_key(&mut self.rc, target, key, value),
             Verb::Del { key } => config::del_key(&mut self.rc, target, key),
             Verb::GenSecret => {
-                let mut bytes = [0u8; 48];
-                getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
-                let secret: String = bytes
-                    .iter()
-                    .map(|b| char::from(ALNUM[usize::from(*b) % ALNUM.len()]))
-                    .collect();
-                config::set_key(&mut self.rc, target, "secret", secret.into());
+                config::set_key(&mut self.rc, target, "secret", gen_secret()?.into());
             }
             Verb::GenCert => {
                 let pem = aemp_host::tls::generate_network_pem().map_err(|e| e.to_string())?;
@@ -170,6 +183,13 @@ impl Session {
             }
             Verb::DelItem { key, item } => {
                 config::list_remove(&mut self.rc, target, key, &item).map_err(|e| e.to_string())?;
+            }
+            Verb::PushItem { key, item } => {
+                config::list_push(&mut self.rc, target, key, item).map_err(|e| e.to_string())?;
+            }
+            Verb::RemoveFirst { key, item } => {
+                config::list_remove_first(&mut self.rc, target, key, &item)
+                    .map_err(|e| e.to_string())?;
             }
             Verb::Profile { name } => {
                 config::add_profile(&mut self.rc, &name);
@@ -203,6 +223,18 @@ impl Session {
                 self.save()?;
                 return self.mon(&port).await;
             }
+            Verb::Eval { node, expr } => {
+                self.save()?;
+                return self.eval(&node, &expr).await;
+            }
+            Verb::Restart { node } => {
+                self.save()?;
+                return self.eval(&node, RESTART_EXPR).await;
+            }
+            Verb::Trace { node } => {
+                self.save()?;
+                return self.trace(&node).await;
+            }
             Verb::Db { query, family } => {
                 self.save()?;
                 return self.db(query, &family).await;
@@ -225,20 +257,13 @@ impl Session {
         listen: bool,
     ) -> Result<NodeBuilder> {
         let name = profile.or_else(|| self.opts.profile.clone());
-        let effective =
-            config::effective(&self.rc, name.as_deref(), settings).map_err(|e| e.to_string())?;
-        // Never silently skip what a Perl node would run.
-        for key in ["services", "eval"] {
-            let set = match effective.get(key) {
-                None | Some(Json::Null) => false,
-                Some(Json::String(s)) => !s.is_empty(),
-                Some(Json::Array(items)) => !items.is_empty(),
-                Some(_) => true,
-            };
-            if set {
-                return Err(format!(
-                    "the configuration sets {key}: not supported: {PERL_ONLY}"
-                ));
+        if listen {
+            // A node that runs says once what a Perl node would run and it does not; a
+            // client has nothing to run anyway.
+            let effective = config::effective(&self.rc, name.as_deref(), settings)
+                .map_err(|e| e.to_string())?;
+            if let Some(skipped) = perl_entries(&effective) {
+                warn(&format!("not running {skipped}: {PERL_ONLY}"));
             }
         }
         let mut profile =
@@ -284,9 +309,19 @@ impl Session {
         Ok(node)
     }
 
-    /// A short-lived node for `snd`, `cal` and `mon` (no listener unless `--listen`).
+    /// A short-lived node for the protocol verbs (no listener unless `--listen`): profile
+    /// `aemp` (or `--profile`), node id `aemp/%n/%u` unless the file sets one, as the
+    /// reference configures them.
     async fn client(&self) -> Result<Node> {
-        self.start(self.builder(None, &Map::new(), false)?).await
+        let profile = self
+            .opts
+            .profile
+            .clone()
+            .unwrap_or_else(|| CLIENT_PROFILE.to_owned());
+        let mut settings = Map::new();
+        settings.insert("nodeid".into(), CLIENT_NODE_ID.into());
+        self.start(self.builder(Some(profile), &settings, false)?)
+            .await
     }
 
     /// Waits until `node_id` is connected.
@@ -315,7 +350,10 @@ impl Session {
             .await
             .map_err(|e| e.to_string())?;
         let died = |reason: std::result::Result<Vec<Value>, aemp_host::NodeError>| match reason {
-            Ok(reason) => format!("{port}: {}", words(&reason)),
+            Ok(reason) => {
+                let reason: Vec<String> = reason.iter().map(word).collect();
+                format!("{port}: {}", reason.join(" "))
+            }
             Err(e) => format!("{e}"),
         };
         let confirmed = tokio::time::timeout(self.timeout(), async {
@@ -337,11 +375,36 @@ impl Session {
         if let Ok(reason) = tokio::time::timeout(Duration::ZERO, &mut down).await {
             return Err(died(reason));
         }
-        say(&format!("{}\n", words(&confirmed)));
+        say(&self.listed(&confirmed));
         Ok(())
     }
 
-    /// Sends with a fresh reply port appended; prints the reply as a JSON array.
+    /// Values as the reference's `snd` and `mon` print them (joined by spaces, then a
+    /// space and a newline), or a JSON array with `--json`.
+    fn listed(&self, values: &[Value]) -> String {
+        if self.opts.json {
+            return format!("{}\n", json(&Value::Array(values.to_vec())));
+        }
+        let mut words: Vec<String> = values.iter().map(word).collect();
+        words.push("\n".into());
+        words.join(" ")
+    }
+
+    /// Values as the reference's `cal` and `eval` print them (JSON, separated by commas:
+    /// an array without its brackets), or the whole JSON array with `--json`.
+    fn returned(&self, values: Vec<Value>) -> String {
+        let array = json(&Value::Array(values));
+        if self.opts.json {
+            return format!("{array}\n");
+        }
+        let inner = array
+            .strip_prefix('[')
+            .and_then(|a| a.strip_suffix(']'))
+            .unwrap_or(&array);
+        format!("{inner}\n")
+    }
+
+    /// Sends with a fresh reply port appended; prints the reply's values.
     async fn cal(&self, port: &str, mut args: Vec<Value>) -> Result<()> {
         let node = self.client().await?;
         let mut reply = node.port().await.map_err(|e| e.to_string())?;
@@ -349,7 +412,7 @@ impl Session {
         node.send(port, args).await.map_err(|e| e.to_string())?;
         match tokio::time::timeout(self.timeout(), reply.recv()).await {
             Ok(Some(reply)) => {
-                say(&format!("{}\n", json(&Value::Array(reply))));
+                say(&self.returned(reply));
                 Ok(())
             }
             _ => Err(format!(
@@ -383,13 +446,111 @@ impl Session {
         Ok(())
     }
 
-    /// Prints the reason (a JSON array) when the port dies.
+    /// Prints the reason when the port dies.
     async fn mon(&self, port: &str) -> Result<()> {
         let (_, watched) = node_port(port)?;
         let node = self.client().await?;
         let down = node.monitor(&watched).await.map_err(|e| e.to_string())?;
         let reason = down.await.map_err(|e| e.to_string())?;
-        say(&format!("{}\n", json(&Value::Array(reason))));
+        say(&self.listed(&reason));
+        Ok(())
+    }
+
+    /// Asks `node` to evaluate `expr` (`["", "eval", EXPR, REPLY]`), as the reference's
+    /// `eval` and `restart` do, and prints what it returned. The reply is `[ERROR,
+    /// RESULTS...]`; a non-empty error (an aemp node's `remote execution not allowed`) or
+    /// the node going down fails with it.
+    async fn eval(&self, node_id: &str, expr: &str) -> Result<()> {
+        let node = self.client().await?;
+        let mut reply = node.port().await.map_err(|e| e.to_string())?;
+        let mut down = node
+            .monitor(&format!("{node_id}#"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = vec![
+            Value::text("eval"),
+            Value::text(expr),
+            Value::text(reply.id()),
+        ];
+        node.send(&format!("{node_id}#"), request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = tokio::time::timeout(self.timeout(), async {
+            tokio::select! {
+                got = reply.recv() => got.ok_or("node stopped".to_owned()),
+                reason = &mut down => reason.map_err(|e| e.to_string()),
+            }
+        })
+        .await
+        .map_err(|_| format!("no reply from {node_id} within {}s", self.opts.timeout))??;
+        let mut answer = answer.into_iter();
+        let error = answer.next().map(|e| word(&e)).unwrap_or_default();
+        let results: Vec<Value> = answer.collect();
+        if !error.is_empty() {
+            let mut words = vec![error];
+            words.extend(results.iter().map(word));
+            return Err(words.join(" "));
+        }
+        say(&self.returned(results));
+        Ok(())
+    }
+
+    /// Prints `NODE -> NEIGHBOURS...` for `start`, then for each node found, as the
+    /// reference's `trace`: each node is asked (an `eval` of `up_nodes`) for the nodes it
+    /// is connected to. A node that does not answer within 15 s is printed as `NODE
+    /// (timeout)` and makes the exit status non-zero. aemp nodes refuse the `eval`, so
+    /// they list no neighbours.
+    async fn trace(&self, start: &str) -> Result<()> {
+        let node = self.client().await?;
+        let me = node.id().to_owned();
+        let mut reply = node.port().await.map_err(|e| e.to_string())?;
+        let mut seen = std::collections::BTreeSet::new();
+        let mut waiting = std::collections::BTreeMap::new();
+        let mut answers = vec![("seed".to_owned(), vec![start.to_owned()])];
+        let mut timed_out = false;
+        loop {
+            for (from, neighbours) in answers.drain(..) {
+                waiting.remove(&from);
+                let neighbours: Vec<String> = neighbours.into_iter().filter(|n| *n != me).collect();
+                say(&format!("{from} -> {}\n", neighbours.join(" ")));
+                for neighbour in neighbours {
+                    if !seen.insert(neighbour.clone()) {
+                        continue;
+                    }
+                    let request = vec![
+                        Value::text("eval"),
+                        Value::text(UP_NODES_EXPR),
+                        Value::text(reply.id()),
+                        Value::text(neighbour.as_str()),
+                    ];
+                    node.send(&format!("{neighbour}#"), request)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    waiting.insert(neighbour, tokio::time::Instant::now() + TRACE_TIMEOUT);
+                }
+            }
+            let Some((first, &deadline)) = waiting.iter().min_by_key(|(_, d)| **d) else {
+                break;
+            };
+            let first = first.clone();
+            match tokio::time::timeout_at(deadline, reply.recv()).await {
+                // (NODE, ERROR, NEIGHBOURS...)
+                Ok(Some(got)) => {
+                    let mut got = got.into_iter();
+                    let from = got.next().map(|n| word(&n)).unwrap_or_default();
+                    answers.push((from, got.skip(1).map(|n| word(&n)).collect()));
+                }
+                Ok(None) => return Err("node stopped".into()),
+                Err(_) => {
+                    say(&format!("{first} (timeout)\n"));
+                    waiting.remove(&first);
+                    timed_out = true;
+                }
+            }
+        }
+        if timed_out {
+            return Err("some nodes did not answer".into());
+        }
         Ok(())
     }
 
@@ -435,7 +596,47 @@ impl Session {
     }
 }
 
-const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+/// A random secret of [`SECRET_LEN`] characters of [`ALNUM`], each equally likely.
+fn gen_secret() -> Result<String> {
+    let mut secret = String::with_capacity(SECRET_LEN);
+    let mut bytes = [0u8; 64];
+    while secret.len() < SECRET_LEN {
+        getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
+        // Bytes past the last whole multiple of 62 would favour the first characters.
+        let fair = bytes.iter().filter(|b| usize::from(**b) < 4 * ALNUM.len());
+        for b in fair.take(SECRET_LEN - secret.len()) {
+            secret.push(char::from(ALNUM[usize::from(*b) % ALNUM.len()]));
+        }
+    }
+    Ok(secret)
+}
+
+/// The Perl entries (`services`, `eval`) a configuration sets, described, if any.
+fn perl_entries(config: &Map<String, Json>) -> Option<String> {
+    let mut found = Vec::new();
+    match config.get("services") {
+        Some(Json::Array(items)) if !items.is_empty() => {
+            let names: Vec<String> = items
+                .iter()
+                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                .collect();
+            found.push(format!("services {}", names.join(", ")));
+        }
+        None | Some(Json::Null | Json::Array(_)) => {}
+        Some(other) => found.push(format!("services {other}")),
+    }
+    match config.get("eval") {
+        None | Some(Json::Null) => {}
+        Some(Json::String(s)) if s.is_empty() => {}
+        Some(_) => found.push("eval".into()),
+    }
+    (!found.is_empty()).then(|| found.join(" and "))
+}
+
+/// One line on stderr (not eprintln!, which panics if stderr is closed).
+fn warn(message: &str) {
+    let _ = writeln!(std::io::stderr(), "aemp: {message}");
+}
 
 /// The node id of `port` and the id to monitor it by (`NODE#` for a bare node id, so the
 /// monitor fires when the node's connection is lost).
@@ -450,16 +651,14 @@ fn typed(args: Vec<Json>) -> Vec<Value> {
     args.into_iter().map(Value::from).collect()
 }
 
-/// Values joined by spaces, strings as they are (the reference prints replies so).
-fn words(values: &[Value]) -> String {
-    values
-        .iter()
-        .map(|v| match v {
-            Value::Text(s) => s.clone(),
-            other => json(other),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+/// A value as the reference prints one it joins with others: strings as they are (Perl's
+/// undef as nothing), anything else as JSON.
+fn word(value: &Value) -> String {
+    match value {
+        Value::Text(s) => s.clone(),
+        Value::Null => String::new(),
+        other => json(other),
+    }
 }
 
 fn json(value: &Value) -> String {

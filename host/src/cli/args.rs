@@ -33,6 +33,9 @@ pub struct Options {
     pub verbose: u8,
     /// `--echo`: `run` adds the `echo` port.
     pub echo: bool,
+    /// `--json`: `snd`, `cal`, `mon`, `eval` print JSON arrays instead of the reference's
+    /// output.
+    pub json: bool,
     /// `-h`/`--help`.
     pub help: bool,
     /// `-V`/`--version`.
@@ -53,6 +56,7 @@ impl Default for Options {
             max_memory_mib: None,
             verbose: 0,
             echo: false,
+            json: false,
             help: false,
             version: false,
         }
@@ -115,6 +119,7 @@ pub fn split_options(argv: Vec<String>) -> Result<(Options, Vec<String>), ArgErr
         }
         let switch = match name {
             "--echo" => Some(&mut opts.echo),
+            "--json" => Some(&mut opts.json),
             "-h" | "--help" => Some(&mut opts.help),
             "-V" | "--version" => Some(&mut opts.version),
             _ => None,

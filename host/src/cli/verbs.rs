@@ -16,6 +16,7 @@ pub const ATTRS: &[&str] = &[
     "auth_accept",
     "autocork",
     "nodelay",
+    "secure",
 ];
 
 /// One verb with its arguments.
@@ -47,6 +48,23 @@ pub enum Verb {
     Mon {
         /// The port (a bare node id: its node port).
         port: String,
+    },
+    /// `eval NODE EXPR...`: ask a node to evaluate an expression (aemp nodes refuse).
+    Eval {
+        /// The node (the node part of a port id).
+        node: String,
+        /// The arguments joined by spaces.
+        expr: String,
+    },
+    /// `restart NODE`: ask a node running under a watchdog to restart (an `eval`).
+    Restart {
+        /// The node.
+        node: String,
+    },
+    /// `trace NODE`: ask a node for the nodes it is connected to, then those, and so on.
+    Trace {
+        /// Where to start.
+        node: String,
     },
     /// `dbfamily`/`dbkeys`/`dbvalues FAMILY`: read the network database (through the
     /// configured seeds).
@@ -96,6 +114,20 @@ pub enum Verb {
         /// `seeds` or `binds`.
         key: &'static str,
         /// The item.
+        item: Value,
+    },
+    /// `addservice`: append one service (another instance if it is there already).
+    PushItem {
+        /// `services`.
+        key: &'static str,
+        /// The service specification.
+        item: Value,
+    },
+    /// `delservice`: remove the first instance of a service.
+    RemoveFirst {
+        /// `services`.
+        key: &'static str,
+        /// The service specification.
         item: Value,
     },
     /// `profile NAME`: the following verbs edit this profile (created if needed).
@@ -174,9 +206,9 @@ pub enum VerbError {
     Refused(String, &'static str),
 }
 
-/// Why services, `eval` and the other Perl-only verbs are refused.
-pub const PERL_ONLY: &str = "it runs Perl code (services are Perl functions or modules), \
-     which aemp never does";
+/// Why `run` does not run a configuration's services and `eval`.
+pub const PERL_ONLY: &str = "they are Perl code (services are Perl functions or modules), \
+     which aemp never runs";
 
 /// Reads all verbs from the typed arguments.
 pub fn parse(args: Vec<Value>) -> Result<Vec<Verb>, VerbError> {
@@ -222,12 +254,6 @@ fn parse_one(name: &str, args: &mut VecDeque<Value>) -> Result<Verb, VerbError> 
             if let Some(named) = settings.remove("profile") {
                 profile = Some(text("a profile name", named)?);
             }
-            if settings.contains_key("services") || settings.contains_key("eval") {
-                return Err(VerbError::Refused(
-                    format!("{name} services/eval"),
-                    PERL_ONLY,
-                ));
-            }
             Verb::Run { profile, settings }
         }
         ("snd" | "cal", _) => {
@@ -250,14 +276,52 @@ fn parse_one(name: &str, args: &mut VecDeque<Value>) -> Result<Verb, VerbError> 
             },
             family: text("a family name", need(args, "family name missing")?)?,
         },
-        ("eval" | "shell" | "restart", _) | (_, "services") | ("addservice" | "delservice", _) => {
-            return Err(VerbError::Refused(name.to_owned(), PERL_ONLY));
+        ("eval", _) => {
+            let node = text("a node id", need(args, "node id missing")?)?;
+            let expr: Vec<String> = args
+                .drain(..)
+                .map(|v| text("an expression", v))
+                .collect::<Result<_, _>>()?;
+            Verb::Eval {
+                node: node_of(&node),
+                expr: expr.join(" "),
+            }
         }
-        ("trace", _) => {
+        ("restart" | "trace", _) => {
+            let node = node_of(&text("a node id", need(args, "node id missing")?)?);
+            if name == "trace" {
+                Verb::Trace { node }
+            } else {
+                Verb::Restart { node }
+            }
+        }
+        ("shell", _) => {
             return Err(VerbError::Refused(
                 name.to_owned(),
-                "tracing the network is not implemented",
+                "the interactive shell is not implemented yet (use eval)",
             ));
+        }
+        (_, "eval") => Verb::Set {
+            key: "eval",
+            value: need(args, "eval string missing")?,
+        },
+        (_, "services") => Verb::SetList {
+            key: "services",
+            items: list(name, need(args, "service specifications missing")?)?,
+        },
+        ("addservice" | "delservice", _) => {
+            let item = need(args, "service specification missing")?;
+            if name == "addservice" {
+                Verb::PushItem {
+                    key: "services",
+                    item,
+                }
+            } else {
+                Verb::RemoveFirst {
+                    key: "services",
+                    item,
+                }
+            }
         }
         (_, "nodeid") => Verb::Set {
             key: "nodeid",
@@ -350,7 +414,7 @@ fn parse_one(name: &str, args: &mut VecDeque<Value>) -> Result<Verb, VerbError> 
 /// The key a `delX` verb removes.
 fn del_key(x: &str) -> Option<&'static str> {
     const KEYS: &[&str] = &[
-        "nodeid", "secret", "cert", "seeds", "binds", "parent", "services",
+        "nodeid", "secret", "cert", "seeds", "binds", "parent", "services", "eval",
     ];
     KEYS.iter().chain(ATTRS).find(|k| **k == x).copied()
 }
@@ -367,6 +431,13 @@ fn list_key(suffix: &str) -> &'static str {
 /// `seed` for `seeds`, `bind` for `binds`, for messages.
 fn singular(key: &str) -> &str {
     key.strip_suffix('s').unwrap_or(key)
+}
+
+/// The node of a port id (all of a bare node id), as the reference's `node_of`.
+fn node_of(port: &str) -> String {
+    port.split_once('#')
+        .map_or(port, |(node, _)| node)
+        .to_owned()
 }
 
 /// A list argument: a JSON array as is, or a string split at commas (trailing empty fields
@@ -672,20 +743,52 @@ mod tests {
             verbs(&[json!("showconfig"), json!("p"), json!("secret")]),
             Err(VerbError::Unpaired { .. })
         ));
-        // Perl-only verbs are refused, not ignored.
-        for args in [
-            vec![json!("eval"), json!("n"), json!("1")],
-            vec![json!("setservices"), json!("Foo::")],
-            vec![json!("services"), json!("Foo::")],
-            vec![json!("addservice"), json!("Foo::")],
-            vec![json!("run"), json!("services"), json!(["Foo::"])],
-            vec![json!("run"), json!("eval"), json!("1")],
-        ] {
-            let err = parse(args.clone()).unwrap_err();
-            assert!(
-                matches!(err, VerbError::Refused(..)) && err.to_string().contains("Perl"),
-                "{args:?}: {err}"
-            );
-        }
+        // The verbs about Perl code edit the file or ask the remote node; only `shell`
+        // is refused.
+        assert_eq!(
+            verbs(&[json!("eval"), json!("n#p"), json!("1"), json!("+ 1")]),
+            Ok(vec![Verb::Eval {
+                node: "n".into(),
+                expr: "1 + 1".into()
+            }])
+        );
+        assert_eq!(
+            verbs(&[json!("trace"), json!("n"), json!("restart"), json!("m#")]),
+            Ok(vec![
+                Verb::Trace { node: "n".into() },
+                Verb::Restart { node: "m".into() }
+            ])
+        );
+        assert_eq!(
+            verbs(&[
+                json!("services"),
+                json!("A::,B::"),
+                json!("seteval"),
+                json!("1")
+            ]),
+            Ok(vec![
+                Verb::SetList {
+                    key: "services",
+                    items: vec![json!("A::"), json!("B::")]
+                },
+                Verb::Set {
+                    key: "eval",
+                    value: json!("1")
+                }
+            ])
+        );
+        assert_eq!(missing(&[json!("eval")]), "node id missing");
+        assert_eq!(
+            missing(&[json!("delservice")]),
+            "service specification missing"
+        );
+        assert!(matches!(
+            verbs(&[json!("shell")]),
+            Err(VerbError::Refused(..))
+        ));
+        let run = verbs(&[json!("run"), json!("services"), json!(["Foo::"])]).unwrap();
+        assert!(
+            matches!(&run[..], [Verb::Run { settings, .. }] if settings.contains_key("services"))
+        );
     }
 }

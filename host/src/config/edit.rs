@@ -47,6 +47,33 @@ pub fn list_remove(
     Ok(())
 }
 
+/// Appends `item` to the list at `key`, even if it is listed already (`aemp addservice`:
+/// one more instance of a service).
+pub fn list_push(
+    rc: &mut Value,
+    profile: Option<&str>,
+    key: &str,
+    item: Value,
+) -> Result<(), ConfigError> {
+    list_at(rc, profile, key)?.push(item);
+    Ok(())
+}
+
+/// Removes the first item equal to `item` from the list at `key` (`aemp delservice`: one
+/// instance).
+pub fn list_remove_first(
+    rc: &mut Value,
+    profile: Option<&str>,
+    key: &str,
+    item: &Value,
+) -> Result<(), ConfigError> {
+    let list = list_at(rc, profile, key)?;
+    if let Some(at) = list.iter().position(|x| x == item) {
+        list.remove(at);
+    }
+    Ok(())
+}
+
 /// The list at `key` of the section, created empty if missing or `null`.
 fn list_at<'a>(
     rc: &'a mut Value,

@@ -29,7 +29,10 @@ use std::io;
 
 use serde_json::{Map, Value};
 
-pub use edit::{add_profile, del_key, del_profile, list_add, list_remove, own_profile, set_key};
+pub use edit::{
+    add_profile, del_key, del_profile, list_add, list_push, list_remove, list_remove_first,
+    own_profile, set_key,
+};
 pub use file::{load_rc, pretty, rc_path, save_rc};
 pub use profile::{Profile, defaults, effective, resolve, resolve_with};
 
