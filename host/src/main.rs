@@ -404,22 +404,36 @@ impl Session {
         format!("{inner}\n")
     }
 
-    /// Sends with a fresh reply port appended; prints the reply's values.
+    /// Sends with a fresh reply port appended; prints the reply's values. The node's
+    /// connection is watched meanwhile, so a node nobody can reach (`no known address`
+    /// from the seed, a connect timeout) fails at once with the reason.
     async fn cal(&self, port: &str, mut args: Vec<Value>) -> Result<()> {
+        let (node_id, _) = node_port(port)?;
         let node = self.client().await?;
         let mut reply = node.port().await.map_err(|e| e.to_string())?;
+        let mut down = node
+            .monitor(&format!("{node_id}#"))
+            .await
+            .map_err(|e| e.to_string())?;
         args.push(Value::text(reply.id()));
         node.send(port, args).await.map_err(|e| e.to_string())?;
-        match tokio::time::timeout(self.timeout(), reply.recv()).await {
-            Ok(Some(reply)) => {
-                say(&self.returned(reply));
-                Ok(())
+        let answer = tokio::time::timeout(self.timeout(), async {
+            tokio::select! {
+                biased;
+                got = reply.recv() => got.ok_or("node stopped".to_owned()),
+                reason = &mut down => Err(match reason {
+                    Ok(reason) => {
+                        let reason: Vec<String> = reason.iter().map(word).collect();
+                        format!("cannot reach {node_id}: {}", reason.join(" "))
+                    }
+                    Err(e) => e.to_string(),
+                }),
             }
-            _ => Err(format!(
-                "no reply from {port} within {}s",
-                self.opts.timeout
-            )),
-        }
+        })
+        .await
+        .map_err(|_| format!("no reply from {port} within {}s", self.opts.timeout))??;
+        say(&self.returned(answer));
+        Ok(())
     }
 
     /// Asks the network database (through the seeds: the master answers) and prints the

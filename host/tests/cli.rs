@@ -820,6 +820,14 @@ fn a_seed_its_network_and_the_database() {
         "{family}"
     );
     assert_eq!(ok(&rc, &["cal", "one#echo"]), "\n");
+    // A node the seed does not know: said at once, not after the timeout.
+    let asked = std::time::Instant::now();
+    let err = refused(&rc, &["cal", "ghost", "time", "--timeout", "20"]);
+    assert_eq!(
+        err,
+        "aemp: cannot reach ghost: transport_error ghost no known address\n"
+    );
+    assert!(asked.elapsed() < std::time::Duration::from_secs(10));
     let (code, _, err) = aemp(
         &rc,
         &["dbfamily", "'l", "--timeout", "1", "--secret", "wrong"],
