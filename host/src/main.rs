@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use aemp_engine::Framing;
 use aemp_host::config;
-use aemp_host::{Node, NodeBuilder, TlsConfig, Value};
+use aemp_host::{Event, Node, NodeBuilder, TlsConfig, Value};
 use serde_json::{Map, Value as Json};
 
 use cli::args::{self, Options};
@@ -213,31 +213,35 @@ impl Session {
             }
             Verb::Snd { port, args } => {
                 self.save()?;
-                return self.snd(&port, typed(args)).await;
+                return self
+                    .protocol(|node| self.snd(node, &port, typed(args)))
+                    .await;
             }
             Verb::Cal { port, args } => {
                 self.save()?;
-                return self.cal(&port, typed(args)).await;
+                return self
+                    .protocol(|node| self.cal(node, &port, typed(args)))
+                    .await;
             }
             Verb::Mon { port } => {
                 self.save()?;
-                return self.mon(&port).await;
+                return self.protocol(|node| self.mon(node, &port)).await;
             }
             Verb::Eval { node, expr } => {
                 self.save()?;
-                return self.eval(&node, &expr).await;
+                return self.protocol(|n| self.eval(n, &node, &expr)).await;
             }
             Verb::Restart { node } => {
                 self.save()?;
-                return self.eval(&node, RESTART_EXPR).await;
+                return self.protocol(|n| self.eval(n, &node, RESTART_EXPR)).await;
             }
             Verb::Trace { node } => {
                 self.save()?;
-                return self.trace(&node).await;
+                return self.protocol(|n| self.trace(n, &node)).await;
             }
             Verb::Db { query, family } => {
                 self.save()?;
-                return self.db(query, &family).await;
+                return self.protocol(|node| self.db(node, query, &family)).await;
             }
         }
         self.dirty = true;
@@ -300,19 +304,15 @@ impl Session {
         Ok(b)
     }
 
-    /// Starts a node and dials `--connect` addresses.
-    async fn start(&self, builder: NodeBuilder) -> Result<Node> {
-        let node = builder.start().await.map_err(|e| e.to_string())?;
-        for addr in &self.opts.connect {
-            node.connect(addr).await.map_err(|e| e.to_string())?;
-        }
-        Ok(node)
-    }
-
-    /// A short-lived node for the protocol verbs (no listener unless `--listen`): profile
+    /// Runs a protocol verb on a short-lived node (no listener unless `--listen`): profile
     /// `aemp` (or `--profile`), node id `aemp/%n/%u` unless the file sets one, as the
-    /// reference configures them.
-    async fn client(&self) -> Result<Node> {
+    /// reference configures them. While no node is up, a connection that fails (its
+    /// handshake: a wrong secret, no certificate) ends the verb at once with the reason.
+    async fn protocol<F, Fut>(&self, verb: F) -> Result<()>
+    where
+        F: FnOnce(Node) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         let profile = self
             .opts
             .profile
@@ -320,8 +320,20 @@ impl Session {
             .unwrap_or_else(|| CLIENT_PROFILE.to_owned());
         let mut settings = Map::new();
         settings.insert("nodeid".into(), CLIENT_NODE_ID.into());
-        self.start(self.builder(Some(profile), &settings, false)?)
+        let node = self
+            .builder(Some(profile), &settings, false)?
+            .start()
             .await
+            .map_err(|e| e.to_string())?;
+        // Subscribed before the first connection is made.
+        let mut events = node.events();
+        for addr in &self.opts.connect {
+            node.connect(addr).await.map_err(|e| e.to_string())?;
+        }
+        tokio::select! {
+            done = verb(node) => done,
+            reason = first_failure(&mut events) => Err(format!("connection failed: {reason}")),
+        }
     }
 
     /// Waits until `node_id` is connected.
@@ -334,9 +346,8 @@ impl Session {
     /// Sends, then confirms as the reference does: monitors the port and has the node port
     /// relay [`CONFIRMATION`] (a `snd` request) to a reply port; that arriving means the
     /// message reached the node before it.
-    async fn snd(&self, port: &str, args: Vec<Value>) -> Result<()> {
+    async fn snd(&self, node: Node, port: &str, args: Vec<Value>) -> Result<()> {
         let (node_id, watched) = node_port(port)?;
-        let node = self.client().await?;
         node.send(port, args).await.map_err(|e| e.to_string())?;
         self.reach(&node, &node_id).await?;
         let mut down = node.monitor(&watched).await.map_err(|e| e.to_string())?;
@@ -407,9 +418,8 @@ impl Session {
     /// Sends with a fresh reply port appended; prints the reply's values. The node's
     /// connection is watched meanwhile, so a node nobody can reach (`no known address`
     /// from the seed, a connect timeout) fails at once with the reason.
-    async fn cal(&self, port: &str, mut args: Vec<Value>) -> Result<()> {
+    async fn cal(&self, node: Node, port: &str, mut args: Vec<Value>) -> Result<()> {
         let (node_id, _) = node_port(port)?;
-        let node = self.client().await?;
         let mut reply = node.port().await.map_err(|e| e.to_string())?;
         let mut down = node
             .monitor(&format!("{node_id}#"))
@@ -438,8 +448,7 @@ impl Session {
 
     /// Asks the network database (through the seeds: the master answers) and prints the
     /// result as JSON.
-    async fn db(&self, query: DbQuery, family: &str) -> Result<()> {
-        let node = self.client().await?;
+    async fn db(&self, node: Node, query: DbQuery, family: &str) -> Result<()> {
         let asked = async {
             match query {
                 DbQuery::Family => node.db_family(family).await,
@@ -461,9 +470,8 @@ impl Session {
     }
 
     /// Prints the reason when the port dies.
-    async fn mon(&self, port: &str) -> Result<()> {
+    async fn mon(&self, node: Node, port: &str) -> Result<()> {
         let (_, watched) = node_port(port)?;
-        let node = self.client().await?;
         let down = node.monitor(&watched).await.map_err(|e| e.to_string())?;
         let reason = down.await.map_err(|e| e.to_string())?;
         say(&self.listed(&reason));
@@ -474,8 +482,7 @@ impl Session {
     /// `eval` and `restart` do, and prints what it returned. The reply is `[ERROR,
     /// RESULTS...]`; a non-empty error (an aemp node's `remote execution not allowed`) or
     /// the node going down fails with it.
-    async fn eval(&self, node_id: &str, expr: &str) -> Result<()> {
-        let node = self.client().await?;
+    async fn eval(&self, node: Node, node_id: &str, expr: &str) -> Result<()> {
         let mut reply = node.port().await.map_err(|e| e.to_string())?;
         let mut down = node
             .monitor(&format!("{node_id}#"))
@@ -514,8 +521,7 @@ impl Session {
     /// is connected to. A node that does not answer within 15 s is printed as `NODE
     /// (timeout)` and makes the exit status non-zero. aemp nodes refuse the `eval`, so
     /// they list no neighbours.
-    async fn trace(&self, start: &str) -> Result<()> {
-        let node = self.client().await?;
+    async fn trace(&self, node: Node, start: &str) -> Result<()> {
         let me = node.id().to_owned();
         let mut reply = node.port().await.map_err(|e| e.to_string())?;
         let mut seen = std::collections::BTreeSet::new();
@@ -569,7 +575,14 @@ impl Session {
     }
 
     async fn run_node(&self, profile: Option<String>, settings: Map<String, Json>) -> Result<()> {
-        let node = self.start(self.builder(profile, &settings, true)?).await?;
+        let node = self
+            .builder(profile, &settings, true)?
+            .start()
+            .await
+            .map_err(|e| e.to_string())?;
+        for addr in &self.opts.connect {
+            node.connect(addr).await.map_err(|e| e.to_string())?;
+        }
         let addrs: Vec<String> = node.listen_addrs().iter().map(|a| a.to_string()).collect();
         say(&format!(
             "node {} listening on {}\n",
@@ -645,6 +658,22 @@ fn perl_entries(config: &Map<String, Json>) -> Option<String> {
         Some(_) => found.push("eval".into()),
     }
     (!found.is_empty()).then(|| found.join(" and "))
+}
+
+/// The reason of the first connection that fails while no node is up (pending forever
+/// once one is, or when the node stops: the verb notices that itself).
+async fn first_failure(events: &mut tokio::sync::broadcast::Receiver<Event>) -> String {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut up = 0usize;
+    loop {
+        match events.recv().await {
+            Ok(Event::NodeUp(_)) => up += 1,
+            Ok(Event::NodeDown { .. }) => up = up.saturating_sub(1),
+            Ok(Event::ConnectionFailed { reason }) if up == 0 => return reason,
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
 }
 
 /// One line on stderr (not eprintln!, which panics if stderr is closed).

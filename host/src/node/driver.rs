@@ -57,6 +57,9 @@ pub(super) struct Driver {
     events: broadcast::Sender<Event>,
     /// The nodes that are up, with their working connections.
     up: HashMap<String, u64>,
+    /// Connections that have been some node's working connection (until closed): a close
+    /// of any other is reported as [`Event::ConnectionFailed`].
+    worked: HashSet<u64>,
     /// Who waits for a port to die or a node to come up.
     waiters: Waiters,
     /// Set by [`Node::shutdown`](super::Node::shutdown): the driver ends after this round.
@@ -116,6 +119,7 @@ impl Driver {
             db_waiters: HashMap::new(),
             events,
             up: HashMap::new(),
+            worked: HashSet::new(),
             waiters: Waiters::default(),
             shutdown: None,
             parked: Parked::default(),
@@ -481,6 +485,11 @@ impl Driver {
                 if self.io.close(c.conn) {
                     tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason));
                 }
+                if !self.worked.remove(&c.conn) {
+                    let _ = self
+                        .events
+                        .send(Event::ConnectionFailed { reason: c.reason });
+                }
             }
             O::Deliver(d) => {
                 let chunk = Chunk::from_sizes(d.data, &d.sizes);
@@ -489,6 +498,7 @@ impl Driver {
             O::NodeUp(wit_node::NodeUp { node, conn }) => {
                 tracing::info!("{} is up", printable(&node));
                 self.up.insert(node.clone(), conn);
+                self.worked.insert(conn);
                 self.waiters.node_up(&node);
                 let _ = self.events.send(Event::NodeUp(node));
             }

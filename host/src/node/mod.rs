@@ -156,6 +156,10 @@ pub enum Event {
     NodeDown { node: String, reason: String },
     /// A monitored port died; `reason` is empty for a normal exit.
     PortDown { port: String, reason: Vec<Value> },
+    /// A connection closed before it was any node's working connection: its handshake
+    /// failed (`reason` is the engine's, e.g. a wrong secret's), it was refused or cut
+    /// off during it, or it was no longer needed (`NODE connected elsewhere`).
+    ConnectionFailed { reason: String },
 }
 
 /// A running node. Cheap to clone; the node stops when every handle is dropped.
