@@ -40,15 +40,33 @@ func rustNode(t *testing.T, id, secret, framing string) string {
 func rustNodeCert(t *testing.T, id, secret, framing string, withCert bool) (string, []byte) {
 	t.Helper()
 	dir := t.TempDir()
+	var cert []byte
+	if withCert {
+		writeRC(t, dir, secret)
+		cert = genCert(t, dir)
+	}
+	addr, _ := startRust(t, dir, id, secret, "--framing", framing)
+	return addr, cert
+}
+
+func writeRC(t *testing.T, dir, secret string) {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(dir, "rc")); err == nil {
+		return
+	}
 	rc, _ := json.Marshal(map[string]string{"secret": secret})
 	if err := os.WriteFile(filepath.Join(dir, "rc"), rc, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var cert []byte
-	if withCert {
-		cert = genCert(t, dir)
-	}
-	cmd := exec.Command(aempBin(t), "run", "--echo", "--nodeid", id, "--listen", "127.0.0.1:0", "--framing", framing)
+}
+
+// startRust runs `aemp run --echo` with its configuration in dir and extra arguments;
+// it returns once the node listens and its echo port exists.
+func startRust(t *testing.T, dir, id, secret string, extra ...string) (string, *exec.Cmd) {
+	t.Helper()
+	writeRC(t, dir, secret)
+	args := append([]string{"run", "--echo", "--nodeid", id, "--listen", "127.0.0.1:0"}, extra...)
+	cmd := exec.Command(aempBin(t), args...)
 	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -61,16 +79,19 @@ func rustNodeCert(t *testing.T, id, secret, framing string, withCert bool) (stri
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	re := regexp.MustCompile(`^node \S+ listening on (\S+)$`)
 	sc := bufio.NewScanner(out)
+	addr := ""
 	for sc.Scan() {
 		if m := re.FindStringSubmatch(sc.Text()); m != nil {
+			addr = m[1]
+		} else if strings.HasPrefix(sc.Text(), "echo port ") && addr != "" {
 			go func() {
 				for sc.Scan() {
 				}
 			}()
-			return m[1], cert
+			return addr, cmd
 		}
 	}
-	t.Fatal("aemp run printed no address")
+	t.Fatal("aemp run printed no address and echo port")
 	return "", nil
 }
 
