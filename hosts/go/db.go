@@ -3,8 +3,6 @@ package aemp
 import (
 	"context"
 	"fmt"
-
-	"github.com/fxamacker/cbor/v2"
 )
 
 type dbReply struct{ raw []byte }
@@ -12,7 +10,7 @@ type dbReply struct{ raw []byte }
 // DBSet sets this node's entry key of the database family to value (any
 // CBOR-encodable value); the global nodes spread it.
 func (n *Node) DBSet(ctx context.Context, family, key string, value any) error {
-	enc, err := cbor.Marshal(value)
+	enc, err := encMode.Marshal(value)
 	if err != nil {
 		return err
 	}
@@ -117,7 +115,7 @@ func (m *DBMonitor) Recv(ctx context.Context) (DBChange, error) {
 			Del []string
 		}
 		// recv decoded the change as an array; decode its two parts with their types.
-		raw, err := cbor.Marshal(item)
+		raw, err := encMode.Marshal(item)
 		if err == nil {
 			err = decMode.Unmarshal(raw, &ch)
 		}

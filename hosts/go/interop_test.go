@@ -5,13 +5,18 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"math"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fxamacker/cbor/v2"
 )
 
 // aempBin is the Rust CLI: $AEMP_BIN, else the workspace's debug build. A missing
@@ -345,5 +350,62 @@ func TestTLSRustConnectsToGo(t *testing.T) {
 	}
 	if len(m) != 1 || m[0] != "over tls" {
 		t.Fatalf("got %#v", m)
+	}
+}
+
+// A Rust peer echoes unusual CBOR: bignums come back as *big.Int, epoch times as
+// time.Time, integer keys as map keys, unknown tags as cbor.Tag; a tag 1 around text,
+// which a time.Time cannot hold, drops that message with a log line and the node goes on.
+func TestUnusualCBORSurvives(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-cbor", "shared", "cbor")
+	logs := &logBook{}
+	n, err := Start(ctx, Config{NodeID: "go-cbor", Secret: "shared", Seeds: []string{addr}, Log: logs.add})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if err := n.WaitUp(ctx, "rust-cbor"); err != nil {
+		t.Fatal(err)
+	}
+	p, err := n.Port(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big80 := new(big.Int).Neg(new(big.Int).Lsh(big.NewInt(1), 80))
+	when := time.Unix(1700000000, 0)
+	odd := []any{big80, when, map[any]any{uint64(1): "int key"}, cbor.Tag{Number: 4711, Content: "x"},
+		[]byte{}, math.Inf(1), "é😀", []any{[]any{[]any{}}}}
+	if err := n.Send(ctx, "rust-cbor#echo", append([]any{p.ID}, odd...)...); err != nil {
+		t.Fatal(err)
+	}
+	m, err := p.Recv(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, ok := m[0].(*big.Int); !ok || b.Cmp(big80) != 0 {
+		t.Fatalf("bignum %#v", m[0])
+	}
+	if tm, ok := m[1].(time.Time); !ok || !tm.Equal(when) {
+		t.Fatalf("time %#v", m[1])
+	}
+	if !reflect.DeepEqual(m[2:], odd[2:]) {
+		t.Fatalf("got %#v", m[2:])
+	}
+	if err := n.Send(ctx, "rust-cbor#echo", p.ID, cbor.Tag{Number: 1, Content: "not a time"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Send(ctx, "rust-cbor#echo", p.ID, "after"); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := p.Recv(ctx); err != nil || !reflect.DeepEqual(m, []any{"after"}) {
+		t.Fatalf("%#v %v", m, err)
+	}
+	if len(logs.find("message for "+p.ID+" dropped")) != 1 {
+		t.Fatalf("no log line for the dropped message: %q", logs.find("dropped"))
+	}
+	if up, _ := n.eng.IsUp("rust-cbor"); !up {
+		t.Fatal("the link went down")
 	}
 }

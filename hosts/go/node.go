@@ -19,7 +19,6 @@ import (
 
 	"github.com/aemp-project/aemp/hosts/go/engine"
 	"github.com/aemp-project/aemp/hosts/go/internal/abi"
-	"github.com/fxamacker/cbor/v2"
 )
 
 // Config says how a node starts. NodeID is required.
@@ -714,7 +713,7 @@ func (n *Node) Send(ctx context.Context, portID string, args ...any) error {
 	if args == nil {
 		args = []any{}
 	}
-	enc, err := cbor.Marshal(args)
+	enc, err := encMode.Marshal(args)
 	if err != nil {
 		return err
 	}
@@ -799,7 +798,7 @@ func (n *Node) Kill(ctx context.Context, portID string, reason ...any) error {
 	if reason == nil {
 		reason = []any{}
 	}
-	enc, err := cbor.Marshal(reason)
+	enc, err := encMode.Marshal(reason)
 	if err != nil {
 		return err
 	}

@@ -24,6 +24,16 @@ var decMode = func() cbor.DecMode {
 	return m
 }()
 
+// encMode encodes what the application sends: time.Time as an epoch time (tag 1),
+// *big.Int as the shortest integer or a bignum (tags 2, 3).
+var encMode = func() cbor.EncMode {
+	m, err := cbor.EncOptions{Time: cbor.TimeUnixDynamic, TimeTag: cbor.EncTagRequired}.EncMode()
+	if err != nil {
+		panic(err)
+	}
+	return m
+}()
+
 type held struct {
 	args []any
 	cost int
