@@ -409,10 +409,8 @@ func (n *Node) stopErr() error {
 	return ErrClosed
 }
 
-// post runs f on the loop from a timer goroutine.
-func (n *Node) post(f func() error) {
-	go n.do(context.Background(), f)
-}
+// post runs f on the loop; timers call it from their own goroutine, which may wait.
+func (n *Node) post(f func() error) { _ = n.do(context.Background(), f) }
 
 // kick wakes the loop to look at writers and ports again (never blocks).
 func (n *Node) kick() { wake(n.wake) }
