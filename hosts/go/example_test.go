@@ -92,3 +92,21 @@ func ExampleNode_Send() {
 	// context deadline exceeded
 	// [1] <nil>
 }
+
+// After Unmonitor the channel receives nothing, even when the port dies.
+func ExampleNode_Unmonitor() {
+	ctx := context.Background()
+	node, _ := aemp.Start(ctx, aemp.Config{NodeID: "example6"})
+	defer node.Close(ctx)
+	port, _ := node.Port(ctx)
+	down, _ := node.Monitor(ctx, port.ID)
+	_ = node.Unmonitor(ctx, port.ID)
+	_ = node.Kill(ctx, port.ID, "gone")
+	select {
+	case reason := <-down:
+		fmt.Println("fired", reason)
+	case <-time.After(100 * time.Millisecond):
+		fmt.Println("not fired")
+	}
+	// Output: not fired
+}

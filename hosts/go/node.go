@@ -824,3 +824,15 @@ func (n *Node) Monitor(ctx context.Context, portID string) (<-chan []any, error)
 	}
 	return ch, nil
 }
+
+// Unmonitor stops watching a port: the channels Monitor returned for it receive
+// nothing.
+func (n *Node) Unmonitor(ctx context.Context, portID string) error {
+	return n.do(ctx, func() error {
+		if err := refusal(n.eng.Unmonitor(portID, n.now())); err != nil {
+			return err
+		}
+		delete(n.mons, portID)
+		return nil
+	})
+}
