@@ -104,27 +104,24 @@ func (n *Node) DBMonitor(ctx context.Context, family string) (*DBMonitor, error)
 
 // Recv waits for the next change.
 func (m *DBMonitor) Recv(ctx context.Context) (DBChange, error) {
-	for {
-		item, err := m.in.recv(ctx)
-		if err != nil {
-			return DBChange{}, err
-		}
-		var ch struct {
-			_   struct{} `cbor:",toarray"`
-			Set map[string]any
-			Del []string
-		}
-		// recv decoded the change as an array; decode its two parts with their types.
-		raw, err := encMode.Marshal(item)
-		if err == nil {
-			err = decMode.Unmarshal(raw, &ch)
-		}
-		if err != nil {
-			m.n.logf(1, "database change of %s dropped: %v", m.Family, err)
-			continue
-		}
-		return DBChange{Set: ch.Set, Del: ch.Del}, nil
+	item, err := m.in.recv(ctx)
+	if err != nil {
+		return DBChange{}, err
 	}
+	var ch struct {
+		_   struct{} `cbor:",toarray"`
+		Set map[string]any
+		Del []string
+	}
+	// The inbox decoded the change as an array; its two parts get their types here.
+	raw, err := encMode.Marshal(item)
+	if err == nil {
+		err = decMode.Unmarshal(raw, &ch)
+	}
+	if err != nil {
+		return DBChange{}, fmt.Errorf("aemp: database change of %s: %w", m.Family, err)
+	}
+	return DBChange{Set: ch.Set, Del: ch.Del}, nil
 }
 
 // Close stops monitoring.
