@@ -188,7 +188,7 @@ type Node struct {
 	inst    *abi.Instance
 	start   time.Time
 	lim     limits
-	ops     chan func()
+	ops     chan func() error
 	events  chan event
 	wake    chan struct{} // a writer or a port reader has news for the loop
 	done    chan struct{}
@@ -317,7 +317,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		inst.Close()
 		return nil, err
 	}
-	n := &Node{id: cfg.NodeID, inst: inst, start: time.Now(), lim: lim, ops: make(chan func()),
+	n := &Node{id: cfg.NodeID, inst: inst, start: time.Now(), lim: lim, ops: make(chan func() error),
 		events: make(chan event, 256), wake: make(chan struct{}, 1), done: make(chan struct{}),
 		log: cfg.Log, tlsCli: tcli, tlsSrv: tsrv,
 		conns: map[uint64]*conn{}, upConn: map[string]uint64{}, ports: map[string]*Port{},
@@ -388,7 +388,7 @@ func (n *Node) accept(ln net.Listener) {
 func (n *Node) do(ctx context.Context, f func() error) error {
 	res := make(chan error, 1)
 	select {
-	case n.ops <- func() { res <- f() }:
+	case n.ops <- func() error { err := f(); res <- err; return err }:
 	case <-n.done:
 		return n.stopErr()
 	case <-ctx.Done():
@@ -429,7 +429,10 @@ func (n *Node) loop() {
 		var err error
 		select {
 		case f := <-n.ops:
-			f()
+			// A trap in a call for the application stops the node too.
+			if e := f(); errors.Is(e, abi.ErrTrap) || errors.Is(e, ErrStopped) {
+				err = e
+			}
 		case ev := <-n.events:
 			err = n.handle(ev)
 		case <-n.wake:
@@ -441,7 +444,9 @@ func (n *Node) loop() {
 			err = n.flush()
 		}
 		if err != nil {
-			n.err = fmt.Errorf("%w: %v", ErrStopped, err)
+			if n.err = err; !errors.Is(err, ErrStopped) {
+				n.err = fmt.Errorf("%w: %v", ErrStopped, err)
+			}
 			return
 		}
 		n.resumeReaders()
