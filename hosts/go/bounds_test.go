@@ -57,11 +57,33 @@ func stoppedAndLive(t *testing.T, ctx context.Context, n *Node, name string) {
 	t.Cleanup(func() { stuck.Process.Signal(syscall.SIGCONT) })
 }
 
-// floodUntil sends messages of size bytes to peer's echo port until the log has want.
-func floodUntil(t *testing.T, ctx context.Context, n *Node, logs *logBook, peer, want string, size int) {
+// floodUntil sends messages of size bytes to peer's echo port until the node goes
+// down with the reason want.
+func floodUntil(t *testing.T, ctx context.Context, n *Node, peer, want string, size int) {
 	t.Helper()
+	down := make(chan string, 1)
+	go func() {
+		r, err := n.WaitDown(ctx, peer)
+		if err != nil {
+			r = err.Error()
+		}
+		down <- r
+	}()
+	for registered := false; !registered; { // before the flood can cut it off
+		if err := n.do(ctx, func() error { registered = len(n.downs[peer]) > 0; return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
 	blob := make([]byte, size)
-	for len(logs.find(want)) == 0 {
+	for {
+		select {
+		case r := <-down:
+			if r != want {
+				t.Fatalf("%s down: %q, want %q", peer, r, want)
+			}
+			return
+		default:
+		}
 		err := n.Send(ctx, peer+"#echo", n.ID()+"#nobody", blob)
 		if err != nil && !errors.Is(err, ErrQueueFull) { // once it is down, its queue fills
 			t.Fatalf("no %q: %v", want, err)
@@ -105,7 +127,7 @@ func TestStuckPeerCutPastWriteQueue(t *testing.T) {
 	limit := 512 << 10 // below the level where sends wait, so only the limit stops them
 	n := boundedNode(t, ctx, "go-wq", logs, func(c *Config) { c.MaxWriteQueue = limit })
 	stoppedAndLive(t, ctx, n, "wq")
-	floodUntil(t, ctx, n, logs, "wq-stuck", fmt.Sprintf("disconnected - peer does not read: more than %d bytes waiting", limit), 64<<10)
+	floodUntil(t, ctx, n, "wq-stuck", fmt.Sprintf("peer does not read: more than %d bytes waiting", limit), 64<<10)
 	echoRoundTrip(t, ctx, n, "wq-live", "still served")
 }
 
@@ -118,7 +140,7 @@ func TestStuckPeerCutAfterWriteTimeout(t *testing.T) {
 	n := boundedNode(t, ctx, "go-wt", logs, func(c *Config) { c.WriteTimeout = time.Second })
 	stoppedAndLive(t, ctx, n, "wt")
 	start := time.Now()
-	floodUntil(t, ctx, n, logs, "wt-stuck", "disconnected - peer does not read: nothing written for 1000 ms", 64<<10)
+	floodUntil(t, ctx, n, "wt-stuck", "peer does not read: nothing written for 1000 ms", 64<<10)
 	if d := time.Since(start); d < time.Second {
 		t.Fatalf("cut off after %v, before the timeout", d)
 	}
@@ -134,7 +156,7 @@ func TestStuckPeerCutPastWriteTotal(t *testing.T) {
 	n := boundedNode(t, ctx, "go-wtot", logs, func(c *Config) { c.MaxWriteTotal = total })
 	stoppedAndLive(t, ctx, n, "wtot")
 	// Sends wait past half the total, so one message must carry it past the whole.
-	floodUntil(t, ctx, n, logs, "wtot-stuck", fmt.Sprintf("disconnected - peer does not read: the node's connections have more than %d bytes waiting, this one the most", total), 300<<10)
+	floodUntil(t, ctx, n, "wtot-stuck", fmt.Sprintf("peer does not read: the node's connections have more than %d bytes waiting, this one the most", total), 300<<10)
 	echoRoundTrip(t, ctx, n, "wtot-live", "still served")
 }
 

@@ -405,7 +405,17 @@ func TestUnusualCBORSurvives(t *testing.T) {
 	if len(logs.find("message for "+p.ID+" dropped")) != 1 {
 		t.Fatalf("no log line for the dropped message: %q", logs.find("dropped"))
 	}
-	if up, _ := n.eng.IsUp("rust-cbor"); !up {
+	if !isUp(t, ctx, n, "rust-cbor") {
 		t.Fatal("the link went down")
 	}
+}
+
+// isUp asks the engine on the node's loop, which owns it.
+func isUp(t *testing.T, ctx context.Context, n *Node, node string) bool {
+	t.Helper()
+	var up bool
+	if err := n.do(ctx, func() (err error) { up, err = n.eng.IsUp(node); return }); err != nil {
+		t.Fatal(err)
+	}
+	return up
 }

@@ -207,6 +207,7 @@ type Node struct {
 	fullPorts map[*inbox]struct{}
 	senders   []chan struct{} // sends waiting for room
 	ups       map[string][]chan struct{}
+	downs     map[string][]chan string
 	mons      map[string][]chan []any
 	dbWait    map[string]chan dbReply
 	dbMons    map[string]*inbox
@@ -321,7 +322,7 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		events: make(chan event, 256), wake: make(chan struct{}, 1), done: make(chan struct{}),
 		log: cfg.Log, tlsCli: tcli, tlsSrv: tsrv,
 		conns: map[uint64]*conn{}, upConn: map[string]uint64{}, ports: map[string]*Port{},
-		fullPorts: map[*inbox]struct{}{}, ups: map[string][]chan struct{}{}, mons: map[string][]chan []any{},
+		fullPorts: map[*inbox]struct{}{}, ups: map[string][]chan struct{}{}, downs: map[string][]chan string{}, mons: map[string][]chan []any{},
 		dbWait: map[string]chan dbReply{}, dbMons: map[string]*inbox{}, handlers: map[string]*inbox{}}
 	var binds []string
 	for _, b := range cfg.Binds {
@@ -628,6 +629,10 @@ func (n *Node) output(o abi.Output) error {
 		delete(n.ups, o.Str)
 	case abi.OutNodeDown:
 		delete(n.upConn, o.Str)
+		for _, ch := range n.downs[o.Str] {
+			ch <- o.Str2
+		}
+		delete(n.downs, o.Str)
 		n.wakeSenders()
 	case abi.OutRequest:
 		if b := n.handlers[o.Str]; b != nil {
@@ -766,6 +771,24 @@ func (n *Node) WaitUp(ctx context.Context, nodeID string) error {
 		return ctx.Err()
 	case <-n.done:
 		return n.stopErr()
+	}
+}
+
+// WaitDown waits for the next time the node with this id goes down (its connection
+// lost or cut off, or the attempts to reach it given up) and returns the reason.
+func (n *Node) WaitDown(ctx context.Context, nodeID string) (string, error) {
+	ch := make(chan string, 1)
+	err := n.do(ctx, func() error { n.downs[nodeID] = append(n.downs[nodeID], ch); return nil })
+	if err != nil {
+		return "", err
+	}
+	select {
+	case r := <-ch:
+		return r, nil
+	case <-ctx.Done():
+		return "", ctx.Err()
+	case <-n.done:
+		return "", n.stopErr()
 	}
 }
 
