@@ -419,3 +419,22 @@ func isUp(t *testing.T, ctx context.Context, n *Node, node string) bool {
 	}
 	return up
 }
+
+// Connect reaches a Rust node that is no seed; the echo comes back over that link.
+func TestConnectWithoutSeeds(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-direct", "shared", "cbor")
+	n, err := Start(ctx, Config{NodeID: "go-direct", Secret: "shared"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if err := n.Connect(ctx, addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WaitUp(ctx, "rust-direct"); err != nil {
+		t.Fatal(err)
+	}
+	echoRoundTrip(t, ctx, n, "rust-direct", "direct")
+}

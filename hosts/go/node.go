@@ -749,6 +749,12 @@ func (n *Node) Send(ctx context.Context, portID string, args ...any) error {
 	}
 }
 
+// Connect dials the node listening at addr (host:port) without it being a seed: once
+// connected, it is up under its node id (WaitUp).
+func (n *Node) Connect(ctx context.Context, addr string) error {
+	return n.do(ctx, func() error { _, err := n.eng.ConnectAddr(addr, n.now()); return err })
+}
+
 // WaitUp waits until the node with this id is connected.
 func (n *Node) WaitUp(ctx context.Context, nodeID string) error {
 	ch := make(chan struct{})
