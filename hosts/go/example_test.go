@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/aemp-project/aemp/hosts/go"
 )
@@ -54,4 +55,58 @@ func ExamplePort_Messages() {
 	// [0]
 	// [1]
 	// [2]
+}
+
+// A monitor receives the reason a port was killed with; the killed port's Recv fails
+// with ErrPortClosed.
+func ExampleNode_Monitor() {
+	ctx := context.Background()
+	node, _ := aemp.Start(ctx, aemp.Config{NodeID: "example4"})
+	defer node.Close(ctx)
+	port, _ := node.Port(ctx)
+	down, _ := node.Monitor(ctx, port.ID)
+	_ = node.Kill(ctx, port.ID, "done", 7)
+	fmt.Println(<-down)
+	_, err := port.Recv(ctx)
+	fmt.Println(errors.Is(err, aemp.ErrPortClosed))
+	// Output:
+	// [done 7]
+	// true
+}
+
+// Send to a full local port waits until its reader takes a message (here: until the
+// context ends, as nobody reads).
+func ExampleNode_Send() {
+	ctx := context.Background()
+	node, _ := aemp.Start(ctx, aemp.Config{NodeID: "example5", PortCapacity: 2})
+	defer node.Close(ctx)
+	port, _ := node.Port(ctx)
+	_ = node.Send(ctx, port.ID, 1)
+	_ = node.Send(ctx, port.ID, 2)
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	fmt.Println(node.Send(short, port.ID, 3))
+	msg, _ := port.Recv(ctx)
+	fmt.Println(msg, node.Send(ctx, port.ID, 3))
+	// Output:
+	// context deadline exceeded
+	// [1] <nil>
+}
+
+// After Unmonitor the channel receives nothing, even when the port dies.
+func ExampleNode_Unmonitor() {
+	ctx := context.Background()
+	node, _ := aemp.Start(ctx, aemp.Config{NodeID: "example6"})
+	defer node.Close(ctx)
+	port, _ := node.Port(ctx)
+	down, _ := node.Monitor(ctx, port.ID)
+	_ = node.Unmonitor(ctx, port.ID)
+	_ = node.Kill(ctx, port.ID, "gone")
+	select {
+	case reason := <-down:
+		fmt.Println("fired", reason)
+	case <-time.After(100 * time.Millisecond):
+		fmt.Println("not fired")
+	}
+	// Output: not fired
 }

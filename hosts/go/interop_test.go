@@ -5,13 +5,18 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"math"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fxamacker/cbor/v2"
 )
 
 // aempBin is the Rust CLI: $AEMP_BIN, else the workspace's debug build. A missing
@@ -40,15 +45,33 @@ func rustNode(t *testing.T, id, secret, framing string) string {
 func rustNodeCert(t *testing.T, id, secret, framing string, withCert bool) (string, []byte) {
 	t.Helper()
 	dir := t.TempDir()
+	var cert []byte
+	if withCert {
+		writeRC(t, dir, secret)
+		cert = genCert(t, dir)
+	}
+	addr, _ := startRust(t, dir, id, secret, "--framing", framing)
+	return addr, cert
+}
+
+func writeRC(t *testing.T, dir, secret string) {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(dir, "rc")); err == nil {
+		return
+	}
 	rc, _ := json.Marshal(map[string]string{"secret": secret})
 	if err := os.WriteFile(filepath.Join(dir, "rc"), rc, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var cert []byte
-	if withCert {
-		cert = genCert(t, dir)
-	}
-	cmd := exec.Command(aempBin(t), "run", "--echo", "--nodeid", id, "--listen", "127.0.0.1:0", "--framing", framing)
+}
+
+// startRust runs `aemp run --echo` with its configuration in dir and extra arguments;
+// it returns once the node listens and its echo port exists.
+func startRust(t *testing.T, dir, id, secret string, extra ...string) (string, *exec.Cmd) {
+	t.Helper()
+	writeRC(t, dir, secret)
+	args := append([]string{"run", "--echo", "--nodeid", id, "--listen", "127.0.0.1:0"}, extra...)
+	cmd := exec.Command(aempBin(t), args...)
 	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -61,16 +84,19 @@ func rustNodeCert(t *testing.T, id, secret, framing string, withCert bool) (stri
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	re := regexp.MustCompile(`^node \S+ listening on (\S+)$`)
 	sc := bufio.NewScanner(out)
+	addr := ""
 	for sc.Scan() {
 		if m := re.FindStringSubmatch(sc.Text()); m != nil {
+			addr = m[1]
+		} else if strings.HasPrefix(sc.Text(), "echo port ") && addr != "" {
 			go func() {
 				for sc.Scan() {
 				}
 			}()
-			return m[1], cert
+			return addr, cmd
 		}
 	}
-	t.Fatal("aemp run printed no address")
+	t.Fatal("aemp run printed no address and echo port")
 	return "", nil
 }
 
@@ -325,4 +351,90 @@ func TestTLSRustConnectsToGo(t *testing.T) {
 	if len(m) != 1 || m[0] != "over tls" {
 		t.Fatalf("got %#v", m)
 	}
+}
+
+// A Rust peer echoes unusual CBOR: bignums come back as *big.Int, epoch times as
+// time.Time, integer keys as map keys, unknown tags as cbor.Tag; a tag 1 around text,
+// which a time.Time cannot hold, drops that message with a log line and the node goes on.
+func TestUnusualCBORSurvives(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-cbor", "shared", "cbor")
+	logs := &logBook{}
+	n, err := Start(ctx, Config{NodeID: "go-cbor", Secret: "shared", Seeds: []string{addr}, Log: logs.add})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if err := n.WaitUp(ctx, "rust-cbor"); err != nil {
+		t.Fatal(err)
+	}
+	p, err := n.Port(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big80 := new(big.Int).Neg(new(big.Int).Lsh(big.NewInt(1), 80))
+	when := time.Unix(1700000000, 0)
+	odd := []any{big80, when, map[any]any{uint64(1): "int key"}, cbor.Tag{Number: 4711, Content: "x"},
+		[]byte{}, math.Inf(1), "é😀", []any{[]any{[]any{}}}}
+	if err := n.Send(ctx, "rust-cbor#echo", append([]any{p.ID}, odd...)...); err != nil {
+		t.Fatal(err)
+	}
+	m, err := p.Recv(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, ok := m[0].(*big.Int); !ok || b.Cmp(big80) != 0 {
+		t.Fatalf("bignum %#v", m[0])
+	}
+	if tm, ok := m[1].(time.Time); !ok || !tm.Equal(when) {
+		t.Fatalf("time %#v", m[1])
+	}
+	if !reflect.DeepEqual(m[2:], odd[2:]) {
+		t.Fatalf("got %#v", m[2:])
+	}
+	if err := n.Send(ctx, "rust-cbor#echo", p.ID, cbor.Tag{Number: 1, Content: "not a time"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Send(ctx, "rust-cbor#echo", p.ID, "after"); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := p.Recv(ctx); err != nil || !reflect.DeepEqual(m, []any{"after"}) {
+		t.Fatalf("%#v %v", m, err)
+	}
+	if len(logs.find("message for "+p.ID+" dropped")) != 1 {
+		t.Fatalf("no log line for the dropped message: %q", logs.find("dropped"))
+	}
+	if !isUp(t, ctx, n, "rust-cbor") {
+		t.Fatal("the link went down")
+	}
+}
+
+// isUp asks the engine on the node's loop, which owns it.
+func isUp(t *testing.T, ctx context.Context, n *Node, node string) bool {
+	t.Helper()
+	var up bool
+	if err := n.do(ctx, func() (err error) { up, err = n.eng.IsUp(node); return }); err != nil {
+		t.Fatal(err)
+	}
+	return up
+}
+
+// Connect reaches a Rust node that is no seed; the echo comes back over that link.
+func TestConnectWithoutSeeds(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-direct", "shared", "cbor")
+	n, err := Start(ctx, Config{NodeID: "go-direct", Secret: "shared"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if err := n.Connect(ctx, addr); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.WaitUp(ctx, "rust-direct"); err != nil {
+		t.Fatal(err)
+	}
+	echoRoundTrip(t, ctx, n, "rust-direct", "direct")
 }

@@ -11,16 +11,14 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
-	"iter"
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/aemp-project/aemp/hosts/go/engine"
 	"github.com/aemp-project/aemp/hosts/go/internal/abi"
-	"github.com/fxamacker/cbor/v2"
 )
 
 // Config says how a node starts. NodeID is required.
@@ -37,8 +35,72 @@ type Config struct {
 	// certificate in it is a trust anchor; peers must present one of them or a chain to one.
 	Cert []byte
 	// Log, when set, receives the engine's log lines (level 0 error .. 3 debug), such
-	// as why a connection closed; it runs on the node's loop and must not block.
+	// as why a connection closed, and the host's warnings; it runs on the node's loop
+	// and must not block.
 	Log func(level int, msg string)
+
+	// The host's bounds, as in the Rust, JS and Python hosts; zero means the default,
+	// a negative value is refused (ErrInvalidConfig).
+
+	// PortCapacity is how many messages a port holds not taken yet (1024), PortBytes
+	// how many bytes (16 MiB); see Port.
+	PortCapacity, PortBytes int
+	// PortStall is how long a full port may take nothing before it is stalled (10 s).
+	PortStall time.Duration
+	// MaxWriteQueue is how many bytes may wait to be written to one connection before
+	// it is closed (64 MiB): "peer does not read: more than N bytes waiting".
+	MaxWriteQueue int
+	// MaxWriteTotal is how many bytes may wait for all connections together (128 MiB):
+	// past half, sends to every node wait; past it, the connection holding the most is
+	// closed ("peer does not read: the node's connections have more than N bytes
+	// waiting, this one the most").
+	MaxWriteTotal int
+	// WriteTimeout closes a connection that has more than 1 MiB waiting and writes
+	// nothing for this long (the engine's monitor timeout, 30 s): "peer does not read:
+	// nothing written for N ms".
+	WriteTimeout time.Duration
+	// CloseTimeout is how long Close lets queued messages go out at most (1 s).
+	CloseTimeout time.Duration
+}
+
+// limits are a Config's bounds with the defaults filled in.
+type limits struct {
+	portCapacity, portBytes, maxWriteQueue, maxWriteTotal int
+	portStall, writeTimeout, closeTimeout                 time.Duration
+}
+
+func (cfg *Config) limits(monitorTimeout time.Duration) (limits, error) {
+	l := limits{cfg.PortCapacity, cfg.PortBytes, cfg.MaxWriteQueue, cfg.MaxWriteTotal,
+		cfg.PortStall, cfg.WriteTimeout, cfg.CloseTimeout}
+	ints := []struct {
+		name string
+		v    *int
+		def  int
+	}{{"PortCapacity", &l.portCapacity, 1024}, {"PortBytes", &l.portBytes, 16 << 20},
+		{"MaxWriteQueue", &l.maxWriteQueue, 64 << 20}, {"MaxWriteTotal", &l.maxWriteTotal, 128 << 20}}
+	for _, f := range ints {
+		if *f.v < 0 {
+			return l, &Refusal{Kind: InvalidConfig, Message: f.name + " must not be negative"}
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	durs := []struct {
+		name string
+		v    *time.Duration
+		def  time.Duration
+	}{{"PortStall", &l.portStall, 10 * time.Second}, {"WriteTimeout", &l.writeTimeout, monitorTimeout},
+		{"CloseTimeout", &l.closeTimeout, time.Second}}
+	for _, f := range durs {
+		if *f.v < 0 {
+			return l, &Refusal{Kind: InvalidConfig, Message: f.name + " must not be negative"}
+		}
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+	return l, nil
 }
 
 // Errors a caller can match with errors.Is.
@@ -47,6 +109,8 @@ var (
 	ErrClosed = errors.New("aemp: node closed")
 	// ErrStopped: the engine failed (a trap) and the node stopped.
 	ErrStopped = errors.New("aemp: node stopped")
+	// ErrPortClosed: the port was killed and what it held has been taken.
+	ErrPortClosed = errors.New("aemp: port closed")
 )
 
 // Refusal is the engine refusing a call; Kind is its refusal-kind.
@@ -119,26 +183,38 @@ func refusal(err error) error {
 
 // Node is a running node. Its methods are safe for concurrent use.
 type Node struct {
-	id     string
-	eng    *abi.Node
-	inst   *abi.Instance
-	start  time.Time
-	ops    chan func()
-	events chan event
-	done   chan struct{}
-	err    error
-	conns  map[uint64]*conn
-	ports  map[string]*Port
-	lns    []net.Listener
-	wg     sync.WaitGroup
-	mu     sync.Mutex // guards ports for Port lookups outside the loop
-	ups    map[string][]chan struct{}
-	log    func(level int, msg string)
-	mons   map[string][]chan []any
-	closed bool
-	tlsCli *tls.Config
-	tlsSrv *tls.Config
-	resume []uint64 // conns whose reader waits for the loop to take its bytes
+	id      string
+	eng     *abi.Node
+	inst    *abi.Instance
+	start   time.Time
+	lim     limits
+	ops     chan func() error
+	events  chan event
+	wake    chan struct{} // a writer or a port reader has news for the loop
+	done    chan struct{}
+	err     error
+	lns     []net.Listener
+	writers sync.WaitGroup
+	total   atomic.Int64 // bytes waiting to be written over all connections
+	log     func(level int, msg string)
+	tlsCli  *tls.Config
+	tlsSrv  *tls.Config
+
+	// owned by the loop
+	conns     map[uint64]*conn
+	upConn    map[string]uint64 // node id -> its working connection
+	ports     map[string]*Port
+	fullPorts map[*inbox]struct{}
+	senders   []chan struct{} // sends waiting for room
+	ups       map[string][]chan struct{}
+	downs     map[string][]chan string
+	mons      map[string][]chan []any
+	dbWait    map[string]chan dbReply
+	dbMons    map[string]*inbox
+	handlers  map[string]*inbox
+	checking  bool // a check of the write bounds is due
+	closing   bool
+	closeBy   time.Time
 }
 
 type event struct {
@@ -147,19 +223,8 @@ type event struct {
 	eof      bool
 	err      error
 	accepted net.Conn
+	dial     bool // the outcome of a connect output: dialed or err
 	dialed   net.Conn
-}
-
-type conn struct {
-	c    net.Conn      // what the reader reads next: the socket, or TLS over it
-	out  chan outMsg   // bounded: the writer applies TCP backpressure to the loop
-	next chan net.Conn // the reader waits here after each read, so no TLS record is read as plain bytes
-}
-
-// outMsg is bytes to write, or (sw set) the switch of the writer to TLS.
-type outMsg struct {
-	b  []byte
-	sw net.Conn
 }
 
 // CertFromFile reads an AnyEvent::MP certificate file for Config.Cert.
@@ -248,10 +313,17 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		}
 		c.Transport.TLS = true
 	}
-	n := &Node{id: cfg.NodeID, inst: inst, start: time.Now(), ops: make(chan func()),
-		events: make(chan event, 256), done: make(chan struct{}),
-		conns: map[uint64]*conn{}, ports: map[string]*Port{}, ups: map[string][]chan struct{}{}, log: cfg.Log, mons: map[string][]chan []any{},
-		tlsCli: tcli, tlsSrv: tsrv}
+	lim, err := cfg.limits(time.Duration(c.Transport.MonitorTimeoutMs) * time.Millisecond)
+	if err != nil {
+		inst.Close()
+		return nil, err
+	}
+	n := &Node{id: cfg.NodeID, inst: inst, start: time.Now(), lim: lim, ops: make(chan func() error),
+		events: make(chan event, 256), wake: make(chan struct{}, 1), done: make(chan struct{}),
+		log: cfg.Log, tlsCli: tcli, tlsSrv: tsrv,
+		conns: map[uint64]*conn{}, upConn: map[string]uint64{}, ports: map[string]*Port{},
+		fullPorts: map[*inbox]struct{}{}, ups: map[string][]chan struct{}{}, downs: map[string][]chan string{}, mons: map[string][]chan []any{},
+		dbWait: map[string]chan dbReply{}, dbMons: map[string]*inbox{}, handlers: map[string]*inbox{}}
 	var binds []string
 	for _, b := range cfg.Binds {
 		ln, err := net.Listen("tcp", b)
@@ -317,7 +389,7 @@ func (n *Node) accept(ln net.Listener) {
 func (n *Node) do(ctx context.Context, f func() error) error {
 	res := make(chan error, 1)
 	select {
-	case n.ops <- func() { res <- f() }:
+	case n.ops <- func() error { err := f(); res <- err; return err }:
 	case <-n.done:
 		return n.stopErr()
 	case <-ctx.Done():
@@ -338,40 +410,82 @@ func (n *Node) stopErr() error {
 	return ErrClosed
 }
 
+// post runs f on the loop; timers call it from their own goroutine, which may wait.
+func (n *Node) post(f func() error) { _ = n.do(context.Background(), f) }
+
+// kick wakes the loop to look at writers and ports again (never blocks).
+func (n *Node) kick() { wake(n.wake) }
+
+func (n *Node) logf(level int, format string, args ...any) {
+	if n.log != nil {
+		n.log(level, fmt.Sprintf(format, args...))
+	}
+}
+
 func (n *Node) loop() {
 	timer := time.NewTimer(time.Hour)
-	defer func() {
-		timer.Stop()
-		n.closeListeners()
-		for _, c := range n.conns {
-			close(c.out)
-		}
-		n.inst.Close()
-		close(n.done)
-	}()
+	defer n.stop(timer)
 	for {
 		n.arm(timer)
 		var err error
 		select {
 		case f := <-n.ops:
-			f()
+			// A trap in a call for the application stops the node too.
+			if e := f(); errors.Is(e, abi.ErrTrap) || errors.Is(e, ErrStopped) {
+				err = e
+			}
 		case ev := <-n.events:
 			err = n.handle(ev)
+		case <-n.wake:
+			err = n.unblock()
 		case <-timer.C:
 			err = n.eng.HandleTimeout(n.now())
 		}
 		if err == nil {
 			err = n.flush()
 		}
-		n.resumeReaders()
 		if err != nil {
-			n.err = fmt.Errorf("%w: %v", ErrStopped, err)
+			if n.err = err; !errors.Is(err, ErrStopped) {
+				n.err = fmt.Errorf("%w: %v", ErrStopped, err)
+			}
 			return
 		}
-		if n.closed {
+		n.resumeReaders()
+		if n.closing && n.flushed() {
 			return
 		}
 	}
+}
+
+// flushed says whether a closing node may stop: nothing queued in the engine for nodes
+// coming up, nothing waiting to be written, or the close timeout is over.
+func (n *Node) flushed() bool {
+	if !time.Now().Before(n.closeBy) {
+		return true
+	}
+	q, err := n.eng.QueuedBytes()
+	return err != nil || (q == 0 && n.total.Load() == 0)
+}
+
+// stop ends every connection after what is queued for it (within the close timeout),
+// fails what waits and frees the engine.
+func (n *Node) stop(timer *time.Timer) {
+	timer.Stop()
+	n.closeListeners()
+	for _, c := range n.conns {
+		c.end()
+	}
+	finished := make(chan struct{})
+	go func() { n.writers.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(max(time.Until(n.closeBy), 0)):
+		for _, c := range n.conns {
+			c.raw.Close()
+		}
+	}
+	n.inst.Close()
+	close(n.done)
 }
 
 func (n *Node) arm(t *time.Timer) {
@@ -380,28 +494,38 @@ func (n *Node) arm(t *time.Timer) {
 	if err == nil && ok {
 		d = max(time.Duration(int64(at)-int64(n.now()))*time.Millisecond, 0)
 	}
+	if n.closing {
+		d = min(d, 10*time.Millisecond) // look at the queues again
+	}
 	t.Reset(d)
 }
 
 // handle feeds an event and every other one already waiting as one handle-inputs round.
 func (n *Node) handle(ev event) error {
 	var inputs []abi.Input
-	n.resume = n.resume[:0]
 	for {
 		var err error
 		switch {
 		case ev.accepted != nil:
+			if n.closing {
+				ev.accepted.Close()
+				break
+			}
 			var id uint64
 			if id, err = n.eng.HandleAccept(ev.accepted.RemoteAddr().String(), n.now()); err == nil {
 				n.addConn(id, ev.accepted)
 			}
-		case ev.dialed != nil:
+		case ev.dial && ev.dialed != nil:
 			n.addConn(ev.conn, ev.dialed)
 			err = n.eng.HandleConnected(ev.conn, n.now())
+		case ev.dial:
+			err = n.eng.HandleConnError(ev.conn, ev.err.Error(), true, n.now())
 		case ev.data != nil:
-			inputs = append(inputs, abi.Input{Conn: ev.conn, Data: ev.data})
-			n.resume = append(n.resume, ev.conn)
-		case ev.eof || ev.err != nil:
+			if c, ok := n.conns[ev.conn]; ok {
+				inputs = append(inputs, abi.Input{Conn: ev.conn, Data: ev.data})
+				c.waiting = true
+			}
+		default: // the end of a connection
 			if len(inputs) > 0 { // keep the order of bytes and the end
 				if err = n.eng.HandleInputs(inputs, n.now()); err != nil {
 					return err
@@ -428,142 +552,103 @@ func (n *Node) handle(ev event) error {
 
 func (n *Node) endConn(ev event) error {
 	c, ok := n.conns[ev.conn]
+	if !ok {
+		return nil // the host or the engine ended it already
+	}
 	if ev.eof {
 		return n.eng.HandleEOF(ev.conn, n.now())
 	}
-	if ok {
-		delete(n.conns, ev.conn)
-		close(c.out)
-		close(c.next)
-	}
-	return n.eng.HandleConnError(ev.conn, ev.err.Error(), !ok, n.now())
+	return n.drop(c, ev.err.Error())
 }
 
-func (n *Node) addConn(id uint64, nc net.Conn) {
-	c := &conn{c: nc, out: make(chan outMsg, 64), next: make(chan net.Conn, 1)}
-	n.conns[id] = c
-	go func() { // writer
-		w := nc
-		for m := range c.out {
-			if m.sw != nil {
-				w = m.sw
-				continue
-			}
-			if _, err := w.Write(m.b); err != nil {
-				break
-			}
-		}
-		w.Close()
-	}()
-	go func() { // reader
-		r := nc
-		for {
-			buf := make([]byte, 64<<10)
-			k, err := r.Read(buf)
-			if k > 0 {
-				select {
-				case n.events <- event{conn: id, data: buf[:k]}:
-				case <-n.done:
-					return
-				}
-				var ok bool
-				select {
-				case r, ok = <-c.next:
-					if !ok {
-						return
-					}
-				case <-n.done:
-					return
-				}
-			}
-			if err != nil {
-				ev := event{conn: id, eof: errors.Is(err, io.EOF), err: err}
-				if ev.eof {
-					ev.err = nil
-				}
-				select {
-				case n.events <- ev:
-				case <-n.done:
-				}
-				return
-			}
-		}
-	}()
-}
-
-// flush acts on every output of the engine.
+// flush acts on every output of the engine; acting may call the engine again (a
+// connection cut off), so it polls until there is nothing more.
 func (n *Node) flush() error {
-	outs, err := n.eng.PollOutputs()
-	if err != nil {
-		return err
+	for {
+		outs, err := n.eng.PollOutputs()
+		if err != nil || len(outs) == 0 {
+			return err
+		}
+		for _, o := range outs {
+			if err := n.output(o); err != nil {
+				return err
+			}
+		}
 	}
-	for _, o := range outs {
-		switch o.Kind {
-		case abi.OutTransmit:
-			if c, ok := n.conns[o.Conn]; ok {
-				c.out <- outMsg{b: o.Bytes}
-			}
-		case abi.OutStartTLS:
-			if c, ok := n.conns[o.Conn]; ok {
-				n.startTLS(c, o.Role, o.Bytes)
-			}
-		case abi.OutConnect:
-			id, addr := o.Conn, o.Str
-			go func() {
-				c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-				ev := event{conn: id, dialed: c, err: err}
-				select {
-				case n.events <- ev:
-				case <-n.done:
-					if c != nil {
-						c.Close()
-					}
+}
+
+func (n *Node) output(o abi.Output) error {
+	switch o.Kind {
+	case abi.OutTransmit:
+		if c, ok := n.conns[o.Conn]; ok {
+			n.transmit(c, o.Bytes)
+		}
+	case abi.OutStartTLS:
+		if c, ok := n.conns[o.Conn]; ok {
+			n.startTLS(c, o.Role, o.Bytes)
+		}
+	case abi.OutConnect:
+		id, addr := o.Conn, o.Str
+		go func() {
+			c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+			select {
+			case n.events <- event{conn: id, dial: true, dialed: c, err: err}:
+			case <-n.done:
+				if c != nil {
+					c.Close()
 				}
-			}()
-		case abi.OutClose:
-			if c, ok := n.conns[o.Conn]; ok {
-				delete(n.conns, o.Conn)
-				close(c.out) // the writer writes what was queued, then closes
-				close(c.next)
 			}
-		case abi.OutDeliver:
-			n.mu.Lock()
-			p := n.ports[o.Str]
-			n.mu.Unlock()
-			if p != nil {
-				p.push(o.Bytes, o.Sizes)
-			}
-		case abi.OutPortDown:
-			var reason []any
-			// A reason Go cannot decode still fires the monitor, with no reason.
-			_ = cbor.Unmarshal(o.Bytes, &reason)
-			for _, ch := range n.mons[o.Str] {
-				ch <- reason
-			}
-			delete(n.mons, o.Str)
-		case abi.OutLog:
-			if n.log != nil {
-				n.log(int(o.Level), o.Str)
-			}
-		case abi.OutNodeUp:
-			for _, ch := range n.ups[o.Str] {
-				close(ch)
-			}
-			delete(n.ups, o.Str)
+		}()
+	case abi.OutClose:
+		if c, ok := n.conns[o.Conn]; ok {
+			n.forget(c) // the writer writes what was queued, then closes
+			time.AfterFunc(linger, func() { c.raw.Close() })
+		}
+	case abi.OutDeliver:
+		if p := n.ports[o.Str]; p != nil {
+			p.in.push(o.Bytes, o.Sizes)
+		}
+	case abi.OutPortDown:
+		var reason []any
+		// A reason Go cannot decode still fires the monitor, with no reason.
+		_ = decMode.Unmarshal(o.Bytes, &reason)
+		for _, ch := range n.mons[o.Str] {
+			ch <- reason
+		}
+		delete(n.mons, o.Str)
+		n.closePort(o.Str)
+	case abi.OutLog:
+		if n.log != nil {
+			n.log(int(o.Level), o.Str)
+		}
+	case abi.OutNodeUp:
+		n.upConn[o.Str] = o.Conn
+		for _, ch := range n.ups[o.Str] {
+			close(ch)
+		}
+		delete(n.ups, o.Str)
+	case abi.OutNodeDown:
+		delete(n.upConn, o.Str)
+		for _, ch := range n.downs[o.Str] {
+			ch <- o.Str2
+		}
+		delete(n.downs, o.Str)
+		n.wakeSenders()
+	case abi.OutRequest:
+		if b := n.handlers[o.Str]; b != nil {
+			b.push(o.Bytes, []uint32{uint32(len(o.Bytes))})
+		}
+	case abi.OutDBReply:
+		if ch, ok := n.dbWait[o.Str]; ok {
+			delete(n.dbWait, o.Str)
+			ch <- dbReply{o.Bytes}
+		}
+	case abi.OutDBChange:
+		if b := n.dbMons[o.Str]; b != nil {
+			b.push(o.Bytes, []uint32{uint32(len(o.Bytes))})
 		}
 	}
 	return nil
-}
-
-// resumeReaders lets readers whose bytes the engine took read on, through TLS if
-// the engine started it meanwhile.
-func (n *Node) resumeReaders() {
-	for _, id := range n.resume {
-		if c, ok := n.conns[id]; ok {
-			c.next <- c.c
-		}
-	}
-	n.resume = n.resume[:0]
 }
 
 // startTLS wraps the socket in TLS; the handshake runs on first read or write, and
@@ -581,72 +666,23 @@ func (n *Node) startTLS(c *conn, role uint8, leftover []byte) {
 		t = tls.Server(raw, n.tlsSrv)
 	}
 	c.c = t
-	c.out <- outMsg{sw: t}
-}
-
-// Port is a local port: messages sent to its ID arrive in Recv.
-type Port struct {
-	ID    string
-	mu    sync.Mutex
-	queue [][]any
-	ready chan struct{}
-}
-
-func (p *Port) push(data []byte, sizes []uint32) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	off := uint32(0)
-	for _, s := range sizes {
-		var args []any
-		// The engine checked the CBOR; a value Go cannot hold is dropped, not fatal.
-		if err := cbor.Unmarshal(data[off:off+s], &args); err == nil {
-			p.queue = append(p.queue, args)
-		}
-		off += s
-	}
-	select {
-	case p.ready <- struct{}{}:
-	default:
-	}
-}
-
-// Recv waits for the next message (its arguments).
-func (p *Port) Recv(ctx context.Context) ([]any, error) {
-	for {
-		p.mu.Lock()
-		if len(p.queue) > 0 {
-			m := p.queue[0]
-			p.queue = p.queue[1:]
-			p.mu.Unlock()
-			return m, nil
-		}
-		p.mu.Unlock()
-		select {
-		case <-p.ready:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-}
-
-// Messages yields the port's messages until ctx ends or the loop body breaks.
-func (p *Port) Messages(ctx context.Context) iter.Seq[[]any] {
-	return func(yield func([]any) bool) {
-		for {
-			m, err := p.Recv(ctx)
-			if err != nil || !yield(m) {
-				return
-			}
-		}
-	}
+	n.queue(c, outMsg{sw: t})
 }
 
 func (n *Node) addPort(id string) *Port {
-	p := &Port{ID: id, ready: make(chan struct{}, 1)}
-	n.mu.Lock()
+	p := &Port{ID: id, in: n.newInbox(id)}
 	n.ports[id] = p
-	n.mu.Unlock()
 	return p
+}
+
+// closePort ends a local port that was killed.
+func (n *Node) closePort(id string) {
+	if p := n.ports[id]; p != nil {
+		delete(n.ports, id)
+		delete(n.fullPorts, p.in)
+		p.in.close()
+		n.wakeSenders()
+	}
 }
 
 // Port makes a local port with a fresh name.
@@ -675,26 +711,55 @@ func (n *Node) RegisterPort(ctx context.Context, name string) (*Port, error) {
 	return p, err
 }
 
-// Send sends args (CBOR-encodable values) to the port with this id.
+// Send sends args (CBOR-encodable values) to the port with this id. It returns once
+// the engine queued the message, and waits first while the peer is slow: while the
+// destination node's connection has more than 1 MiB waiting to be written, while all
+// connections together hold more than half of Config.MaxWriteTotal, or while the
+// destination is a full local port. Sends to other nodes go on meanwhile. A refusal of
+// the engine is a *Refusal (errors.Is(err, ErrQueueFull) and the like).
 func (n *Node) Send(ctx context.Context, portID string, args ...any) error {
 	if args == nil {
 		args = []any{}
 	}
-	enc, err := cbor.Marshal(args)
+	enc, err := encMode.Marshal(args)
 	if err != nil {
 		return err
 	}
 	data := append([]byte(portID), enc...)
-	return n.do(ctx, func() error {
-		return refusal(n.eng.Send(data, []uint32{uint32(len(portID)), uint32(len(enc))}, n.now()))
-	})
+	for {
+		var wait chan struct{}
+		err := n.do(ctx, func() error {
+			if n.mustWait(portID) {
+				wait = make(chan struct{})
+				n.senders = append(n.senders, wait)
+				return nil
+			}
+			return refusal(n.eng.Send(data, []uint32{uint32(len(portID)), uint32(len(enc))}, n.now()))
+		})
+		if err != nil || wait == nil {
+			return err
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-n.done:
+			return n.stopErr()
+		}
+	}
+}
+
+// Connect dials the node listening at addr (host:port) without it being a seed: once
+// connected, it is up under its node id (WaitUp).
+func (n *Node) Connect(ctx context.Context, addr string) error {
+	return n.do(ctx, func() error { _, err := n.eng.ConnectAddr(addr, n.now()); return err })
 }
 
 // WaitUp waits until the node with this id is connected.
 func (n *Node) WaitUp(ctx context.Context, nodeID string) error {
 	ch := make(chan struct{})
 	err := n.do(ctx, func() error {
-		up, err := n.isUp(nodeID)
+		up, err := n.eng.IsUp(nodeID)
 		if up {
 			close(ch)
 		} else {
@@ -715,18 +780,47 @@ func (n *Node) WaitUp(ctx context.Context, nodeID string) error {
 	}
 }
 
-func (n *Node) isUp(nodeID string) (bool, error) { return n.eng.IsUp(nodeID) }
+// WaitDown waits for the next time the node with this id goes down (its connection
+// lost or cut off, or the attempts to reach it given up) and returns the reason.
+func (n *Node) WaitDown(ctx context.Context, nodeID string) (string, error) {
+	ch := make(chan string, 1)
+	err := n.do(ctx, func() error { n.downs[nodeID] = append(n.downs[nodeID], ch); return nil })
+	if err != nil {
+		return "", err
+	}
+	select {
+	case r := <-ch:
+		return r, nil
+	case <-ctx.Done():
+		return "", ctx.Err()
+	case <-n.done:
+		return "", n.stopErr()
+	}
+}
 
-// Close stops the node after handing what is queued to its connections.
+// Close stops the node. First it lets what is queued go out (messages for nodes still
+// coming up included) for at most Config.CloseTimeout, until ctx ends, then it stops
+// listening and ends every connection after writing what it holds (within the same
+// time). Calling it again waits for the same end.
 func (n *Node) Close(ctx context.Context) error {
-	err := n.do(ctx, func() error { n.closed = true; return nil })
-	if err != nil && !errors.Is(err, ErrClosed) {
+	err := n.do(ctx, func() error {
+		if !n.closing {
+			n.closing = true
+			n.closeBy = time.Now().Add(n.lim.closeTimeout)
+			n.closeListeners()
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, ErrClosed) && !errors.Is(err, ErrStopped) {
 		return err
 	}
 	select {
 	case <-n.done:
 		return nil
 	case <-ctx.Done():
+		// Stop at once: what is still queued is dropped.
+		_ = n.do(context.Background(), func() error { n.closeBy = time.Now(); return nil })
+		<-n.done
 		return ctx.Err()
 	}
 }
@@ -736,11 +830,17 @@ func (n *Node) Kill(ctx context.Context, portID string, reason ...any) error {
 	if reason == nil {
 		reason = []any{}
 	}
-	enc, err := cbor.Marshal(reason)
+	enc, err := encMode.Marshal(reason)
 	if err != nil {
 		return err
 	}
-	return n.do(ctx, func() error { return refusal(n.eng.Kill(portID, enc, n.now())) })
+	return n.do(ctx, func() error {
+		if err := refusal(n.eng.Kill(portID, enc, n.now())); err != nil {
+			return err
+		}
+		n.closePort(portID)
+		return nil
+	})
 }
 
 // Monitor watches a port: the channel receives its kill reason once, when it dies.
@@ -757,4 +857,16 @@ func (n *Node) Monitor(ctx context.Context, portID string) (<-chan []any, error)
 		return nil, err
 	}
 	return ch, nil
+}
+
+// Unmonitor stops watching a port: the channels Monitor returned for it receive
+// nothing.
+func (n *Node) Unmonitor(ctx context.Context, portID string) error {
+	return n.do(ctx, func() error {
+		if err := refusal(n.eng.Unmonitor(portID, n.now())); err != nil {
+			return err
+		}
+		delete(n.mons, portID)
+		return nil
+	})
 }

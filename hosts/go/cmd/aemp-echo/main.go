@@ -2,6 +2,9 @@
 // arguments are sent to the port id in its first argument, like `aemp run --echo`.
 //
 //	go run ./cmd/aemp-echo -nodeid go -secret shared -listen 127.0.0.1:4041
+//
+// With -cert FILE (an AnyEvent::MP certificate file, e.g. from `aemp gencert`) it
+// joins a TLS network.
 package main
 
 import (
@@ -21,6 +24,7 @@ func main() {
 	secret := flag.String("secret", "", "the network's shared secret")
 	listen := flag.String("listen", "127.0.0.1:4041", "address to listen on")
 	seeds := flag.String("seeds", "", "comma-separated seed addresses")
+	certFile := flag.String("cert", "", "PEM file with the certificate, its key and the CA certificates (TLS)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
@@ -32,6 +36,13 @@ func main() {
 		}}
 	if *seeds != "" {
 		cfg.Seeds = strings.Split(*seeds, ",")
+	}
+	if *certFile != "" {
+		cert, err := aemp.CertFromFile(*certFile)
+		if err != nil {
+			log.Fatal(err)
+		}
+		cfg.Cert = cert
 	}
 	node, err := aemp.Start(ctx, cfg)
 	if err != nil {

@@ -224,3 +224,44 @@ func TestMonitorKillResults(t *testing.T) {
 	}
 	t.Fatalf("no port-down in %+v", out)
 }
+
+// The database calls lower their arguments: a query returns an id, a value that is not
+// CBOR is refused (the result's err arm), the rest return without a trap.
+func TestDatabaseCalls(t *testing.T) {
+	n := newNode(t, "db", nil)
+	if err := n.DBSet("fam", "k", []byte{0x01}, 1); err != nil {
+		t.Fatal(err)
+	}
+	var r *Refusal
+	if err := n.DBSet("fam", "k", []byte{0xff, 0xff}, 1); !errors.As(err, &r) {
+		t.Fatalf("malformed value: %v", err)
+	}
+	if err := n.DBDel("fam", []string{"k", "other"}, 2); err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]bool{}
+	for _, q := range []string{"db-family", "db-keys", "db-values"} {
+		id, err := n.DBQuery(q, "fam", 3)
+		if err != nil || id == "" || ids[id] {
+			t.Fatalf("%s: %q %v", q, id, err)
+		}
+		ids[id] = true
+	}
+	for _, off := range []bool{false, true} {
+		if err := n.DBMon("fam", off, 4); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := n.RegisterHandler("tag"); err != nil {
+		t.Fatal(err)
+	}
+	if q, err := n.QueuedBytes(); err != nil || q != 0 {
+		t.Fatalf("queued-bytes %d %v", q, err)
+	}
+	if err := n.Unmonitor("db#nothing", 5); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.PollOutputs(); err != nil {
+		t.Fatal(err)
+	}
+}

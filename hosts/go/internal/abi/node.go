@@ -111,16 +111,7 @@ func (in *Instance) lowerCreateArgs(c NodeConfig, nowMs uint64) uint32 {
 	le := binary.LittleEndian
 	putList := func(off uint32, p, n uint32) { le.PutUint32(buf[off:], p); le.PutUint32(buf[off+4:], n) }
 	putStr := func(off uint32, s string) { p, n := in.bytes([]byte(s)); putList(off, p, n) }
-	putStrs := func(off uint32, ss []string) {
-		area := make([]byte, 8*len(ss))
-		for i, s := range ss {
-			p, n := in.bytes([]byte(s))
-			le.PutUint32(area[i*8:], p)
-			le.PutUint32(area[i*8+4:], n)
-		}
-		p := in.alignedCopy(area, 4)
-		putList(off, p, uint32(len(ss)))
-	}
+	putStrs := func(off uint32, ss []string) { p, n := in.strings(ss); putList(off, p, n) }
 	t := c.Transport
 	putStr(0, t.NodeID)
 	putStr(8, t.Protocol)
@@ -167,6 +158,17 @@ func (in *Instance) lowerCreateArgs(c NodeConfig, nowMs uint64) uint32 {
 	le.PutUint32(buf[160:], c.MaxHandshakes)
 	le.PutUint64(buf[nodeConfigSize:], nowMs)
 	return in.alignedCopy(buf, 8)
+}
+
+// strings lowers a list<string>; returns ptr, len.
+func (in *Instance) strings(ss []string) (uint32, uint32) {
+	area := make([]byte, 8*len(ss))
+	for i, s := range ss {
+		p, n := in.bytes([]byte(s))
+		binary.LittleEndian.PutUint32(area[i*8:], p)
+		binary.LittleEndian.PutUint32(area[i*8+4:], n)
+	}
+	return in.alignedCopy(area, 4), uint32(len(ss))
 }
 
 // alignedCopy allocates with the given alignment and copies b there.
@@ -588,4 +590,57 @@ func liftOption[T any](m Mem, p, off uint32, lift func(uint32) (T, error)) (*T, 
 		return nil, err
 	}
 	return &v, nil
+}
+
+// Unmonitor calls unmonitor.
+func (n *Node) Unmonitor(port string, nowMs uint64) error {
+	p, l := n.in.str(port)
+	return n.unitResult("unmonitor", p, l, nowMs)
+}
+
+// QueuedBytes calls queued-bytes.
+func (n *Node) QueuedBytes() (uint64, error) {
+	res, err := n.in.fn(n.method("queued-bytes")).Call(n.in.ctx, n.rep)
+	if err != nil {
+		return 0, fmt.Errorf("%w: queued-bytes: %v", ErrTrap, err)
+	}
+	return res[0], nil
+}
+
+// RegisterHandler calls register-handler.
+func (n *Node) RegisterHandler(tag string) error {
+	p, l := n.in.str(tag)
+	return n.plain("register-handler", p, l)
+}
+
+// DBSet calls db-set with a CBOR value.
+func (n *Node) DBSet(family, key string, value []byte, nowMs uint64) error {
+	fp, fl := n.in.str(family)
+	kp, kl := n.in.str(key)
+	vp, vl := n.in.bytes(value)
+	return n.unitResult("db-set", fp, fl, kp, kl, uint64(vp), uint64(vl), nowMs)
+}
+
+// DBDel calls db-del.
+func (n *Node) DBDel(family string, keys []string, nowMs uint64) error {
+	fp, fl := n.in.str(family)
+	kp, kl := n.in.strings(keys)
+	return n.plain("db-del", fp, fl, uint64(kp), uint64(kl), nowMs)
+}
+
+// DBQuery calls db-family, db-keys or db-values (name) and returns the query id its
+// db-reply output will carry.
+func (n *Node) DBQuery(name, family string, nowMs uint64) (string, error) {
+	fp, fl := n.in.str(family)
+	return n.strResult(name, fp, fl, nowMs)
+}
+
+// DBMon calls db-mon, or db-unmon when off is set.
+func (n *Node) DBMon(family string, off bool, nowMs uint64) error {
+	fp, fl := n.in.str(family)
+	name := "db-mon"
+	if off {
+		name = "db-unmon"
+	}
+	return n.plain(name, fp, fl, nowMs)
 }

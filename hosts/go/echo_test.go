@@ -1,0 +1,68 @@
+package aemp
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"testing"
+	"time"
+)
+
+// cmd/aemp-echo with -cert serves its echo port over TLS to a node with the same
+// certificate file and refuses one with another.
+func TestEchoCommandWithCert(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	dir := t.TempDir()
+	writeRC(t, dir, "shared")
+	cert := genCert(t, dir)
+	certFile := filepath.Join(dir, "cert.pem")
+	if err := os.WriteFile(certFile, cert, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "aemp-echo")
+	if out, err := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/aemp-echo").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	cmd := exec.CommandContext(ctx, bin, "-nodeid", "go-echo-tls", "-secret", "shared", "-listen", "127.0.0.1:0", "-cert", certFile)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	sc := bufio.NewScanner(out)
+	re := regexp.MustCompile(`^node go-echo-tls listening on (\S+)$`)
+	addr := ""
+	for addr == "" && sc.Scan() {
+		if m := re.FindStringSubmatch(sc.Text()); m != nil {
+			addr = m[1]
+		}
+	}
+	if addr == "" {
+		t.Fatal("aemp-echo printed no address")
+	}
+	go func() {
+		for sc.Scan() {
+		}
+	}()
+	n := startGo(t, ctx, Config{NodeID: "go-echo-client", Secret: "shared", Cert: cert, Seeds: []string{addr}})
+	if err := n.WaitUp(ctx, "go-echo-tls"); err != nil {
+		t.Fatal(err)
+	}
+	echoRoundTrip(t, ctx, n, "go-echo-tls", "over tls")
+	// Another network's certificate is refused, so the echo node really runs TLS.
+	other := startGo(t, ctx, Config{NodeID: "go-echo-other", Secret: "shared", Cert: genCert(t, t.TempDir()), Seeds: []string{addr}})
+	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)
+	defer wcancel()
+	if err := other.WaitUp(wctx, "go-echo-tls"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("up with another CA's certificate: %v", err)
+	}
+}
