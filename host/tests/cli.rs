@@ -444,21 +444,8 @@ fn perl_entries_are_edited_and_never_run() {
             "profile": {"srv": {"nodeid": "srv"}}}"#,
     )
     .unwrap();
-    let mut child = Command::new(AEMP)
-        .args(["run", "srv", "--listen", "127.0.0.1:0"])
-        .env("PERL_ANYEVENT_MP_RC", &rc)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let running = Running(child);
-    let first = BufReader::new(stdout).lines().next().unwrap().unwrap();
-    let addr = first
-        .strip_prefix("node srv listening on ")
-        .unwrap_or_else(|| panic!("{first}"))
-        .to_owned();
+    let (running, addr, stderr) = server_logged(&rc, Stdio::piped());
+    let stderr = stderr.unwrap();
     let warning = BufReader::new(stderr).lines().next().unwrap().unwrap();
     assert_eq!(
         warning,
@@ -536,20 +523,31 @@ fn gensecret_makes_the_references_180_characters() {
 
 /// `aemp run` for node `srv` in the background: the guard and its address.
 fn server(rc: &std::path::Path) -> (Running, String) {
+    let (running, addr, _) = server_logged(rc, Stdio::inherit());
+    (running, addr)
+}
+
+/// [`server`] with its stderr going to `stderr` (piped: returned).
+fn server_logged(
+    rc: &std::path::Path,
+    stderr: Stdio,
+) -> (Running, String, Option<std::process::ChildStderr>) {
     let mut child = Command::new(AEMP)
         .args(["run", "srv", "--listen", "127.0.0.1:0"])
         .env("PERL_ANYEVENT_MP_RC", rc)
         .stdout(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take();
     let running = Running(child);
     let first = BufReader::new(stdout).lines().next().unwrap().unwrap();
     let addr = first
         .strip_prefix("node srv listening on ")
         .unwrap_or_else(|| panic!("{first}"))
         .to_owned();
-    (running, addr)
+    (running, addr, stderr)
 }
 
 #[test]
