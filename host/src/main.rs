@@ -235,6 +235,10 @@ impl Session {
                 self.save()?;
                 return self.protocol(|n| self.eval(n, &node, RESTART_EXPR)).await;
             }
+            Verb::Shell { node } => {
+                self.save()?;
+                return self.protocol(|n| self.shell(n, node)).await;
+            }
             Verb::Trace { node } => {
                 self.save()?;
                 return self.protocol(|n| self.trace(n, &node)).await;
@@ -516,6 +520,93 @@ impl Session {
         Ok(())
     }
 
+    /// The reference's interactive shell: each line is evaluated on the current node (an
+    /// `eval` with `package PKG; my $ECHO = 'PORT';` in front, `$ECHO` a port whose
+    /// messages are printed), with its time and its result as pretty JSON, or its error;
+    /// `=` lists the nodes (the keys of `'l`), `=NODE` switches node, `package P` the
+    /// package. Lines are read with line editing and a history (`~/.aemp_history`).
+    async fn shell(&self, node: Node, target: Option<String>) -> Result<()> {
+        let mut target = target.unwrap_or_else(|| node.id().to_owned());
+        let mut package = "AnyEvent::MP::Kernel".to_owned();
+        let mut echo = node.port().await.map_err(|e| e.to_string())?;
+        let mut reply = node.port().await.map_err(|e| e.to_string())?;
+        say(
+            "Interactive shell on the nodes of this network; Ctrl-D ends it.\n\n\
+             =           list the nodes\n\
+             =NODE       switch to node NODE\n\
+             package P   evaluate in package P\n\
+             $ECHO       a port that prints every message sent to it\n\n",
+        );
+        let mut lines = LineReader::start();
+        loop {
+            // What was sent to $ECHO since the last line.
+            while let Ok(Some(args)) = tokio::time::timeout(Duration::ZERO, echo.recv()).await {
+                say(&format!("ECHO> {}\n", json(&Value::Array(args))));
+            }
+            let Some(line) = lines.read(format!("{target} {package}> ")).await else {
+                return Ok(());
+            };
+            if let Some(name) = line.strip_prefix('=') {
+                if !name.is_empty() {
+                    target = name.trim().to_owned();
+                    continue;
+                }
+                let nodes = tokio::time::timeout(self.timeout(), node.db_keys("'l")).await;
+                match nodes {
+                    Ok(Ok(Value::Array(nodes))) => {
+                        let mut nodes: Vec<String> = nodes.iter().map(word).collect();
+                        nodes.sort();
+                        say(&format!("nodes: {}\n", nodes.join(" ")));
+                    }
+                    Ok(Ok(other)) => say(&format!("nodes: {}\n", json(&other))),
+                    Ok(Err(e)) => say(&format!("nodes: {e}\n")),
+                    Err(_) => say("nodes: no answer from a global node (are seeds configured?)\n"),
+                }
+                continue;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if let ["package", name] = words[..] {
+                package = name.trim_end_matches(';').to_owned();
+                continue;
+            }
+            if words.is_empty() {
+                continue;
+            }
+            let expr = format!("package {package}; my $ECHO = '{}'; {line}", echo.id());
+            let request = vec![
+                Value::text("eval"),
+                Value::text(expr),
+                Value::text(reply.id()),
+            ];
+            let asked = tokio::time::Instant::now();
+            if let Err(e) = node.send(&format!("{target}#"), request).await {
+                say(&format!("{target}: {e}\n"));
+                continue;
+            }
+            match tokio::time::timeout(self.timeout(), reply.recv()).await {
+                Ok(Some(answer)) => {
+                    let took = asked.elapsed().as_secs_f64();
+                    let mut answer = answer.into_iter();
+                    let error = answer.next().map(|e| word(&e)).unwrap_or_default();
+                    let results: Vec<Value> = answer.collect();
+                    let shown = if error.is_empty() {
+                        pretty_json(&Value::Array(results))
+                    } else {
+                        let mut words = vec![error];
+                        words.extend(results.iter().map(word));
+                        words.join(" ")
+                    };
+                    say(&format!("{target}: {line}\n{took:.3}s\n{shown}\n"));
+                }
+                Ok(None) => return Err("node stopped".into()),
+                Err(_) => say(&format!(
+                    "{target}: no reply within {}s\n",
+                    self.opts.timeout
+                )),
+            }
+        }
+    }
+
     /// Prints `NODE -> NEIGHBOURS...` for `start`, then for each node found, as the
     /// reference's `trace`: each node is asked (an `eval` of `up_nodes`) for the nodes it
     /// is connected to. A node that does not answer within 15 s is printed as `NODE
@@ -658,6 +749,67 @@ fn perl_entries(config: &Map<String, Json>) -> Option<String> {
         Some(_) => found.push("eval".into()),
     }
     (!found.is_empty()).then(|| found.join(" and "))
+}
+
+/// Lines from the terminal, read with line editing and a history on a thread of their
+/// own (the editor blocks), one per [`LineReader::read`].
+struct LineReader {
+    prompts: std::sync::mpsc::Sender<String>,
+    lines: tokio::sync::mpsc::Receiver<String>,
+}
+
+impl LineReader {
+    fn start() -> LineReader {
+        let (prompts, prompt_rx) = std::sync::mpsc::channel::<String>();
+        let (line_tx, lines) = tokio::sync::mpsc::channel(1);
+        std::thread::spawn(move || {
+            let mut editor = match rustyline::DefaultEditor::new() {
+                Ok(editor) => editor,
+                Err(e) => return warn(&format!("cannot read the terminal: {e}")),
+            };
+            let history =
+                std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".aemp_history"));
+            if let Some(path) = &history {
+                // A missing history is a fresh one.
+                let _ = editor.load_history(path);
+            }
+            while let Ok(prompt) = prompt_rx.recv() {
+                let line = loop {
+                    match editor.readline(&prompt) {
+                        // Ctrl-C abandons the line, as in a shell.
+                        Err(rustyline::error::ReadlineError::Interrupted) => continue,
+                        other => break other,
+                    }
+                };
+                let Ok(line) = line else { break };
+                if !line.trim().is_empty() {
+                    let _ = editor.add_history_entry(line.as_str());
+                }
+                if line_tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+            if let Some(path) = &history
+                && let Err(e) = editor.save_history(path)
+            {
+                warn(&format!("{}: {e}", path.display()));
+            }
+        });
+        LineReader { prompts, lines }
+    }
+
+    /// The next line after showing `prompt`; `None` at the end of the input (Ctrl-D).
+    async fn read(&mut self, prompt: String) -> Option<String> {
+        self.prompts.send(prompt).ok()?;
+        self.lines.recv().await
+    }
+}
+
+/// `value` as indented JSON (the shell's results, as the reference prints them).
+fn pretty_json(value: &Value) -> String {
+    serde_json::from_str::<Json>(&json(value))
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or_else(|_| json(value))
 }
 
 /// The reason of the first connection that fails while no node is up (pending forever

@@ -433,8 +433,6 @@ fn perl_entries_are_edited_and_never_run() {
     assert_eq!(err, "aemp: eval string missing\n");
     let err = refused(&rc, &["addservice"]);
     assert_eq!(err, "aemp: service specification missing\n");
-    let err = refused(&rc, &["shell"]);
-    assert!(err.contains("not implemented"), "{err}");
 
     // A file shared with Perl nodes: `run` runs the node without them and says so once;
     // the protocol verbs ignore them.
@@ -464,6 +462,32 @@ fn perl_entries_are_edited_and_never_run() {
         let err = refused(&rc, &args);
         assert_eq!(err, "aemp: remote execution not allowed\n", "{args:?}");
     }
+    // shell: each line is an eval on the node (refused here); `=` asks for the nodes,
+    // which needs a global node (none here); lines go to the history in $HOME.
+    let mut shell = Command::new(AEMP)
+        .args(["shell", "srv", "--connect", &addr, "--timeout", "1"])
+        .env("PERL_ANYEVENT_MP_RC", &rc)
+        .env("HOME", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = shell.stdin.take().unwrap();
+        stdin.write_all(b"1 + 1\n=\npackage Foo\n").unwrap();
+    }
+    let out = shell.wait_with_output().unwrap();
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert!(out.contains("srv: 1 + 1\n"), "{out}");
+    assert!(out.contains("\nremote execution not allowed\n"), "{out}");
+    assert!(out.contains("nodes: no answer from a global node"), "{out}");
+    let history = std::fs::read_to_string(dir.path().join(".aemp_history")).unwrap();
+    assert!(
+        history.contains("1 + 1") && history.contains("package Foo"),
+        "{history}"
+    );
+
     // trace: the node lists no neighbours, since it refuses to evaluate `up_nodes`.
     assert_eq!(
         ok(&rc, &["trace", "srv", "--connect", &addr]),

@@ -15,6 +15,7 @@ Protocol (a bare node id is that node's node port):
   mon PORT                  print the reason when the port dies
   eval NODE EXPR...         ask a node to evaluate EXPR (aemp nodes refuse)
   restart NODE              ask a node under a watchdog to restart (an eval)
+  shell [NODE]              interactive evals on NODE (=: nodes, =NODE: switch)
   trace NODE                list the nodes connected to NODE, then to those...
   run [PROFILE] [KEY VALUE]...   run a node until interrupted
   dbfamily|dbkeys|dbvalues FAMILY   read the network database (needs seeds)

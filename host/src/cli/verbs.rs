@@ -61,6 +61,11 @@ pub enum Verb {
         /// The node.
         node: String,
     },
+    /// `shell [NODE]`: an interactive loop of `eval`s on a node (default: our own).
+    Shell {
+        /// The node to start with.
+        node: Option<String>,
+    },
     /// `trace NODE`: ask a node for the nodes it is connected to, then those, and so on.
     Trace {
         /// Where to start.
@@ -201,9 +206,6 @@ pub enum VerbError {
         /// The key without a value.
         key: String,
     },
-    /// Something the reference does by running Perl code, which this implementation never does.
-    #[error("{0}: not supported: {1}")]
-    Refused(String, &'static str),
 }
 
 /// Why `run` does not run a configuration's services and `eval`.
@@ -295,12 +297,14 @@ fn parse_one(name: &str, args: &mut VecDeque<Value>) -> Result<Verb, VerbError> 
                 Verb::Restart { node }
             }
         }
-        ("shell", _) => {
-            return Err(VerbError::Refused(
-                name.to_owned(),
-                "the interactive shell is not implemented yet (use eval)",
-            ));
-        }
+        // As the reference: the next argument, whatever it is, is the node.
+        ("shell", _) => Verb::Shell {
+            node: args
+                .pop_front()
+                .map(|n| text("a node id", n))
+                .transpose()?
+                .map(|n| node_of(&n)),
+        },
         (_, "eval") => Verb::Set {
             key: "eval",
             value: need(args, "eval string missing")?,
@@ -782,10 +786,16 @@ mod tests {
             missing(&[json!("delservice")]),
             "service specification missing"
         );
-        assert!(matches!(
+        assert_eq!(
             verbs(&[json!("shell")]),
-            Err(VerbError::Refused(..))
-        ));
+            Ok(vec![Verb::Shell { node: None }])
+        );
+        assert_eq!(
+            verbs(&[json!("shell"), json!("n#")]),
+            Ok(vec![Verb::Shell {
+                node: Some("n".into())
+            }])
+        );
         let run = verbs(&[json!("run"), json!("services"), json!(["Foo::"])]).unwrap();
         assert!(
             matches!(&run[..], [Verb::Run { settings, .. }] if settings.contains_key("services"))
