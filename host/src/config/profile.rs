@@ -50,15 +50,24 @@ pub struct Profile {
 /// `["tls_sha3_512","hmac_sha3_512","tls_anon","cleartext"]`, `monitor_timeout` 30 s,
 /// `connect_interval` 2 s and `secure` false.
 pub fn defaults() -> Value {
+    let mut all = reference_defaults();
+    if let Value::Object(all) = &mut all {
+        all.insert("binds".into(), json!(["*"]));
+        all.insert("seeds".into(), json!([]));
+        all.insert("secure".into(), json!(false));
+    }
+    all
+}
+
+/// The defaults the reference's `find_profile` layers below the file (what its `aemp
+/// showconfig` shows); the other [`defaults`] are applied later there, by `configure`.
+fn reference_defaults() -> Value {
     json!({
         "monitor_timeout": 30,
         "connect_interval": 2,
         "framing_format": ["cbor", "json", "storable"],
         "auth_offer": ["tls_sha3_512", "hmac_sha3_512"],
         "auth_accept": ["tls_sha3_512", "hmac_sha3_512", "tls_anon", "cleartext"],
-        "binds": ["*"],
-        "seeds": [],
-        "secure": false,
     })
 }
 
@@ -142,11 +151,12 @@ pub fn resolve_with(
 }
 
 /// The effective configuration of profile `name` (None: the host name) as plain JSON, the
-/// way `aemp showconfig` shows it: the same layers as [`resolve_with`], without the
-/// `profile` and `parent` keys and with the node id not yet expanded.
+/// way `aemp showconfig` shows it: the same layers as [`resolve_with`] over the
+/// reference's defaults only, without the `profile` and `parent` keys and with the node id
+/// not yet expanded.
 pub fn effective(rc: &Value, name: Option<&str>, extra: &Object) -> Result<Object, ConfigError> {
     let name = profile_name(name, &mut None)?;
-    let builtin = defaults();
+    let builtin = reference_defaults();
     let mut out: Object = merge(&layers(rc, builtin.as_object(), extra, &name)?)
         .into_iter()
         .map(|(key, (value, _))| (key.to_owned(), value.clone()))
@@ -541,6 +551,18 @@ mod tests {
         assert_eq!(got["monitor_timeout"], 30);
         assert_eq!(got["version"], 1);
         assert!(!got.contains_key("profile") && !got.contains_key("parent"));
+        // Only the keys the reference's showconfig shows: its defaults and what is set.
+        let got = effective(&json!({}), Some("x"), &Object::new()).unwrap();
+        let mut keys: Vec<&str> = got.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let reference = [
+            "auth_accept",
+            "auth_offer",
+            "connect_interval",
+            "framing_format",
+            "monitor_timeout",
+        ];
+        assert_eq!(keys, reference);
         // resolve_with layers the same way.
         let p = resolve_with(&rc, Some("p"), extra).unwrap();
         assert_eq!(p.secret.as_deref(), Some("mine"));
