@@ -11,8 +11,11 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,6 +37,23 @@ type Config struct {
 	// and private key): connections then switch to TLS when the engine says so. Every
 	// certificate in it is a trust anchor; peers must present one of them or a chain to one.
 	Cert []byte
+	// Framings are the wire framings offered, in order of preference ("cbor", "json");
+	// empty: the engine's default, cbor then json.
+	Framings []string
+	// AuthOffer and AuthAccept are the authentication methods offered and accepted, in
+	// order of preference, named as AnyEvent::MP's auth_offer and auth_accept name them
+	// ("tls_sha3_512", "hmac_sha3_512", "tls_anon", "cleartext"); empty: the engine's
+	// defaults, the reference's.
+	AuthOffer, AuthAccept []string
+	// MonitorTimeout is how long a node may take to connect, and be silent, before it
+	// counts as down (30 s); ConnectInterval spaces the attempts at one node's addresses
+	// (2 s). Zero: the default.
+	MonitorTimeout, ConnectInterval time.Duration
+	// The engine's bounds; zero: the default. MaxQueueBytes is what may wait for one node
+	// that is not connected yet (16 MiB), MaxBufferedBytes what the engine holds for all
+	// peers together (64 MiB), MaxHandshakes how many accepted connections may be in
+	// their handshake at once (256).
+	MaxQueueBytes, MaxBufferedBytes, MaxHandshakes int
 	// Log, when set, receives the engine's log lines (level 0 error .. 3 debug), such
 	// as why a connection closed, and the host's warnings; it runs on the node's loop
 	// and must not block.
@@ -61,6 +81,83 @@ type Config struct {
 	WriteTimeout time.Duration
 	// CloseTimeout is how long Close lets queued messages go out at most (1 s).
 	CloseTimeout time.Duration
+}
+
+// framingNames and authNames are the WIT enums' cases, in order: a name's index is its
+// value on the boundary.
+var (
+	framingNames = []string{"cbor", "json"}
+	authNames    = []string{"tls_sha3_512", "hmac_sha3_512", "tls_anon", "cleartext"}
+)
+
+// engineConfig puts the Config's engine settings into c, leaving c's defaults where a
+// setting is zero.
+func (cfg *Config) engineConfig(c *abi.NodeConfig) error {
+	enums := func(field string, names, known []string) ([]uint8, error) {
+		out := make([]uint8, 0, len(names))
+		for _, name := range names {
+			i := slices.Index(known, name)
+			if i < 0 {
+				msg := fmt.Sprintf("%s: unknown name %q (one of %s)", field, name, strings.Join(known, ", "))
+				return nil, &Refusal{Kind: InvalidConfig, Message: msg}
+			}
+			out = append(out, uint8(i))
+		}
+		return out, nil
+	}
+	lists := []struct {
+		field string
+		names []string
+		known []string
+		to    *[]uint8
+	}{{"Framings", cfg.Framings, framingNames, &c.Transport.Framings},
+		{"AuthOffer", cfg.AuthOffer, authNames, &c.Transport.AuthOffer},
+		{"AuthAccept", cfg.AuthAccept, authNames, &c.Transport.AuthAccept}}
+	for _, l := range lists {
+		if len(l.names) == 0 {
+			continue
+		}
+		v, err := enums(l.field, l.names, l.known)
+		if err != nil {
+			return err
+		}
+		*l.to = v
+	}
+	durations := []struct {
+		field string
+		d     time.Duration
+		to    *uint64
+	}{{"MonitorTimeout", cfg.MonitorTimeout, &c.Transport.MonitorTimeoutMs},
+		{"ConnectInterval", cfg.ConnectInterval, &c.ConnectIntervalMs}}
+	for _, d := range durations {
+		if d.d < 0 {
+			return &Refusal{Kind: InvalidConfig, Message: d.field + " must not be negative"}
+		}
+		if d.d > 0 {
+			*d.to = uint64(max(d.d.Milliseconds(), 1))
+		}
+	}
+	sizes := []struct {
+		field string
+		v     int
+		to    *uint64
+	}{{"MaxQueueBytes", cfg.MaxQueueBytes, &c.MaxQueueBytes},
+		{"MaxBufferedBytes", cfg.MaxBufferedBytes, &c.MaxBufferedBytes}}
+	for _, s := range sizes {
+		if s.v < 0 {
+			return &Refusal{Kind: InvalidConfig, Message: s.field + " must not be negative"}
+		}
+		if s.v > 0 {
+			*s.to = uint64(s.v)
+		}
+	}
+	switch {
+	case cfg.MaxHandshakes < 0 || cfg.MaxHandshakes > math.MaxUint32:
+		return &Refusal{Kind: InvalidConfig, Message: "MaxHandshakes must be from 0 to 2^32-1"}
+	case cfg.MaxHandshakes > 0:
+		c.MaxHandshakes = uint32(cfg.MaxHandshakes)
+	}
+	return nil
 }
 
 // limits are a Config's bounds with the defaults filled in.
@@ -304,6 +401,10 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	if cfg.Secret != "" {
 		c.Transport.Secret = []byte(cfg.Secret)
+	}
+	if err := cfg.engineConfig(&c); err != nil {
+		inst.Close()
+		return nil, err
 	}
 	var tcli, tsrv *tls.Config
 	if cfg.Cert != nil {
