@@ -98,6 +98,18 @@ def tls_contexts(pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return contexts
 
 
+# The configuration's names of the engine's auth methods.
+_AUTH_METHODS = {"tls_sha3_512": "tls-sha3512", "hmac_sha3_512": "hmac-sha3512",
+                 "tls_anon": "tls-anon", "cleartext": "cleartext"}
+
+
+def _auth_methods(names: Sequence[str]) -> list[str]:
+    try:
+        return [_AUTH_METHODS[name] for name in names]
+    except KeyError as e:
+        raise AempError(f"unknown auth method {e.args[0]!r}") from None
+
+
 def _split_addr(addr: str) -> tuple[str, int]:
     """``host:port`` (the host possibly in brackets, ``*`` for every interface); a bind
     without a port (AnyEvent::MP's default ``*``) takes a dynamic one."""
@@ -465,6 +477,8 @@ class Node:
         seeds: Sequence[str] = (),
         cert: str | None = None,
         framings: Sequence[str] | None = None,
+        auth_offer: Sequence[str] | None = None,
+        auth_accept: Sequence[str] | None = None,
         monitor_timeout_ms: int | None = None,
         connect_interval_ms: int | None = None,
         port_capacity: int = 1024,
@@ -477,7 +491,10 @@ class Node:
         """Starts a node. ``node_id`` defaults to ``<hostname>/`` (``%n``, ``%u`` and a
         trailing ``/`` are expanded); ``cert`` is the PEM text of an AnyEvent::MP
         certificate file (certificate, key, CA certificates): TLS as the Rust host does
-        it. Raises :class:`AempError` on invalid options or a bind that fails.
+        it. ``auth_offer`` (the methods we may send) and ``auth_accept`` (those we
+        accept, announced in this order) take AnyEvent::MP's names: ``tls_sha3_512``,
+        ``hmac_sha3_512``, ``tls_anon``, ``cleartext`` (default: the engine's, the
+        reference's). Raises :class:`AempError` on invalid options or a bind that fails.
 
         The host's bounds, as in the JS host: a port holds ``port_capacity`` messages
         and ``port_bytes`` bytes (see :class:`Port`) and is stalled after
@@ -499,6 +516,10 @@ class Node:
             transport.secret = secret.encode() if isinstance(secret, str) else secret
         if framings is not None:
             transport.framings = list(framings)
+        if auth_offer is not None:
+            setattr(transport, "auth-offer", _auth_methods(auth_offer))
+        if auth_accept is not None:
+            setattr(transport, "auth-accept", _auth_methods(auth_accept))
         if monitor_timeout_ms is not None:
             setattr(transport, "monitor-timeout-ms", monitor_timeout_ms)
         if connect_interval_ms is not None:
