@@ -28,12 +28,18 @@ async def echo_round_trip(py: aemp.Node, peer: str, text: str) -> None:
         assert await asyncio.wait_for(back.recv(), 10) == [text]
 
 
-async def flood_until_down(py: aemp.Node, peer: str, downs: dict[str, str]) -> None:
-    """Sends 64 KiB messages to a peer's echo port until the node drops it."""
-    blob = b"x" * 65536
+async def flood_until_down(py: aemp.Node, peer: str, downs: dict[str, str],
+                           batch: int = 1) -> None:
+    """Sends 64 KiB messages to a peer's echo port, ``batch`` per ``send_batch``, until
+    the node drops it; a send that waits gets 50 ms before the next goes in beside it."""
+    message = (f"{peer}#echo", (f"{py.id}#nobody", b"x" * 65536))
+    sends: list[asyncio.Future[None]] = []
     async with asyncio.timeout(30):
         while peer not in downs:
-            await py.send(f"{peer}#echo", f"{py.id}#nobody", blob)
+            sends.append(asyncio.ensure_future(py.send_batch([message] * batch)))
+            await asyncio.wait([sends[-1]], timeout=0.05)
+        # The connection is gone: nothing waits for it any more.
+        await asyncio.gather(*sends)
 
 
 async def stopped_and_live(py: aemp.Node, rust: list[RustNode], name: str) -> None:
@@ -78,7 +84,9 @@ async def test_connection_holding_most_is_cut_off_past_the_write_total(
                                      max_write_total=total) as py:
         _, downs = events_of(py)
         await stopped_and_live(py, rust, "wtot")
-        await flood_until_down(py, "wtot-stuck", downs)
+        # Sends wait past half the total, so only a batch (it goes in whole) takes the
+        # connections past it.
+        await flood_until_down(py, "wtot-stuck", downs, batch=8)
         assert (f"peer does not read: the node's connections have more than {total} bytes "
                 "waiting, this one the most") in downs["wtot-stuck"]
         assert "wtot-live" not in downs
@@ -168,3 +176,34 @@ async def test_peer_that_reads_again_is_read_again(rust: list[RustNode]) -> None
         await asyncio.wait_for(send, 10)
         await echo_round_trip(py, "rs-stuck", "read again")
         assert "rs-stuck" not in downs
+
+
+async def test_sends_to_every_node_wait_past_half_the_write_total(
+        rust: list[RustNode]) -> None:
+    total = 3 * 1024 * 1024  # half of it is more than one connection's 1 MiB high water
+    async with await aemp.Node.start("py-half", secret="s", binds=["127.0.0.1:0"],
+                                     max_write_total=total) as py:
+        _, downs = events_of(py)
+        await stopped_and_live(py, rust, "half")
+        await asyncio.wait_for(py.send("half-live#echo", f"{py.id}#nobody", 0), 1)
+        blob = b"x" * 65536
+        # Fill the stopped peer's connection to its high water (its sends then wait)...
+        async with asyncio.timeout(30):
+            while True:
+                send = asyncio.ensure_future(py.send("half-stuck#echo", f"{py.id}#nobody", blob))
+                done, _ = await asyncio.wait([send], timeout=0.5)
+                if not done:
+                    break
+                send.result()
+        # ... and past half the total, below the total.
+        more = asyncio.ensure_future(py.send_batch(
+            [("half-stuck#echo", (f"{py.id}#nobody", blob))] * 10))
+        await asyncio.sleep(0.2)
+        # Now a send to the live peer waits too, though its own connection is empty.
+        live = asyncio.ensure_future(py.send("half-live#echo", f"{py.id}#nobody", 1))
+        done, _ = await asyncio.wait([live], timeout=1.0)
+        assert not done, "a send to the live peer went on past half of max_write_total"
+        os.kill(rust[0].proc.pid, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(send, more, live), 20)
+        await echo_round_trip(py, "half-live", "served again")
+        assert not downs

@@ -27,6 +27,10 @@ HIGH_WATER = 1024 * 1024
 PORT_MESSAGE_COST = 32
 # How long a connection the engine closes may take to write what is queued for it.
 LINGER_S = 1.0
+# How often sends waiting for all connections together to drain below half of
+# max_write_total look again: asyncio reports no write progress of a transport below its
+# high-water mark, so there is nothing to wait on but time.
+TOTAL_DRAIN_POLL_S = 0.01
 
 
 def _now() -> int:
@@ -252,13 +256,18 @@ class _Conn(asyncio.Protocol):
                 return
             self._send_records()
 
+    def abort(self) -> None:
+        """Drops the socket with what it holds, unless it is over already: asyncio's
+        transport fails on an abort after a close that wrote everything."""
+        if self.transport is not None and not self.done.done():
+            self.transport.abort()
+
     def fail(self, reason: str) -> None:
         """The host gives up on this connection."""
         if self.write_timer is not None:
             self.write_timer.cancel()
             self.write_timer = None
-        if self.transport is not None:
-            self.transport.abort()
+        self.abort()
         if not self.gone:
             self.gone = True
             self.node._lost(self, reason)
@@ -448,6 +457,10 @@ class Node:
         self._tls = tls
         self._limits = limits
         self._wrote = False  # a transmit since the last check of the write total
+        # Bytes all connections had waiting at the last count: only too high between
+        # counts, as sockets write in the background.
+        self._write_total = 0
+        self._total_drained: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._conns: dict[int, _Conn] = {}
         self._up: dict[str, int] = {}  # node id -> its working connection
@@ -719,7 +732,7 @@ class Node:
             if c is not None and c.transport is not None:
                 c.gone = True
                 c.transport.close()  # after what is buffered is written
-                self._loop.call_later(LINGER_S, c.transport.abort)
+                self._loop.call_later(LINGER_S, c.abort)
         elif tag == "deliver":
             port = self._ports.get(val.port)
             if port is None:
@@ -842,6 +855,35 @@ class Node:
             total -= sizes.pop(most)
             most.fail(f"peer does not read: the node's connections have more than {limit} "
                       "bytes waiting, this one the most")
+        self._write_total = total
+
+    def _all_behind(self) -> bool:
+        """Whether all connections together have more than half of ``max_write_total``
+        waiting (counted again only when the last count says so)."""
+        half = self._limits.max_write_total // 2
+        if self._write_total > half:
+            self._write_total = sum(c.buffered() for c in self._conns.values())
+        return self._write_total > half
+
+    async def _wait_total_drained(self) -> None:
+        """Until :meth:`_all_behind` is false or the node stops; one poll for all
+        waiting sends."""
+        if self._total_drained is None:
+            self._total_drained = self._loop.create_future()
+            self._loop.call_later(TOTAL_DRAIN_POLL_S, self._poll_total)
+        # Shielded: a cancelled send must not end the others' wait.
+        await asyncio.shield(self._total_drained)
+
+    def _poll_total(self) -> None:
+        fut = self._total_drained
+        if fut is None:
+            return
+        if self._engine is not None and self._all_behind():
+            self._loop.call_later(TOTAL_DRAIN_POLL_S, self._poll_total)
+            return
+        self._total_drained = None
+        if not fut.done():
+            fut.set_result(None)
 
     def _write_paused(self, c: _Conn) -> None:
         """A connection whose transport asks to wait must write something every
@@ -901,7 +943,9 @@ class Node:
     async def send(self, port_id: str, *args: Any) -> None:
         """Sends ``args`` to ``port_id``. Sends of one loop round cross into the engine
         together. Returns once the message is queued and its node's connection has room
-        (waits while the peer is slow). Raises :class:`RefusedError` when the engine
+        (waits while the peer is slow: while its connection holds more than 1 MiB
+        unwritten, or while all connections together hold more than half of
+        ``max_write_total``, as long as its node is up). Raises :class:`RefusedError` when the engine
         refuses it, :class:`ClosedError` when the node is closed."""
         await self.send_batch([(port_id, args)])
 
@@ -928,6 +972,8 @@ class Node:
             c = self._conns.get(conn) if conn is not None else None
             if c is not None and c.paused:
                 await c.drained.wait()
+        while any(node in self._up for node in nodes) and self._all_behind():
+            await self._wait_total_drained()
 
     def kill(self, port_id: str, *reason: Any) -> None:
         """Kills a port (local or remote) with ``reason`` (what monitors receive)."""
@@ -1066,8 +1112,7 @@ class Node:
             await asyncio.wait([c.done for c in conns],
                                timeout=max(0.0, deadline - self._loop.time()))
         for c in conns:
-            if c.transport is not None:
-                c.transport.abort()
+            c.abort()
         self._stop(None)
 
     def _stop(self, error: Exception | None) -> None:
@@ -1079,8 +1124,7 @@ class Node:
             self._timer.cancel()
         for c in list(self._conns.values()):
             c.gone = True
-            if c.transport is not None:
-                c.transport.abort()
+            c.abort()
         self._conns.clear()
         for server in self._servers:
             server.close()
