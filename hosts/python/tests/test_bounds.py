@@ -207,3 +207,33 @@ async def test_sends_to_every_node_wait_past_half_the_write_total(
         await asyncio.wait_for(asyncio.gather(send, more, live), 20)
         await echo_round_trip(py, "half-live", "served again")
         assert not downs
+
+
+async def test_own_sends_to_a_full_local_port_are_refused() -> None:
+    async with await aemp.Node.start("py-pf", port_capacity=2) as py:
+        port = py.port()
+        with pytest.raises(aemp.PortFullError) as e:
+            await py.send_batch([(port.id, [1]), (port.id, [2]), (port.id, [3])])
+        assert e.value.kind == "port-full"
+        assert str(e.value) == f"port {port.id} is full (2 messages or {16 << 20} bytes waiting)"
+        assert port.pending == 2
+        with pytest.raises(aemp.PortFullError):
+            await py.send(port.id, 4)
+        assert [await port.recv(), await port.recv()] == [[1], [2]]
+        await py.send(port.id, 3)
+        assert await port.recv() == [3]
+        # Other ports are not affected.
+        other = py.port()
+        await py.send(other.id, "fine")
+        assert await other.recv() == ["fine"]
+    async with await aemp.Node.start("py-pf-bytes", port_bytes=1024) as py:
+        one = py.port()
+        blob = b"x" * 4096
+        # Two sends of one round: the first (an empty port takes one message of any
+        # size) goes in, the second finds no room.
+        results = await asyncio.gather(py.send(one.id, blob), py.send(one.id, "x"),
+                                       return_exceptions=True)
+        assert results[0] is None and isinstance(results[1], aemp.PortFullError)
+        assert one.pending == 1
+        # Its cost: the array head, a 3-byte byte-string head, the bytes, and 32.
+        assert one.pending_bytes == 1 + 3 + len(blob) + 32

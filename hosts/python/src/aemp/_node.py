@@ -40,7 +40,7 @@ def _now() -> int:
 class AempError(Exception):
     """An error of a node. ``kind`` is the engine's refusal kind (``invalid-port-id``,
     ``port-exists``, ``queue-full``, ``too-large``, ...) when the engine refused the call,
-    else None."""
+    ``port-full`` for :class:`PortFullError`, else None."""
 
     def __init__(self, message: str, kind: str | None = None) -> None:
         super().__init__(message)
@@ -53,6 +53,15 @@ class ClosedError(AempError):
 
 class RefusedError(AempError):
     """The engine refused the call; ``kind`` says why."""
+
+
+class PortFullError(AempError):
+    """A send of this node's application to one of its own ports found no room (see
+    :class:`Port`): no connection can hold such sends back, so they are refused instead
+    of queued past the port's bounds (as the JS host's ``PORT_FULL``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "port-full")
 
 
 # Tags cbor2 gives a meaning to (times, decimals, regexps, MIME, UUIDs, sets, ...), kept
@@ -317,7 +326,8 @@ class Port:
     senders wait (TCP backpressure). A full port that takes nothing for ``port_stall_ms``
     is stalled: what it holds past its bounds is dropped with one warning, and messages
     that find it full are dropped until it takes one, so one port nobody reads cannot
-    stop the node."""
+    stop the node. This node's own sends to it are refused with :class:`PortFullError`
+    when they do not fit."""
 
     def __init__(self, node: Node, port_id: str, capacity: int, capacity_bytes: int,
                  stall_ms: int) -> None:
@@ -336,6 +346,13 @@ class Port:
 
     def _full(self) -> bool:
         return len(self._queue) >= self._capacity or self._bytes >= self._capacity_bytes
+
+    def _room(self, count: int, cost: int) -> bool:
+        """Whether ``count`` more messages costing ``cost`` fit (an empty port takes one
+        message of any size)."""
+        held = len(self._queue) + count
+        return held <= self._capacity and (self._bytes + cost <= self._capacity_bytes
+                                           or held == 1)
 
     def _deliver(self, args: list[Any], cost: int) -> None:
         if self.closed or (self._stalled and self._full()):
@@ -470,6 +487,9 @@ class Node:
         self._connecting: set[asyncio.Task[None]] = set()
         self._inputs: list[tuple[int, bytes]] = []
         self._outbox: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        # Messages and their cost in the outbox for each local port: they count against
+        # its room until the engine delivers them.
+        self._reserved: dict[Port, tuple[int, int]] = {}
         self._round_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._listeners: dict[str, list[Callback]] = collections.defaultdict(list)
@@ -660,6 +680,8 @@ class Node:
 
     def _send_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
+        # The engine delivers them to local ports in this round's poll.
+        self._reserved.clear()
         while outbox:
             data = b"".join(p + a for p, a, _ in outbox)
             sizes = [n for p, a, _ in outbox for n in (len(p), len(a))]
@@ -952,15 +974,27 @@ class Node:
     async def send_batch(self, messages: Iterable[tuple[str, Sequence[Any]]]) -> None:
         """Sends ``(port_id, args)`` pairs in order, as :meth:`send` does, in one call into
         the engine. Each message is queued or refused on its own; the first refusal is
-        raised once all have been tried."""
+        raised once all have been tried. A message to a port of this node that has no
+        room for it is refused with :class:`PortFullError`."""
         if self.closed:
             raise ClosedError(f"node {self.id} is closed")
         futures: list[asyncio.Future[None]] = []
         nodes: set[str] = set()
         for port_id, args in messages:
             fut: asyncio.Future[None] = self._loop.create_future()
-            self._outbox.append((port_id.encode(), cbor2.dumps(list(args)), fut))
             futures.append(fut)
+            encoded = cbor2.dumps(list(args))
+            port = self._ports.get(port_id)
+            if port is not None:
+                count, cost = self._reserved.get(port, (0, 0))
+                count, cost = count + 1, cost + len(encoded) + PORT_MESSAGE_COST
+                if not port._room(count, cost):
+                    fut.set_exception(PortFullError(
+                        f"port {port_id} is full ({self._limits.port_capacity} messages or "
+                        f"{self._limits.port_bytes} bytes waiting)"))
+                    continue
+                self._reserved[port] = (count, cost)
+            self._outbox.append((port_id.encode(), encoded, fut))
             nodes.add(_node_of(port_id))
         self._schedule()
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -1137,6 +1171,7 @@ class Node:
         pending += [f for fs in self._monitors.values() for f in fs]
         pending += list(self._db_waiters.values())
         self._outbox.clear()
+        self._reserved.clear()
         self._up_waiters.clear()
         self._monitors.clear()
         self._db_waiters.clear()
