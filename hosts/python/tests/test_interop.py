@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
+import cbor2
 import pytest
 
 import aemp
@@ -120,7 +121,6 @@ async def test_unusual_cbor_survived(rust: list[RustNode]) -> None:
         await py.send("rust-cbor#echo", port.id, *odd)
         assert await asyncio.wait_for(port.recv(), 10) == odd
         # A tagged value cbor2 does not know decodes as a CBORTag.
-        import cbor2
         await py.send("rust-cbor#echo", port.id, cbor2.CBORTag(4711, "x"))
         assert await asyncio.wait_for(port.recv(), 10) == [cbor2.CBORTag(4711, "x")]
         # Tags whose content cbor2 cannot give their meaning stay tags; simple values and
@@ -212,3 +212,60 @@ async def test_full_port_holds_the_sender_back() -> None:
         got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(count)]
         await producer
         assert got == list(range(count))
+
+
+async def raw_peer(py: aemp.Node, node_id: str, secret: str) -> tuple[asyncio.StreamReader,
+                                                                      asyncio.StreamWriter]:
+    """A socket that does the handshake by hand (cleartext: the token is the secret in
+    hex, which the node accepts by default) and then speaks cbor framing."""
+    host, port_no = py.listen_addrs[0].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port_no))
+    writer.write(f"aemp;1;{node_id};hmac_sha3_512;cbor\nnonce\n"
+                 f"cleartext;{secret.encode().hex()};cbor\n".encode())
+    return reader, writer
+
+
+async def test_malformed_cbor_cuts_off_that_connection_only(rust: list[RustNode]) -> None:
+    async with await aemp.Node.start("py-malformed", secret="shared",
+                                     binds=["127.0.0.1:0"]) as py:
+        logs = logs_of(py)
+        inbox = py.port("inbox")
+        r = await rust_node("rust-beside", "shared", extra=("--connect", py.listen_addrs[0]))
+        rust.append(r)
+        await py.wait_up("rust-beside")
+        head = b"\x82\x65inbox"  # ["inbox", ...: messages name the local port
+        for name, bad, why in [
+            ("utf8", b"\x82\x62\xff\xfe\x01", "malformed cbor: text string is not UTF-8"),
+            ("reserved", head + b"\x1c", "malformed cbor: reserved additional information 28"),
+            ("deep", head + b"\x81" * 300 + b"\x00", "message nested deeper than 128 levels"),
+        ]:
+            reader, writer = await raw_peer(py, f"raw-{name}", "shared")
+            # A well-formed message first: the handshake worked.
+            writer.write(cbor2.dumps(["inbox", name]))
+            assert await asyncio.wait_for(inbox.recv(), 10) == [name]
+            writer.write(bad)
+            await asyncio.wait_for(reader.read(), 10)  # the node hangs up
+            writer.close()
+            assert any(line.endswith(f" disconnected - received message rejected: {why}.")
+                       for line in logs), logs
+            assert not py.is_up(f"raw-{name}")
+            # The other connection is still served.
+            await py.send("rust-beside#echo", inbox.id, f"after {name}")
+            assert await asyncio.wait_for(inbox.recv(), 10) == [f"after {name}"]
+            assert py.is_up("rust-beside")
+
+
+async def test_what_cbor2_cannot_represent_is_dropped_with_a_warning() -> None:
+    async with await aemp.Node.start("py-odd-tag", secret="shared",
+                                     binds=["127.0.0.1:0"]) as py:
+        logs = logs_of(py)
+        inbox = py.port("inbox")
+        reader, writer = await raw_peer(py, "raw-odd", "shared")
+        # Well-formed CBOR, so the engine passes it on: a bignum tag on a text string,
+        # which cbor2 refuses to decode.
+        writer.write(b"\x82\x65inbox\xc2\x61x" + cbor2.dumps(["inbox", "next"]))
+        assert await asyncio.wait_for(inbox.recv(), 10) == ["next"]
+        assert any(line.startswith(f"message for {inbox.id} dropped: ") and "bignum" in line
+                   for line in logs), logs
+        assert inbox.pending == 0 and py.is_up("raw-odd")
+        writer.close()
