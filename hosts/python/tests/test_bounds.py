@@ -6,26 +6,13 @@ import asyncio
 import os
 import re
 import signal
+from typing import Any
 
 import pytest
 
 import aemp
 
-from conftest import RustNode, rust_node
-
-
-def events_of(node: aemp.Node) -> tuple[list[str], dict[str, str]]:
-    logs: list[str] = []
-    downs: dict[str, str] = {}
-    node.on("log", lambda level, message: logs.append(message))
-    node.on("node-down", lambda peer, reason: downs.setdefault(peer, reason))
-    return logs, downs
-
-
-async def echo_round_trip(py: aemp.Node, peer: str, text: str) -> None:
-    async with py.port() as back:
-        await py.send(f"{peer}#echo", back.id, text)
-        assert await asyncio.wait_for(back.recv(), 10) == [text]
+from conftest import RustNodes, assert_sender_held_back, downs_of, echo, logs_of
 
 
 async def flood_until_down(py: aemp.Node, peer: str, downs: dict[str, str],
@@ -42,47 +29,61 @@ async def flood_until_down(py: aemp.Node, peer: str, downs: dict[str, str],
         await asyncio.gather(*sends)
 
 
-async def stopped_and_live(py: aemp.Node, rust: list[RustNode], name: str) -> None:
+async def stopped_and_live(py: aemp.Node, rust: RustNodes, name: str) -> None:
     """Two Rust nodes connected to ``py``; ``{name}-stuck`` is stopped (reads nothing)."""
     for suffix in ("stuck", "live"):
-        r = await rust_node(f"{name}-{suffix}", "s", extra=("--connect", py.listen_addrs[0]))
-        rust.append(r)
-        await py.wait_up(f"{name}-{suffix}")
+        await rust.dialing(py, f"{name}-{suffix}", "s")
     os.kill(rust[0].proc.pid, signal.SIGSTOP)
 
 
+async def fill_until_sends_wait(py: aemp.Node, peer: str) -> asyncio.Future[None]:
+    """Sends 64 KiB messages to the stopped ``peer`` one by one until one waits (its
+    connection holds more than its high water); returns that send."""
+    blob = b"x" * 65536
+    sent = 0
+    async with asyncio.timeout(30):
+        while True:
+            send = asyncio.ensure_future(py.send(f"{peer}#echo", f"{py.id}#nobody", blob))
+            done, _ = await asyncio.wait([send], timeout=0.5)
+            if not done:
+                assert sent > 0
+                return send
+            send.result()
+            sent += 1
+
+
 async def test_peer_that_does_not_read_is_cut_off_past_the_write_limit(
-        rust: list[RustNode]) -> None:
+        rust: RustNodes) -> None:
     limit = 512 * 1024  # below the level where sends wait, so only the limit stops them
     async with await aemp.Node.start("py-wq", secret="s", binds=["127.0.0.1:0"],
                                      max_write_queue=limit) as py:
-        _, downs = events_of(py)
+        downs = downs_of(py)
         await stopped_and_live(py, rust, "wq")
         await flood_until_down(py, "wq-stuck", downs)
         assert f"peer does not read: more than {limit} bytes waiting" in downs["wq-stuck"]
         assert "wq-live" not in downs
-        await echo_round_trip(py, "wq-live", "still served")
+        assert await echo(py, "wq-live", "still served") == ["still served"]
 
 
 async def test_peer_that_does_not_read_is_cut_off_after_the_write_timeout(
-        rust: list[RustNode]) -> None:
+        rust: RustNodes) -> None:
     timeout_ms = 1000
     async with await aemp.Node.start("py-wt", secret="s", binds=["127.0.0.1:0"],
                                      write_timeout_ms=timeout_ms) as py:
-        _, downs = events_of(py)
+        downs = downs_of(py)
         await stopped_and_live(py, rust, "wt")
         await flood_until_down(py, "wt-stuck", downs)
         assert f"peer does not read: nothing written for {timeout_ms} ms" in downs["wt-stuck"]
         assert "wt-live" not in downs
-        await echo_round_trip(py, "wt-live", "still served")
+        assert await echo(py, "wt-live", "still served") == ["still served"]
 
 
 async def test_connection_holding_most_is_cut_off_past_the_write_total(
-        rust: list[RustNode]) -> None:
+        rust: RustNodes) -> None:
     total = 512 * 1024
     async with await aemp.Node.start("py-wtot", secret="s", binds=["127.0.0.1:0"],
                                      max_write_total=total) as py:
-        _, downs = events_of(py)
+        downs = downs_of(py)
         await stopped_and_live(py, rust, "wtot")
         # Sends wait past half the total, so only a batch (it goes in whole) takes the
         # connections past it.
@@ -90,24 +91,23 @@ async def test_connection_holding_most_is_cut_off_past_the_write_total(
         assert (f"peer does not read: the node's connections have more than {total} bytes "
                 "waiting, this one the most") in downs["wtot-stuck"]
         assert "wtot-live" not in downs
-        await echo_round_trip(py, "wtot-live", "still served")
+        assert await echo(py, "wtot-live", "still served") == ["still served"]
 
 
 async def test_invalid_bounds_refused() -> None:
     for bound in ("port_capacity", "port_bytes", "port_stall_ms", "max_write_queue",
                   "max_write_total", "write_timeout_ms"):
+        bad: dict[str, Any] = {bound: 0}
         with pytest.raises(aemp.AempError, match=bound):
-            await aemp.Node.start("py-bad", **{bound: 0})
+            await aemp.Node.start("py-bad", **bad)
 
 
-async def test_stalled_port_drops_and_the_node_serves_another(rust: list[RustNode]) -> None:
+async def test_stalled_port_drops_and_the_node_serves_another(rust: RustNodes) -> None:
     capacity, stall_ms, count = 8, 500, 100
     async with await aemp.Node.start("py-stall", secret="s", binds=["127.0.0.1:0"],
                                      port_capacity=capacity, port_stall_ms=stall_ms) as py:
-        logs, _ = events_of(py)
-        r = await rust_node("stall-echo", "s", extra=("--connect", py.listen_addrs[0]))
-        rust.append(r)
-        await py.wait_up("stall-echo")
+        logs = logs_of(py)
+        await rust.dialing(py, "stall-echo", "s")
         stuck, live = py.port("stuck"), py.port("live")
         await py.send_batch([("stall-echo#echo", [stuck.id, i]) for i in range(count)])
         # The echoes come back in order over one connection: this one arrives only once
@@ -134,67 +134,37 @@ async def test_byte_bound_of_a_port_holds_the_sender_back() -> None:
     async with await aemp.Node.start("py-bb-rx", secret="s", binds=["127.0.0.1:0"],
                                      port_bytes=port_bytes) as rx, \
             await aemp.Node.start("py-bb-tx", secret="s") as tx:
-        inbox = rx.port("inbox")
-        tx.connect(rx.listen_addrs[0])
-        await tx.wait_up("py-bb-rx")
-        blob = b"x" * 16384
-        count = 1000  # 16 MiB, far below the default 1024 messages' worth of room
-
-        async def produce() -> None:
-            for i in range(count):
-                await tx.send("py-bb-rx#inbox", i, blob)
-
-        producer = asyncio.create_task(produce())
-        await asyncio.sleep(1.0)
-        # Nobody reads: the port stopped at its byte bound (plus one read's worth, at
-        # most 256 KiB in asyncio), and the sender waits on TCP.
-        assert inbox.pending_bytes < port_bytes + 256 * 1024 + len(blob)
-        assert not producer.done()
-        got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(count)]
-        await producer
-        assert got == list(range(count))
+        # 1000 messages, far below the default 1024 messages' worth of room: the port
+        # stops at its byte bound (plus one read's worth, at most 256 KiB in asyncio,
+        # and one message).
+        await assert_sender_held_back(
+            rx, tx, lambda inbox: inbox.pending_bytes < port_bytes + 256 * 1024 + 16384)
 
 
-async def test_peer_that_reads_again_is_read_again(rust: list[RustNode]) -> None:
+async def test_peer_that_reads_again_is_read_again(rust: RustNodes) -> None:
     # A connection that cannot write reads nothing more; once the peer reads what waits,
     # the node reads its answers again.
     async with await aemp.Node.start("py-rs", secret="s", binds=["127.0.0.1:0"]) as py:
-        _, downs = events_of(py)
+        downs = downs_of(py)
         await stopped_and_live(py, rust, "rs")
-        blob = b"x" * 65536
-        sent = 0
-        async with asyncio.timeout(30):
-            while True:
-                send = asyncio.ensure_future(py.send("rs-stuck#echo", f"{py.id}#nobody", blob))
-                done, _ = await asyncio.wait([send], timeout=0.5)
-                if not done:
-                    break  # the connection asked to wait
-                send.result()
-                sent += 1
-        assert sent > 0
+        send = await fill_until_sends_wait(py, "rs-stuck")
         os.kill(rust[0].proc.pid, signal.SIGCONT)
         await asyncio.wait_for(send, 10)
-        await echo_round_trip(py, "rs-stuck", "read again")
+        assert await echo(py, "rs-stuck", "read again") == ["read again"]
         assert "rs-stuck" not in downs
 
 
 async def test_sends_to_every_node_wait_past_half_the_write_total(
-        rust: list[RustNode]) -> None:
+        rust: RustNodes) -> None:
     total = 3 * 1024 * 1024  # half of it is more than one connection's 1 MiB high water
     async with await aemp.Node.start("py-half", secret="s", binds=["127.0.0.1:0"],
                                      max_write_total=total) as py:
-        _, downs = events_of(py)
+        downs = downs_of(py)
         await stopped_and_live(py, rust, "half")
         await asyncio.wait_for(py.send("half-live#echo", f"{py.id}#nobody", 0), 1)
-        blob = b"x" * 65536
         # Fill the stopped peer's connection to its high water (its sends then wait)...
-        async with asyncio.timeout(30):
-            while True:
-                send = asyncio.ensure_future(py.send("half-stuck#echo", f"{py.id}#nobody", blob))
-                done, _ = await asyncio.wait([send], timeout=0.5)
-                if not done:
-                    break
-                send.result()
+        send = await fill_until_sends_wait(py, "half-stuck")
+        blob = b"x" * 65536
         # ... and past half the total, below the total.
         more = asyncio.ensure_future(py.send_batch(
             [("half-stuck#echo", (f"{py.id}#nobody", blob))] * 10))
@@ -205,7 +175,7 @@ async def test_sends_to_every_node_wait_past_half_the_write_total(
         assert not done, "a send to the live peer went on past half of max_write_total"
         os.kill(rust[0].proc.pid, signal.SIGCONT)
         await asyncio.wait_for(asyncio.gather(send, more, live), 20)
-        await echo_round_trip(py, "half-live", "served again")
+        assert await echo(py, "half-live", "served again") == ["served again"]
         assert not downs
 
 

@@ -11,7 +11,7 @@ import pytest
 import aemp
 from aemp.config import ConfigError, load_profile
 
-from conftest import RustNode, rust_node
+from conftest import RustNode, RustNodes, echo
 
 RC = """{
    "secret" : "top",   # defaults for every profile
@@ -53,20 +53,15 @@ def test_bad_files_are_errors(tmp_path: Path) -> None:
         load_profile("a", rc)
 
 
-async def test_node_from_config_talks_to_rust(rust: list[RustNode], tmp_path: Path,
+async def test_node_from_config_talks_to_rust(rust: RustNodes, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    r = await rust_node("rust-rc", "top", "json")
-    rust.append(r)
     rc = tmp_path / "rc"
     rc.write_text(RC)
     monkeypatch.setenv("PERL_ANYEVENT_MP_RC", str(rc))
     async with await aemp.Node.from_config("seed", node_id="py-rc") as py:
         assert py.listen_addrs and py.listen_addrs[0].startswith("127.0.0.1:")
-        py.connect(r.addr)
-        await py.wait_up("rust-rc")
-        port = py.port()
-        await py.send("rust-rc#echo", port.id, "via the rc file")
-        assert await port.recv() == ["via the rc file"]
+        await rust.dialed_by(py, "rust-rc", "top", "json")
+        assert await echo(py, "rust-rc", "via the rc file") == ["via the rc file"]
 
 
 def test_auth_keys_and_secure_as_the_rust_host_reads_them(tmp_path: Path) -> None:
@@ -114,10 +109,9 @@ async def handshake_log(profile: str, peer: RustNode) -> str:
 
 
 async def test_auth_keys_restrict_the_handshake_with_rust(
-        rust: list[RustNode], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tls_peer = await rust_node("rust-auth-tls", "top", cert=True)
-    hmac_peer = await rust_node("rust-auth-hmac", "top")
-    rust += [tls_peer, hmac_peer]
+        rust: RustNodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tls_peer = await rust.start("rust-auth-tls", "top", cert=True)
+    hmac_peer = await rust.start("rust-auth-hmac", "top")
     rc = tmp_path / "rc"
     tls_only = ["tls_sha3_512"]
     hmac_only = ["hmac_sha3_512"]

@@ -11,48 +11,31 @@ import pytest
 import aemp
 from aemp import _engine
 
-from conftest import RustNode, rust_node
-
-
-def logs_of(node: aemp.Node) -> list[str]:
-    logs: list[str] = []
-    node.on("log", lambda level, message: logs.append(message))
-    return logs
+from conftest import RustNodes, assert_sender_held_back, echo, logs_of
 
 
 @pytest.mark.parametrize("framing", ["json", "cbor"])
-async def test_messages_both_ways(rust: list[RustNode], framing: str) -> None:
-    r = await rust_node(f"rust-{framing}", "shared", framing)
-    rust.append(r)
+async def test_messages_both_ways(rust: RustNodes, framing: str) -> None:
     async with await aemp.Node.start(f"py-{framing}", secret="shared",
                                      framings=[framing]) as py:
         logs = logs_of(py)
-        py.connect(r.addr)
-        await py.wait_up(f"rust-{framing}")
+        await rust.dialed_by(py, f"rust-{framing}", "shared", framing)
         assert any(f"connected as rust-{framing} (hmac_sha3_512/hmac_sha3_512 "
                    f"{framing}/{framing})" in line for line in logs), logs
-        async with py.port() as port:
-            # The echo port sends the rest back to the port in the first argument.
-            await py.send(f"rust-{framing}#echo", port.id, "hello", 42, {"k": [1.5, True, None]})
-            assert await asyncio.wait_for(port.recv(), 10) == ["hello", 42, {"k": [1.5, True, None]}]
+        args = ["hello", 42, {"k": [1.5, True, None]}]
+        assert await echo(py, f"rust-{framing}", *args) == args
 
 
-async def test_rust_connects_to_python(rust: list[RustNode]) -> None:
+async def test_rust_connects_to_python(rust: RustNodes) -> None:
     async with await aemp.Node.start("py-listen", secret="shared",
                                      binds=["127.0.0.1:0"]) as py:
-        port = py.port("inbox")
-        # cbor: a json link turns byte strings into text.
-        r = await rust_node("rust-dialer", "shared", "cbor",
-                            extra=("--connect", py.listen_addrs[0]))
-        rust.append(r)
-        await py.wait_up("rust-dialer")
-        await py.send("rust-dialer#echo", port.id, b"\x00\x01\xff", 2**70)
-        assert await asyncio.wait_for(port.recv(), 10) == [b"\x00\x01\xff", 2**70]
+        # cbor (the default): a json link turns byte strings into text.
+        await rust.dialing(py, "rust-dialer", "shared")
+        assert await echo(py, "rust-dialer", b"\x00\x01\xff", 2**70) == [b"\x00\x01\xff", 2**70]
 
 
-async def test_wrong_secret_refused_with_reference_text(rust: list[RustNode]) -> None:
-    r = await rust_node("rust-secret", "right")
-    rust.append(r)
+async def test_wrong_secret_refused_with_reference_text(rust: RustNodes) -> None:
+    r = await rust.start("rust-secret", "right")
     async with await aemp.Node.start("py-secret", secret="wrong") as py:
         refused = asyncio.get_running_loop().create_future()
 
@@ -67,9 +50,8 @@ async def test_wrong_secret_refused_with_reference_text(rust: list[RustNode]) ->
         assert not py.is_up("rust-secret")
 
 
-async def test_tls_with_reference_certificate(rust: list[RustNode]) -> None:
-    r = await rust_node("rust-tls", "shared", cert=True)
-    rust.append(r)
+async def test_tls_with_reference_certificate(rust: RustNodes) -> None:
+    r = await rust.start("rust-tls", "shared", cert=True)
     cert = r.rc["cert"]
     assert isinstance(cert, str)
     async with await aemp.Node.start("py-tls", secret="shared", cert=cert) as py:
@@ -78,17 +60,12 @@ async def test_tls_with_reference_certificate(rust: list[RustNode]) -> None:
         await py.wait_up("rust-tls")
         assert any("connected as rust-tls (tls_sha3_512/tls_sha3_512 cbor/cbor, tls)" in line
                    for line in logs), logs
-        port = py.port()
-        await py.send("rust-tls#echo", port.id, b"\x00\x01\xff")
-        assert await asyncio.wait_for(port.recv(), 10) == [b"\x00\x01\xff"]
+        assert await echo(py, "rust-tls", b"\x00\x01\xff") == [b"\x00\x01\xff"]
 
 
-async def test_monitor_fires_on_kill(rust: list[RustNode]) -> None:
-    r = await rust_node("rust-mon", "shared")
-    rust.append(r)
+async def test_monitor_fires_on_kill(rust: RustNodes) -> None:
     async with await aemp.Node.start("py-mon", secret="shared") as py:
-        py.connect(r.addr)
-        await py.wait_up("rust-mon")
+        await rust.dialed_by(py, "rust-mon", "shared")
         watched = asyncio.ensure_future(py.monitor("rust-mon#echo"))
         await asyncio.sleep(0.2)
         assert not watched.done()
@@ -96,9 +73,8 @@ async def test_monitor_fires_on_kill(rust: list[RustNode]) -> None:
         assert await asyncio.wait_for(watched, 10) == ["bye", 7]
 
 
-async def test_found_through_rust_seed(rust: list[RustNode]) -> None:
-    seed = await rust_node("rust-seed", "shared")
-    rust.append(seed)
+async def test_found_through_rust_seed(rust: RustNodes) -> None:
+    seed = await rust.start("rust-seed", "shared")
     async with await aemp.Node.start("py-a", secret="shared", binds=["127.0.0.1:0"],
                                      seeds=[seed.addr]) as a, \
             await aemp.Node.start("py-b", secret="shared", binds=["127.0.0.1:0"],
@@ -110,31 +86,22 @@ async def test_found_through_rust_seed(rust: list[RustNode]) -> None:
         assert await asyncio.wait_for(inbox.recv(), 15) == ["found"]
 
 
-async def test_unusual_cbor_survived(rust: list[RustNode]) -> None:
-    r = await rust_node("rust-cbor", "shared")
-    rust.append(r)
+async def test_unusual_cbor_survived(rust: RustNodes) -> None:
     async with await aemp.Node.start("py-cbor", secret="shared") as py:
-        py.connect(r.addr)
-        await py.wait_up("rust-cbor")
-        port = py.port()
+        await rust.dialed_by(py, "rust-cbor", "shared")
         odd = [-(2**80), b"", {1: "int key"}, float("inf"), "\u00e9\U0001f600", [[[[]]]]]
-        await py.send("rust-cbor#echo", port.id, *odd)
-        assert await asyncio.wait_for(port.recv(), 10) == odd
+        assert await echo(py, "rust-cbor", *odd) == odd
         # A tagged value cbor2 does not know decodes as a CBORTag.
-        await py.send("rust-cbor#echo", port.id, cbor2.CBORTag(4711, "x"))
-        assert await asyncio.wait_for(port.recv(), 10) == [cbor2.CBORTag(4711, "x")]
+        assert await echo(py, "rust-cbor", cbor2.CBORTag(4711, "x")) == [cbor2.CBORTag(4711, "x")]
         # Tags whose content cbor2 cannot give their meaning stay tags; simple values and
         # undefined survive.
         odd = [cbor2.CBORTag(1, "not a time"), cbor2.CBORTag(36, 5), cbor2.undefined,
                cbor2.CBORSimpleValue(99)]
-        await py.send("rust-cbor#echo", port.id, *odd)
-        assert await asyncio.wait_for(port.recv(), 10) == odd
+        assert await echo(py, "rust-cbor", *odd) == odd
         assert py.is_up("rust-cbor")
 
 
-async def test_close_delivers_queued(rust: list[RustNode]) -> None:
-    r = await rust_node("rust-close", "shared", extra=())
-    rust.append(r)
+async def test_close_delivers_queued() -> None:
     async with await aemp.Node.start("py-close-rx", secret="shared",
                                      binds=["127.0.0.1:0"]) as rx:
         inbox = rx.port("inbox")
@@ -170,7 +137,7 @@ async def test_thousand_nodes_leave_no_instances() -> None:
     assert len(_engine.live_instances) == 0
 
 
-async def test_garbage_from_raw_sockets_harms_nothing(rust: list[RustNode]) -> None:
+async def test_garbage_from_raw_sockets_harms_nothing(rust: RustNodes) -> None:
     async with await aemp.Node.start("py-garbage", secret="shared",
                                      binds=["127.0.0.1:0"]) as py:
         host, port_no = py.listen_addrs[0].rsplit(":", 1)
@@ -181,37 +148,16 @@ async def test_garbage_from_raw_sockets_harms_nothing(rust: list[RustNode]) -> N
             await writer.drain()
             await asyncio.wait_for(reader.read(), 10)  # the node hangs up
             writer.close()
-        inbox = py.port("inbox")
-        r = await rust_node("rust-after", "shared", extra=("--connect", py.listen_addrs[0]))
-        rust.append(r)
-        await py.wait_up("rust-after")
-        await py.send("rust-after#echo", inbox.id, "still here")
-        assert await asyncio.wait_for(inbox.recv(), 10) == ["still here"]
+        await rust.dialing(py, "rust-after", "shared")
+        assert await echo(py, "rust-after", "still here") == ["still here"]
 
 
 async def test_full_port_holds_the_sender_back() -> None:
     async with await aemp.Node.start("py-bp-rx", secret="s", binds=["127.0.0.1:0"],
                                      port_capacity=8) as rx, \
             await aemp.Node.start("py-bp-tx", secret="s") as tx:
-        inbox = rx.port("inbox")
-        tx.connect(rx.listen_addrs[0])
-        await tx.wait_up("py-bp-rx")
-        blob = b"x" * 16384
-        count = 1000  # 16 MiB: far more than the socket buffers hold
-
-        async def produce() -> None:
-            for i in range(count):
-                await tx.send("py-bp-rx#inbox", i, blob)
-
-        producer = asyncio.create_task(produce())
-        await asyncio.sleep(1.0)
-        # Nobody reads: the port stopped at its bound (plus one read's worth), and the
-        # sender waits on TCP instead of queueing everything.
-        assert inbox.pending < 8 + 64
-        assert not producer.done()
-        got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(count)]
-        await producer
-        assert got == list(range(count))
+        # At its capacity, plus one read's worth.
+        await assert_sender_held_back(rx, tx, lambda inbox: inbox.pending < 8 + 64)
 
 
 async def raw_peer(py: aemp.Node, node_id: str, secret: str) -> tuple[asyncio.StreamReader,
@@ -225,14 +171,12 @@ async def raw_peer(py: aemp.Node, node_id: str, secret: str) -> tuple[asyncio.St
     return reader, writer
 
 
-async def test_malformed_cbor_cuts_off_that_connection_only(rust: list[RustNode]) -> None:
+async def test_malformed_cbor_cuts_off_that_connection_only(rust: RustNodes) -> None:
     async with await aemp.Node.start("py-malformed", secret="shared",
                                      binds=["127.0.0.1:0"]) as py:
         logs = logs_of(py)
         inbox = py.port("inbox")
-        r = await rust_node("rust-beside", "shared", extra=("--connect", py.listen_addrs[0]))
-        rust.append(r)
-        await py.wait_up("rust-beside")
+        await rust.dialing(py, "rust-beside", "shared")
         head = b"\x82\x65inbox"  # ["inbox", ...: messages name the local port
         for name, bad, why in [
             ("utf8", b"\x82\x62\xff\xfe\x01", "malformed cbor: text string is not UTF-8"),
@@ -250,8 +194,7 @@ async def test_malformed_cbor_cuts_off_that_connection_only(rust: list[RustNode]
                        for line in logs), logs
             assert not py.is_up(f"raw-{name}")
             # The other connection is still served.
-            await py.send("rust-beside#echo", inbox.id, f"after {name}")
-            assert await asyncio.wait_for(inbox.recv(), 10) == [f"after {name}"]
+            assert await echo(py, "rust-beside", f"after {name}") == [f"after {name}"]
             assert py.is_up("rust-beside")
 
 
