@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,20 @@ async def test_auth_keys_restrict_the_handshake_with_rust(
         "disconnected - hmac_sha3_512: fatal, selected unsupported snd auth method.")
     # Accepting only a TLS method with no TLS: the peer finds nothing it may send.
     assert " disconnected - " in await handshake_log("tls-without-cert", hmac_peer)
+
+
+async def test_binds_as_the_rust_host_reads_them(rust: RustNodes) -> None:
+    seed = await rust.start("rust-binds", "s")
+    # A bare number is that port on every interface (0: a dynamic one), a port `*` a
+    # dynamic one.
+    async with await aemp.Node.start("py-binds", secret="s", binds=["0", "127.0.0.1:*"],
+                                     seeds=[seed.addr]) as py:
+        every, local = py.listen_addrs
+        assert every.startswith("0.0.0.0:") and local.startswith("127.0.0.1:")
+        assert not every.endswith(":0") and not local.endswith(":0")
+        await py.wait_up("rust-binds")
+        # The unspecified address is announced as the host name.
+        listeners = (await py.db_family("'l"))["py-binds"]
+        assert listeners == [f"{socket.gethostname()}:{every.rpartition(':')[2]}", local]
+    with pytest.raises(aemp.AempError, match="cannot listen on 127.0.0.1:x"):
+        await aemp.Node.start("py-bad-bind", binds=["127.0.0.1:x"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import os
 import socket
 import ssl
@@ -124,14 +125,14 @@ def _auth_methods(names: Sequence[str]) -> list[str]:
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` (the host possibly in brackets, ``*`` for every interface); a bind
-    without a port (AnyEvent::MP's default ``*``) takes a dynamic one."""
-    if addr.count(":") != 1 and not addr.startswith("["):
-        host, port = addr, "0"
-    else:
-        host, _, port = addr.rpartition(":")
+    """``host:port`` (the host possibly in brackets), read as the Rust host reads binds: a
+    host ``*`` (or none) is every interface, a port ``*`` (or none: AnyEvent::MP's
+    default bind ``*``) a dynamic one, a bare number that port on every interface."""
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        host, port = ("*", addr) if addr.isdigit() else (addr, "0")
     host = host.strip("[]")
-    return ("0.0.0.0" if host in ("*", "") else host), int(port)
+    return ("0.0.0.0" if host in ("*", "") else host), int("0" if port == "*" else port)
 
 
 @dataclass(frozen=True)
@@ -592,18 +593,24 @@ class Node:
         return await cls.start(**options)
 
     async def _listen(self, binds: Iterable[str]) -> None:
+        hostname = socket.gethostname()
+        announced: list[str] = []
         for bind in binds:
-            host, port = _split_addr(bind)
             try:
+                host, port = _split_addr(bind)
                 server = await self._loop.create_server(lambda: _Conn(self, None), host, port)
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 raise AempError(f"cannot listen on {bind}: {e}") from e
             self._servers.append(server)
             for sock in server.sockets:
                 h, p = sock.getsockname()[:2]
                 self.listen_addrs.append(f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
-        if self.listen_addrs:
-            self._call("set-binds", self.listen_addrs, _now())
+                # Nobody can dial an unspecified address: the host name is announced
+                # instead, as the Rust host does.
+                announced.append(f"{hostname}:{p}" if ipaddress.ip_address(h).is_unspecified
+                                 else self.listen_addrs[-1])
+        if announced:
+            self._call("set-binds", announced, _now())
 
     # context manager, events
 
