@@ -18,7 +18,7 @@ RC = """{
    "secret" : "top",   # defaults for every profile
    "monitor_timeout" : 5,
    "profile" : {
-      "seed"  : { "binds" : ["127.0.0.1:0"], "framing_format" : ["json", "storable"], },
+      "seed"  : { "binds" : ["127.0.0.1:0"], "framing_format" : ["json", "storable", "x"], },
       "web"   : { "parent" : "seed", "nodeid" : "web/%n", "secret" : null },
    },
 }
@@ -33,7 +33,7 @@ def test_profiles_layer_defaults_top_level_and_parents(tmp_path: Path) -> None:
     assert web.secret is None  # null: not set, the built-in default (none) applies
     assert load_profile("seed", rc).secret == "top"
     assert web.binds == ["127.0.0.1:0"]
-    assert web.framings == ["json"]  # storable is never offered
+    assert web.framings == ["json"]  # storable (and an unknown one) is never offered
     assert web.monitor_timeout == 5 and web.connect_interval == 2
     other = load_profile("box", rc)
     assert other.node_id == "box/" and other.binds == ["*"]
@@ -82,6 +82,11 @@ def test_auth_keys_and_secure_as_the_rust_host_reads_them(tmp_path: Path) -> Non
     assert default.secure is False
     with pytest.raises(ConfigError, match="monitor_timeout"):
         load_profile("c", rc)
+
+
+async def test_unknown_framing_given_to_start_is_an_error() -> None:
+    with pytest.raises(aemp.AempError, match="unknown framing 'storable'"):
+        await aemp.Node.start("py-storable", framings=["json", "storable"])
 
 
 async def test_unknown_auth_method_is_an_error(tmp_path: Path,

@@ -112,6 +112,8 @@ def tls_contexts(pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return contexts
 
 
+# The framings the engine speaks.
+FRAMINGS = ("cbor", "json")
 # The configuration's names of the engine's auth methods.
 _AUTH_METHODS = {"tls_sha3_512": "tls-sha3512", "hmac_sha3_512": "hmac-sha3512",
                  "tls_anon": "tls-anon", "cleartext": "cleartext"}
@@ -549,6 +551,10 @@ class Node:
         if secret is not None:
             transport.secret = secret.encode() if isinstance(secret, str) else secret
         if framings is not None:
+            unknown = [f for f in framings if f not in FRAMINGS]
+            if unknown:
+                raise AempError(f"unknown framing {unknown[0]!r} (the engine speaks cbor "
+                                "and json)")
             transport.framings = list(framings)
         if auth_offer is not None:
             setattr(transport, "auth-offer", _auth_methods(auth_offer))

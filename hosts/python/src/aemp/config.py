@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._node import FRAMINGS
+
 DEFAULTS: dict[str, Any] = {
     "monitor_timeout": 30,
     "connect_interval": 2,
@@ -29,8 +31,6 @@ DEFAULTS: dict[str, Any] = {
     "seeds": [],
     "secure": False,
 }
-# Framings AnyEvent::MP knows and the engine cannot speak: never offered.
-_UNSUPPORTED_FRAMINGS = {"storable"}
 
 
 class ConfigError(ValueError):
@@ -201,7 +201,9 @@ def resolve(rc: dict[str, Any], name: str | None = None) -> Profile:
         cert=text("cert"),
         binds=strings("binds"),
         seeds=strings("seeds"),
-        framings=[f for f in strings("framing_format") if f not in _UNSUPPORTED_FRAMINGS],
+        # Others (AnyEvent::MP's storable, unknown names) are never offered, as the Rust
+        # host drops them.
+        framings=[f for f in strings("framing_format") if f in FRAMINGS],
         auth_offer=strings("auth_offer"),
         auth_accept=strings("auth_accept"),
         monitor_timeout=seconds("monitor_timeout"),
