@@ -980,8 +980,9 @@ class Node:
         together. Returns once the message is queued and its node's connection has room
         (waits while the peer is slow: while its connection holds more than 1 MiB
         unwritten, or while all connections together hold more than half of
-        ``max_write_total``, as long as its node is up). Raises :class:`RefusedError` when the engine
-        refuses it, :class:`ClosedError` when the node is closed."""
+        ``max_write_total``, as long as its node is up). Raises :class:`RefusedError`
+        when the engine refuses it, :class:`PortFullError` when it is for a port of this
+        node that has no room, :class:`ClosedError` when the node is closed."""
         await self.send_batch([(port_id, args)])
 
     async def send_batch(self, messages: Iterable[tuple[str, Sequence[Any]]]) -> None:
