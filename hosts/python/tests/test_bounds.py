@@ -207,3 +207,28 @@ async def test_own_sends_to_a_full_local_port_are_refused() -> None:
         assert one.pending == 1
         # Its cost: the array head, a 3-byte byte-string head, the bytes, and 32.
         assert one.pending_bytes == 1 + 3 + len(blob) + 32
+
+
+async def test_engine_settings_reach_the_engine() -> None:
+    async with await aemp.Node.start("py-eng", max_message_size=1024, max_depth=4,
+                                     max_queue_bytes=4096) as py:
+        # Nobody is connected to "elsewhere": its messages wait in the engine's queue.
+        with pytest.raises(aemp.RefusedError) as e:
+            await py.send("elsewhere#p", b"x" * 2000)
+        assert e.value.kind == "too-large"
+        with pytest.raises(aemp.RefusedError) as e:
+            await py.send("elsewhere#p", [[[[1]]]])
+        assert e.value.kind == "too-deep"
+        with pytest.raises(aemp.RefusedError) as e:
+            for _ in range(5):
+                await py.send("elsewhere#p", b"x" * 1000)
+        assert e.value.kind == "queue-full"
+    async with await aemp.Node.start("py-budget", max_buffered_bytes=4096) as py:
+        with pytest.raises(aemp.RefusedError) as e:
+            for _ in range(5):
+                await py.send("elsewhere#p", b"x" * 1000)
+        assert e.value.kind == "budget-exhausted"
+    for setting, bad in [("max_depth", 0), ("max_handshakes", 2**32), ("max_queue_bytes", -1)]:
+        options: dict[str, Any] = {setting: bad}
+        with pytest.raises(aemp.AempError, match=setting):
+            await aemp.Node.start("py-bad-setting", **options)

@@ -212,3 +212,28 @@ async def test_what_cbor2_cannot_represent_is_dropped_with_a_warning() -> None:
                    for line in logs), logs
         assert inbox.pending == 0 and py.is_up("raw-odd")
         writer.close()
+
+
+async def test_keepalive_and_handshake_settings_reach_the_engine() -> None:
+    async with await aemp.Node.start("py-keepalive", secret="shared", binds=["127.0.0.1:0"],
+                                     keepalive_interval_ms=200, max_handshakes=1) as py:
+        reader, writer = await raw_peer(py, "raw-idle", "shared")
+        for _ in range(3):  # the node's greeting, nonce and auth lines
+            await asyncio.wait_for(reader.readline(), 10)
+        await py.wait_up("raw-idle")
+        # Nothing is sent to the peer, yet the keepalive comes.
+        assert await asyncio.wait_for(reader.read(1), 5)
+        writer.close()
+        # Two sockets in their handshake at once: one more than max_handshakes, so one
+        # of them is closed at once; the other waits for its greeting.
+        host, port_no = py.listen_addrs[0].rsplit(":", 1)
+        pending = [await asyncio.open_connection(host, int(port_no)) for _ in range(2)]
+        reads = [asyncio.ensure_future(r.read()) for r, _ in pending]
+        done, waiting = await asyncio.wait(reads, timeout=5,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.5)
+        assert len(done) == 1 and len(waiting) == 1 and not any(t.done() for t in waiting)
+        for task in waiting:
+            task.cancel()
+        for _, w in pending:
+            w.close()

@@ -150,8 +150,26 @@ class _Limits:
 
     def check(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise AempError(f"{name} must be a positive integer, not {value!r}")
+            _check_positive(name, value)
+
+
+def _check_positive(name: str, value: Any, most: int | None = None) -> None:
+    if (not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            or (most is not None and value > most)):
+        bound = f" up to {most}" if most is not None else ""
+        raise AempError(f"{name} must be a positive integer{bound}, not {value!r}")
+
+
+# The engine's settings among Node.start's options: where they go in its node config, and
+# the most their WIT type holds.
+_ENGINE_SETTINGS: dict[str, tuple[tuple[str, ...], int]] = {
+    "max_message_size": (("transport", "limits", "max-message-size"), 2**32 - 1),
+    "max_depth": (("transport", "limits", "max-depth"), 2**32 - 1),
+    "keepalive_interval_ms": (("transport", "keepalive-interval-ms"), 2**64 - 1),
+    "max_queue_bytes": (("max-queue-bytes",), 2**64 - 1),
+    "max_buffered_bytes": (("max-buffered-bytes",), 2**64 - 1),
+    "max_handshakes": (("max-handshakes",), 2**32 - 1),
+}
 
 
 def _node_of(port_id: str) -> str:
@@ -523,6 +541,12 @@ class Node:
         max_write_queue: int = 64 * 1024 * 1024,
         max_write_total: int = 128 * 1024 * 1024,
         write_timeout_ms: int | None = None,
+        max_message_size: int | None = None,
+        max_depth: int | None = None,
+        keepalive_interval_ms: int | None = None,
+        max_queue_bytes: int | None = None,
+        max_buffered_bytes: int | None = None,
+        max_handshakes: int | None = None,
     ) -> Node:
         """Starts a node. ``node_id`` defaults to ``<hostname>/`` (``%n``, ``%u`` and a
         trailing ``/`` are expanded); ``cert`` is the PEM text of an AnyEvent::MP
@@ -538,7 +562,15 @@ class Node:
         ``max_write_queue`` bytes waiting to be written is closed, as is the one holding
         the most when all hold more than ``max_write_total``, and one whose pending
         writes make no progress for ``write_timeout_ms`` (default: the monitor timeout,
-        30 s). Each closes with ``peer does not read: ...``, the engine told why."""
+        30 s). Each closes with ``peer does not read: ...``, the engine told why.
+
+        The engine's settings, as the Rust host's ``NodeBuilder`` has them (None: the
+        engine's default): ``max_message_size`` (16 MiB) and ``max_depth`` (128) bound
+        messages both ways, ``keepalive_interval_ms`` sends a keepalive after that long
+        without sending (default none), ``max_queue_bytes`` (16 MiB) bounds what waits
+        for one node not connected yet, ``max_buffered_bytes`` (64 MiB) what the engine
+        holds for peers all together, ``max_handshakes`` (256) the accepted connections
+        in their handshake at once."""
         if write_timeout_ms is None:
             write_timeout_ms = monitor_timeout_ms or 30000
         limits = _Limits(port_capacity, port_bytes, port_stall_ms, max_write_queue,
@@ -564,6 +596,19 @@ class Node:
             setattr(transport, "monitor-timeout-ms", monitor_timeout_ms)
         if connect_interval_ms is not None:
             setattr(config, "connect-interval-ms", connect_interval_ms)
+        settings = {"max_message_size": max_message_size, "max_depth": max_depth,
+                    "keepalive_interval_ms": keepalive_interval_ms,
+                    "max_queue_bytes": max_queue_bytes,
+                    "max_buffered_bytes": max_buffered_bytes, "max_handshakes": max_handshakes}
+        for name, value in settings.items():
+            if value is None:
+                continue
+            path, most = _ENGINE_SETTINGS[name]
+            _check_positive(name, value, most)
+            target = config
+            for key in path[:-1]:
+                target = getattr(target, key)
+            setattr(target, path[-1], value)
         try:
             tls = tls_contexts(cert) if cert is not None else None
         except (ssl.SSLError, OSError) as e:
