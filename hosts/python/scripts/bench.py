@@ -1,6 +1,9 @@
 """Python host figures, loopback: messages/s one way between two Python nodes, messages/s
 and round-trip p50 through a Rust `aemp run --echo` node ($AEMP_BIN).
-Usage: AEMP_BIN=... AEMP_WASM_DIR=... python scripts/bench.py [COUNT]"""
+Usage: AEMP_BIN=... AEMP_WASM_DIR=... python scripts/bench.py [COUNT]
+
+The Rust node's build counts (a debug binary is far slower): set AEMP_BIN to the release
+binary the Rust and JS figures of the same run use, and compare only those."""
 
 from __future__ import annotations
 
@@ -81,6 +84,7 @@ async def via_rust(count: int) -> tuple[float, float]:
 
 async def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    print(f"# AEMP_BIN={AEMP_BIN}, {count} messages a run")
     print(f"py_msgs_per_s_one_way_py_to_py   {await one_way(count):12.0f}")
     rate, p50 = await via_rust(count)
     print(f"py_msgs_per_s_echo_via_rust      {rate:12.0f}  (out and back: each counted once)")

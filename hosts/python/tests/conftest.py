@@ -9,11 +9,13 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import aemp
 
 ROOT = Path(__file__).resolve().parents[3]
 AEMP_BIN = Path(os.environ.get("AEMP_BIN", ROOT / "target" / "debug" / "aemp"))
@@ -60,12 +62,88 @@ async def rust_node(node_id: str, secret: str, framing: str = "cbor", cert: bool
     raise AssertionError("aemp run printed no address and echo port")
 
 
+class RustNodes(list[RustNode]):
+    """The Rust nodes of one test (the ``rust`` fixture), killed at its end."""
+
+    async def start(self, node_id: str, secret: str, framing: str = "cbor",
+                    cert: bool = False, extra: tuple[str, ...] = ()) -> RustNode:
+        """:func:`rust_node`, kept for the end of the test."""
+        node = await rust_node(node_id, secret, framing, cert, extra)
+        self.append(node)
+        return node
+
+    async def dialed_by(self, py: aemp.Node, node_id: str, secret: str,
+                        framing: str = "cbor") -> RustNode:
+        """A Rust node that ``py`` connects to, once it is up for ``py``."""
+        node = await self.start(node_id, secret, framing)
+        py.connect(node.addr)
+        await py.wait_up(node_id)
+        return node
+
+    async def dialing(self, py: aemp.Node, node_id: str, secret: str) -> RustNode:
+        """A Rust node that connects to ``py``'s first listener, once it is up for ``py``."""
+        node = await self.start(node_id, secret, extra=("--connect", py.listen_addrs[0]))
+        await py.wait_up(node_id)
+        return node
+
+
 @pytest.fixture
-async def rust() -> AsyncIterator[list[RustNode]]:
+async def rust() -> AsyncIterator[RustNodes]:
     """Rust nodes a test starts; killed at its end."""
-    nodes: list[RustNode] = []
+    nodes = RustNodes()
     yield nodes
     for n in nodes:
         if n.proc.returncode is None:
             n.proc.kill()
         await n.proc.wait()
+
+
+def logs_of(node: aemp.Node) -> list[str]:
+    """The node's log messages from now on."""
+    logs: list[str] = []
+    node.on("log", lambda level, message: logs.append(message))
+    return logs
+
+
+def downs_of(node: aemp.Node) -> dict[str, str]:
+    """The first node-down reason of each node from now on."""
+    downs: dict[str, str] = {}
+
+    def on_down(peer: str, reason: str) -> None:
+        downs.setdefault(peer, reason)
+
+    node.on("node-down", on_down)
+    return downs
+
+
+async def echo(py: aemp.Node, peer: str, *args: object) -> list[object]:
+    """What ``peer``'s echo port (``aemp run --echo``: it sends the rest of a message to
+    the port in its first argument) sends back for ``args``."""
+    async with py.port() as back:
+        await py.send(f"{peer}#echo", back.id, *args)
+        return await asyncio.wait_for(back.recv(), 10)
+
+
+async def assert_sender_held_back(rx: aemp.Node, tx: aemp.Node,
+                                  stopped: Callable[[aemp.Port], bool]) -> None:
+    """``tx`` sends 1000 messages of 16 KiB (16 MiB, far more than the socket buffers
+    hold) to a port of ``rx`` that nobody reads: a second later ``stopped(port)`` must
+    hold (the port stopped at its bound) and the sender must still wait on TCP instead
+    of queueing everything; then every message arrives, in order."""
+    inbox = rx.port("inbox")
+    tx.connect(rx.listen_addrs[0])
+    await tx.wait_up(rx.id)
+    blob = b"x" * 16384
+    count = 1000
+
+    async def produce() -> None:
+        for i in range(count):
+            await tx.send(inbox.id, i, blob)
+
+    producer = asyncio.create_task(produce())
+    await asyncio.sleep(1.0)
+    assert stopped(inbox), (inbox.pending, inbox.pending_bytes)
+    assert not producer.done()
+    got = [(await asyncio.wait_for(inbox.recv(), 10))[0] for _ in range(count)]
+    await producer
+    assert got == list(range(count))

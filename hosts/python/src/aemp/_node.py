@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import os
 import socket
 import ssl
@@ -27,6 +28,10 @@ HIGH_WATER = 1024 * 1024
 PORT_MESSAGE_COST = 32
 # How long a connection the engine closes may take to write what is queued for it.
 LINGER_S = 1.0
+# How often sends waiting for all connections together to drain below half of
+# max_write_total look again: asyncio reports no write progress of a transport below its
+# high-water mark, so there is nothing to wait on but time.
+TOTAL_DRAIN_POLL_S = 0.01
 
 
 def _now() -> int:
@@ -36,7 +41,7 @@ def _now() -> int:
 class AempError(Exception):
     """An error of a node. ``kind`` is the engine's refusal kind (``invalid-port-id``,
     ``port-exists``, ``queue-full``, ``too-large``, ...) when the engine refused the call,
-    else None."""
+    ``port-full`` for :class:`PortFullError`, else None."""
 
     def __init__(self, message: str, kind: str | None = None) -> None:
         super().__init__(message)
@@ -49,6 +54,15 @@ class ClosedError(AempError):
 
 class RefusedError(AempError):
     """The engine refused the call; ``kind`` says why."""
+
+
+class PortFullError(AempError):
+    """A send of this node's application to one of its own ports found no room (see
+    :class:`Port`): no connection can hold such sends back, so they are refused instead
+    of queued past the port's bounds (as the JS host's ``PORT_FULL``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "port-full")
 
 
 # Tags cbor2 gives a meaning to (times, decimals, regexps, MIME, UUIDs, sets, ...), kept
@@ -98,15 +112,29 @@ def tls_contexts(pem: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return contexts
 
 
+# The framings the engine speaks.
+FRAMINGS = ("cbor", "json")
+# The configuration's names of the engine's auth methods.
+_AUTH_METHODS = {"tls_sha3_512": "tls-sha3512", "hmac_sha3_512": "hmac-sha3512",
+                 "tls_anon": "tls-anon", "cleartext": "cleartext"}
+
+
+def _auth_methods(names: Sequence[str]) -> list[str]:
+    try:
+        return [_AUTH_METHODS[name] for name in names]
+    except KeyError as e:
+        raise AempError(f"unknown auth method {e.args[0]!r}") from None
+
+
 def _split_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` (the host possibly in brackets, ``*`` for every interface); a bind
-    without a port (AnyEvent::MP's default ``*``) takes a dynamic one."""
-    if addr.count(":") != 1 and not addr.startswith("["):
-        host, port = addr, "0"
-    else:
-        host, _, port = addr.rpartition(":")
+    """``host:port`` (the host possibly in brackets), read as the Rust host reads binds: a
+    host ``*`` (or none) is every interface, a port ``*`` (or none: AnyEvent::MP's
+    default bind ``*``) a dynamic one, a bare number that port on every interface."""
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        host, port = ("*", addr) if addr.isdigit() else (addr, "0")
     host = host.strip("[]")
-    return ("0.0.0.0" if host in ("*", "") else host), int(port)
+    return ("0.0.0.0" if host in ("*", "") else host), int("0" if port == "*" else port)
 
 
 @dataclass(frozen=True)
@@ -122,8 +150,26 @@ class _Limits:
 
     def check(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise AempError(f"{name} must be a positive integer, not {value!r}")
+            _check_positive(name, value)
+
+
+def _check_positive(name: str, value: Any, most: int | None = None) -> None:
+    if (not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            or (most is not None and value > most)):
+        bound = f" up to {most}" if most is not None else ""
+        raise AempError(f"{name} must be a positive integer{bound}, not {value!r}")
+
+
+# The engine's settings among Node.start's options: where they go in its node config, and
+# the most their WIT type holds.
+_ENGINE_SETTINGS: dict[str, tuple[tuple[str, ...], int]] = {
+    "max_message_size": (("transport", "limits", "max-message-size"), 2**32 - 1),
+    "max_depth": (("transport", "limits", "max-depth"), 2**32 - 1),
+    "keepalive_interval_ms": (("transport", "keepalive-interval-ms"), 2**64 - 1),
+    "max_queue_bytes": (("max-queue-bytes",), 2**64 - 1),
+    "max_buffered_bytes": (("max-buffered-bytes",), 2**64 - 1),
+    "max_handshakes": (("max-handshakes",), 2**32 - 1),
+}
 
 
 def _node_of(port_id: str) -> str:
@@ -240,13 +286,18 @@ class _Conn(asyncio.Protocol):
                 return
             self._send_records()
 
+    def abort(self) -> None:
+        """Drops the socket with what it holds, unless it is over already: asyncio's
+        transport fails on an abort after a close that wrote everything."""
+        if self.transport is not None and not self.done.done():
+            self.transport.abort()
+
     def fail(self, reason: str) -> None:
         """The host gives up on this connection."""
         if self.write_timer is not None:
             self.write_timer.cancel()
             self.write_timer = None
-        if self.transport is not None:
-            self.transport.abort()
+        self.abort()
         if not self.gone:
             self.gone = True
             self.node._lost(self, reason)
@@ -296,7 +347,8 @@ class Port:
     senders wait (TCP backpressure). A full port that takes nothing for ``port_stall_ms``
     is stalled: what it holds past its bounds is dropped with one warning, and messages
     that find it full are dropped until it takes one, so one port nobody reads cannot
-    stop the node."""
+    stop the node. This node's own sends to it are refused with :class:`PortFullError`
+    when they do not fit."""
 
     def __init__(self, node: Node, port_id: str, capacity: int, capacity_bytes: int,
                  stall_ms: int) -> None:
@@ -315,6 +367,13 @@ class Port:
 
     def _full(self) -> bool:
         return len(self._queue) >= self._capacity or self._bytes >= self._capacity_bytes
+
+    def _room(self, count: int, cost: int) -> bool:
+        """Whether ``count`` more messages costing ``cost`` fit (an empty port takes one
+        message of any size)."""
+        held = len(self._queue) + count
+        return held <= self._capacity and (self._bytes + cost <= self._capacity_bytes
+                                           or held == 1)
 
     def _deliver(self, args: list[Any], cost: int) -> None:
         if self.closed or (self._stalled and self._full()):
@@ -436,6 +495,10 @@ class Node:
         self._tls = tls
         self._limits = limits
         self._wrote = False  # a transmit since the last check of the write total
+        # Bytes all connections had waiting at the last count: only too high between
+        # counts, as sockets write in the background.
+        self._write_total = 0
+        self._total_drained: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._conns: dict[int, _Conn] = {}
         self._up: dict[str, int] = {}  # node id -> its working connection
@@ -445,6 +508,9 @@ class Node:
         self._connecting: set[asyncio.Task[None]] = set()
         self._inputs: list[tuple[int, bytes]] = []
         self._outbox: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        # Messages and their cost in the outbox for each local port: they count against
+        # its room until the engine delivers them.
+        self._reserved: dict[Port, tuple[int, int]] = {}
         self._round_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._listeners: dict[str, list[Callback]] = collections.defaultdict(list)
@@ -465,6 +531,8 @@ class Node:
         seeds: Sequence[str] = (),
         cert: str | None = None,
         framings: Sequence[str] | None = None,
+        auth_offer: Sequence[str] | None = None,
+        auth_accept: Sequence[str] | None = None,
         monitor_timeout_ms: int | None = None,
         connect_interval_ms: int | None = None,
         port_capacity: int = 1024,
@@ -473,11 +541,20 @@ class Node:
         max_write_queue: int = 64 * 1024 * 1024,
         max_write_total: int = 128 * 1024 * 1024,
         write_timeout_ms: int | None = None,
+        max_message_size: int | None = None,
+        max_depth: int | None = None,
+        keepalive_interval_ms: int | None = None,
+        max_queue_bytes: int | None = None,
+        max_buffered_bytes: int | None = None,
+        max_handshakes: int | None = None,
     ) -> Node:
         """Starts a node. ``node_id`` defaults to ``<hostname>/`` (``%n``, ``%u`` and a
         trailing ``/`` are expanded); ``cert`` is the PEM text of an AnyEvent::MP
         certificate file (certificate, key, CA certificates): TLS as the Rust host does
-        it. Raises :class:`AempError` on invalid options or a bind that fails.
+        it. ``auth_offer`` (the methods we may send) and ``auth_accept`` (those we
+        accept, announced in this order) take AnyEvent::MP's names: ``tls_sha3_512``,
+        ``hmac_sha3_512``, ``tls_anon``, ``cleartext`` (default: the engine's, the
+        reference's). Raises :class:`AempError` on invalid options or a bind that fails.
 
         The host's bounds, as in the JS host: a port holds ``port_capacity`` messages
         and ``port_bytes`` bytes (see :class:`Port`) and is stalled after
@@ -485,7 +562,15 @@ class Node:
         ``max_write_queue`` bytes waiting to be written is closed, as is the one holding
         the most when all hold more than ``max_write_total``, and one whose pending
         writes make no progress for ``write_timeout_ms`` (default: the monitor timeout,
-        30 s). Each closes with ``peer does not read: ...``, the engine told why."""
+        30 s). Each closes with ``peer does not read: ...``, the engine told why.
+
+        The engine's settings, as the Rust host's ``NodeBuilder`` has them (None: the
+        engine's default): ``max_message_size`` (16 MiB) and ``max_depth`` (128) bound
+        messages both ways, ``keepalive_interval_ms`` sends a keepalive after that long
+        without sending (default none), ``max_queue_bytes`` (16 MiB) bounds what waits
+        for one node not connected yet, ``max_buffered_bytes`` (64 MiB) what the engine
+        holds for peers all together, ``max_handshakes`` (256) the accepted connections
+        in their handshake at once."""
         if write_timeout_ms is None:
             write_timeout_ms = monitor_timeout_ms or 30000
         limits = _Limits(port_capacity, port_bytes, port_stall_ms, max_write_queue,
@@ -498,11 +583,32 @@ class Node:
         if secret is not None:
             transport.secret = secret.encode() if isinstance(secret, str) else secret
         if framings is not None:
+            unknown = [f for f in framings if f not in FRAMINGS]
+            if unknown:
+                raise AempError(f"unknown framing {unknown[0]!r} (the engine speaks cbor "
+                                "and json)")
             transport.framings = list(framings)
+        if auth_offer is not None:
+            setattr(transport, "auth-offer", _auth_methods(auth_offer))
+        if auth_accept is not None:
+            setattr(transport, "auth-accept", _auth_methods(auth_accept))
         if monitor_timeout_ms is not None:
             setattr(transport, "monitor-timeout-ms", monitor_timeout_ms)
         if connect_interval_ms is not None:
             setattr(config, "connect-interval-ms", connect_interval_ms)
+        settings = {"max_message_size": max_message_size, "max_depth": max_depth,
+                    "keepalive_interval_ms": keepalive_interval_ms,
+                    "max_queue_bytes": max_queue_bytes,
+                    "max_buffered_bytes": max_buffered_bytes, "max_handshakes": max_handshakes}
+        for name, value in settings.items():
+            if value is None:
+                continue
+            path, most = _ENGINE_SETTINGS[name]
+            _check_positive(name, value, most)
+            target = config
+            for key in path[:-1]:
+                target = getattr(target, key)
+            setattr(target, path[-1], value)
         try:
             tls = tls_contexts(cert) if cert is not None else None
         except (ssl.SSLError, OSError) as e:
@@ -538,18 +644,24 @@ class Node:
         return await cls.start(**options)
 
     async def _listen(self, binds: Iterable[str]) -> None:
+        hostname = socket.gethostname()
+        announced: list[str] = []
         for bind in binds:
-            host, port = _split_addr(bind)
             try:
+                host, port = _split_addr(bind)
                 server = await self._loop.create_server(lambda: _Conn(self, None), host, port)
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 raise AempError(f"cannot listen on {bind}: {e}") from e
             self._servers.append(server)
             for sock in server.sockets:
                 h, p = sock.getsockname()[:2]
                 self.listen_addrs.append(f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
-        if self.listen_addrs:
-            self._call("set-binds", self.listen_addrs, _now())
+                # Nobody can dial an unspecified address: the host name is announced
+                # instead, as the Rust host does.
+                announced.append(f"{hostname}:{p}" if ipaddress.ip_address(h).is_unspecified
+                                 else self.listen_addrs[-1])
+        if announced:
+            self._call("set-binds", announced, _now())
 
     # context manager, events
 
@@ -626,6 +738,8 @@ class Node:
 
     def _send_outbox(self) -> None:
         outbox, self._outbox = self._outbox, []
+        # The engine delivers them to local ports in this round's poll.
+        self._reserved.clear()
         while outbox:
             data = b"".join(p + a for p, a, _ in outbox)
             sizes = [n for p, a, _ in outbox for n in (len(p), len(a))]
@@ -698,7 +812,7 @@ class Node:
             if c is not None and c.transport is not None:
                 c.gone = True
                 c.transport.close()  # after what is buffered is written
-                self._loop.call_later(LINGER_S, c.transport.abort)
+                self._loop.call_later(LINGER_S, c.abort)
         elif tag == "deliver":
             port = self._ports.get(val.port)
             if port is None:
@@ -821,6 +935,35 @@ class Node:
             total -= sizes.pop(most)
             most.fail(f"peer does not read: the node's connections have more than {limit} "
                       "bytes waiting, this one the most")
+        self._write_total = total
+
+    def _all_behind(self) -> bool:
+        """Whether all connections together have more than half of ``max_write_total``
+        waiting (counted again only when the last count says so)."""
+        half = self._limits.max_write_total // 2
+        if self._write_total > half:
+            self._write_total = sum(c.buffered() for c in self._conns.values())
+        return self._write_total > half
+
+    async def _wait_total_drained(self) -> None:
+        """Until :meth:`_all_behind` is false or the node stops; one poll for all
+        waiting sends."""
+        if self._total_drained is None:
+            self._total_drained = self._loop.create_future()
+            self._loop.call_later(TOTAL_DRAIN_POLL_S, self._poll_total)
+        # Shielded: a cancelled send must not end the others' wait.
+        await asyncio.shield(self._total_drained)
+
+    def _poll_total(self) -> None:
+        fut = self._total_drained
+        if fut is None:
+            return
+        if self._engine is not None and self._all_behind():
+            self._loop.call_later(TOTAL_DRAIN_POLL_S, self._poll_total)
+            return
+        self._total_drained = None
+        if not fut.done():
+            fut.set_result(None)
 
     def _write_paused(self, c: _Conn) -> None:
         """A connection whose transport asks to wait must write something every
@@ -880,22 +1023,37 @@ class Node:
     async def send(self, port_id: str, *args: Any) -> None:
         """Sends ``args`` to ``port_id``. Sends of one loop round cross into the engine
         together. Returns once the message is queued and its node's connection has room
-        (waits while the peer is slow). Raises :class:`RefusedError` when the engine
-        refuses it, :class:`ClosedError` when the node is closed."""
+        (waits while the peer is slow: while its connection holds more than 1 MiB
+        unwritten, or while all connections together hold more than half of
+        ``max_write_total``, as long as its node is up). Raises :class:`RefusedError`
+        when the engine refuses it, :class:`PortFullError` when it is for a port of this
+        node that has no room, :class:`ClosedError` when the node is closed."""
         await self.send_batch([(port_id, args)])
 
     async def send_batch(self, messages: Iterable[tuple[str, Sequence[Any]]]) -> None:
         """Sends ``(port_id, args)`` pairs in order, as :meth:`send` does, in one call into
         the engine. Each message is queued or refused on its own; the first refusal is
-        raised once all have been tried."""
+        raised once all have been tried. A message to a port of this node that has no
+        room for it is refused with :class:`PortFullError`."""
         if self.closed:
             raise ClosedError(f"node {self.id} is closed")
         futures: list[asyncio.Future[None]] = []
         nodes: set[str] = set()
         for port_id, args in messages:
             fut: asyncio.Future[None] = self._loop.create_future()
-            self._outbox.append((port_id.encode(), cbor2.dumps(list(args)), fut))
             futures.append(fut)
+            encoded = cbor2.dumps(list(args))
+            port = self._ports.get(port_id)
+            if port is not None:
+                count, cost = self._reserved.get(port, (0, 0))
+                count, cost = count + 1, cost + len(encoded) + PORT_MESSAGE_COST
+                if not port._room(count, cost):
+                    fut.set_exception(PortFullError(
+                        f"port {port_id} is full ({self._limits.port_capacity} messages or "
+                        f"{self._limits.port_bytes} bytes waiting)"))
+                    continue
+                self._reserved[port] = (count, cost)
+            self._outbox.append((port_id.encode(), encoded, fut))
             nodes.add(_node_of(port_id))
         self._schedule()
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -907,6 +1065,8 @@ class Node:
             c = self._conns.get(conn) if conn is not None else None
             if c is not None and c.paused:
                 await c.drained.wait()
+        while any(node in self._up for node in nodes) and self._all_behind():
+            await self._wait_total_drained()
 
     def kill(self, port_id: str, *reason: Any) -> None:
         """Kills a port (local or remote) with ``reason`` (what monitors receive)."""
@@ -1045,8 +1205,7 @@ class Node:
             await asyncio.wait([c.done for c in conns],
                                timeout=max(0.0, deadline - self._loop.time()))
         for c in conns:
-            if c.transport is not None:
-                c.transport.abort()
+            c.abort()
         self._stop(None)
 
     def _stop(self, error: Exception | None) -> None:
@@ -1058,8 +1217,7 @@ class Node:
             self._timer.cancel()
         for c in list(self._conns.values()):
             c.gone = True
-            if c.transport is not None:
-                c.transport.abort()
+            c.abort()
         self._conns.clear()
         for server in self._servers:
             server.close()
@@ -1072,6 +1230,7 @@ class Node:
         pending += [f for fs in self._monitors.values() for f in fs]
         pending += list(self._db_waiters.values())
         self._outbox.clear()
+        self._reserved.clear()
         self._up_waiters.clear()
         self._monitors.clear()
         self._db_waiters.clear()

@@ -4,8 +4,10 @@ The file is ``$PERL_ANYEVENT_MP_RC``, else ``~/.perl-anyevent-mp``: JSON in JSON
 relaxed mode (``#`` comments, trailing commas). A profile is the built-in defaults, then
 the top-level keys, then the profile's ``parent`` chain from the farthest ancestor down to
 the profile itself; ``null`` means "not set". Covered keys: ``nodeid``, ``secret``,
-``cert``, ``binds``, ``seeds``, ``framing_format``, ``monitor_timeout``,
-``connect_interval``, ``parent``; others are ignored.
+``cert``, ``binds``, ``seeds``, ``framing_format``, ``auth_offer``, ``auth_accept``,
+``monitor_timeout``, ``connect_interval``, ``secure``, ``parent``; others are ignored.
+``secure`` is read (Perl truthiness) but changes nothing: the engine never executes code
+sent by other nodes, so the node always behaves as ``secure`` asks.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._node import FRAMINGS
+
 DEFAULTS: dict[str, Any] = {
     "monitor_timeout": 30,
     "connect_interval": 2,
     "framing_format": ["cbor", "json", "storable"],
+    "auth_offer": ["tls_sha3_512", "hmac_sha3_512"],
+    "auth_accept": ["tls_sha3_512", "hmac_sha3_512", "tls_anon", "cleartext"],
     "binds": ["*"],
     "seeds": [],
+    "secure": False,
 }
-# Framings AnyEvent::MP knows and the engine cannot speak: never offered.
-_UNSUPPORTED_FRAMINGS = {"storable"}
 
 
 class ConfigError(ValueError):
@@ -44,8 +49,12 @@ class Profile:
     binds: list[str] = field(default_factory=list)
     seeds: list[str] = field(default_factory=list)
     framings: list[str] = field(default_factory=list)
+    auth_offer: list[str] = field(default_factory=list)
+    auth_accept: list[str] = field(default_factory=list)
     monitor_timeout: float = 30.0
     connect_interval: float = 2.0
+    #: Never passed on: nothing sent by another node is ever executed.
+    secure: bool = False
 
     def options(self) -> dict[str, Any]:
         """The profile as ``Node.start`` keyword arguments (``node_id`` included)."""
@@ -56,6 +65,8 @@ class Profile:
             "binds": self.binds,
             "seeds": self.seeds,
             "framings": self.framings,
+            "auth_offer": self.auth_offer,
+            "auth_accept": self.auth_accept,
             "monitor_timeout_ms": int(self.monitor_timeout * 1000),
             "connect_interval_ms": int(self.connect_interval * 1000),
         }
@@ -158,25 +169,28 @@ def resolve(rc: dict[str, Any], name: str | None = None) -> Profile:
         return DEFAULTS.get(key) if value is None else value
 
     def strings(key: str) -> list[str]:
-        value = get(key) or []
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        value = get(key)
+        # Numbers count as strings, as Perl would have them (a bind of 4040).
+        if not isinstance(value, list) or not all(_scalar(v) for v in value):
             raise ConfigError(f"configuration key `{key}`: expected a list of strings")
-        return value
+        return [str(v) for v in value]
 
     def seconds(key: str) -> float:
         value = get(key)
         try:
-            return float(value)
+            number = float(value.strip() if isinstance(value, str) else value)
         except (TypeError, ValueError):
-            raise ConfigError(f"configuration key `{key}`: expected seconds") from None
+            number = -1.0
+        if isinstance(value, bool) or not 0 <= number < float("inf"):
+            raise ConfigError(f"configuration key `{key}`: expected a non-negative number "
+                              "of seconds")
+        return number
 
     def text(key: str) -> str | None:
         value = get(key)
         if value is None:
             return None
-        if not isinstance(value, (str, int, float)):
+        if not _scalar(value):
             raise ConfigError(f"configuration key `{key}`: expected a string")
         return str(value)
 
@@ -187,10 +201,27 @@ def resolve(rc: dict[str, Any], name: str | None = None) -> Profile:
         cert=text("cert"),
         binds=strings("binds"),
         seeds=strings("seeds"),
-        framings=[f for f in strings("framing_format") if f not in _UNSUPPORTED_FRAMINGS],
+        # Others (AnyEvent::MP's storable, unknown names) are never offered, as the Rust
+        # host drops them.
+        framings=[f for f in strings("framing_format") if f in FRAMINGS],
+        auth_offer=strings("auth_offer"),
+        auth_accept=strings("auth_accept"),
         monitor_timeout=seconds("monitor_timeout"),
         connect_interval=seconds("connect_interval"),
+        secure=_perl_true(get("secure")),
     )
+
+
+def _scalar(value: Any) -> bool:
+    """A string or a number (JSON ``true`` is neither)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _perl_true(value: Any) -> bool:
+    """Perl truthiness: null, false, 0, "" and "0" are false."""
+    if isinstance(value, str):
+        return value not in ("", "0")
+    return isinstance(value, (list, dict)) or bool(value)
 
 
 def load_profile(name: str | None = None, path: Path | None = None) -> Profile:
