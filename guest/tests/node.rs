@@ -123,6 +123,41 @@ fn relay_through_snd() {
 }
 
 #[test]
+fn a_monitor_of_a_node_port_reaches_the_node() {
+    // Even when the node is not connected (or went down just before): the monitor fires
+    // once it cannot be reached, instead of never.
+    let mut net = Net::new();
+    let a = net.add(node_config("a", &[]));
+    let now = net.now;
+    net.nodes[a].monitor("x#", now).unwrap();
+    net.run();
+    net.advance(30_000);
+    assert_eq!(
+        net.port_downs(a),
+        [(
+            "x#".into(),
+            Value::Array(vec![t("transport_error"), t("x"), t("no known address")])
+        )]
+    );
+    // Through a seed, at once: the seed knows no address for it.
+    let (mut net, a, _, _) = three();
+    let now = net.now;
+    net.nodes[a].monitor("ghost#", now).unwrap();
+    net.run();
+    assert_eq!(
+        net.port_downs(a),
+        [(
+            "ghost#".into(),
+            Value::Array(vec![
+                t("transport_error"),
+                t("ghost"),
+                t("no known address")
+            ])
+        )]
+    );
+}
+
+#[test]
 fn monitors_fire_on_kill_on_missing_ports_and_on_connection_loss() {
     let (mut net, a, b, _) = three();
     let p1 = net.nodes[b].new_port();

@@ -729,8 +729,21 @@ impl Node {
         self.now = now;
         let (node, port) =
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let remote = node != self.node_id;
+        let max_nodes = self.config.max_nodes;
+        if remote && self.peers.len() >= max_nodes && !self.peers.contains_key(node) {
+            return Err(NodeError::TooManyNodes(max_nodes, node.to_owned()));
+        }
         match self.kernel.monitor(&self.node_id, node, port) {
-            Monitored::Counted => Ok(()),
+            Monitored::Counted => {
+                // As in the reference, a monitor reaches the node, so that it fires when
+                // the node cannot be reached (even if it went down just before).
+                if remote && !self.is_up(node) {
+                    self.peers.entry(node.to_owned()).or_default();
+                    self.connect(node, now);
+                }
+                Ok(())
+            }
             Monitored::AskRemote => {
                 // The peer entry the monitor is tied to (gone when the node is).
                 self.peers.entry(node.to_owned()).or_default();
