@@ -15,12 +15,8 @@ func TestFramingsAreOffered(t *testing.T) {
 	defer cancel()
 	addr, _ := startRust(t, t.TempDir(), "rust-any", "shared")
 	logs := &logBook{}
-	n, err := Start(ctx, Config{NodeID: "go-json", Secret: "shared", Seeds: []string{addr},
+	n := startGo(t, ctx, Config{NodeID: "go-json", Secret: "shared", Seeds: []string{addr},
 		Framings: []string{"json"}, AuthOffer: []string{"hmac_sha3_512"}, Log: logs.add})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer n.Close(ctx)
 	if err := n.WaitUp(ctx, "rust-any"); err != nil {
 		t.Fatal(err)
 	}
@@ -33,11 +29,7 @@ func TestFramingsAreOffered(t *testing.T) {
 func TestMonitorTimeoutApplies(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	n, err := Start(ctx, Config{NodeID: "go-impatient", MonitorTimeout: 300 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer n.Close(ctx)
+	n := startGo(t, ctx, Config{NodeID: "go-impatient", MonitorTimeout: 300 * time.Millisecond})
 	down, err := n.Monitor(ctx, "ghost#")
 	if err != nil {
 		t.Fatal(err)

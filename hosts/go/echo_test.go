@@ -1,13 +1,11 @@
 package aemp
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"testing"
 	"time"
 )
@@ -29,30 +27,7 @@ func TestEchoCommandWithCert(t *testing.T) {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	cmd := exec.CommandContext(ctx, bin, "-nodeid", "go-echo-tls", "-secret", "shared", "-listen", "127.0.0.1:0", "-cert", certFile)
-	cmd.Stderr = os.Stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	sc := bufio.NewScanner(out)
-	re := regexp.MustCompile(`^node go-echo-tls listening on (\S+)$`)
-	addr := ""
-	for addr == "" && sc.Scan() {
-		if m := re.FindStringSubmatch(sc.Text()); m != nil {
-			addr = m[1]
-		}
-	}
-	if addr == "" {
-		t.Fatal("aemp-echo printed no address")
-	}
-	go func() {
-		for sc.Scan() {
-		}
-	}()
+	addr := startEcho(t, cmd)
 	n := startGo(t, ctx, Config{NodeID: "go-echo-client", Secret: "shared", Cert: cert, Seeds: []string{addr}})
 	if err := n.WaitUp(ctx, "go-echo-tls"); err != nil {
 		t.Fatal(err)

@@ -73,6 +73,14 @@ func startRust(t *testing.T, dir, id, secret string, extra ...string) (string, *
 	args := append([]string{"run", "--echo", "--nodeid", id, "--listen", "127.0.0.1:0"}, extra...)
 	cmd := exec.Command(aempBin(t), args...)
 	cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
+	return startEcho(t, cmd), cmd
+}
+
+// startEcho starts cmd, a node with an echo port that prints "node ID listening on
+// ADDR" and then "echo port ID" (`aemp run --echo`, cmd/aemp-echo), and returns ADDR
+// once both lines came. The node is killed when the test ends.
+func startEcho(t *testing.T, cmd *exec.Cmd) string {
+	t.Helper()
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -93,11 +101,11 @@ func startRust(t *testing.T, dir, id, secret string, extra ...string) (string, *
 				for sc.Scan() {
 				}
 			}()
-			return addr, cmd
+			return addr
 		}
 	}
-	t.Fatal("aemp run printed no address and echo port")
-	return "", nil
+	t.Fatalf("%s printed no address and echo port", cmd.Path)
+	return ""
 }
 
 // genCert runs `aemp gencert` on dir/rc and returns the certificate file it stored.
