@@ -365,10 +365,7 @@ impl Session {
             .await
             .map_err(|e| e.to_string())?;
         let died = |reason: std::result::Result<Vec<Value>, aemp_host::NodeError>| match reason {
-            Ok(reason) => {
-                let reason: Vec<String> = reason.iter().map(word).collect();
-                format!("{port}: {}", reason.join(" "))
-            }
+            Ok(reason) => format!("{port}: {}", words(&reason)),
             Err(e) => format!("{e}"),
         };
         let confirmed = tokio::time::timeout(self.timeout(), async {
@@ -419,10 +416,17 @@ impl Session {
         format!("{inner}\n")
     }
 
-    /// Sends with a fresh reply port appended; prints the reply's values. The node's
-    /// connection is watched meanwhile, so a node nobody can reach (`no known address`
-    /// from the seed, a connect timeout) fails at once with the reason.
-    async fn cal(&self, node: Node, port: &str, mut args: Vec<Value>) -> Result<()> {
+    /// Sends with a fresh reply port appended; prints the reply's values.
+    async fn cal(&self, node: Node, port: &str, args: Vec<Value>) -> Result<()> {
+        let answer = self.ask(&node, port, args).await?;
+        say(&self.returned(answer));
+        Ok(())
+    }
+
+    /// Sends `args` with a fresh reply port appended to `port` and returns the reply.
+    /// The node's connection is watched meanwhile, so a node nobody can reach (`no known
+    /// address` from the seed, a connect timeout) fails at once with the reason.
+    async fn ask(&self, node: &Node, port: &str, mut args: Vec<Value>) -> Result<Vec<Value>> {
         let (node_id, _) = node_port(port)?;
         let mut reply = node.port().await.map_err(|e| e.to_string())?;
         let mut down = node
@@ -431,23 +435,18 @@ impl Session {
             .map_err(|e| e.to_string())?;
         args.push(Value::text(reply.id()));
         node.send(port, args).await.map_err(|e| e.to_string())?;
-        let answer = tokio::time::timeout(self.timeout(), async {
+        tokio::time::timeout(self.timeout(), async {
             tokio::select! {
                 biased;
                 got = reply.recv() => got.ok_or("node stopped".to_owned()),
                 reason = &mut down => Err(match reason {
-                    Ok(reason) => {
-                        let reason: Vec<String> = reason.iter().map(word).collect();
-                        format!("cannot reach {node_id}: {}", reason.join(" "))
-                    }
+                    Ok(reason) => format!("cannot reach {node_id}: {}", words(&reason)),
                     Err(e) => e.to_string(),
                 }),
             }
         })
         .await
-        .map_err(|_| format!("no reply from {port} within {}s", self.opts.timeout))??;
-        say(&self.returned(answer));
-        Ok(())
+        .map_err(|_| format!("no reply from {port} within {}s", self.opts.timeout))?
     }
 
     /// Asks the network database (through the seeds: the master answers) and prints the
@@ -487,36 +486,9 @@ impl Session {
     /// RESULTS...]`; a non-empty error (an aemp node's `remote execution not allowed`) or
     /// the node going down fails with it.
     async fn eval(&self, node: Node, node_id: &str, expr: &str) -> Result<()> {
-        let mut reply = node.port().await.map_err(|e| e.to_string())?;
-        let mut down = node
-            .monitor(&format!("{node_id}#"))
-            .await
-            .map_err(|e| e.to_string())?;
-        let request = vec![
-            Value::text("eval"),
-            Value::text(expr),
-            Value::text(reply.id()),
-        ];
-        node.send(&format!("{node_id}#"), request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let answer = tokio::time::timeout(self.timeout(), async {
-            tokio::select! {
-                got = reply.recv() => got.ok_or("node stopped".to_owned()),
-                reason = &mut down => reason.map_err(|e| e.to_string()),
-            }
-        })
-        .await
-        .map_err(|_| format!("no reply from {node_id} within {}s", self.opts.timeout))??;
-        let mut answer = answer.into_iter();
-        let error = answer.next().map(|e| word(&e)).unwrap_or_default();
-        let results: Vec<Value> = answer.collect();
-        if !error.is_empty() {
-            let mut words = vec![error];
-            words.extend(results.iter().map(word));
-            return Err(words.join(" "));
-        }
-        say(&self.returned(results));
+        let request = vec![Value::text("eval"), Value::text(expr)];
+        let answer = self.ask(&node, &format!("{node_id}#"), request).await?;
+        say(&self.returned(evaluated(answer)?));
         Ok(())
     }
 
@@ -586,16 +558,8 @@ impl Session {
             match tokio::time::timeout(self.timeout(), reply.recv()).await {
                 Ok(Some(answer)) => {
                     let took = asked.elapsed().as_secs_f64();
-                    let mut answer = answer.into_iter();
-                    let error = answer.next().map(|e| word(&e)).unwrap_or_default();
-                    let results: Vec<Value> = answer.collect();
-                    let shown = if error.is_empty() {
-                        pretty_json(&Value::Array(results))
-                    } else {
-                        let mut words = vec![error];
-                        words.extend(results.iter().map(word));
-                        words.join(" ")
-                    };
+                    let shown = evaluated(answer)
+                        .map_or_else(|error| error, |r| pretty_json(&Value::Array(r)));
                     say(&format!("{target}: {line}\n{took:.3}s\n{shown}\n"));
                 }
                 Ok(None) => return Err("node stopped".into()),
@@ -844,6 +808,21 @@ fn node_port(port: &str) -> Result<(String, String)> {
 /// The typed arguments as message values.
 fn typed(args: Vec<Json>) -> Vec<Value> {
     args.into_iter().map(Value::from).collect()
+}
+
+/// An `eval`'s answer `[ERROR, RESULTS...]`: the results, or the error followed by them
+/// as the reference prints it (`"$err @res"`) when the error is not empty.
+fn evaluated(answer: Vec<Value>) -> Result<Vec<Value>> {
+    match answer.split_first() {
+        Some((error, _)) if !word(error).is_empty() => Err(words(&answer)),
+        Some((_, results)) => Ok(results.to_vec()),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Values joined by spaces, each as [`word`] writes it.
+fn words(values: &[Value]) -> String {
+    values.iter().map(word).collect::<Vec<_>>().join(" ")
 }
 
 /// A value as the reference prints one it joins with others: strings as they are (Perl's
