@@ -100,10 +100,24 @@ impl Engine {
             &wit_node::GuestNode,
         ) -> wasmtime::Result<T>,
     ) -> Result<T, Fatal> {
+        self.call_for(1, f)
+    }
+
+    /// [`Engine::call`] for a call doing the work of `calls` calls, with the CPU budget
+    /// of each ([`Instance::parts_for`]).
+    fn call_for<T>(
+        &mut self,
+        calls: usize,
+        f: impl FnOnce(
+            &mut wasmtime::Store<sandbox::State>,
+            ResourceAny,
+            &wit_node::GuestNode,
+        ) -> wasmtime::Result<T>,
+    ) -> Result<T, Fatal> {
         self.dirty = true;
         self.due_stale = true;
         let node = self.node;
-        let (store, b) = self.instance.parts();
+        let (store, b) = self.instance.parts_for(calls);
         f(store, node, &b.aemp_engine_node().node())
     }
 
@@ -149,10 +163,14 @@ impl Engine {
         self.call(|s, n, api| api.call_handle_accept(s, n, peer, now))
     }
 
-    /// What one round read from the connections, in one call.
+    /// What one round read from the connections, in one call with one call's CPU budget
+    /// per connection's input: a peer whose input is slow to handle is measured alone,
+    /// never together with everyone who happened to send in the same round.
     pub(super) fn handle_inputs(&mut self, inputs: &[(u64, Vec<u8>)]) -> Result<(), Fatal> {
         let now = self.now();
-        self.call(|s, n, api| api.call_handle_inputs(s, n, inputs, now))
+        self.call_for(inputs.len(), |s, n, api| {
+            api.call_handle_inputs(s, n, inputs, now)
+        })
     }
 
     /// The peer of `conn` closed its side.
@@ -320,5 +338,132 @@ fn send_refused(e: wit::SendError) -> NodeError {
             sent: sent as usize,
             cause: Box::new(cause),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use aemp_engine::node::{NodeConfig, NodeOutput};
+    use aemp_engine::{Framing, Node, Value};
+
+    use super::*;
+    use crate::sandbox::{Limits, Sandbox};
+
+    const SECRET: &[u8] = b"secret";
+    const PEERS: usize = 10;
+
+    /// Moves what `peer` has to send into `hub` as its connection `conn`.
+    fn to_hub(peer: &mut Node, hub: &mut Engine, conn: u64) {
+        let mut bytes = Vec::new();
+        for o in peer.poll_outputs() {
+            match o {
+                NodeOutput::Transmit { bytes: b, .. } => bytes.extend_from_slice(&b),
+                NodeOutput::Close { reason, .. } => panic!("peer closed: {reason}"),
+                _ => {}
+            }
+        }
+        if !bytes.is_empty() {
+            hub.handle_inputs(&[(conn, bytes)]).expect("call");
+        }
+    }
+
+    /// Moves what `hub` has to send to the peers, counting the peers that came up in `up`.
+    fn from_hub(hub: &mut Engine, peers: &mut [(Node, u64, u64)], up: &mut usize) {
+        for o in hub.poll_outputs().expect("call").unwrap_or_default() {
+            match o {
+                wit_node::NodeOutput::Transmit(t) => {
+                    let (peer, own, _) = peers
+                        .iter_mut()
+                        .find(|(_, _, hub_conn)| *hub_conn == t.conn)
+                        .expect("a peer's connection");
+                    let own = *own;
+                    peer.handle_input(own, &t.bytes, 0);
+                }
+                wit_node::NodeOutput::NodeUp(_) => *up += 1,
+                wit_node::NodeOutput::Close(c) => panic!("hub closed: {}", c.reason),
+                _ => {}
+            }
+        }
+    }
+
+    /// A round carrying many peers' input gets a CPU budget for each of them: a round of
+    /// ten JSON messages, each well inside one call's budget, does not trap the node, as
+    /// it did when the ten shared one call's budget.
+    #[test]
+    fn each_peers_input_has_its_own_cpu_budget() {
+        let budget = Duration::from_millis(200);
+        let sandbox = Sandbox::with_limits(Limits {
+            max_call_time: budget,
+            ..Limits::default()
+        })
+        .expect("sandbox");
+        let mut instance = sandbox.instantiate_with(None).expect("instance");
+        let mut config = default_config(&mut instance, "hub").expect("config");
+        config.transport.secret = Some(SECRET.to_vec());
+        config.max_buffered_bytes = 1 << 30;
+        let mut hub = Engine::create(instance, &config).expect("create");
+        let port = hub.port(Some("inbox")).expect("call").expect("port");
+
+        let mut peers: Vec<(Node, u64, u64)> = (0..PEERS)
+            .map(|i| {
+                let mut c = NodeConfig::new(format!("peer{i}"));
+                c.transport.secret = Some(SECRET.to_vec());
+                c.transport.framings = vec![Framing::Json];
+                let mut peer = Node::new(c, [i as u8; 16], 0).expect("peer");
+                let own = peer.connect_addr("hub:4040", 0);
+                peer.handle_connected(own, [i as u8; 66], 0);
+                let hub_conn = hub.handle_accept("peer:50000").expect("call");
+                (peer, own, hub_conn)
+            })
+            .collect();
+        let mut up = 0;
+        while up < PEERS {
+            for (peer, _, hub_conn) in &mut peers {
+                to_hub(peer, &mut hub, *hub_conn);
+            }
+            from_hub(&mut hub, &mut peers, &mut up);
+        }
+
+        // A quarter of a million items in JSON: about a sixth of one call's budget each
+        // on this machine (a few tens of ms), so ten of them together take more than one.
+        let items = Value::Array(vec![Value::Int(7); 1 << 18]).encode();
+        let mut inputs = Vec::new();
+        for (peer, _, hub_conn) in &mut peers {
+            peer.send(&port, &items, 0).expect("send");
+            let bytes: Vec<u8> = peer
+                .poll_outputs()
+                .into_iter()
+                .flat_map(|o| match o {
+                    NodeOutput::Transmit { bytes, .. } => bytes,
+                    _ => Vec::new(),
+                })
+                .collect();
+            inputs.push((*hub_conn, bytes));
+        }
+        let started = std::time::Instant::now();
+        let result = hub.handle_inputs(&inputs);
+        let took = started.elapsed();
+        assert!(
+            result.is_ok(),
+            "the round of {PEERS} inputs trapped after {took:?} (budget {budget:?} each): {}",
+            result
+                .err()
+                .map(|e| sandbox::describe(&e))
+                .unwrap_or_default()
+        );
+        let delivered: usize = hub
+            .poll_outputs()
+            .expect("call")
+            .unwrap_or_default()
+            .iter()
+            .map(|o| match o {
+                wit_node::NodeOutput::Deliver(d) => d.sizes.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(delivered, PEERS);
+        eprintln!("{PEERS} inputs took {took:?}");
     }
 }
