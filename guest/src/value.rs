@@ -156,14 +156,7 @@ impl Value {
                     if i > 0 {
                         out.push(b',');
                     }
-                    let key = match key.untagged() {
-                        Value::Int(n) => n.to_string(),
-                        k => k
-                            .as_name()
-                            .ok_or_else(|| format!("{k:?} cannot be a JSON object key"))?
-                            .into_owned(),
-                    };
-                    json_string_or_number(out, &serde_json::Value::from(key));
+                    key.untagged().write_json_key(out)?;
                     out.push(b':');
                     value.write_json(out)?;
                 }
@@ -172,6 +165,19 @@ impl Value {
             Value::Tagged(_, inner) => inner.write_json(out)?,
             Value::Simple(s) => return Err(format!("simple value {s} has no JSON form")),
         }
+        Ok(())
+    }
+
+    /// Writes the value as a JSON object key: a string, or an integer's decimal text.
+    pub(crate) fn write_json_key(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        let key = match self {
+            Value::Int(n) => n.to_string(),
+            k => k
+                .as_name()
+                .ok_or_else(|| format!("{k:?} cannot be a JSON object key"))?
+                .into_owned(),
+        };
+        json_string_or_number(out, &serde_json::Value::from(key));
         Ok(())
     }
 
@@ -352,7 +358,7 @@ fn decode(d: &mut Decoder, max_items: usize) -> Result<Value, minicbor::decode::
 }
 
 /// Decodes an item that holds no other items.
-fn scalar(d: &mut Decoder, ty: Type) -> Result<Value, minicbor::decode::Error> {
+pub(crate) fn scalar(d: &mut Decoder, ty: Type) -> Result<Value, minicbor::decode::Error> {
     Ok(match ty {
         Type::Null => {
             d.skip()?;

@@ -5,9 +5,12 @@
 //! and size on the way, so nothing a peer sends can make the engine buffer or recurse
 //! without bound. [`to_json`] turns a checked item into JSON text.
 
+use minicbor::Decoder;
+use minicbor::data::Type;
+
 use super::{Limits, Scan};
 use crate::error::MessageError;
-use crate::value::Value;
+use crate::value::MAX_DEPTH;
 
 const FRAMING: &str = "cbor";
 
@@ -278,15 +281,161 @@ fn flat_array(msg: &[u8], limits: &Limits) -> Option<usize> {
     (pos <= limits.max_message_size).then_some(pos)
 }
 
-/// Writes a checked CBOR item as JSON (see [`Value::write_json`] for the mapping).
+/// Writes a checked CBOR item as JSON (see [`crate::Value::write_json`] for the mapping) as it
+/// reads it, never holding it as a tree: sixteen million one-byte items would take 512 MiB
+/// as [`crate::Value`]s, and a peer may ask to receive JSON what it sent as CBOR.
 pub(crate) fn to_json(item: &[u8], out: &mut Vec<u8>) -> Result<(), MessageError> {
-    let value = Value::decode(item).map_err(|e| malformed(e.to_string()))?;
-    value.write_json(out).map_err(MessageError::NotJson)
+    let mut d = Decoder::new(item);
+    write_json(&mut d, out)?;
+    if d.position() != item.len() {
+        return Err(malformed("trailing bytes after the item"));
+    }
+    Ok(())
+}
+
+/// Whether `ty` is an integer's.
+fn is_int(ty: Type) -> bool {
+    matches!(
+        ty,
+        Type::U8
+            | Type::U16
+            | Type::U32
+            | Type::U64
+            | Type::I8
+            | Type::I16
+            | Type::I32
+            | Type::I64
+            | Type::Int
+    )
+}
+
+/// A container being written: a map or not, items still to come (`None`: until a
+/// break; a map's count is of keys and values both), items written so far.
+struct Open {
+    map: bool,
+    left: Option<u64>,
+    written: u64,
+}
+
+/// [`to_json`] of the next item of `d`, with an explicit stack of at most [`MAX_DEPTH`]
+/// containers and tags, as [`crate::Value::decode`] allows.
+fn write_json(d: &mut Decoder, out: &mut Vec<u8>) -> Result<(), MessageError> {
+    let bad = |e: minicbor::decode::Error| malformed(e.to_string());
+    let mut open: Vec<Open> = Vec::new();
+    loop {
+        // Close every complete container; then the next item, after its separator.
+        let key = match open.last_mut() {
+            Some(o) => {
+                let done = match o.left {
+                    Some(left) => left == 0,
+                    None => d.datatype().map_err(bad)? == Type::Break,
+                };
+                if done {
+                    if o.map && o.written % 2 == 1 {
+                        return Err(malformed("map with a key but no value"));
+                    }
+                    if o.left.is_none() {
+                        d.skip().map_err(bad)?;
+                    }
+                    out.push(if o.map { b'}' } else { b']' });
+                    open.pop();
+                    if open.is_empty() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                let key = o.map && o.written % 2 == 0;
+                match (o.written, key) {
+                    (0, _) => {}
+                    (_, false) if o.map => out.push(b':'),
+                    _ => out.push(b','),
+                }
+                o.written += 1;
+                if let Some(left) = &mut o.left {
+                    *left -= 1;
+                }
+                key
+            }
+            None => false,
+        };
+        // Tags are dropped, but count toward the depth as they do when decoding.
+        let mut tags = 0;
+        let ty = loop {
+            let ty = d.datatype().map_err(bad)?;
+            if matches!(
+                ty,
+                Type::Array | Type::ArrayIndef | Type::Map | Type::MapIndef | Type::Tag
+            ) && open.len() + tags >= MAX_DEPTH
+            {
+                return Err(malformed(format!(
+                    "arrays, maps and tags nested deeper than {MAX_DEPTH} levels"
+                )));
+            }
+            if ty != Type::Tag {
+                break ty;
+            }
+            d.tag().map_err(bad)?;
+            tags += 1;
+        };
+        let container = match ty {
+            Type::Array | Type::ArrayIndef => Some((false, d.array().map_err(bad)?)),
+            Type::Map | Type::MapIndef => {
+                let pairs = d.map().map_err(bad)?;
+                let left = match pairs {
+                    Some(n) => Some(n.checked_mul(2).ok_or_else(|| malformed("map too long"))?),
+                    None => None,
+                };
+                Some((true, left))
+            }
+            _ => None,
+        };
+        match container {
+            Some((map, _)) if key => {
+                let what = if map { "a map" } else { "an array" };
+                return Err(MessageError::NotJson(format!(
+                    "{what} cannot be a JSON object key"
+                )));
+            }
+            Some((map, left)) => {
+                out.push(if map { b'{' } else { b'[' });
+                open.push(Open {
+                    map,
+                    left,
+                    written: 0,
+                });
+                continue;
+            }
+            // The common scalars straight from the input; the others through a `Value`.
+            None if !key && is_int(ty) => {
+                let n = i128::from(d.int().map_err(bad)?);
+                // Writing into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *out, &n);
+            }
+            None if !key && ty == Type::String => {
+                let _ = serde_json::to_writer(&mut *out, d.str().map_err(bad)?);
+            }
+            None => {
+                let value = crate::value::scalar(d, ty).map_err(bad)?;
+                let written = if key {
+                    value.write_json_key(out)
+                } else {
+                    value.write_json(out)
+                };
+                written.map_err(MessageError::NotJson)?;
+            }
+        }
+        if open.is_empty() {
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::value::Value;
 
     const LIMITS: Limits = Limits {
         max_message_size: 1 << 20,
@@ -443,5 +592,86 @@ mod tests {
             json(b"\x82\xc2\x41\x01\x3b\xff\xff\xff\xff\xff\xff\xff\xff"),
             "[\"\\u0001\",-18446744073709551616]"
         );
+    }
+
+    /// What the conversion wrote before it streamed: the item as a tree, then as JSON.
+    fn through_a_tree(item: &[u8]) -> Result<Vec<u8>, MessageError> {
+        let value = Value::decode(item).map_err(|e| malformed(e.to_string()))?;
+        let mut out = Vec::new();
+        value.write_json(&mut out).map_err(MessageError::NotJson)?;
+        Ok(out)
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            Just(Value::Undefined),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|i| Value::Int(i.into())),
+            any::<u64>().prop_map(|i| Value::Int(i.into())),
+            any::<f64>().prop_map(Value::Float),
+            prop::collection::vec(any::<u8>(), 0..6).prop_map(Value::Bytes),
+            ".{0,6}".prop_map(Value::Text),
+            (0u8..24).prop_map(Value::Simple),
+        ];
+        leaf.prop_recursive(6, 300, 20, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..30).prop_map(Value::Array),
+                prop::collection::vec((inner.clone(), inner.clone()), 0..8).prop_map(Value::Map),
+                (0u64..300, inner).prop_map(|(t, v)| Value::Tagged(t, Box::new(v))),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn streams_what_a_tree_would_write(items in prop::collection::vec(value(), 0..20)) {
+            let item = Value::Array(items).encode();
+            let mut out = Vec::new();
+            let streamed = to_json(&item, &mut out).map(|()| out);
+            match (streamed, through_a_tree(&item)) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(MessageError::NotJson(_)), Err(MessageError::NotJson(_))) => {}
+                (a, b) => prop_assert!(false, "streamed {:?}, tree {:?}", a, b),
+            }
+        }
+    }
+
+    #[test]
+    fn indefinite_lengths_and_broken_items() {
+        // [_ "a", {_ "k": (_ h'01', h'02')}, (_ "b", "c"), [_ ]]
+        let item = b"\x9f\x61a\xbf\x61k\x5f\x41\x01\x41\x02\xff\xff\x7f\x61b\x61c\xff\x9f\xff\xff";
+        assert_eq!(json(item), r#"["a",{"k":"\u0001\u0002"},"bc",[]]"#);
+        assert_eq!(json(item).into_bytes(), through_a_tree(item).unwrap());
+        for broken in [
+            &b"\x82\x01"[..],
+            b"\x81\xbf\x61k\xff",
+            b"\x81\xff",
+            b"\x81\x01\x01",
+            b"\x81\x7f\x01\xff",
+        ] {
+            let mut out = Vec::new();
+            assert!(
+                matches!(
+                    to_json(broken, &mut out),
+                    Err(MessageError::Malformed { .. })
+                ),
+                "{broken:x?}"
+            );
+            assert!(through_a_tree(broken).is_err());
+        }
+        let mut deep = vec![0x81; MAX_DEPTH];
+        deep.push(0x80);
+        assert!(matches!(
+            to_json(&deep, &mut Vec::new()),
+            Err(MessageError::Malformed { .. })
+        ));
+        // Tags count toward the depth as containers do.
+        let mut tagged = vec![0x81; MAX_DEPTH - 1];
+        tagged.extend([0xc1, 0x01]);
+        assert_eq!(json(&tagged).into_bytes(), through_a_tree(&tagged).unwrap());
+        tagged.insert(MAX_DEPTH - 1, 0xc1);
+        assert!(through_a_tree(&tagged).is_err());
+        assert!(to_json(&tagged, &mut Vec::new()).is_err());
     }
 }

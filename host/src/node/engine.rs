@@ -524,4 +524,39 @@ mod tests {
             hub.engine.memory_bytes()
         );
     }
+
+    /// The other way: the largest message there is for a peer that asked for JSON (eight
+    /// million small items, sixteen MiB as JSON) is converted as it is read, and the
+    /// node's sandbox stays well under what the tree it used to be decoded into took.
+    #[test]
+    fn a_largest_message_for_a_json_peer_fits_the_sandbox() {
+        let mut hub = Hub::new(Limits::default().max_call_time, None, 1);
+        let port = hub.peers[0].0.register_port("inbox").expect("port");
+        let args = Value::Array(vec![Value::Int(0); (16 << 20) / 2 - 64]).encode();
+        let mut batch = wit_node::Batch {
+            data: Vec::new(),
+            sizes: Vec::new(),
+        };
+        aemp_engine::batch::push(&mut batch.data, &mut batch.sizes, &port, &args);
+        match hub.engine.send(&batch) {
+            Ok(sent) => sent.expect("sent"),
+            Err(e) => panic!("the node stopped: {}", sandbox::describe(&e)),
+        }
+        hub.answer_peers();
+        let delivered: usize = hub.peers[0]
+            .0
+            .poll_outputs()
+            .iter()
+            .map(|o| match o {
+                NodeOutput::Deliver(d) => d.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(delivered, 1);
+        assert!(
+            hub.engine.memory_bytes() < 128 << 20,
+            "{} bytes of sandbox memory",
+            hub.engine.memory_bytes()
+        );
+    }
 }
