@@ -169,37 +169,40 @@ impl wnode::GuestNode for NodeResource {
         self.0
             .borrow_mut()
             .handle_accept(&peer_addr, random::<NONCE_LEN>(), now_ms)
+            .get()
     }
 
     fn handle_connected(&self, conn: u64, now_ms: u64) {
         self.0
             .borrow_mut()
-            .handle_connected(conn, random::<NONCE_LEN>(), now_ms);
+            .handle_connected(conn.into(), random::<NONCE_LEN>(), now_ms);
     }
 
     fn handle_connect_failed(&self, conn: u64, reason: String, now_ms: u64) {
         self.0
             .borrow_mut()
-            .handle_connect_failed(conn, &reason, now_ms);
+            .handle_connect_failed(conn.into(), &reason, now_ms);
     }
 
     fn handle_input(&self, conn: u64, data: Vec<u8>, now_ms: u64) {
-        self.0.borrow_mut().handle_input(conn, &data, now_ms);
+        self.0.borrow_mut().handle_input(conn.into(), &data, now_ms);
     }
 
     fn handle_inputs(&self, inputs: Vec<(u64, Vec<u8>)>, now_ms: u64) {
         let mut node = self.0.borrow_mut();
         for (conn, data) in inputs {
-            node.handle_input(conn, &data, now_ms);
+            node.handle_input(conn.into(), &data, now_ms);
         }
     }
 
     fn handle_eof(&self, conn: u64, now_ms: u64) {
-        self.0.borrow_mut().handle_eof(conn, now_ms);
+        self.0.borrow_mut().handle_eof(conn.into(), now_ms);
     }
 
     fn handle_conn_error(&self, conn: u64, reason: String, now_ms: u64) {
-        self.0.borrow_mut().handle_conn_error(conn, &reason, now_ms);
+        self.0
+            .borrow_mut()
+            .handle_conn_error(conn.into(), &reason, now_ms);
     }
 
     fn handle_timeout(&self, now_ms: u64) {
@@ -217,7 +220,7 @@ impl wnode::GuestNode for NodeResource {
     }
 
     fn connect_addr(&self, addr: String, now_ms: u64) -> u64 {
-        self.0.borrow_mut().connect_addr(&addr, now_ms)
+        self.0.borrow_mut().connect_addr(&addr, now_ms).get()
     }
 
     fn new_port(&self) -> String {
@@ -319,24 +322,36 @@ impl From<NodeOutput> for wnode::NodeOutput {
     fn from(o: NodeOutput) -> Self {
         use wnode::NodeOutput as W;
         match o {
-            NodeOutput::Transmit { conn, bytes } => W::Transmit(wnode::Transmit { conn, bytes }),
-            NodeOutput::Connect { conn, addr } => W::Connect(wnode::Connect { conn, addr }),
+            NodeOutput::Transmit { conn, bytes } => W::Transmit(wnode::Transmit {
+                conn: conn.get(),
+                bytes,
+            }),
+            NodeOutput::Connect { conn, addr } => W::Connect(wnode::Connect {
+                conn: conn.get(),
+                addr,
+            }),
             NodeOutput::StartTls {
                 conn,
                 role,
                 leftover,
             } => W::StartTls(wnode::StartTls {
-                conn,
+                conn: conn.get(),
                 role: role.into(),
                 leftover,
             }),
-            NodeOutput::Close { conn, reason } => W::Close(wnode::Close { conn, reason }),
+            NodeOutput::Close { conn, reason } => W::Close(wnode::Close {
+                conn: conn.get(),
+                reason,
+            }),
             NodeOutput::Deliver(d) => W::Deliver(wnode::Delivery {
                 port: d.port,
                 data: d.data,
                 sizes: d.sizes,
             }),
-            NodeOutput::NodeUp { node, conn } => W::NodeUp(wnode::NodeUp { node, conn }),
+            NodeOutput::NodeUp { node, conn } => W::NodeUp(wnode::NodeUp {
+                node,
+                conn: conn.get(),
+            }),
             NodeOutput::NodeDown { node, reason } => W::NodeDown(wnode::NodeDown { node, reason }),
             NodeOutput::PortDown { port, reason } => W::PortDown(wnode::PortDown { port, reason }),
             NodeOutput::Request { tag, message } => W::Request(wnode::Request { tag, message }),

@@ -124,17 +124,20 @@ impl Deferred {
 mod tests {
     use super::*;
 
+    const A: ConnId = ConnId(1);
+    const B: ConnId = ConnId(2);
+
     #[test]
     fn connections_take_turns_and_keep_their_order() {
         let mut d = Deferred::default();
         let shared: Shared = Arc::from(&b"shared"[..]);
-        for conn in [1, 2] {
+        for conn in [A, B] {
             d.push(conn, shared.clone(), 100).unwrap();
         }
-        d.push(1, Arc::from(&b"one"[..]), 100).unwrap();
+        d.push(A, Arc::from(&b"one"[..]), 100).unwrap();
         d.recount();
         assert_eq!(d.held(), 9, "the shared message counts once");
-        assert!(d.waits(1) && d.waits(2) && !d.waits(3));
+        assert!(d.waits(A) && d.waits(B) && !d.waits(ConnId(3)));
         let mut got = Vec::new();
         while let Some((conn, m)) = d.pop(usize::MAX, false) {
             got.push((conn, m.to_vec()));
@@ -142,12 +145,12 @@ mod tests {
         assert_eq!(
             got,
             [
-                (1, b"shared".to_vec()),
-                (2, b"shared".to_vec()),
-                (1, b"one".to_vec())
+                (A, b"shared".to_vec()),
+                (B, b"shared".to_vec()),
+                (A, b"one".to_vec())
             ]
         );
-        assert!(d.is_empty() && !d.waits(1));
+        assert!(d.is_empty() && !d.waits(A));
         d.recount();
         assert_eq!(d.held(), 0);
     }
@@ -156,12 +159,12 @@ mod tests {
     fn room_and_bounds() {
         let mut d = Deferred::default();
         // The first message waits whatever its length; more past the bound do not.
-        d.push(1, Arc::from(&[0u8; 50][..]), 10).unwrap();
-        assert_eq!(d.push(1, Arc::from(&[0u8; 1][..]), 10), Err(Overflow));
+        d.push(A, Arc::from(&[0u8; 50][..]), 10).unwrap();
+        assert_eq!(d.push(A, Arc::from(&[0u8; 1][..]), 10), Err(Overflow));
         assert_eq!(d.pop(49, false), None);
-        assert_eq!(d.pop(49, true).map(|(c, m)| (c, m.len())), Some((1, 50)));
-        d.push(2, Arc::from(&[0u8; 5][..]), 10).unwrap();
-        d.remove(2);
+        assert_eq!(d.pop(49, true).map(|(c, m)| (c, m.len())), Some((A, 50)));
+        d.push(B, Arc::from(&[0u8; 5][..]), 10).unwrap();
+        d.remove(B);
         assert!(d.is_empty());
     }
 }

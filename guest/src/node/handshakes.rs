@@ -80,25 +80,25 @@ mod tests {
     #[test]
     fn the_oldest_makes_room() {
         let mut h = Handshakes::default();
-        let a = h.insert(1, "10.0.0.1:1000");
-        h.insert(2, "10.0.0.2:1000");
-        assert_eq!(h.victim(), Some(1));
+        let a = h.insert(ConnId::from(1), "10.0.0.1:1000");
+        h.insert(ConnId::from(2), "10.0.0.2:1000");
+        assert_eq!(h.victim(), Some(ConnId::from(1)));
         h.remove(a);
-        assert_eq!(h.victim(), Some(2));
+        assert_eq!(h.victim(), Some(ConnId::from(2)));
         assert_eq!(h.len(), 1);
     }
 
     #[test]
     fn the_busiest_host_makes_room_first() {
         let mut h = Handshakes::default();
-        h.insert(1, "10.0.0.1:1000");
-        h.insert(2, "10.0.0.2:1000");
-        h.insert(3, "10.0.0.2:1001");
-        assert_eq!(h.victim(), Some(2));
-        h.insert(4, "[::1]:5");
-        h.insert(5, "[::1]:6");
-        h.insert(6, "[::1]:7");
-        assert_eq!(h.victim(), Some(4));
+        h.insert(ConnId::from(1), "10.0.0.1:1000");
+        h.insert(ConnId::from(2), "10.0.0.2:1000");
+        h.insert(ConnId::from(3), "10.0.0.2:1001");
+        assert_eq!(h.victim(), Some(ConnId::from(2)));
+        h.insert(ConnId::from(4), "[::1]:5");
+        h.insert(ConnId::from(5), "[::1]:6");
+        h.insert(ConnId::from(6), "[::1]:7");
+        assert_eq!(h.victim(), Some(ConnId::from(4)));
     }
 
     #[test]
@@ -112,7 +112,7 @@ mod tests {
     #[test]
     fn removing_twice_is_harmless() {
         let mut h = Handshakes::default();
-        let a = h.insert(1, "h:1");
+        let a = h.insert(ConnId::from(1), "h:1");
         h.remove(a);
         h.remove(a);
         assert_eq!(h.len(), 0);

@@ -56,8 +56,30 @@ macro_rules! view {
     };
 }
 
-/// Identifies one connection (socket) of a node.
-pub type ConnId = u64;
+/// Identifies one connection (socket) of a node: chosen by the node, never reused by it.
+/// Hosts carry it as the number [`ConnId::get`] gives (WIT's `conn-id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    /// The id as a number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// A host hands back the number it was given.
+impl From<u64> for ConnId {
+    fn from(id: u64) -> ConnId {
+        ConnId(id)
+    }
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
@@ -400,7 +422,7 @@ impl Node {
         let mut node = Node {
             node_id: node_id.clone(),
             conns: HashMap::default(),
-            next_conn: 1,
+            next_conn: ConnId(1),
             peers: BTreeMap::new(),
             kernel: Kernel::new(ids::alnum(&seed[..9])),
             seeds,
@@ -1078,7 +1100,7 @@ impl Node {
         seed: Option<usize>,
     ) -> ConnId {
         let id = self.next_conn;
-        self.next_conn += 1;
+        self.next_conn = ConnId(id.0.saturating_add(1));
         self.conns.insert(
             id,
             Conn {

@@ -346,7 +346,7 @@ mod tests {
     use std::time::Duration;
 
     use aemp_engine::node::{NodeConfig, NodeOutput};
-    use aemp_engine::{Framing, Node, Value};
+    use aemp_engine::{ConnId, Framing, Node, Value};
 
     use super::*;
     use crate::sandbox::{Limits, Sandbox};
@@ -358,7 +358,7 @@ mod tests {
     struct Hub {
         engine: Engine,
         port: String,
-        peers: Vec<(Node, u64, u64)>,
+        peers: Vec<(Node, ConnId, u64)>,
     }
 
     impl Hub {
