@@ -33,9 +33,10 @@ impl Handshakes {
     /// [`Handshakes::remove`].
     pub(super) fn insert(&mut self, conn: ConnId, addr: &str) -> u64 {
         let seq = self.next;
-        self.next += 1;
+        self.next = self.next.saturating_add(1);
         let host = host(addr).to_owned();
-        *self.per_host.entry(host.clone()).or_default() += 1;
+        let held = self.per_host.entry(host.clone()).or_default();
+        *held = held.saturating_add(1);
         self.order.insert(seq, (conn, host));
         seq
     }

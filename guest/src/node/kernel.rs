@@ -94,7 +94,8 @@ impl Kernel {
         if node == me && !self.ports.contains(port) {
             return Monitored::NoSuchPort(Value::Array(no_such_port(&port_id)).encode());
         }
-        *self.monitors.entry(port_id).or_default() += 1;
+        let count = self.monitors.entry(port_id).or_default();
+        *count = count.saturating_add(1);
         if node != me
             && !port.is_empty()
             && self

@@ -101,7 +101,12 @@ impl Parts<'_> {
     /// `[first, ARGS...]`: the same arguments after another first item, in a buffer of
     /// its own.
     pub fn renamed(&self, first: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.rest.len() + first.len() + 18);
+        let mut out = Vec::with_capacity(
+            self.rest
+                .len()
+                .saturating_add(first.len())
+                .saturating_add(18),
+        );
         match self.len {
             Some(n) => array_header(n.saturating_add(1), &mut out),
             None => out.push(0x9f),

@@ -234,14 +234,15 @@ impl Service {
             }
             let added = usize::from(old.is_none());
             let grow = |held: usize| held.saturating_sub(old.unwrap_or(0)).saturating_add(size);
-            let (entries, bytes) = (shard.entries + added, grow(shard.bytes));
-            let (all_entries, all_bytes) = (*total_entries + added, grow(*total_bytes));
+            let (entries, bytes) = (shard.entries.saturating_add(added), grow(shard.bytes));
+            let (all_entries, all_bytes) =
+                (total_entries.saturating_add(added), grow(*total_bytes));
             if entries > limits.max_entries_per_node
                 || bytes > limits.max_bytes_per_node
                 || all_entries > limits.max_entries
                 || all_bytes > limits.max_bytes
             {
-                effects.dropped += 1;
+                effects.dropped = effects.dropped.saturating_add(1);
                 return false;
             }
             shard.entries = entries;
@@ -440,7 +441,7 @@ impl Service {
                 }
                 let watched = self.slaves.entry(src.to_owned()).or_default();
                 if watched.insert(family.clone()) {
-                    self.monitors += 1;
+                    self.monitors = self.monitors.saturating_add(1);
                 }
                 self.mons
                     .entry(family.clone())

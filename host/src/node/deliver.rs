@@ -236,16 +236,14 @@ impl Deliveries {
 
     fn hold(&mut self, target: Target, chunk: Chunk) {
         let n = chunk.len();
-        self.held_for
-            .entry(target.clone())
-            .or_insert(HeldFor {
-                count: 0,
-                progress: Instant::now(),
-            })
-            .count += n;
+        let held = self.held_for.entry(target.clone()).or_insert(HeldFor {
+            count: 0,
+            progress: Instant::now(),
+        });
+        held.count = held.count.saturating_add(n);
         self.held_bytes = self.held_bytes.saturating_add(chunk.bytes());
         if self.from_app {
-            self.held_app += n;
+            self.held_app = self.held_app.saturating_add(n);
             self.held_app_bytes = self.held_app_bytes.saturating_add(chunk.bytes());
         } else {
             // What this round read filled an inbox: those connections wait.

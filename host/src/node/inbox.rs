@@ -275,7 +275,7 @@ impl Inbox {
         };
         state.bytes = state.bytes.saturating_add(front.bytes);
         state.chunks.push_back(front);
-        state.count += taken;
+        state.count = state.count.saturating_add(taken);
         let waker = state.receiver.take();
         drop(state);
         if let Some(w) = waker {
@@ -343,7 +343,7 @@ impl Receiver {
                 return Poll::Pending;
             }
             let (n, bytes, taken) = take_from(&mut state.chunks);
-            state.count -= n;
+            state.count = state.count.saturating_sub(n);
             state.bytes = state.bytes.saturating_sub(bytes);
             let driver = match state.driver.take() {
                 Some((waker, want)) if self.shared.has_room(&state, want) => Some(waker),
