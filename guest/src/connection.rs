@@ -251,6 +251,21 @@ impl Connection {
         }
     }
 
+    /// [`Connection::handle_input`] that hands each message received in the data phase
+    /// to `sink` as the decoder finds it (CBOR where it lies in `data`), instead of
+    /// copying it into an output: the node routes it from there. Before the data phase
+    /// the input is handled as `handle_input` does it, and `sink` is not called.
+    pub(crate) fn handle_input_with(&mut self, data: &[u8], sink: &mut dyn FnMut(&[u8])) {
+        if self.state != State::Data {
+            return self.handle_input(data);
+        }
+        let limit = self.config.limits.max_buffered_bytes();
+        if self.buffered_after(data.len()) > limit {
+            return self.fail(Error::ConnectionBufferFull(limit));
+        }
+        self.decode_with(data, sink);
+    }
+
     /// Bytes this connection holds for its peer: handshake input not consumed, the
     /// partial message, and outputs not polled yet (buffer capacities, not just contents).
     pub fn buffered_bytes(&self) -> usize {
@@ -637,13 +652,11 @@ impl Connection {
         Ok(())
     }
 
+    /// Decodes `data`, the messages found going to the outputs.
     fn decode(&mut self, data: &[u8]) {
-        let Some(decoder) = &mut self.decoder else {
-            return;
-        };
-        let outputs = &mut self.outputs;
+        let mut outputs = std::mem::take(&mut self.outputs);
         let sequences = self.message_sequences;
-        let result = decoder.decode(data, &self.config.limits, &mut |m| {
+        self.decode_with(data, &mut |m| {
             // A message is below the u32 message size limit.
             let size = u32::try_from(m.len()).unwrap_or(u32::MAX);
             match outputs.back_mut() {
@@ -663,7 +676,18 @@ impl Connection {
                 _ => outputs.push_back(Output::Message(m.to_vec())),
             }
         });
-        if let Err(e) = result {
+        // A failure's output came after the messages; put it back behind them.
+        outputs.append(&mut self.outputs);
+        self.outputs = outputs;
+    }
+
+    /// Decodes `data`, handing each message found to `sink`; fails the connection on a
+    /// framing error (after the messages before it).
+    fn decode_with(&mut self, data: &[u8], sink: &mut dyn FnMut(&[u8])) {
+        let Some(decoder) = &mut self.decoder else {
+            return;
+        };
+        if let Err(e) = decoder.decode(data, &self.config.limits, &mut { sink }) {
             self.fail(e.into());
         }
     }

@@ -524,12 +524,30 @@ impl Node {
         };
         let max = self.config.max_buffered_bytes;
         let others = self.buffered_bytes().saturating_sub(held);
-        if let Some(t) = self.transport(conn) {
-            if others.saturating_add(t.buffered_after(data.len())) > max {
-                t.abort(Error::NodeBudgetExhausted(max));
-            } else {
-                t.handle_input(data);
+        let Some(t) = self.conns.get_mut(&conn).and_then(|c| c.transport.as_mut()) else {
+            return;
+        };
+        if others.saturating_add(t.buffered_after(data.len())) > max {
+            t.abort(Error::NodeBudgetExhausted(max));
+            return self.pump(conn);
+        }
+        // Messages for local ports go from the input straight into the deliveries; from
+        // the first that is anything else (a request, which may change the ports), the
+        // rest of the input waits its turn behind it, in order.
+        let (outputs, kernel, node_id) = (&mut self.outputs, &self.kernel, &self.node_id);
+        let mut later: Vec<Vec<u8>> = Vec::new();
+        t.handle_input_with(data, &mut |message| {
+            if later.is_empty()
+                && let Some(parts) = msg::split(message)
+                && !parts.port.is_empty()
+                && kernel.has_port(parts.port.as_ref())
+            {
+                return deliver(outputs, node_id, &parts);
             }
+            later.push(message.to_vec());
+        });
+        for message in later {
+            self.received(conn, &message);
         }
         self.pump(conn);
     }
@@ -1534,7 +1552,7 @@ impl Node {
         };
         // A message for a local port, the common case, needs no copy of the sender's name.
         if !parts.port.is_empty() && self.kernel.has_port(parts.port.as_ref()) {
-            return self.deliver(&parts);
+            return deliver(&mut self.outputs, &self.node_id, &parts);
         }
         let src = src.to_owned();
         self.deliver_parts(&src, &parts);
@@ -1553,34 +1571,13 @@ impl Node {
         if port.is_empty() {
             self.node_request(src, &parts.args());
         } else if self.kernel.has_port(port) {
-            self.deliver(parts);
+            deliver(&mut self.outputs, &self.node_id, parts);
         } else {
             self.log(
                 LogLevel::Debug,
                 format!("message from {src} for nonexistent port {port} dropped"),
             );
         }
-    }
-
-    /// Hands a message for an existing local port to the application: appended to the
-    /// delivery at the end of the outputs if it is for the same port, else in a new one.
-    fn deliver(&mut self, parts: &msg::Parts<'_>) {
-        let port = parts.port.as_ref();
-        let same_port = |d: &Delivery| {
-            d.port
-                .strip_prefix(self.node_id.as_str())
-                .and_then(|rest| rest.strip_prefix('#'))
-                == Some(port)
-        };
-        if !matches!(self.outputs.back(), Some(NodeOutput::Deliver(d)) if same_port(d)) {
-            let port_id = format!("{}#{port}", self.node_id);
-            self.outputs
-                .push_back(NodeOutput::Deliver(Delivery::new(port_id)));
-        }
-        let Some(NodeOutput::Deliver(d)) = self.outputs.back_mut() else {
-            unreachable!("a delivery for the port was just made sure of")
-        };
-        d.push_with(|out| parts.write_args(out));
     }
 
     /// Starts connecting to `node` unless connected or already trying.
@@ -1699,5 +1696,26 @@ fn reason_values(reason: &[u8]) -> Result<Vec<Value>, NodeError> {
             detail: e.to_string(),
         }
         .into()),
+    }
+}
+
+/// Hands a message for an existing local port of node `node_id` to the application:
+/// appended to the delivery at the end of `outputs` if it is for the same port, else in
+/// a new one.
+fn deliver(outputs: &mut VecDeque<NodeOutput>, node_id: &str, parts: &msg::Parts<'_>) {
+    let port = parts.port.as_ref();
+    let same_port = |d: &Delivery| {
+        d.port
+            .strip_prefix(node_id)
+            .and_then(|rest| rest.strip_prefix('#'))
+            == Some(port)
+    };
+    if !matches!(outputs.back(), Some(NodeOutput::Deliver(d)) if same_port(d)) {
+        outputs.push_back(NodeOutput::Deliver(Delivery::new(format!(
+            "{node_id}#{port}"
+        ))));
+    }
+    if let Some(NodeOutput::Deliver(d)) = outputs.back_mut() {
+        d.push_with(|out| parts.write_args(out));
     }
 }
