@@ -608,30 +608,15 @@ fn raise_open_files(want: u64) -> u64 {
     rlimit::increase_nofile_limit(want).unwrap_or(0)
 }
 
-/// Opens `n` idle connections (completed handshakes, one after another) to one node;
-/// returns the node's sandbox bytes per connection, the process's RSS per connection
-/// (both ends live in this process), the sandbox size at the end, and handshakes per
-/// second while opening them.
-async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> [f64; 4] {
+/// Opens `n` connections to the node at `addr`, one after another, each a native engine
+/// `Connection` taken through its handshake; returns them (open, idle) and handshakes/s.
+async fn open_peers(addr: &str, n: usize) -> (Vec<(tokio::net::TcpStream, Connection)>, f64) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let files = raise_open_files(4 * n as u64 + 256);
-    // Both ends here, the node stops accepting 64 short of the limit: fail clearly.
-    assert!(
-        files > 2 * n as u64 + 128,
-        "{n} idle connections need {} open files, the limit is {files}",
-        2 * n + 128
-    );
-    let node = listening("idle", sandbox).start().await.expect("node");
-    let addr = node.listen_addrs()[0].to_string();
-    let mem0 = node.sandbox_memory().await.expect("memory") as f64;
-    let rss0 = rss();
     let mut peers = Vec::new();
     let mut buf = vec![0; 4096];
     let start = Instant::now();
     for i in 0..n {
-        let mut stream = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut conn = Connection::new(config(&format!("peer{i}"), Framing::Cbor), [3; 66], 0)
             .expect("config");
         while conn.session().is_none() {
@@ -650,14 +635,79 @@ async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> [f64; 4] {
         }
         peers.push((stream, conn));
     }
+    (peers, n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `--idle-peers ADDR N`: the peers of [`idle`] in a process of their own. Opens the
+/// connections, prints handshakes/s, and holds them until standard input closes.
+fn idle_peers(runtime: &tokio::runtime::Runtime, addr: &str, n: usize) {
+    raise_open_files(2 * n as u64 + 256);
+    let (peers, handshakes) = runtime.block_on(open_peers(addr, n));
+    println!("{handshakes}");
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    drop(peers);
+}
+
+/// Where [`idle`]'s peers live.
+#[derive(Clone, Copy, PartialEq)]
+enum Peers {
+    /// In this process: its RSS counts both ends of each connection.
+    Here,
+    /// In a child process ([`idle_peers`]): this process's RSS is the node's alone, and
+    /// each process needs one file per connection, not two (10,000 connections in one
+    /// process would pass a hard limit of 20,000 files).
+    Apart,
+}
+
+/// Opens `n` idle connections (completed handshakes, one after another) to one node;
+/// returns the node's sandbox bytes per connection, the process's RSS per connection,
+/// the sandbox size at the end, and handshakes per second while opening them.
+async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize, peers: Peers) -> [f64; 4] {
+    let ends = if peers == Peers::Here { 2 } else { 1 };
+    let files = raise_open_files(4 * n as u64 + 256);
+    // The node stops accepting 64 short of the limit: fail clearly instead of hanging.
+    assert!(
+        files > ends * n as u64 + 128,
+        "{n} idle connections need {} open files, the limit is {files}",
+        ends * n as u64 + 128
+    );
+    let node = listening("idle", sandbox).start().await.expect("node");
+    let addr = node.listen_addrs()[0].to_string();
+    let mem0 = node.sandbox_memory().await.expect("memory") as f64;
+    let rss0 = rss();
+    let (held, child, handshakes) = match peers {
+        Peers::Here => {
+            let (held, handshakes) = open_peers(&addr, n).await;
+            (held, None, handshakes)
+        }
+        Peers::Apart => {
+            use std::io::BufRead;
+            let mut child = std::process::Command::new(std::env::current_exe().expect("bench"))
+                .args(["--idle-peers", &addr, &n.to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("peers");
+            // Blocks this thread only: the node runs on the runtime's workers.
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("peers' answer");
+            let handshakes = line.trim().parse().expect("handshakes/s");
+            (Vec::new(), Some(child), handshakes)
+        }
+    };
     node.wait_up(&format!("peer{}", n - 1), Duration::from_secs(10))
         .await
         .expect("up");
-    let handshakes = n as f64 / start.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mem1 = node.sandbox_memory().await.expect("memory") as f64;
     let rss1 = rss();
-    drop(peers);
+    drop(held);
+    if let Some(mut child) = child {
+        drop(child.stdin.take());
+        assert!(child.wait().expect("peers").success(), "peers failed");
+    }
     // Gone before the next group starts (as `stop` does for the e2e nodes).
     node.shutdown(Duration::from_secs(10))
         .await
@@ -753,11 +803,18 @@ fn main() {
     // `--only engine|e2e|memory|scaling` runs one group (to profile it alone).
     let only = flag("--only");
     let run = |group: &str| only.as_deref().is_none_or(|o| o == group);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    if let Some(addr) = flag("--idle-peers") {
+        let n = args
+            .last()
+            .and_then(|n| n.parse().ok())
+            .expect("--idle-peers ADDR N");
+        return idle_peers(&runtime, &addr, n);
+    }
     let sandbox = std::sync::Arc::new(Sandbox::new().expect("sandbox"));
     let small = small_message();
     let large = large_message();
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     if run("engine") {
         add(
             "engine_native_handshakes_per_s",
@@ -905,16 +962,23 @@ fn main() {
                 add(name, value.expect("memory figure"), meaning);
             }
         } else {
-            // `--idle N`: the scaling group's runs with N connections.
-            let n = flag("--idle").map_or(c.idle, |n| n.parse().expect("--idle N"));
-            let figures = runtime.block_on(idle(&sandbox, n));
+            // `--idle N`: the scaling group's runs with N connections, their peers in a
+            // process of their own.
+            let (n, peers) = match flag("--idle") {
+                Some(n) => (n.parse().expect("--idle N"), Peers::Apart),
+                None => (c.idle, Peers::Here),
+            };
+            let figures = runtime.block_on(idle(&sandbox, n, peers));
             for ((name, meaning), value) in MEMORY.iter().zip(figures) {
                 add(name, value, meaning);
             }
         }
     }
-    if run("scaling") {
-        let curves = scaling::run(&runtime, &sandbox, &scaling::Levels::new(quick), &mut add);
+    // `--only scaling-senders|scaling-sizes|scaling-idle`: one of its curves.
+    let part = only.as_deref().and_then(|o| o.strip_prefix("scaling-"));
+    if run("scaling") || part.is_some() {
+        let levels = scaling::Levels::new(quick);
+        let curves = scaling::run(&runtime, &sandbox, &levels, part, &mut add);
         if let Some(dir) = flag("--plot") {
             scaling::plot(std::path::Path::new(&dir), &curves).expect("plots");
             eprintln!("plots written to {dir}");

@@ -124,9 +124,27 @@ async fn fan_in(
         producer.await.expect("producer");
     }
     peers.push(pinger);
-    stop(receiver, peers).await;
+    abandon(peers).await;
+    stop(receiver, Vec::new()).await;
     consumer.await.expect("consumer");
     (rate, p50, p99, pings)
+}
+
+/// Shuts loaded nodes down all at once, without waiting for what they still hold: a
+/// thousand senders each hold up to `HIGH_WATER` (1 MiB) of small messages, tens of
+/// seconds of the receiver's work, which [`stop`]'s flush would wait for one by one.
+async fn abandon(nodes: Vec<aemp_host::Node>) {
+    let stopping: Vec<_> = nodes
+        .into_iter()
+        .map(|node| tokio::spawn(node.shutdown(Duration::from_millis(100))))
+        .collect();
+    for node in stopping {
+        match node.await.expect("shutdown") {
+            // Timed out flushing: the node has stopped all the same.
+            Ok(()) | Err(aemp_host::NodeError::Timeout) => {}
+            Err(e) => panic!("shutdown: {e}"),
+        }
+    }
 }
 
 /// Messages/s and payload MB/s one way between two nodes, messages of one byte string
@@ -139,15 +157,18 @@ async fn sized(sandbox: &Arc<Sandbox>, size: usize, n: usize) -> (f64, f64) {
     (rate, rate * size as f64 / 1e6)
 }
 
-/// Runs the group, giving each figure to `add` (name, value, meaning).
+/// Runs the group, giving each figure to `add` (name, value, meaning): every curve, or
+/// the one `part` names (`senders`, `sizes` or `idle`), to profile it alone.
 pub fn run(
     runtime: &tokio::runtime::Runtime,
     sandbox: &Arc<Sandbox>,
     levels: &Levels,
+    part: Option<&str>,
     add: &mut impl FnMut(&str, f64, &str),
 ) -> Curves {
     let mut curves = Curves::default();
-    for &size in &levels.sizes {
+    let run = |name: &str| part.is_none_or(|p| p == name);
+    for &size in levels.sizes.iter().filter(|_| run("sizes")) {
         let n = levels.messages.min(levels.bytes / size).max(1);
         let (rate, mb) = runtime.block_on(sized(sandbox, size, n));
         add(
@@ -162,7 +183,7 @@ pub fn run(
         );
         curves.sizes.push((size, vec![rate, mb]));
     }
-    for &senders in &levels.senders {
+    for &senders in levels.senders.iter().filter(|_| run("senders")) {
         let (rate, p50, p99, pings) = runtime.block_on(fan_in(sandbox, senders, levels.window));
         eprintln!("({pings} round trips with {senders} senders)");
         add(
@@ -183,7 +204,7 @@ pub fn run(
         curves.senders.push((senders, vec![rate, p50, p99]));
     }
     // Each in a fresh process, as the memory group runs (see there).
-    for &n in &levels.idle {
+    for &n in levels.idle.iter().filter(|_| run("idle")) {
         let figures = child_figures(&["--only", "memory", "--idle", &n.to_string()]);
         let figure = |name: &str| {
             figures
@@ -199,7 +220,7 @@ pub fn run(
         add(
             &format!("scaling_idle_rss_bytes_per_conn_{n}"),
             rss,
-            "process RSS per idle connection, this many (both ends in one process)",
+            "the node process's RSS per idle connection (peers in another process)",
         );
         add(
             &format!("scaling_idle_engine_bytes_per_conn_{n}"),
