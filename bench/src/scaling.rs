@@ -68,10 +68,22 @@ pub struct Curves {
 /// have a batch in flight, so the window sees the steady state.
 const WARM_UP: Duration = Duration::from_millis(200);
 
-/// `senders` nodes send `["ping",123]` in batches of 1000 to one port of one node, as
-/// fast as it takes them, while one more node pings a port of it (round trips, as
-/// [`round_trips`]). Returns messages/s into the port and the round trips' p50 and p99 in
-/// µs, both over the same `window`, and how many round trips there were.
+/// Messages the senders of [`fan_in`] may have sent and the port not yet taken, all
+/// together: the credit that keeps the load closed-loop.
+const IN_FLIGHT: usize = 64 * 1024;
+
+/// `senders` nodes send `["ping",123]` to one port of one node, as fast as it takes
+/// them, while one more node pings a port of it (round trips, as [`round_trips`]).
+/// Returns messages/s into the port and the round trips' p50 and p99 in µs, both over
+/// the same `window`, and how many round trips there were.
+///
+/// The load is closed-loop: a sender takes credit for a batch before sending it, and the
+/// port's reader gives it back as it takes messages, [`IN_FLIGHT`] in all, shared fairly
+/// (tokio's semaphore is first come, first served); each sender's batches are small
+/// enough that every sender has one in flight. Open-loop, every sender would fill its
+/// connection's buffers (a megabyte of messages each, `HIGH_WATER`, and the sockets'):
+/// all in this process on two cores, a thousand senders doing that take the CPU from
+/// the node they load, and the figures would measure them instead.
 async fn fan_in(
     sandbox: &Arc<Sandbox>,
     senders: usize,
@@ -89,12 +101,15 @@ async fn fan_in(
     let mut inbox = receiver.port().await.expect("port");
     let target = inbox.id().to_owned();
     let received = Arc::new(AtomicU64::new(0));
+    let credit = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let per_batch = (IN_FLIGHT / 2 / senders).clamp(1, 1000);
     // Ends when the receiver shuts down; until then it drains, so the senders can flush.
     let consumer = {
-        let received = received.clone();
+        let (received, credit) = (received.clone(), credit.clone());
         tokio::spawn(async move {
             while let Some(batch) = inbox.recv_batch(1024).await {
                 received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                credit.add_permits(batch.len());
             }
         })
     };
@@ -103,11 +118,14 @@ async fn fan_in(
         .iter()
         .map(|sender| {
             let (sender, target, done) = (sender.clone(), target.clone(), done.clone());
+            let credit = credit.clone();
             tokio::spawn(async move {
                 let args = [Value::text("ping"), Value::Int(123)];
                 while !done.load(Ordering::Relaxed) {
-                    let mut batch = SendBatch::with_capacity(1000);
-                    for _ in 0..1000 {
+                    let k = per_batch as u32;
+                    credit.acquire_many(k).await.expect("credit").forget();
+                    let mut batch = SendBatch::with_capacity(per_batch);
+                    for _ in 0..per_batch {
                         batch.push(&target, &args);
                     }
                     sender.send_messages(batch).await.expect("send");
@@ -120,6 +138,8 @@ async fn fan_in(
     let (p50, p99, pings) = round_trips(&receiver, &pinger, usize::MAX, window).await;
     let rate = (received.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
+    // Senders waiting for credit see `done` once they have it.
+    credit.add_permits(IN_FLIGHT);
     for producer in producers {
         producer.await.expect("producer");
     }
