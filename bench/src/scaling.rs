@@ -270,6 +270,8 @@ struct Panel {
     y: &'static str,
     /// Whether y is drawn on a log scale (values spanning orders of magnitude).
     log_y: bool,
+    /// Whether x counts bytes (labelled in KiB and MiB).
+    bytes: bool,
     lines: Vec<Line>,
 }
 
@@ -287,6 +289,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     x: "sending nodes",
                     y: "messages/s",
                     log_y: false,
+                    bytes: false,
                     lines: vec![line("messages/s", 0)],
                 },
                 Panel {
@@ -294,6 +297,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     x: "sending nodes",
                     y: "µs",
                     log_y: true,
+                    bytes: false,
                     lines: vec![line("p50", 1), line("p99", 2)],
                 },
             ],
@@ -307,6 +311,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     x: "message size, bytes",
                     y: "messages/s",
                     log_y: true,
+                    bytes: true,
                     lines: vec![line("messages/s", 0)],
                 },
                 Panel {
@@ -314,6 +319,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     x: "message size, bytes",
                     y: "MB/s",
                     log_y: true,
+                    bytes: true,
                     lines: vec![line("MB/s", 1)],
                 },
             ],
@@ -327,6 +333,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     x: "idle connections",
                     y: "bytes",
                     log_y: false,
+                    bytes: false,
                     lines: vec![
                         line("process RSS (both ends)", 0),
                         line("node's sandbox", 1),
@@ -337,6 +344,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     x: "idle connections",
                     y: "handshakes/s",
                     log_y: false,
+                    bytes: false,
                     lines: vec![line("handshakes/s", 2)],
                 },
             ],
@@ -391,7 +399,7 @@ where
         .configure_mesh()
         .x_desc(panel.x)
         .y_desc(panel.y)
-        .x_label_formatter(&|x| si(*x))
+        .x_label_formatter(&|x| if panel.bytes { binary(*x) } else { si(*x) })
         .y_label_formatter(&|y| si(*y))
         .draw()?;
     for (i, line) in panel.lines.iter().enumerate() {
@@ -413,6 +421,15 @@ where
         .position(SeriesLabelPosition::UpperRight)
         .draw()?;
     Ok(())
+}
+
+/// A byte count for an axis label: 16 B, 4 KiB, 1 MiB.
+fn binary(v: f64) -> String {
+    match v {
+        v if v >= f64::from(1 << 20) => format!("{} MiB", si(v / f64::from(1 << 20))),
+        v if v >= 1024.0 => format!("{} KiB", si(v / 1024.0)),
+        v => format!("{} B", si(v)),
+    }
 }
 
 /// A number for an axis label: 1.5k, 2M, 16, 0.25.
