@@ -272,6 +272,8 @@ struct Panel {
     log_y: bool,
     /// Whether x counts bytes (labelled in KiB and MiB).
     bytes: bool,
+    /// Where the legend goes: off the curves.
+    legend: SeriesLabelPosition,
     lines: Vec<Line>,
 }
 
@@ -290,14 +292,16 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     y: "messages/s",
                     log_y: false,
                     bytes: false,
+                    legend: SeriesLabelPosition::UpperRight,
                     lines: vec![line("messages/s", 0)],
                 },
                 Panel {
                     title: "Round trip from one more node meanwhile",
                     x: "sending nodes",
-                    y: "µs",
+                    y: "round trip, µs",
                     log_y: true,
                     bytes: false,
+                    legend: SeriesLabelPosition::UpperLeft,
                     lines: vec![line("p50", 1), line("p99", 2)],
                 },
             ],
@@ -312,6 +316,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     y: "messages/s",
                     log_y: true,
                     bytes: true,
+                    legend: SeriesLabelPosition::UpperRight,
                     lines: vec![line("messages/s", 0)],
                 },
                 Panel {
@@ -320,6 +325,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     y: "MB/s",
                     log_y: true,
                     bytes: true,
+                    legend: SeriesLabelPosition::UpperRight,
                     lines: vec![line("MB/s", 1)],
                 },
             ],
@@ -334,10 +340,8 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     y: "bytes",
                     log_y: false,
                     bytes: false,
-                    lines: vec![
-                        line("process RSS (both ends)", 0),
-                        line("node's sandbox", 1),
-                    ],
+                    legend: SeriesLabelPosition::LowerRight,
+                    lines: vec![line("node process's RSS", 0), line("node's sandbox", 1)],
                 },
                 Panel {
                     title: "Handshakes to get there, one after another",
@@ -345,6 +349,7 @@ pub fn plot(dir: &std::path::Path, curves: &Curves) -> Result<(), Box<dyn std::e
                     y: "handshakes/s",
                     log_y: false,
                     bytes: false,
+                    legend: SeriesLabelPosition::LowerLeft,
                     lines: vec![line("handshakes/s", 2)],
                 },
             ],
@@ -394,7 +399,12 @@ where
         .margin(14)
         .x_label_area_size(44)
         .y_label_area_size(80)
-        .build_cartesian_2d((lo / 1.5..hi * 1.5).log_scale(), y)?;
+        .build_cartesian_2d(
+            (lo / 1.5..hi * 1.5)
+                .log_scale()
+                .with_key_points(points.iter().map(|p| p.0 as f64).collect()),
+            y,
+        )?;
     chart
         .configure_mesh()
         .x_desc(panel.x)
@@ -418,7 +428,7 @@ where
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        .position(panel.legend.clone())
         .draw()?;
     Ok(())
 }
