@@ -22,8 +22,9 @@ pub struct Levels {
     idle: Vec<usize>,
     /// How long the senders load the node while the round trips are measured.
     window: Duration,
-    /// At most this many messages per size, and at most `bytes` of them.
+    /// At most this many messages per size...
     messages: usize,
+    /// ...and at most this many bytes of them (a GiB of 1 MiB messages takes seconds).
     bytes: usize,
 }
 
