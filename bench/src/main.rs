@@ -1,7 +1,10 @@
 //! `aemp-bench`: prints how fast the engine is, natively and inside wasmtime, and how fast
 //! two nodes talk over loopback TCP. `--json` prints the same figures as one JSON object,
 //! `--quick` runs tiny counts (a smoke run), `--only engine|e2e|memory` one group of
-//! figures. Figure names are documented in the README.
+//! figures, `--only scaling` what work costs as it grows (see [`scaling`]; `--plot DIR`
+//! draws its curves). Figure names are documented in the README.
+
+mod scaling;
 
 use std::time::{Duration, Instant};
 
@@ -89,7 +92,8 @@ fn native_handshakes(n: usize) -> f64 {
 
 /// Messages per batch: 1000, or as many as one input may carry: a connection refuses
 /// input that would make it hold more than twice the message size limit, and a batch of
-/// 1000 64 KiB messages crosses as one 64 MiB input.
+/// 1000 64 KiB messages crosses as one 64 MiB input. The end-to-end runs use it too: a
+/// node's sends may hold 16 MiB at once (`SEND_QUEUE_BYTES`), the same figure.
 fn batch(message: &[u8]) -> usize {
     (aemp_engine::Limits::default().max_message_size / message.len()).clamp(1, 1000)
 }
@@ -401,6 +405,7 @@ async fn one_way(receiver: &Node, senders: &[Node], args: &[Value], n: usize, ap
     let mut inbox = receiver.port().await.expect("port");
     let share = n / senders.len();
     let total = share * senders.len();
+    let per_batch = batch(&Value::Array(args.to_vec()).encode());
     let start = Instant::now();
     let producers: Vec<_> = senders
         .iter()
@@ -409,7 +414,7 @@ async fn one_way(receiver: &Node, senders: &[Node], args: &[Value], n: usize, ap
             tokio::spawn(async move {
                 let mut sent = 0;
                 while sent < share {
-                    let k = 1000.min(share - sent);
+                    let k = per_batch.min(share - sent);
                     match api {
                         Api::Batches => {
                             let mut batch = SendBatch::with_capacity(k);
@@ -476,7 +481,7 @@ async fn e2e(
         Api::Batches,
     )
     .await;
-    let (p50, p99) = round_trips(&receiver, &senders[0], pings).await;
+    let (p50, p99, _) = round_trips(&receiver, &senders[0], pings, Duration::MAX).await;
     stop(receiver, senders).await;
     (rate, p50, p99)
 }
@@ -491,9 +496,15 @@ async fn stop(receiver: Node, senders: Vec<Node>) {
     }
 }
 
-/// Round-trip percentiles in microseconds: a ping-pong, cal-style: the receiver echoes
-/// to the sender's port.
-async fn round_trips(receiver: &Node, sender: &Node, pings: usize) -> (f64, f64) {
+/// Round-trip percentiles in microseconds, and how many round trips there were: a
+/// ping-pong, cal-style: the receiver echoes to the sender's port, `pings` times or
+/// until `limit` has passed, whichever comes first (at least once).
+async fn round_trips(
+    receiver: &Node,
+    sender: &Node,
+    pings: usize,
+    limit: Duration,
+) -> (f64, f64, usize) {
     let mut echo = receiver.port().await.expect("port");
     let mut back = sender.port().await.expect("port");
     let (echo_id, back_id) = (echo.id().to_owned(), back.id().to_owned());
@@ -510,8 +521,9 @@ async fn round_trips(receiver: &Node, sender: &Node, pings: usize) -> (f64, f64)
     // to every round trip.
     let sender = sender.clone();
     let mut rtts = tokio::spawn(async move {
-        let mut rtts = Vec::with_capacity(pings);
-        for _ in 0..pings {
+        let mut rtts = Vec::with_capacity(pings.min(100_000));
+        let start = Instant::now();
+        while rtts.is_empty() || (rtts.len() < pings && start.elapsed() < limit) {
             let t = Instant::now();
             sender
                 .send(&echo_id, vec![Value::Int(1)])
@@ -526,7 +538,7 @@ async fn round_trips(receiver: &Node, sender: &Node, pings: usize) -> (f64, f64)
     .expect("pings");
     rtts.sort_by(f64::total_cmp);
     let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize];
-    (pct(0.5), pct(0.99))
+    (pct(0.5), pct(0.99), rtts.len())
 }
 
 /// The next message of `port`; a lost connection fails the run instead of hanging it.
@@ -582,22 +594,30 @@ fn rss() -> f64 {
     pages * 4096.0
 }
 
-/// Opens `n` idle connections (completed handshakes) to one node; returns the node's
-/// sandbox bytes per connection, the process's RSS per connection (both ends live in
-/// this process), and the sandbox size at the end.
-async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> [f64; 3] {
+/// Raises the soft limit on open files to `want`, and the hard limit too where we may
+/// (`CAP_SYS_RESOURCE`, which root lacks in some containers, this project's among them):
+/// a thousand connections with both ends here take 2,000 files, past the usual soft
+/// limit of 1024. Returns the soft limit now in force.
+fn raise_open_files(want: u64) -> u64 {
+    use rlimit::Resource;
+    if let Ok((soft, hard)) = Resource::NOFILE.get()
+        && hard < want
+    {
+        // Refused without the privilege: then the hard limit is what we get.
+        let _ = Resource::NOFILE.set(want.max(soft), want);
+    }
+    rlimit::increase_nofile_limit(want).unwrap_or(0)
+}
+
+/// Opens `n` connections to the node at `addr`, one after another, each a native engine
+/// `Connection` taken through its handshake; returns them (open, idle) and handshakes/s.
+async fn open_peers(addr: &str, n: usize) -> (Vec<(tokio::net::TcpStream, Connection)>, f64) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = rlimit::increase_nofile_limit(4 * n as u64 + 256);
-    let node = listening("idle", sandbox).start().await.expect("node");
-    let addr = node.listen_addrs()[0].to_string();
-    let mem0 = node.sandbox_memory().await.expect("memory") as f64;
-    let rss0 = rss();
     let mut peers = Vec::new();
     let mut buf = vec![0; 4096];
+    let start = Instant::now();
     for i in 0..n {
-        let mut stream = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut conn = Connection::new(config(&format!("peer{i}"), Framing::Cbor), [3; 66], 0)
             .expect("config");
         while conn.session().is_none() {
@@ -616,22 +636,93 @@ async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize) -> [f64; 3] {
         }
         peers.push((stream, conn));
     }
+    (peers, n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `--idle-peers ADDR N`: the peers of [`idle`] in a process of their own. Opens the
+/// connections, prints handshakes/s, and holds them until standard input closes.
+fn idle_peers(runtime: &tokio::runtime::Runtime, addr: &str, n: usize) {
+    raise_open_files(2 * n as u64 + 256);
+    let (peers, handshakes) = runtime.block_on(open_peers(addr, n));
+    println!("{handshakes}");
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    drop(peers);
+}
+
+/// Where [`idle`]'s peers live.
+#[derive(Clone, Copy, PartialEq)]
+enum Peers {
+    /// In this process: its RSS counts both ends of each connection.
+    Here,
+    /// In a child process ([`idle_peers`]): this process's RSS is the node's alone, and
+    /// each process needs one file per connection, not two (10,000 connections in one
+    /// process would pass a hard limit of 20,000 files).
+    Apart,
+}
+
+/// Opens `n` idle connections (completed handshakes, one after another) to one node;
+/// returns the node's sandbox bytes per connection, the process's RSS per connection,
+/// the sandbox size at the end, and handshakes per second while opening them.
+async fn idle(sandbox: &std::sync::Arc<Sandbox>, n: usize, peers: Peers) -> [f64; 4] {
+    let ends = if peers == Peers::Here { 2 } else { 1 };
+    let files = raise_open_files(4 * n as u64 + 256);
+    // The node stops accepting 64 short of the limit: fail clearly instead of hanging.
+    assert!(
+        files > ends * n as u64 + 128,
+        "{n} idle connections need {} open files, the limit is {files}",
+        ends * n as u64 + 128
+    );
+    let node = listening("idle", sandbox).start().await.expect("node");
+    let addr = node.listen_addrs()[0].to_string();
+    let mem0 = node.sandbox_memory().await.expect("memory") as f64;
+    let rss0 = rss();
+    let (held, child, handshakes) = match peers {
+        Peers::Here => {
+            let (held, handshakes) = open_peers(&addr, n).await;
+            (held, None, handshakes)
+        }
+        Peers::Apart => {
+            use std::io::BufRead;
+            let mut child = std::process::Command::new(std::env::current_exe().expect("bench"))
+                .args(["--idle-peers", &addr, &n.to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("peers");
+            // Blocks this thread only: the node runs on the runtime's workers.
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("peers' answer");
+            let handshakes = line.trim().parse().expect("handshakes/s");
+            (Vec::new(), Some(child), handshakes)
+        }
+    };
     node.wait_up(&format!("peer{}", n - 1), Duration::from_secs(10))
         .await
         .expect("up");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mem1 = node.sandbox_memory().await.expect("memory") as f64;
     let rss1 = rss();
-    drop(peers);
+    drop(held);
+    if let Some(mut child) = child {
+        drop(child.stdin.take());
+        assert!(child.wait().expect("peers").success(), "peers failed");
+    }
     // Gone before the next group starts (as `stop` does for the e2e nodes).
     node.shutdown(Duration::from_secs(10))
         .await
         .expect("shutdown");
-    [(mem1 - mem0) / n as f64, (rss1 - rss0) / n as f64, mem1]
+    [
+        (mem1 - mem0) / n as f64,
+        (rss1 - rss0) / n as f64,
+        mem1,
+        handshakes,
+    ]
 }
 
 /// The memory group's figures, in the order [`idle`] returns them, and their meanings.
-const MEMORY: [(&str, &str); 3] = [
+const MEMORY: [(&str, &str); 4] = [
     (
         "idle_conn_engine_bytes",
         "sandbox memory per idle connection of one node",
@@ -644,7 +735,24 @@ const MEMORY: [(&str, &str); 3] = [
         "sandbox_memory_bytes",
         "the node's linear memory with those connections",
     ),
+    (
+        "idle_handshakes_per_s",
+        "handshakes/s opening them one after another (native peer, loopback)",
+    ),
 ];
+
+/// The figures of this bench run again as a child process with `args` (and `--json`):
+/// for measurements that need a fresh process (see the memory group).
+fn child_figures(args: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+    let out = std::process::Command::new(std::env::current_exe().expect("bench"))
+        .args(args)
+        .arg("--json")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("child bench");
+    assert!(out.status.success(), "bench {args:?} failed");
+    serde_json::from_slice(&out.stdout).expect("child figures")
+}
 
 /// One figure: its name (the JSON key), value, and what it means.
 struct Figure {
@@ -687,18 +795,27 @@ fn main() {
             meaning: meaning.into(),
         });
     };
-    // `--only engine|e2e|memory` runs one group (to profile it alone).
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    // `--only engine|e2e|memory|scaling` runs one group (to profile it alone).
+    let only = flag("--only");
     let run = |group: &str| only.as_deref().is_none_or(|o| o == group);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    if let Some(addr) = flag("--idle-peers") {
+        let n = args
+            .last()
+            .and_then(|n| n.parse().ok())
+            .expect("--idle-peers ADDR N");
+        return idle_peers(&runtime, &addr, n);
+    }
     let sandbox = std::sync::Arc::new(Sandbox::new().expect("sandbox"));
     let small = small_message();
     let large = large_message();
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     if run("engine") {
         add(
             "engine_native_handshakes_per_s",
@@ -836,24 +953,36 @@ fn main() {
     // heap in a state that slows the native engine figures.
     if run("memory") {
         if only.is_none() {
-            let mut child = std::process::Command::new(std::env::current_exe().expect("bench"));
-            child.args(["--only", "memory", "--json"]);
-            if quick {
-                child.arg("--quick");
-            }
-            let out = child.output().expect("memory group");
-            assert!(out.status.success(), "memory group failed");
-            let figures: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_slice(&out.stdout).expect("memory figures");
+            let figures = child_figures(if quick {
+                &["--only", "memory", "--quick"]
+            } else {
+                &["--only", "memory"]
+            });
             for (name, meaning) in MEMORY {
                 let value = figures.get(name).and_then(|v| v.as_f64());
                 add(name, value.expect("memory figure"), meaning);
             }
         } else {
-            let figures = runtime.block_on(idle(&sandbox, c.idle));
+            // `--idle N`: the scaling group's runs with N connections, their peers in a
+            // process of their own.
+            let (n, peers) = match flag("--idle") {
+                Some(n) => (n.parse().expect("--idle N"), Peers::Apart),
+                None => (c.idle, Peers::Here),
+            };
+            let figures = runtime.block_on(idle(&sandbox, n, peers));
             for ((name, meaning), value) in MEMORY.iter().zip(figures) {
                 add(name, value, meaning);
             }
+        }
+    }
+    // `--only scaling-senders|scaling-sizes|scaling-idle`: one of its curves.
+    let part = only.as_deref().and_then(|o| o.strip_prefix("scaling-"));
+    if run("scaling") || part.is_some() {
+        let levels = scaling::Levels::new(quick);
+        let curves = scaling::run(&runtime, &sandbox, &levels, part, &mut add);
+        if let Some(dir) = flag("--plot") {
+            scaling::plot(std::path::Path::new(&dir), &curves).expect("plots");
+            eprintln!("plots written to {dir}");
         }
     }
     if as_json {

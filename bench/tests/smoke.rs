@@ -33,6 +33,24 @@ const FIGURES: &[&str] = &[
     "idle_conn_engine_bytes",
     "idle_conn_rss_bytes",
     "sandbox_memory_bytes",
+    "idle_handshakes_per_s",
+    // The scaling group's points under --quick (the full run's are in the README).
+    "scaling_msgs_per_s_size_16",
+    "scaling_mb_per_s_size_16",
+    "scaling_msgs_per_s_size_1048576",
+    "scaling_mb_per_s_size_1048576",
+    "scaling_msgs_per_s_senders_1",
+    "scaling_rtt_p50_us_senders_1",
+    "scaling_rtt_p99_us_senders_1",
+    "scaling_msgs_per_s_senders_10",
+    "scaling_rtt_p50_us_senders_10",
+    "scaling_rtt_p99_us_senders_10",
+    "scaling_idle_rss_bytes_per_conn_10",
+    "scaling_idle_engine_bytes_per_conn_10",
+    "scaling_handshakes_per_s_10",
+    "scaling_idle_rss_bytes_per_conn_50",
+    "scaling_idle_engine_bytes_per_conn_50",
+    "scaling_handshakes_per_s_50",
 ];
 
 #[test]
@@ -71,6 +89,9 @@ fn quick_run_prints_every_figure() {
         "engine_native_node_msgs_per_s",
         "engine_wasm_node_msgs_per_s",
         "sandbox_memory_bytes",
+        "scaling_msgs_per_s_senders_10",
+        "scaling_mb_per_s_size_1048576",
+        "scaling_handshakes_per_s_50",
     ] {
         assert!(figures[name].as_f64().unwrap_or(0.0) > 0.0, "{name}");
     }
