@@ -293,6 +293,8 @@ struct Conn {
     handshake: Option<u64>,
     /// What its transport held at the last [`Node::recount`].
     held: usize,
+    /// Its entry in [`Node::timers`].
+    due: Option<u64>,
 }
 
 /// An attempt to reach a node through its addresses.
@@ -327,11 +329,17 @@ pub struct Node {
     node_id: String,
     conns: HashMap<ConnId, Conn, BuildHasherDefault<ConnIdHasher>>,
     next_conn: ConnId,
+    /// Every connection's [`Connection::poll_timeout`] (as of its last
+    /// [`pump`](Self::pump)) with its id, soonest first: a node with ten thousand idle
+    /// connections finds its next deadline without looking at each.
+    timers: BTreeSet<(u64, ConnId)>,
     /// Keyed by node ids that peers choose (in `snd` relays, say): ordered, not hashed, so
     /// that no choice of names makes lookups slow. std's SipHash keys would not help
     /// here: on wasm32-unknown-unknown (no OS randomness) std takes them from the
     /// addresses of a stack and a heap byte, the same in every fresh instance.
     peers: BTreeMap<String, Peer>,
+    /// The peers being reached (`connecting` set), the only ones with deadlines.
+    dialing: BTreeSet<String>,
     /// Local ports, monitors, the node port.
     kernel: Kernel,
     seeds: Seeds,
@@ -423,7 +431,9 @@ impl Node {
             node_id: node_id.clone(),
             conns: HashMap::default(),
             next_conn: ConnId(1),
+            timers: BTreeSet::new(),
             peers: BTreeMap::new(),
+            dialing: BTreeSet::new(),
             kernel: Kernel::new(ids::alnum(&seed[..9])),
             seeds,
             global: Global::default(),
@@ -598,15 +608,9 @@ impl Node {
     pub fn handle_timeout(&mut self, now: u64) {
         self.now = now;
         let due: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                c.transport
-                    .as_ref()
-                    .and_then(Connection::poll_timeout)
-                    .is_some_and(|t| t <= now)
-            })
-            .map(|(&id, _)| id)
+            .timers
+            .range(..=(now, ConnId(u64::MAX)))
+            .map(|&(_, conn)| conn)
             .collect();
         for conn in due {
             if let Some(t) = self.transport(conn) {
@@ -614,12 +618,7 @@ impl Node {
                 self.pump(conn);
             }
         }
-        let nodes: Vec<String> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.connecting.is_some())
-            .map(|(n, _)| n.clone())
-            .collect();
+        let nodes: Vec<String> = self.dialing.iter().cloned().collect();
         for node in nodes {
             self.dial_step(&node, now);
         }
@@ -644,12 +643,21 @@ impl Node {
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next, if ever.
     pub fn poll_timeout(&self) -> Option<u64> {
-        let conns = self
-            .conns
-            .values()
-            .filter_map(|c| c.transport.as_ref()?.poll_timeout());
-        let dials = self.peers.values().filter_map(|p| {
-            let (dial, until) = p.connecting.as_ref()?;
+        debug_assert_eq!(
+            self.timers.first().map(|&(t, _)| t),
+            self.conns
+                .values()
+                .filter_map(|c| c.transport.as_ref()?.poll_timeout())
+                .min()
+        );
+        debug_assert!(
+            self.peers
+                .iter()
+                .all(|(n, p)| p.connecting.is_none() || self.dialing.contains(n))
+        );
+        let conns = self.timers.first().map(|&(t, _)| t);
+        let dials = self.dialing.iter().filter_map(|node| {
+            let (dial, until) = self.peers.get(node)?.connecting.as_ref()?;
             Some(if dial.pending.is_empty() {
                 *until
             } else {
@@ -660,6 +668,7 @@ impl Node {
         // Messages waiting for room: released by the next poll, so poll at once.
         let deferred = (!self.deferred.is_empty()).then_some(self.now);
         conns
+            .into_iter()
             .chain(dials)
             .chain(self.seeds.next_at())
             .chain(keep)
@@ -1129,6 +1138,7 @@ impl Node {
                 remote: None,
                 handshake: None,
                 held: 0,
+                due: None,
             },
         );
         id
@@ -1222,6 +1232,25 @@ impl Node {
             }
         }
         self.recount(conn);
+        self.retime(conn);
+    }
+
+    /// Brings `conn`'s entry in [`Node::timers`] up to date (after every change to its
+    /// transport, as [`recount`](Self::recount) is).
+    fn retime(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let due = c.transport.as_ref().and_then(Connection::poll_timeout);
+        if due != c.due {
+            if let Some(old) = c.due {
+                self.timers.remove(&(old, conn));
+            }
+            if let Some(new) = due {
+                self.timers.insert((new, conn));
+            }
+            c.due = due;
+        }
     }
 
     /// Brings `conn`'s share of [`Node::buffered_bytes`] up to date. Every change to a
@@ -1239,6 +1268,9 @@ impl Node {
     /// Removes `conn`, with its share of [`Node::buffered_bytes`].
     fn remove_conn(&mut self, conn: ConnId) -> Option<Conn> {
         let c = self.conns.remove(&conn)?;
+        if let Some(due) = c.due {
+            self.timers.remove(&(due, conn));
+        }
         self.deferred.remove(conn);
         self.conns_held = self.conns_held.saturating_sub(c.held);
         if let Some(seq) = c.handshake {
@@ -1287,6 +1319,7 @@ impl Node {
         let Some(peer) = self.peers.remove(node) else {
             return;
         };
+        self.dialing.remove(node);
         self.last_route.1 = None;
         self.queued_held = self.queued_held.saturating_sub(peer.queued_bytes);
         self.global.forget_find(node);
@@ -1352,6 +1385,7 @@ impl Node {
         peer.conn = Some(conn);
         self.last_route.1 = None;
         peer.connecting = None;
+        self.dialing.remove(node.as_str());
         let queue = std::mem::take(&mut peer.queue);
         self.queued_held = self
             .queued_held
@@ -1596,6 +1630,7 @@ impl Node {
         dial.finding = ask;
         dial.no_address = !ask;
         peer.connecting = Some((dial, now.saturating_add(timeout)));
+        self.dialing.insert(node.to_owned());
         if ask {
             self.global.find(node, &view!(self), &mut self.effects);
             self.run_effects();
