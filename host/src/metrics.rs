@@ -75,13 +75,12 @@ pub fn render(info: &NodeInfo) -> String {
     let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     uptime.set(info.uptime);
     registry.register("uptime_seconds", "Seconds since the node started", uptime);
-    let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
     let r = &mut registry;
     gauge(
         r,
         "connections",
         "Open connections, handshakes included",
-        wide(info.connections.len()),
+        info.connection_count,
     );
     gauge(
         r,
@@ -153,7 +152,7 @@ pub fn render(info: &NodeInfo) -> String {
         "Bytes the engine holds on behalf of peers",
         info.buffered_bytes,
     );
-    gauge(r, "ports", "Local ports", wide(info.ports.len()));
+    gauge(r, "ports", "Local ports", info.port_count);
     let inbox: u64 = info
         .ports
         .iter()

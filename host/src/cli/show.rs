@@ -97,7 +97,7 @@ pub fn readable(info: &NodeInfo) -> String {
     line("refusals", counts(&info.refusals));
     line(
         "connections",
-        format!("{} ({} nodes up)", info.connections.len(), info.nodes_up),
+        format!("{} ({} nodes up)", info.connection_count, info.nodes_up),
     );
     for c in &info.connections {
         let node = c.node.as_deref().unwrap_or("(greeting not yet received)");
@@ -129,7 +129,8 @@ pub fn readable(info: &NodeInfo) -> String {
             bytes(c.held_bytes)
         );
     }
-    let _ = writeln!(out, "{:<12} {}", "ports", info.ports.len());
+    not_listed(&mut out, info.connection_count, info.connections.len());
+    let _ = writeln!(out, "{:<12} {}", "ports", info.port_count);
     let width = info.ports.iter().map(|p| p.port.len()).max().unwrap_or(0);
     for p in &info.ports {
         let _ = writeln!(
@@ -140,7 +141,16 @@ pub fn readable(info: &NodeInfo) -> String {
             bytes(p.bytes)
         );
     }
+    not_listed(&mut out, info.port_count, info.ports.len());
     out
+}
+
+/// A line for what an answer left out (it lists a bounded number).
+fn not_listed(out: &mut String, count: u64, listed: usize) {
+    let listed = u64::try_from(listed).unwrap_or(u64::MAX);
+    if count > listed {
+        let _ = writeln!(out, "  ({} more not listed)", count - listed);
+    }
 }
 
 #[cfg(test)]

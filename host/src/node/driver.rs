@@ -285,8 +285,8 @@ impl Driver {
     fn cut_off(&mut self, conn: u64, limit: &'static str, reason: &str) -> Result<(), Fatal> {
         let count = self.limits_hit.entry(limit).or_default();
         *count = count.saturating_add(1);
-        let span = self.spans.remove(&conn).unwrap_or_else(tracing::Span::none);
-        span.in_scope(|| tracing::warn!("connection {conn}: {reason}"));
+        self.closed_span(conn)
+            .in_scope(|| tracing::warn!("connection {conn}: {reason}"));
         if self.io.drop_conn(conn) {
             self.engine.handle_conn_error(conn, reason)?;
         }
@@ -340,8 +340,8 @@ impl Driver {
                     End::Eof => self.engine.handle_eof(conn)?,
                     End::Failed(reason) => {
                         // The host closed it: the engine does not say so again.
-                        let span = self.spans.remove(&conn).unwrap_or_else(tracing::Span::none);
-                        span.in_scope(|| tracing::debug!("connection {conn} failed: {reason}"));
+                        self.closed_span(conn)
+                            .in_scope(|| tracing::debug!("connection {conn} failed: {reason}"));
                         self.engine.handle_conn_error(conn, &reason)?;
                     }
                 }
@@ -524,10 +524,7 @@ impl Driver {
             }
             O::Close(c) => {
                 self.dialing.remove(&c.conn);
-                let span = self
-                    .spans
-                    .remove(&c.conn)
-                    .unwrap_or_else(tracing::Span::none);
+                let span = self.closed_span(c.conn);
                 if self.io.close(c.conn) {
                     span.in_scope(|| {
                         tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason))
@@ -554,8 +551,9 @@ impl Driver {
                 let _ = self.events.send(Event::NodeUp(node));
             }
             O::NodeDown(d) => {
+                // Its connection's span was kept for this line (see `closed_span`).
                 let conn = self.up.remove(&d.node);
-                let span = conn.and_then(|c| self.spans.get(&c)).cloned();
+                let span = conn.and_then(|c| self.spans.remove(&c));
                 span.unwrap_or_else(tracing::Span::none).in_scope(|| {
                     tracing::info!("{} is down: {}", printable(&d.node), printable(&d.reason))
                 });
@@ -625,7 +623,7 @@ impl Driver {
     /// REPLY...]`) with `[REPLY..., INFO]`.
     fn answer_info(&mut self, message: &[u8]) -> Result<(), Fatal> {
         let info = self.info()?;
-        let Some((port, args)) = info::answer(decode_args(message), &info) else {
+        let Some((port, args)) = info::answer(decode_args(message), info) else {
             return Ok(());
         };
         let mut batch = super::SendBatch::new();
@@ -648,6 +646,17 @@ impl Driver {
         };
         let count = self.refusals.entry(format!("{kind:?}")).or_default();
         *count = count.saturating_add(1);
+    }
+
+    /// The span of `conn`, which is closing: forgotten, unless the connection is still
+    /// a node's working one, whose `node-down` comes next and is logged in it.
+    fn closed_span(&mut self, conn: u64) -> tracing::Span {
+        let span = if self.up.values().any(|&c| c == conn) {
+            self.spans.get(&conn).cloned()
+        } else {
+            self.spans.remove(&conn)
+        };
+        span.unwrap_or_else(tracing::Span::none)
     }
 
     /// Runs `f` inside connection `conn`'s span (none if it has none).

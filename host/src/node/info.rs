@@ -21,6 +21,10 @@ use crate::sandbox::{wit, wit_node};
 /// The node-port request tag that asks a node for its [`NodeInfo`].
 pub const INFO_TAG: &str = "aemp_info";
 
+/// Connections and ports listed, at most each, in an answer to another node: a small
+/// request must not buy an answer of any size (the counts are complete).
+pub const INFO_LISTED: usize = 256;
+
 /// One connection of the node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -79,12 +83,16 @@ pub struct NodeInfo {
     pub node: String,
     /// Seconds since the node started.
     pub uptime: f64,
-    /// Every connection, by id.
+    /// Every connection, by id (the first [`INFO_LISTED`] in an answer to another node).
     pub connections: Vec<ConnInfo>,
+    /// How many connections there are.
+    pub connection_count: u64,
     /// Nodes with a working connection.
     pub nodes_up: u64,
-    /// Every local port, by id.
+    /// Every local port, by id (the first [`INFO_LISTED`] in an answer to another node).
     pub ports: Vec<PortInfo>,
+    /// How many local ports there are.
+    pub port_count: u64,
     /// Whether the node acts as a global node (a seed).
     pub global: bool,
     /// Entries and bytes of the network database it holds as a global node.
@@ -169,7 +177,7 @@ fn framing(f: wit::Framing) -> Framing {
 
 /// The node's info from the engine's `info` and the host's figures.
 pub(super) fn gather(engine: wit_node::NodeInfo, host: HostFigures<'_>) -> NodeInfo {
-    let connections = engine
+    let connections: Vec<ConnInfo> = engine
         .conns
         .into_iter()
         .map(|c| ConnInfo {
@@ -206,7 +214,9 @@ pub(super) fn gather(engine: wit_node::NodeInfo, host: HostFigures<'_>) -> NodeI
     NodeInfo {
         node: host.node.to_owned(),
         uptime: host.uptime.as_secs_f64(),
+        connection_count: wide(connections.len()),
         connections,
+        port_count: wide(host.ports.len()),
         nodes_up: u64::from(engine.nodes_up),
         ports: host.ports,
         global: engine.global,
@@ -228,12 +238,49 @@ pub(super) fn gather(engine: wit_node::NodeInfo, host: HostFigures<'_>) -> NodeI
 }
 
 /// The answer to an [`INFO_TAG`] request `message` (`[NODE, REPLY_PORT, EXTRA...]`):
-/// the reply port and the arguments `[EXTRA..., INFO]`, or `None` when the request
-/// names no reply port (nothing to answer).
-pub(super) fn answer(message: Vec<Value>, info: &NodeInfo) -> Option<(String, Vec<Value>)> {
+/// the reply port and the arguments `[EXTRA..., INFO]` (at most [`INFO_LISTED`]
+/// connections and ports), or `None` when the request names no reply port.
+pub(super) fn answer(message: Vec<Value>, mut info: NodeInfo) -> Option<(String, Vec<Value>)> {
     let mut items = message.into_iter().skip(1);
     let port = items.next()?.as_name()?.into_owned();
     let mut args: Vec<Value> = items.collect();
+    info.connections.truncate(INFO_LISTED);
+    info.ports.truncate(INFO_LISTED);
     args.push(info.to_value());
     Some((port, args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_goes_to_the_reply_port_with_its_extra_arguments_and_bounded_lists() {
+        let info = NodeInfo {
+            node: "n".into(),
+            connections: vec![ConnInfo::default(); INFO_LISTED + 5],
+            connection_count: wide(INFO_LISTED + 5),
+            ..NodeInfo::default()
+        };
+        let message = vec![Value::text("asker"), Value::text("asker#r"), Value::Int(7)];
+        let (port, args) = answer(message, info).unwrap();
+        assert_eq!(port, "asker#r");
+        assert_eq!(args[0], Value::Int(7));
+        let back: NodeInfo = crate::from_value(&args[1]).unwrap();
+        assert_eq!(back.node, "n");
+        assert_eq!(back.connections.len(), INFO_LISTED);
+        assert_eq!(back.connection_count, wide(INFO_LISTED + 5));
+        // No reply port, no answer.
+        assert_eq!(
+            answer(vec![Value::text("asker")], NodeInfo::default()),
+            None
+        );
+        assert_eq!(
+            answer(
+                vec![Value::text("asker"), Value::Int(1)],
+                NodeInfo::default()
+            ),
+            None
+        );
+    }
 }
