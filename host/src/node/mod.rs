@@ -73,7 +73,7 @@ mod subscribe;
 
 pub use builder::NodeBuilder;
 pub use inbox::Messages;
-pub use info::{ConnInfo, INFO_TAG, NodeInfo, PortInfo};
+pub use info::{ConnInfo, INFO_LISTED, INFO_TAG, NodeInfo, PortInfo};
 use subscribe::Topic;
 pub use subscribe::{DbChange, DbMonitor, Monitor, Request, Requests};
 
