@@ -30,15 +30,16 @@ fn aemp(rc: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn run_echo_then_cal_mon_snd() {
-    let dir = tempfile::tempdir().unwrap();
-    let rc = dir.path().join("rc");
-    // The configuration file is AnyEvent::MP's: relaxed JSON, profiles.
-    std::fs::write(&rc, "{ \"secret\": \"cli test\", # shared by both\n \"profile\": { \"srv\": { \"nodeid\": \"srv\" }, }, }").unwrap();
-    let (code, _, err) = aemp(&rc, &["gensecret", "--profile", "other"]);
-    assert_eq!(code, 0, "{err}");
-
+/// `aemp run --echo` for profile `srv` (node `srv`) on loopback, with `extra`
+/// arguments, in the background: the guard, its address and the rest of its output.
+fn echo_server(
+    rc: &std::path::Path,
+    extra: &[&str],
+) -> (
+    Running,
+    String,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
     let mut child = Command::new(AEMP)
         .args([
             "run",
@@ -48,18 +49,32 @@ fn run_echo_then_cal_mon_snd() {
             "--listen",
             "127.0.0.1:0",
         ])
-        .env("PERL_ANYEVENT_MP_RC", &rc)
+        .args(extra)
+        .env("PERL_ANYEVENT_MP_RC", rc)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _running = Running(child);
+    let running = Running(child);
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().unwrap().unwrap();
     let addr = first
         .strip_prefix("node srv listening on ")
         .unwrap_or_else(|| panic!("{first}"))
         .to_owned();
+    (running, addr, lines)
+}
+
+#[test]
+fn run_echo_then_cal_mon_snd() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    // The configuration file is AnyEvent::MP's: relaxed JSON, profiles.
+    std::fs::write(&rc, "{ \"secret\": \"cli test\", # shared by both\n \"profile\": { \"srv\": { \"nodeid\": \"srv\" }, }, }").unwrap();
+    let (code, _, err) = aemp(&rc, &["gensecret", "--profile", "other"]);
+    assert_eq!(code, 0, "{err}");
+
+    let (_running, addr, mut lines) = echo_server(&rc, &[]);
     assert_eq!(lines.next().unwrap().unwrap(), "echo port srv#echo");
 
     // The echo port sends the remaining arguments to the port in its first argument:
@@ -910,30 +925,8 @@ async fn info_and_metrics_show_what_a_node_does() {
         "{ \"secret\": \"info test\", \"profile\": { \"srv\": { \"nodeid\": \"srv\" } } }",
     )
     .unwrap();
-    let mut child = Command::new(AEMP)
-        .args([
-            "run",
-            "--echo",
-            "--profile",
-            "srv",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .env("PERL_ANYEVENT_MP_RC", &rc)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _running = Running(child);
-    let mut lines = BufReader::new(stdout).lines();
+    let (_running, addr, mut lines) = echo_server(&rc, &["--metrics", "127.0.0.1:0"]);
     let mut line = || lines.next().unwrap().unwrap();
-    let first = line();
-    let addr = first
-        .strip_prefix("node srv listening on ")
-        .unwrap_or_else(|| panic!("{first}"))
-        .to_owned();
     let second = line();
     let metrics = second
         .strip_prefix("metrics on http://")

@@ -907,7 +907,11 @@ impl Node {
             db_bytes,
             queued_bytes: self.queued_bytes(),
             buffered_bytes: self.buffered_bytes(),
-            ..NodeInfo::new(&self.counters, conns)
+            ..NodeInfo::new(
+                &self.counters,
+                self.service.as_ref().map(|s| &s.hits),
+                conns,
+            )
         }
     }
 

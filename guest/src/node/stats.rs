@@ -51,17 +51,24 @@ pub enum Limit {
     TooManyNodes,
     /// A connection had more than `max_queue_bytes` waiting for room.
     PeerSlow,
+    /// As a global node, a change of a node's entries did not fit its database limits
+    /// (counted once per change, however many entries it ignored).
+    GlobalDb,
+    /// As a global node, a `g_mon1` past the monitor limits.
+    GlobalMonitors,
 }
 
 impl Limit {
     /// Every limit, in the order [`NodeInfo::limits`] lists them.
-    pub const ALL: [Limit; 6] = [
+    pub const ALL: [Limit; 8] = [
         Limit::Handshakes,
         Limit::BudgetInput,
         Limit::BudgetMessage,
         Limit::QueueFull,
         Limit::TooManyNodes,
         Limit::PeerSlow,
+        Limit::GlobalDb,
+        Limit::GlobalMonitors,
     ];
 
     /// Its name in [`NodeInfo`] maps and metric labels.
@@ -73,7 +80,24 @@ impl Limit {
             Limit::QueueFull => "max_queue_bytes",
             Limit::TooManyNodes => "max_nodes",
             Limit::PeerSlow => "peer_does_not_keep_up",
+            Limit::GlobalDb => "global_database",
+            Limit::GlobalMonitors => "global_monitors",
         }
+    }
+}
+
+/// How often limits were hit.
+#[derive(Debug, Default)]
+pub(super) struct Hits(BTreeMap<Limit, u64>);
+
+impl Hits {
+    /// Counts a hit of `limit`.
+    pub(super) fn hit(&mut self, limit: Limit) {
+        bump(self.0.entry(limit).or_default(), 1);
+    }
+
+    fn get(&self, limit: Limit) -> u64 {
+        self.0.get(&limit).copied().unwrap_or(0)
     }
 }
 
@@ -87,13 +111,13 @@ pub(super) struct Counters {
     pub(super) handshakes: u64,
     /// Connections their transport ended, by the error's name.
     pub(super) ends: BTreeMap<&'static str, u64>,
-    pub(super) limits: BTreeMap<Limit, u64>,
+    pub(super) limits: Hits,
 }
 
 impl Counters {
     /// Counts a hit of `limit`.
     pub(super) fn hit(&mut self, limit: Limit) {
-        bump(self.limits.entry(limit).or_default(), 1);
+        self.limits.hit(limit);
     }
 
     /// Counts a connection that its transport ended with the error named `name`.
@@ -158,8 +182,12 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
-    /// The node's figures, its connections given.
-    pub(super) fn new(counters: &Counters, conns: Vec<ConnInfo>) -> NodeInfo {
+    /// The node's figures, its connections and the global service's hits given.
+    pub(super) fn new(
+        counters: &Counters,
+        service: Option<&Hits>,
+        conns: Vec<ConnInfo>,
+    ) -> NodeInfo {
         let mut traffic = counters.closed;
         for c in &conns {
             traffic.add(&c.traffic);
@@ -178,7 +206,13 @@ impl NodeInfo {
             ends: counters.ends.iter().map(|(&k, &v)| (k, v)).collect(),
             limits: Limit::ALL
                 .iter()
-                .map(|l| (l.name(), counters.limits.get(l).copied().unwrap_or(0)))
+                .map(|&l| {
+                    let hits = counters.limits.get(l);
+                    (
+                        l.name(),
+                        hits.saturating_add(service.map_or(0, |s| s.get(l))),
+                    )
+                })
                 .collect(),
         }
     }
@@ -217,11 +251,14 @@ mod tests {
             },
             held: 0,
         };
-        let info = NodeInfo::new(&counters, vec![live]);
+        let mut service = Hits::default();
+        service.hit(Limit::GlobalDb);
+        let info = NodeInfo::new(&counters, Some(&service), vec![live]);
         assert_eq!(info.traffic.messages_in, 5);
         assert_eq!(info.limits.len(), Limit::ALL.len());
         assert!(info.limits.contains(&("max_queue_bytes", 2)));
         assert!(info.limits.contains(&("max_handshakes", 0)));
+        assert!(info.limits.contains(&("global_database", 1)));
         assert_eq!(info.ends, vec![("auth_failure", 1)]);
         assert_eq!(info.nodes_up, 0);
     }

@@ -110,7 +110,7 @@ pub struct NodeInfo {
     pub connection_ends: BTreeMap<String, u64>,
     /// Limits hit, by name: the engine's (`max_handshakes`, `max_queue_bytes`,
     /// `max_buffered_bytes_input`, `max_buffered_bytes_message`, `max_nodes`,
-    /// `peer_does_not_keep_up`) and the host's (`max_write_queue`, `max_write_total`).
+    /// `peer_does_not_keep_up`, `global_database`, `global_monitors`) and the host's (`max_write_queue`, `max_write_total`).
     pub limits: BTreeMap<String, u64>,
     /// The application's calls the engine refused, by kind (`QueueFull`, ...; kinds
     /// that never happened are left out, as are reasons in `connection_ends`).
