@@ -286,7 +286,16 @@ impl Instance {
     /// The store and the bindings, to call the `node` interface directly. The CPU budget
     /// of one call starts again with each use.
     pub fn parts(&mut self) -> (&mut Store<State>, &EngineBindings) {
-        self.store.set_epoch_deadline(self.ticks);
+        self.parts_for(1)
+    }
+
+    /// [`Instance::parts`] for one call that does the work of `calls` (a round of many
+    /// peers' input): it gets the budget of each, so what one peer sends is measured
+    /// against one call's budget however many others share the round.
+    pub fn parts_for(&mut self, calls: usize) -> (&mut Store<State>, &EngineBindings) {
+        let calls = u64::try_from(calls.max(1)).unwrap_or(u64::MAX);
+        self.store
+            .set_epoch_deadline(self.ticks.saturating_mul(calls));
         (&mut self.store, &self.bindings)
     }
 
