@@ -195,8 +195,8 @@ pub fn render(info: &NodeInfo) -> String {
 }
 
 /// Serves [`render`] of `node`'s info to every HTTP request on `listener` (any path),
-/// until the node stops. At most [`MAX_SCRAPES`] at once; a scraper that sends no
-/// request headers within 10 s is dropped.
+/// until the node stops. One request per connection, at most [`MAX_SCRAPES`] at once;
+/// a scraper that sends no request headers within 10 s is dropped.
 pub async fn serve(node: Node, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
     loop {
@@ -219,7 +219,9 @@ pub async fn serve(node: Node, listener: TcpListener) {
         let node = node.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| scrape(node.clone(), request));
+            // One scrape per connection: an idle keep-alive connection cannot hold a slot.
             let served = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)

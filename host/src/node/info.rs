@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::sandbox::{wit, wit_node};
 
-/// The node-port request tag that asks a node for its [`NodeInfo`].
+/// The node-port request tag that asks a node for its [`NodeInfo`]. While info requests
+/// are on, the node answers them itself: [`super::Node::handle_requests`] for this tag
+/// receives none.
 pub const INFO_TAG: &str = "aemp_info";
 
 /// Connections and ports listed, at most each, in an answer to another node: a small
