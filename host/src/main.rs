@@ -668,6 +668,18 @@ impl Session {
     }
 
     async fn run_node(&self, profile: Option<String>, settings: Map<String, Json>) -> Result<()> {
+        // Bound first, so that a bad address stops `run` before its node starts.
+        let metrics = match &self.opts.metrics {
+            Some(addr) => {
+                let bound = async {
+                    let listener = tokio::net::TcpListener::bind(addr).await?;
+                    let local = listener.local_addr()?;
+                    Ok::<_, std::io::Error>((listener, local))
+                };
+                Some(bound.await.map_err(|e| format!("--metrics {addr}: {e}"))?)
+            }
+            None => None,
+        };
         let node = self
             .builder(profile, &settings, true)?
             .start()
@@ -686,13 +698,7 @@ impl Session {
                 addrs.join(" ")
             }
         ));
-        if let Some(addr) = &self.opts.metrics {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("--metrics {addr}: {e}"))?;
-            let local = listener
-                .local_addr()
-                .map_err(|e| format!("--metrics {addr}: {e}"))?;
+        if let Some((listener, local)) = metrics {
             say(&format!("metrics on http://{local}/metrics\n"));
             tokio::spawn(aemp_host::metrics::serve(node.clone(), listener));
         }

@@ -925,6 +925,12 @@ async fn info_and_metrics_show_what_a_node_does() {
         "{ \"secret\": \"info test\", \"profile\": { \"srv\": { \"nodeid\": \"srv\" } } }",
     )
     .unwrap();
+    // A bad metrics address stops `run` before its node starts.
+    let (code, out, err) = aemp(&rc, &["run", "srv", "--metrics", "nonsense"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (1, "", "aemp: --metrics nonsense: invalid socket address\n")
+    );
     let (_running, addr, mut lines) = echo_server(&rc, &["--metrics", "127.0.0.1:0"]);
     let mut line = || lines.next().unwrap().unwrap();
     let second = line();
