@@ -520,7 +520,14 @@ impl Driver {
                     wit::TlsRole::Client => Role::Client,
                     wit::TlsRole::Server => Role::Server,
                 };
-                self.io.start_tls(t.conn, role, t.leftover);
+                let io = &mut self.io;
+                // Its TLS log lines in its span (a clone: `io` is borrowed mutably meanwhile).
+                let span = self
+                    .spans
+                    .get(&t.conn)
+                    .cloned()
+                    .unwrap_or_else(tracing::Span::none);
+                span.in_scope(|| io.start_tls(t.conn, role, t.leftover));
             }
             O::Close(c) => {
                 self.dialing.remove(&c.conn);
