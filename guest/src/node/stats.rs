@@ -134,6 +134,7 @@ impl Counters {
 /// One connection, as [`super::Node::info`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnInfo {
+    /// Its id (as in [`super::NodeOutput`]s).
     pub conn: ConnId,
     /// The address dialled, or the peer's address for an accepted connection.
     pub addr: String,
@@ -145,6 +146,7 @@ pub struct ConnInfo {
     pub session: Option<Session>,
     /// Whether this is its node's working connection.
     pub working: bool,
+    /// What it moved.
     pub traffic: Traffic,
     /// Bytes its transport holds (what counts toward `max_buffered_bytes`).
     pub held: usize,
@@ -161,8 +163,9 @@ pub struct NodeInfo {
     pub ports: usize,
     /// Whether this node acts as a global node.
     pub global: bool,
-    /// Entries and bytes of the network database it holds as a global node.
+    /// Entries of the network database it holds as a global node.
     pub db_entries: usize,
+    /// Bytes of those entries (as [`super::GlobalLimits`] counts them).
     pub db_bytes: usize,
     /// Bytes waiting for nodes not connected yet ([`super::Node::queued_bytes`]).
     pub queued_bytes: usize,

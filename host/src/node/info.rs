@@ -50,11 +50,13 @@ pub struct ConnInfo {
     pub framing: Option<String>,
     /// Whether it runs inside TLS.
     pub tls: bool,
-    /// Bytes received (after TLS) and sent (before TLS).
+    /// Bytes received (after TLS).
     pub bytes_in: u64,
+    /// Bytes sent (before TLS).
     pub bytes_out: u64,
-    /// Messages received (keepalives not counted) and sent.
+    /// Messages received (keepalives not counted).
     pub messages_in: u64,
+    /// Messages sent.
     pub messages_out: u64,
     /// Bytes waiting to be written to its socket.
     pub queued_bytes: u64,
@@ -69,8 +71,10 @@ pub struct ConnInfo {
 pub struct PortInfo {
     /// Its id (`NODE#NAME`).
     pub port: String,
-    /// Messages in its inbox, not taken by the application yet, and their bytes.
+    /// Messages in its inbox, not taken by the application yet (and held for it while
+    /// the inbox is full).
     pub messages: u64,
+    /// Bytes of the messages in its inbox.
     pub bytes: u64,
 }
 
@@ -97,13 +101,17 @@ pub struct NodeInfo {
     pub port_count: u64,
     /// Whether the node acts as a global node (a seed).
     pub global: bool,
-    /// Entries and bytes of the network database it holds as a global node.
+    /// Entries of the network database it holds as a global node.
     pub db_entries: u64,
+    /// Bytes of those entries (as the database limits count them).
     pub db_bytes: u64,
-    /// Bytes and messages all connections moved, closed ones included.
+    /// Bytes all connections received, closed ones included.
     pub bytes_in: u64,
+    /// Bytes all connections sent, closed ones included.
     pub bytes_out: u64,
+    /// Messages all connections received, closed ones included.
     pub messages_in: u64,
+    /// Messages all connections sent, closed ones included.
     pub messages_out: u64,
     /// Handshakes completed.
     pub handshakes: u64,
