@@ -48,6 +48,19 @@ async fn nodes_with_one_network_certificate_talk_over_tls() {
         )
         .await
     );
+    // What `Node::info` (and `aemp info`) shows of it.
+    let info = a.info().await.unwrap();
+    let from_b = info
+        .connections
+        .iter()
+        .find(|c| c.node.as_deref() == Some("tls-b"))
+        .expect("b's connection");
+    assert!(
+        from_b.tls && from_b.incoming && from_b.working,
+        "{from_b:?}"
+    );
+    assert_eq!(from_b.auth.as_deref(), Some("tls_sha3_512/tls_sha3_512"));
+    assert_eq!(from_b.messages_in, 1, "{from_b:?}");
     // The shared network file works the same.
     let shared = generate_network_pem().unwrap();
     let c = builder("tls-c", "s")

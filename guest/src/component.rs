@@ -9,8 +9,8 @@ use exports::aemp::engine::transport as wit;
 
 use crate::{
     AuthMethod, Config, ConfigError, Connection, Error, Framing, Limits, LogLevel, MessageError,
-    NONCE_LEN, Node, NodeConfig, NodeError, NodeOutput, Output, RefusalKind, SendError, TlsRole,
-    Verdict, batch,
+    NONCE_LEN, Node, NodeConfig, NodeError, NodeInfo, NodeOutput, Output, RefusalKind, SendError,
+    Session, TlsRole, Traffic, Verdict, batch,
 };
 
 wit_bindgen::generate!({
@@ -163,6 +163,10 @@ impl wnode::GuestNode for NodeResource {
 
     fn queued_bytes(&self) -> u64 {
         self.0.borrow().queued_bytes() as u64
+    }
+
+    fn info(&self) -> wnode::NodeInfo {
+        self.0.borrow().info().into()
     }
 
     fn handle_accept(&self, peer_addr: String, now_ms: u64) -> u64 {
@@ -545,6 +549,75 @@ fn error_kind(e: &Error) -> wit::ErrorKind {
     }
 }
 
+impl From<Session> for wit::Session {
+    fn from(s: Session) -> Self {
+        wit::Session {
+            remote_node: s.remote_node,
+            protocol: s.protocol,
+            tls: s.tls,
+            send_auth: s.send_auth.into(),
+            recv_auth: s.recv_auth.into(),
+            untrusted: s.untrusted,
+            send_framing: s.send_framing.into(),
+            recv_framing: s.recv_framing.into(),
+        }
+    }
+}
+
+impl From<Traffic> for wnode::Traffic {
+    fn from(t: Traffic) -> Self {
+        wnode::Traffic {
+            bytes_in: t.bytes_in,
+            bytes_out: t.bytes_out,
+            messages_in: t.messages_in,
+            messages_out: t.messages_out,
+        }
+    }
+}
+
+/// A count or size as a WIT `u64` (saturating where `usize` is wider).
+fn wide(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Named counters as WIT pairs.
+fn named(counts: Vec<(&'static str, u64)>) -> Vec<(String, u64)> {
+    counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+impl From<NodeInfo> for wnode::NodeInfo {
+    fn from(i: NodeInfo) -> Self {
+        let conns = i
+            .conns
+            .into_iter()
+            .map(|c| wnode::ConnInfo {
+                conn: c.conn.get(),
+                addr: c.addr,
+                incoming: c.incoming,
+                remote: c.remote,
+                session: c.session.map(Into::into),
+                working: c.working,
+                traffic: c.traffic.into(),
+                held: wide(c.held),
+            })
+            .collect();
+        wnode::NodeInfo {
+            conns,
+            nodes_up: u32::try_from(i.nodes_up).unwrap_or(u32::MAX),
+            ports: u32::try_from(i.ports).unwrap_or(u32::MAX),
+            global: i.global,
+            db_entries: wide(i.db_entries),
+            db_bytes: wide(i.db_bytes),
+            queued_bytes: wide(i.queued_bytes),
+            buffered_bytes: wide(i.buffered_bytes),
+            traffic: i.traffic.into(),
+            handshakes: i.handshakes,
+            ends: named(i.ends),
+            limits: named(i.limits),
+        }
+    }
+}
+
 impl From<Output> for wit::Output {
     fn from(o: Output) -> Self {
         match o {
@@ -561,16 +634,7 @@ impl From<Output> for wit::Output {
                 role: role.into(),
                 leftover,
             }),
-            Output::Connected(s) => wit::Output::Connected(wit::Session {
-                remote_node: s.remote_node,
-                protocol: s.protocol,
-                tls: s.tls,
-                send_auth: s.send_auth.into(),
-                recv_auth: s.recv_auth.into(),
-                untrusted: s.untrusted,
-                send_framing: s.send_framing.into(),
-                recv_framing: s.recv_framing.into(),
-            }),
+            Output::Connected(s) => wit::Output::Connected(s.into()),
             Output::Message(m) => wit::Output::Messages(wit::Messages {
                 sizes: vec![u32::try_from(m.len()).unwrap_or(u32::MAX)],
                 data: m,

@@ -76,6 +76,35 @@ pub enum Error {
     Message(#[from] MessageError),
 }
 
+impl Error {
+    /// A short name for the kind of error, for counters and metric labels (the WIT
+    /// `error-kind` in snake case).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Error::UnparsableGreeting { .. } => "unparsable_greeting",
+            Error::VersionMismatch(_) => "version_mismatch",
+            Error::SelfConnection => "self_connection",
+            Error::AlreadyConnected(_) => "already_connected",
+            Error::EchoAttack => "echo_attack",
+            Error::NoCommonAuth(_) => "no_common_auth",
+            Error::NoCommonFraming(_) => "no_common_framing",
+            Error::UnsupportedSendAuth(_) => "unsupported_send_auth",
+            Error::NoTlsNoSecret => "no_tls_no_secret",
+            Error::UnsupportedRecvAuth(_) => "unsupported_recv_auth",
+            Error::AuthFailure => "auth_failure",
+            Error::UnusableRemoteFraming(_) => "unusable_remote_framing",
+            Error::LineTooLong(_) => "line_too_long",
+            Error::HandshakeTimeout => "handshake_timeout",
+            Error::PeerClosed => "peer_closed",
+            Error::TruncatedMessage => "truncated_message",
+            Error::InputAfterHandover => "input_after_handover",
+            Error::ConnectionBufferFull(_) => "connection_buffer_full",
+            Error::NodeBudgetExhausted(_) => "node_budget_exhausted",
+            Error::Message(_) => "message",
+        }
+    }
+}
+
 /// Why a message (received or to be sent) was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]

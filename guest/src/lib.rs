@@ -28,7 +28,8 @@ pub use error::{ConfigError, Error, MessageError, RefusalKind, SendError, printa
 pub use framing::{Framing, Limits, split_sequence};
 pub use greeting::{Greeting, NONCE_LEN};
 pub use node::{
-    ConnId, GlobalLimits, LogLevel, Node, NodeConfig, NodeError, NodeOutput, REQUEST_TAGS,
+    ConnId, ConnInfo, GlobalLimits, Limit, LogLevel, Node, NodeConfig, NodeError, NodeInfo,
+    NodeOutput, REQUEST_TAGS, Traffic,
 };
 pub use protocol::{PROTOCOL_VERSION, PROVIDER};
 pub use value::{DecodeError, Value};

@@ -319,6 +319,12 @@ fn database_limits_drop_what_does_not_fit() {
         "1 entries of a in family fam ignored: database limit reached"
     ));
     assert!(net.logged(s, "g_mon1 m2 from a ignored: too many monitors"));
+    // And counted for the operator, with the database it holds.
+    let info = net.nodes[s].info();
+    assert!(info.global);
+    assert!(info.db_entries >= 3, "{info:?}");
+    assert!(info.limits.contains(&("global_database", 1)), "{info:?}");
+    assert!(info.limits.contains(&("global_monitors", 1)), "{info:?}");
     let fam = net.nodes[a].db_keys("fam", now);
     net.run();
     assert_eq!(

@@ -5,6 +5,7 @@
 
 pub mod config;
 mod convert;
+pub mod metrics;
 pub mod node;
 mod sandbox;
 pub mod tls;
@@ -12,8 +13,8 @@ pub mod tls;
 pub use aemp_engine::{AuthMethod, DecodeError, Framing, Value};
 pub use convert::{ValueError, from_value, to_value};
 pub use node::{
-    DbChange, DbMonitor, Event, Messages, Monitor, Node, NodeBuilder, NodeError, Port, Refusal,
-    Request, Requests, SendBatch,
+    ConnInfo, DbChange, DbMonitor, Event, INFO_TAG, Messages, Monitor, Node, NodeBuilder,
+    NodeError, NodeInfo, Port, PortInfo, Refusal, Request, Requests, SendBatch,
 };
 pub use sandbox::{Limits as SandboxLimits, Sandbox, SandboxError};
 pub use tls::TlsConfig;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use aemp_engine::Framing;
 use aemp_host::config;
-use aemp_host::{Event, Node, NodeBuilder, TlsConfig, Value};
+use aemp_host::{Event, INFO_TAG, Node, NodeBuilder, NodeInfo, TlsConfig, Value};
 use serde_json::{Map, Value as Json};
 
 use cli::args::{self, Options};
@@ -243,6 +243,10 @@ impl Session {
                 self.save()?;
                 return self.protocol(|n| self.trace(n, &node)).await;
             }
+            Verb::Info { node } => {
+                self.save()?;
+                return self.protocol(|n| self.info(n, &node)).await;
+            }
             Verb::Db { query, family } => {
                 self.save()?;
                 return self.protocol(|node| self.db(node, query, &family)).await;
@@ -449,6 +453,40 @@ impl Session {
         .map_err(|_| format!("no reply from {port} within {}s", self.opts.timeout))?
     }
 
+    /// Asks an aemp node what it is doing (ours, not the reference's): first `can
+    /// aemp_info`, so that a node that does not understand the request (a Perl node, an
+    /// aemp node with `node_info` off) is said at once, then the request itself; prints
+    /// the answer readably, or as JSON with `--json`.
+    async fn info(&self, node: Node, node_id: &str) -> Result<()> {
+        let port = format!("{node_id}#");
+        let can = self
+            .ask(
+                &node,
+                &port,
+                vec![Value::text("can"), Value::text(INFO_TAG)],
+            )
+            .await?;
+        if !can.first().is_some_and(perl_true) {
+            return Err(format!(
+                "{node_id} does not answer info requests: not an aemp node, or its operator \
+                 turned them off (node_info)"
+            ));
+        }
+        let answer = self.ask(&node, &port, vec![Value::text(INFO_TAG)]).await?;
+        let info = answer
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{node_id} answered the info request with nothing"))?;
+        if self.opts.json {
+            say(&format!("{}\n", json(&info)));
+        } else {
+            let info: NodeInfo = aemp_host::from_value(&info)
+                .map_err(|e| format!("{node_id} answered the info request oddly: {e}"))?;
+            say(&cli::show::readable(&info));
+        }
+        Ok(())
+    }
+
     /// Asks the network database (through the seeds: the master answers) and prints the
     /// result as JSON.
     async fn db(&self, node: Node, query: DbQuery, family: &str) -> Result<()> {
@@ -630,6 +668,18 @@ impl Session {
     }
 
     async fn run_node(&self, profile: Option<String>, settings: Map<String, Json>) -> Result<()> {
+        // Bound first, so that a bad address stops `run` before its node starts.
+        let metrics = match &self.opts.metrics {
+            Some(addr) => {
+                let bound = async {
+                    let listener = tokio::net::TcpListener::bind(addr).await?;
+                    let local = listener.local_addr()?;
+                    Ok::<_, std::io::Error>((listener, local))
+                };
+                Some(bound.await.map_err(|e| format!("--metrics {addr}: {e}"))?)
+            }
+            None => None,
+        };
         let node = self
             .builder(profile, &settings, true)?
             .start()
@@ -648,6 +698,10 @@ impl Session {
                 addrs.join(" ")
             }
         ));
+        if let Some((listener, local)) = metrics {
+            say(&format!("metrics on http://{local}/metrics\n"));
+            tokio::spawn(aemp_host::metrics::serve(node.clone(), listener));
+        }
         if self.opts.echo {
             let mut port = node.named_port("echo").await.map_err(|e| e.to_string())?;
             say(&format!("echo port {}\n", port.id()));
@@ -817,6 +871,18 @@ fn evaluated(answer: Vec<Value>) -> Result<Vec<Value>> {
         Some((error, _)) if !word(error).is_empty() => Err(words(&answer)),
         Some((_, results)) => Ok(results.to_vec()),
         None => Ok(Vec::new()),
+    }
+}
+
+/// Perl's truth of a value a Perl node may answer with (`exists` gives 1 or "").
+fn perl_true(value: &Value) -> bool {
+    match value {
+        Value::Bool(b) => *b,
+        Value::Int(n) => *n != 0,
+        Value::Text(s) => !(s.is_empty() || s == "0"),
+        Value::Float(f) => *f != 0.0,
+        Value::Null | Value::Undefined => false,
+        _ => true,
     }
 }
 

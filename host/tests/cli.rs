@@ -30,15 +30,16 @@ fn aemp(rc: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn run_echo_then_cal_mon_snd() {
-    let dir = tempfile::tempdir().unwrap();
-    let rc = dir.path().join("rc");
-    // The configuration file is AnyEvent::MP's: relaxed JSON, profiles.
-    std::fs::write(&rc, "{ \"secret\": \"cli test\", # shared by both\n \"profile\": { \"srv\": { \"nodeid\": \"srv\" }, }, }").unwrap();
-    let (code, _, err) = aemp(&rc, &["gensecret", "--profile", "other"]);
-    assert_eq!(code, 0, "{err}");
-
+/// `aemp run --echo` for profile `srv` (node `srv`) on loopback, with `extra`
+/// arguments, in the background: the guard, its address and the rest of its output.
+fn echo_server(
+    rc: &std::path::Path,
+    extra: &[&str],
+) -> (
+    Running,
+    String,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
     let mut child = Command::new(AEMP)
         .args([
             "run",
@@ -48,18 +49,32 @@ fn run_echo_then_cal_mon_snd() {
             "--listen",
             "127.0.0.1:0",
         ])
-        .env("PERL_ANYEVENT_MP_RC", &rc)
+        .args(extra)
+        .env("PERL_ANYEVENT_MP_RC", rc)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _running = Running(child);
+    let running = Running(child);
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().unwrap().unwrap();
     let addr = first
         .strip_prefix("node srv listening on ")
         .unwrap_or_else(|| panic!("{first}"))
         .to_owned();
+    (running, addr, lines)
+}
+
+#[test]
+fn run_echo_then_cal_mon_snd() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    // The configuration file is AnyEvent::MP's: relaxed JSON, profiles.
+    std::fs::write(&rc, "{ \"secret\": \"cli test\", # shared by both\n \"profile\": { \"srv\": { \"nodeid\": \"srv\" }, }, }").unwrap();
+    let (code, _, err) = aemp(&rc, &["gensecret", "--profile", "other"]);
+    assert_eq!(code, 0, "{err}");
+
+    let (_running, addr, mut lines) = echo_server(&rc, &[]);
     assert_eq!(lines.next().unwrap().unwrap(), "echo port srv#echo");
 
     // The echo port sends the remaining arguments to the port in its first argument:
@@ -871,5 +886,239 @@ fn a_seed_its_network_and_the_database() {
             1,
             "aemp: connection failed: authentication failure/shared secret mismatch\n"
         )
+    );
+}
+
+/// An HTTP GET of `path` from `addr`: the whole response, headers included.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// The value of the sample `name` (labels included) in a scrape, as a number.
+fn sample(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in\n{scrape}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn info_and_metrics_show_what_a_node_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    std::fs::write(
+        &rc,
+        "{ \"secret\": \"info test\", \"profile\": { \"srv\": { \"nodeid\": \"srv\" } } }",
+    )
+    .unwrap();
+    // A bad metrics address stops `run` before its node starts.
+    let (code, out, err) = aemp(&rc, &["run", "srv", "--metrics", "nonsense"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (1, "", "aemp: --metrics nonsense: invalid socket address\n")
+    );
+    let (_running, addr, mut lines) = echo_server(&rc, &["--metrics", "127.0.0.1:0"]);
+    let mut line = || lines.next().unwrap().unwrap();
+    let second = line();
+    let metrics = second
+        .strip_prefix("metrics on http://")
+        .and_then(|m| m.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("{second}"))
+        .to_owned();
+    assert_eq!(line(), "echo port srv#echo");
+
+    let (code, _, err) = aemp(&rc, &["snd", "srv#echo", "[1,2]", "--connect", &addr]);
+    assert_eq!(code, 0, "{err}");
+
+    // Readable: the node, its counters, the asking connection, its ports.
+    let (code, out, err) = aemp(&rc, &["info", "srv", "--connect", &addr]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("node         srv\n"), "{out}");
+    for expected in [
+        "\nglobal       no\n",
+        "\nconnections  1 (1 nodes up)\n",
+        " (up)\n",
+        "        auth hmac_sha3_512/hmac_sha3_512, framing cbor/cbor, no tls\n",
+        "\nports        1\n  srv#echo  0 messages waiting, 0 B\n",
+    ] {
+        assert!(out.contains(expected), "{expected:?} not in\n{out}");
+    }
+    // The asking node is `aemp/...`, connected from loopback.
+    assert!(out.contains("  #2    aemp/"), "{out}");
+    assert!(out.contains(" from 127.0.0.1:"), "{out}");
+
+    // Raw: the map other nodes get, as JSON.
+    let (code, out, err) = aemp(&rc, &["info", "srv#", "--connect", &addr, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["node"], "srv");
+    assert_eq!(info["global"], false);
+    // snd, its confirmation, two infos with a `can` each: messages came in.
+    assert!(info["messages_in"].as_u64().unwrap() >= 4, "{info}");
+    assert!(info["handshakes"].as_u64().unwrap() >= 3, "{info}");
+    assert!(info["uptime"].as_f64().unwrap() > 0.0, "{info}");
+    assert_eq!(
+        info["connection_ends"]["peer_closed"].as_u64(),
+        Some(2),
+        "{info}"
+    );
+    let conns = info["connections"].as_array().unwrap();
+    assert_eq!(conns.len(), 1, "{info}");
+    let conn = &conns[0];
+    assert!(
+        conn["node"].as_str().unwrap().starts_with("aemp/"),
+        "{info}"
+    );
+    assert_eq!(conn["incoming"], true);
+    assert_eq!(conn["working"], true);
+    assert_eq!(conn["tls"], false);
+    assert_eq!(conn["framing"], "cbor/cbor");
+    // This connection so far: its `can` and this request in, the `can`'s answer out.
+    assert_eq!(conn["messages_in"], 2, "{info}");
+    assert_eq!(conn["messages_out"], 1, "{info}");
+    assert!(conn["bytes_in"].as_u64().unwrap() > 0);
+    assert_eq!(info["ports"][0]["port"], "srv#echo");
+
+    // The Rust API reads the same figures, and its own: this node sent one message.
+    let node = aemp_host::Node::builder()
+        .node_id("api")
+        .secret("info test")
+        .start()
+        .await
+        .unwrap();
+    node.connect(&addr).await.unwrap();
+    node.wait_up("srv", std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    node.send("srv#echo", vec![]).await.unwrap();
+    node.flush(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mine = node.info().await.unwrap();
+    assert_eq!(mine.node, "api");
+    assert_eq!(mine.nodes_up, 1);
+    let to_srv = &mine.connections[0];
+    assert_eq!(to_srv.node.as_deref(), Some("srv"));
+    assert!(!to_srv.incoming);
+    assert_eq!(to_srv.messages_out, 1);
+    assert_eq!(to_srv.addr, addr);
+
+    // Prometheus text, every figure named, messages in counted.
+    let response = http_get(&metrics, "/metrics");
+    let (head, scrape) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    for name in [
+        "# TYPE aemp_uptime_seconds gauge",
+        "# TYPE aemp_connections gauge",
+        "# TYPE aemp_nodes_up gauge",
+        "# TYPE aemp_handshakes counter",
+        "# TYPE aemp_messages_received counter",
+        "# TYPE aemp_messages_sent counter",
+        "# TYPE aemp_received_bytes counter",
+        "# TYPE aemp_sent_bytes counter",
+        "# TYPE aemp_connection_ends counter",
+        "# TYPE aemp_limit_hits counter",
+        "# TYPE aemp_queued_bytes gauge",
+        "# TYPE aemp_write_queue_bytes gauge",
+        "# TYPE aemp_inbox_messages gauge",
+        "# TYPE aemp_db_entries gauge",
+        "# EOF",
+    ] {
+        assert!(scrape.contains(name), "{name} not in\n{scrape}");
+    }
+    assert!(
+        sample(scrape, "aemp_messages_received_total") >= 5.0,
+        "{scrape}"
+    );
+    assert!(
+        sample(scrape, "aemp_received_bytes_total") > 0.0,
+        "{scrape}"
+    );
+    assert_eq!(sample(scrape, "aemp_nodes_up"), 1.0, "{scrape}");
+    assert_eq!(sample(scrape, "aemp_ports"), 1.0, "{scrape}");
+    assert_eq!(sample(scrape, "aemp_global"), 0.0, "{scrape}");
+    assert_eq!(
+        sample(scrape, "aemp_limit_hits_total{limit=\"max_handshakes\"}"),
+        0.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(scrape, "aemp_connection_ends_total{reason=\"peer_closed\"}"),
+        3.0,
+        "{scrape}"
+    );
+    node.shutdown(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn info_turned_off_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    // The operator's switch, set with the configuration verbs (typed as given: "0").
+    ok(
+        &rc,
+        &[
+            "setsecret",
+            "off test",
+            "profile",
+            "srv",
+            "nodeid",
+            "srv",
+            "setnode_info",
+            "0",
+        ],
+    );
+    assert_eq!(read_rc(&rc)["profile"]["srv"]["node_info"], "0");
+    let (_running, addr) = server(&rc);
+    let asked = std::time::Instant::now();
+    let (code, out, err) = aemp(&rc, &["info", "srv", "--connect", &addr, "--timeout", "20"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (
+            1,
+            "",
+            "aemp: srv does not answer info requests: not an aemp node, or its operator \
+             turned them off (node_info)\n"
+        )
+    );
+    // Said at once (the node's `can` answered false), not after the timeout.
+    assert!(asked.elapsed() < std::time::Duration::from_secs(10));
+    // The request itself, sent anyway, is one the node does not understand.
+    let (code, _, err) = aemp(
+        &rc,
+        &[
+            "cal",
+            "srv#",
+            "aemp_info",
+            "--connect",
+            &addr,
+            "--timeout",
+            "1",
+        ],
+    );
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "aemp: no reply from srv# within 1s\n")
     );
 }

@@ -67,6 +67,11 @@ impl Kernel {
         self.ports.contains(port)
     }
 
+    /// How many local ports there are (the node port not counted).
+    pub(super) fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
     /// A local port with a fresh unique name; returns the name.
     pub(super) fn new_port(&mut self) -> String {
         loop {

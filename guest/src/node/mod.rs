@@ -15,6 +15,7 @@ mod kernel;
 mod msg;
 mod request;
 mod seed;
+mod stats;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -22,10 +23,11 @@ use std::hash::{BuildHasherDefault, Hasher};
 pub use ids::{expand_node_id, split_port_id};
 pub use request::REQUEST_TAGS;
 pub use seed::GlobalLimits;
+pub use stats::{ConnInfo, Limit, NodeInfo, Traffic};
 
 use crate::batch::Delivery;
 use crate::config::Config;
-use crate::connection::{Connection, Output, TlsRole, Verdict};
+use crate::connection::{Connection, Output, Session, TlsRole, Verdict};
 use crate::error::{ConfigError, Error, MessageError, RefusalKind};
 use crate::framing::Checker;
 use crate::greeting::NONCE_LEN;
@@ -36,6 +38,7 @@ use global::{Global, Seeds};
 use handshakes::Handshakes;
 use kernel::{Kernel, Monitored};
 use request::{GlobalRequest, Query, Request};
+use stats::{Counters, bump};
 
 /// The [`View`] of `node` for its parts, borrowing only the fields it names, so that a
 /// part (another field) can be borrowed mutably beside it.
@@ -295,6 +298,12 @@ struct Conn {
     held: usize,
     /// Its entry in [`Node::timers`].
     due: Option<u64>,
+    /// Accepted from a listener (else dialled).
+    incoming: bool,
+    /// What the handshake settled, for [`Node::info`].
+    session: Option<Session>,
+    /// What it moved, for [`Node::info`].
+    traffic: Traffic,
 }
 
 /// An attempt to reach a node through its addresses.
@@ -378,6 +387,8 @@ pub struct Node {
     transmitted: usize,
     /// Messages for connections the outputs had no room for yet.
     deferred: Deferred,
+    /// What [`Node::info`] reports beside the live state.
+    counters: Counters,
 }
 
 /// A message to transmit: borrowed (copied into the transmit at once, or into a shared
@@ -453,6 +464,7 @@ impl Node {
             handshakes: Handshakes::default(),
             transmitted: 0,
             deferred: Deferred::default(),
+            counters: Counters::default(),
             config,
         };
         let binds = node
@@ -490,6 +502,7 @@ impl Node {
         self.now = now;
         let conn = self.alloc_conn(peer_addr, None, None);
         if self.handshakes.len() >= self.config.max_handshakes {
+            self.counters.hit(Limit::Handshakes);
             if let Some(victim) = self.handshakes.victim() {
                 let max = self.config.max_handshakes;
                 self.close(
@@ -505,6 +518,7 @@ impl Node {
         let seq = self.handshakes.insert(conn, peer_addr);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.handshake = Some(seq);
+            c.incoming = true;
         }
         self.start_transport(conn, nonce, now);
         conn
@@ -529,22 +543,29 @@ impl Node {
     /// ([`Error::NodeBudgetExhausted`]).
     pub fn handle_input(&mut self, conn: ConnId, data: &[u8], now: u64) {
         self.now = now;
-        let Some(held) = self.conns.get(&conn).map(|c| c.held) else {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        bump(&mut c.traffic.bytes_in, data.len());
+        let held = c.held;
         let max = self.config.max_buffered_bytes;
         let others = self.buffered_bytes().saturating_sub(held);
-        let Some(t) = self.conns.get_mut(&conn).and_then(|c| c.transport.as_mut()) else {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(t) = c.transport.as_mut() else {
             return;
         };
         if others.saturating_add(t.buffered_after(data.len())) > max {
             t.abort(Error::NodeBudgetExhausted(max));
+            self.counters.hit(Limit::BudgetInput);
             return self.pump(conn);
         }
         // Messages for local ports go from the input straight into the deliveries; from
         // the first that is anything else (a request, which may change the ports), the
         // rest of the input waits its turn behind it, in order.
         let (outputs, kernel, node_id) = (&mut self.outputs, &self.kernel, &self.node_id);
+        let traffic = &mut c.traffic;
         let mut later: Vec<Vec<u8>> = Vec::new();
         t.handle_input_with(data, &mut |message| {
             if later.is_empty()
@@ -552,10 +573,12 @@ impl Node {
                 && !parts.port.is_empty()
                 && kernel.has_port(parts.port.as_ref())
             {
+                bump(&mut traffic.messages_in, 1);
                 return deliver(outputs, node_id, &parts);
             }
             later.push(message.to_vec());
         });
+        self.count_in(conn, later.len());
         for message in later {
             self.received(conn, &message);
         }
@@ -909,6 +932,44 @@ impl Node {
         self.service.as_ref().map_or((0, 0), seed::Service::usage)
     }
 
+    /// What the node is doing, for its operator: every connection (with what it moved),
+    /// the database it holds, its counters. Read-only.
+    pub fn info(&self) -> NodeInfo {
+        let mut conns: Vec<ConnInfo> = self
+            .conns
+            .iter()
+            .map(|(&id, c)| ConnInfo {
+                conn: id,
+                addr: c.addr.clone(),
+                incoming: c.incoming,
+                remote: c.remote.clone(),
+                session: c.session.clone(),
+                working: c
+                    .remote
+                    .as_ref()
+                    .and_then(|node| self.peers.get(node))
+                    .is_some_and(|p| p.conn == Some(id)),
+                traffic: c.traffic,
+                held: c.held,
+            })
+            .collect();
+        conns.sort_by_key(|c| c.conn);
+        let (db_entries, db_bytes) = self.global_db_usage();
+        NodeInfo {
+            ports: self.kernel.port_count(),
+            global: self.service.is_some(),
+            db_entries,
+            db_bytes,
+            queued_bytes: self.queued_bytes(),
+            buffered_bytes: self.buffered_bytes(),
+            ..NodeInfo::new(
+                &self.counters,
+                self.service.as_ref().map(|s| &s.hits),
+                conns,
+            )
+        }
+    }
+
     // ---- the global protocol -------------------------------------------------------
 
     /// Starts keeping the seeds connected, with a fresh backoff.
@@ -1139,6 +1200,9 @@ impl Node {
                 handshake: None,
                 held: 0,
                 due: None,
+                incoming: false,
+                session: None,
+                traffic: Traffic::default(),
             },
         );
         id
@@ -1173,6 +1237,9 @@ impl Node {
         while let Some(output) = self.transport(conn).and_then(Connection::poll_output) {
             match output {
                 Output::Transmit(bytes) => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        bump(&mut c.traffic.bytes_out, bytes.len());
+                    }
                     self.outputs.push_back(NodeOutput::Transmit { conn, bytes })
                 }
                 Output::StartTls { role, leftover } => {
@@ -1204,11 +1271,18 @@ impl Node {
                         session.send_framing.name(),
                         session.recv_framing.name()
                     );
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.session = Some(session.clone());
+                    }
                     self.connected(conn, session.remote_node, &how)
                 }
                 // (Not asked for: the node's connections report sequences.)
-                Output::Message(message) => self.received(conn, &message),
+                Output::Message(message) => {
+                    self.count_in(conn, 1);
+                    self.received(conn, &message)
+                }
                 Output::Messages { data, sizes } => {
+                    self.count_in(conn, sizes.len());
                     let mut rest = &data[..];
                     for size in sizes {
                         let (message, after) = rest.split_at((size as usize).min(rest.len()));
@@ -1224,6 +1298,7 @@ impl Node {
                     );
                 }
                 Output::Closed(error) => {
+                    self.counters.ended(error.name());
                     if error == Error::SelfConnection {
                         self.found_myself(conn);
                     }
@@ -1253,6 +1328,13 @@ impl Node {
         }
     }
 
+    /// Counts `n` messages received on `conn`.
+    fn count_in(&mut self, conn: ConnId, n: usize) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            bump(&mut c.traffic.messages_in, n);
+        }
+    }
+
     /// Brings `conn`'s share of [`Node::buffered_bytes`] up to date. Every change to a
     /// transport is followed by [`pump`](Self::pump), which ends here, so the total is
     /// kept without a pass over all connections on every input.
@@ -1271,6 +1353,7 @@ impl Node {
         if let Some(due) = c.due {
             self.timers.remove(&(due, conn));
         }
+        self.counters.closed(&c.traffic);
         self.deferred.remove(conn);
         self.conns_held = self.conns_held.saturating_sub(c.held);
         if let Some(seq) = c.handshake {
@@ -1362,6 +1445,7 @@ impl Node {
         if let Some(seq) = self.conns.get_mut(&conn).and_then(|c| c.handshake.take()) {
             self.handshakes.remove(seq);
         }
+        bump(&mut self.counters.handshakes, 1);
         let old = self.peers.get(&node).and_then(|p| p.conn);
         if let Some(old) = old.filter(|&o| o != conn) {
             self.transport_error(&node, "switched connections", true);
@@ -1460,6 +1544,7 @@ impl Node {
     fn defer(&mut self, conn: ConnId, message: Shared) {
         let bound = self.config.max_queue_bytes;
         if self.deferred.push(conn, message, bound).is_err() {
+            self.counters.hit(Limit::PeerSlow);
             self.close(
                 conn,
                 format!("peer does not keep up: more than {bound} bytes wait for its connection"),
@@ -1486,13 +1571,19 @@ impl Node {
     /// [`transmit`](Self::transmit) without the check for room.
     fn transmit_now(&mut self, conn: ConnId, message: &[u8], checked: bool) {
         self.transmitted = self.transmitted.saturating_add(message.len());
-        let Some(t) = self.conns.get_mut(&conn).and_then(|c| c.transport.as_mut()) else {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let traffic = &mut c.traffic;
+        let Some(t) = c.transport.as_mut() else {
             return;
         };
         if t.has_outputs() {
-            // Behind what the transport has to say: queued there, in order.
-            if let Err(e) = t.send(message) {
-                self.log(LogLevel::Warn, format!("message dropped: {e}"));
+            // Behind what the transport has to say: queued there, in order (its bytes
+            // are counted when the transport hands them out).
+            match t.send(message) {
+                Ok(()) => bump(&mut traffic.messages_out, 1),
+                Err(e) => self.log(LogLevel::Warn, format!("message dropped: {e}")),
             }
             return self.pump(conn);
         }
@@ -1509,12 +1600,15 @@ impl Node {
         let Some(NodeOutput::Transmit { bytes, .. }) = self.outputs.back_mut() else {
             unreachable!("a transmit for the connection was just made sure of")
         };
+        let before = bytes.len();
         let sent = t.send_into(message, bytes, checked);
+        bump(&mut traffic.bytes_out, bytes.len().saturating_sub(before));
         if bytes.is_empty() {
             self.outputs.pop_back();
         }
-        if let Err(e) = sent {
-            self.log(LogLevel::Warn, format!("message dropped: {e}"));
+        match sent {
+            Ok(()) => bump(&mut traffic.messages_out, 1),
+            Err(e) => self.log(LogLevel::Warn, format!("message dropped: {e}")),
         }
     }
 
@@ -1537,6 +1631,7 @@ impl Node {
             // its sender learns of it and tries again, instead of having the connection
             // closed once too much waits.
             if checked && self.must_wait(conn, message.len()) {
+                self.counters.hit(Limit::BudgetMessage);
                 return Err(NodeError::BudgetExhausted(self.config.max_buffered_bytes));
             }
             self.transmit(conn, Outgoing::Bytes(message), checked);
@@ -1544,15 +1639,18 @@ impl Node {
         }
         let max_nodes = self.config.max_nodes;
         if self.peers.len() >= max_nodes && !self.peers.contains_key(node) {
+            self.counters.hit(Limit::TooManyNodes);
             return Err(NodeError::TooManyNodes(max_nodes, node.to_owned()));
         }
         let max = self.config.max_queue_bytes;
         let peer = self.peers.entry(node.to_owned()).or_default();
         if peer.queued_bytes.saturating_add(message.len()) > max {
+            self.counters.hit(Limit::QueueFull);
             return Err(NodeError::QueueFull(node.to_owned()));
         }
         let budget = self.config.max_buffered_bytes;
         if self.buffered_bytes().saturating_add(message.len()) > budget {
+            self.counters.hit(Limit::BudgetMessage);
             return Err(NodeError::BudgetExhausted(budget));
         }
         let peer = self.peers.entry(node.to_owned()).or_default();

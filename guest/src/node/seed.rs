@@ -21,6 +21,7 @@ use std::sync::Arc;
 use super::effect::{Cx, Effect, Effects, View};
 use super::msg;
 use super::request::{Entries, GlobalRequest, Query};
+use super::stats::{Hits, Limit};
 use crate::value::Value;
 
 /// Node-port tags a global node serves (`g_slave` is served by every node that may
@@ -197,6 +198,8 @@ pub(super) struct Service {
     keep_retry: u64,
     /// When to dial the kept nodes that are down again.
     pub(super) keep_at: Option<u64>,
+    /// Its limits hit, for [`super::Node::info`].
+    pub(super) hits: Hits,
 }
 
 /// What follows from one update of a family, for the node to send.
@@ -435,6 +438,7 @@ impl Service {
                     None
                 };
                 if let Some(why) = refused {
+                    self.hits.hit(Limit::GlobalMonitors);
                     return cx
                         .fx
                         .warn_peer(src, format!("g_mon1 {family} from {src} ignored: {why}"));
@@ -500,6 +504,7 @@ impl Service {
     ) {
         let effects = self.update(&cx.view.config.global_limits, node, family, set, del);
         if effects.dropped > 0 {
+            self.hits.hit(Limit::GlobalDb);
             cx.fx.warn_peer(
                 node,
                 format!(

@@ -33,6 +33,8 @@ pub struct Options {
     pub verbose: u8,
     /// `--echo`: `run` adds the `echo` port.
     pub echo: bool,
+    /// `--metrics HOST:PORT`: `run` serves its metrics there (Prometheus text over HTTP).
+    pub metrics: Option<String>,
     /// `--json`: `snd`, `cal`, `mon`, `eval` print JSON arrays instead of the reference's
     /// output.
     pub json: bool,
@@ -56,6 +58,7 @@ impl Default for Options {
             max_memory_mib: None,
             verbose: 0,
             echo: false,
+            metrics: None,
             json: false,
             help: false,
             version: false,
@@ -142,6 +145,7 @@ pub fn split_options(argv: Vec<String>) -> Result<(Options, Vec<String>), ArgErr
                 | "--nodeid"
                 | "--timeout"
                 | "--max-memory"
+                | "--metrics"
         ) {
             rest.push(arg);
             continue;
@@ -160,6 +164,7 @@ pub fn split_options(argv: Vec<String>) -> Result<(Options, Vec<String>), ArgErr
             "--framing" => opts.framing = Some(value),
             "--listen" => opts.listen.push(value),
             "--nodeid" => opts.nodeid = Some(value),
+            "--metrics" => opts.metrics = Some(value),
             "--max-memory" => {
                 opts.max_memory_mib = Some(
                     value

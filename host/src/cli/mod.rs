@@ -1,6 +1,7 @@
 //! Reading `aemp`'s command line: options ([`args`]) and the reference's verbs ([`verbs`]).
 
 pub mod args;
+pub mod show;
 pub mod verbs;
 
 /// `aemp --help`.
@@ -17,6 +18,7 @@ Protocol (a bare node id is that node's node port):
   restart NODE              ask a node under a watchdog to restart (an eval)
   shell [NODE]              interactive evals on NODE (=: nodes, =NODE: switch)
   trace NODE                list the nodes connected to NODE, then to those...
+  info NODE                 what an aemp node is doing: connections, ports, counters
   run [PROFILE] [KEY VALUE]...   run a node until interrupted
   dbfamily|dbkeys|dbvalues FAMILY   read the network database (needs seeds)
 
@@ -31,7 +33,7 @@ Configuration (edits the top level, or the profile chosen by `profile`/--profile
   profile NAME | setparent NAME | delparent | delprofile NAME
   showprofile NAME | showconfig [NAME [KEY VALUE]...]
   set/del: monitor_timeout connect_interval framing_format auth_offer auth_accept
-           autocork nodelay secure
+           autocork nodelay secure node_info (false: refuse `info` requests)
   Every setX is also X; seeds/binds take any number of addresses.
 
 Arguments: a lone argument starting with `[` is a JSON array replacing all arguments;
@@ -48,7 +50,8 @@ Options (anywhere; `--` ends them):
   --timeout SECONDS    wait this long for connections and replies (default 10)
   --max-memory MIB     the node's sandbox memory limit (default 256)
   --echo               run: add port `echo`
-  --json               snd, cal, mon, eval: print a JSON array
+  --metrics HOST:PORT  run: serve Prometheus metrics over HTTP there
+  --json               snd, cal, mon, eval: print a JSON array; info: the raw JSON
   -v, -vv              more log output on stderr
   -h, --help | -V, --version
 ";

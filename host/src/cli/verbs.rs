@@ -17,6 +17,7 @@ pub const ATTRS: &[&str] = &[
     "autocork",
     "nodelay",
     "secure",
+    "node_info",
 ];
 
 /// One verb with its arguments.
@@ -69,6 +70,11 @@ pub enum Verb {
     /// `trace NODE`: ask a node for the nodes it is connected to, then those, and so on.
     Trace {
         /// Where to start.
+        node: String,
+    },
+    /// `info NODE` (ours): ask an aemp node what it is doing.
+    Info {
+        /// The node.
         node: String,
     },
     /// `dbfamily`/`dbkeys`/`dbvalues FAMILY`: read the network database (through the
@@ -289,12 +295,12 @@ fn parse_one(name: &str, args: &mut VecDeque<Value>) -> Result<Verb, VerbError> 
                 expr: expr.join(" "),
             }
         }
-        ("restart" | "trace", _) => {
+        ("restart" | "trace" | "info", _) => {
             let node = node_of(&text("a node id", need(args, "node id missing")?)?);
-            if name == "trace" {
-                Verb::Trace { node }
-            } else {
-                Verb::Restart { node }
+            match name {
+                "trace" => Verb::Trace { node },
+                "info" => Verb::Info { node },
+                _ => Verb::Restart { node },
             }
         }
         // As the reference: the next argument, whatever it is, is the node.
@@ -757,10 +763,18 @@ mod tests {
             }])
         );
         assert_eq!(
-            verbs(&[json!("trace"), json!("n"), json!("restart"), json!("m#")]),
+            verbs(&[
+                json!("trace"),
+                json!("n"),
+                json!("restart"),
+                json!("m#"),
+                json!("info"),
+                json!("o#")
+            ]),
             Ok(vec![
                 Verb::Trace { node: "n".into() },
-                Verb::Restart { node: "m".into() }
+                Verb::Restart { node: "m".into() },
+                Verb::Info { node: "o".into() }
             ])
         );
         assert_eq!(

@@ -38,6 +38,9 @@ pub struct Profile {
     pub connect_interval: f64,
     /// Secure mode: refuse remote code execution requests from other nodes.
     pub secure: bool,
+    /// Whether other nodes may ask for this node's info (`aemp info`); ours, not the
+    /// reference's. Default true; Perl's false (`false`, `0`, `""`, `"0"`) turns it off.
+    pub node_info: bool,
 }
 
 /// The embedded default configuration used when there is no file: just the built-in defaults.
@@ -146,6 +149,7 @@ pub fn resolve_with(
         monitor_timeout: secs("monitor_timeout")?,
         connect_interval: secs("connect_interval")?,
         secure: get("secure").is_some_and(|(value, _)| perl_true(value)),
+        node_info: get("node_info").is_none_or(|(value, _)| perl_true(value)),
         name,
     })
 }

@@ -44,6 +44,7 @@ pub struct NodeBuilder {
     port_stall: Duration,
     sandbox_limits: Option<sandbox::Limits>,
     sandbox: Option<Arc<Sandbox>>,
+    info_requests: bool,
 }
 
 impl Default for NodeBuilder {
@@ -73,6 +74,7 @@ impl Default for NodeBuilder {
             port_stall: Duration::from_secs(10),
             sandbox_limits: None,
             sandbox: None,
+            info_requests: true,
         }
     }
 }
@@ -111,7 +113,18 @@ impl NodeBuilder {
         b.auth_accept = Some(auth_list(&profile.auth_accept)?);
         b.monitor_timeout = Duration::from_secs_f64(profile.monitor_timeout);
         b.connect_interval = Duration::from_secs_f64(profile.connect_interval);
+        b.info_requests = profile.node_info;
         Ok(b)
+    }
+
+    /// Whether other nodes may ask this one for its [`NodeInfo`](super::NodeInfo) with
+    /// an [`INFO_TAG`](super::INFO_TAG) request (default true; profile key
+    /// `node_info`). Off, the node does not understand the request (`can aemp_info` is
+    /// false), as the reference's nodes do not; [`Node::info`](super::Node::info)
+    /// still works.
+    pub fn info_requests(mut self, on: bool) -> Self {
+        self.info_requests = on;
+        self
     }
 
     /// The node id (`%n`, `%u` and a trailing `/` are expanded).
@@ -357,6 +370,7 @@ impl NodeBuilder {
             port_capacity: self.port_capacity,
             port_bytes: self.port_bytes,
             port_stall: self.port_stall,
+            info_requests: self.info_requests,
         };
         let (driver, shared) = Driver::new(engine, io, limits, &tx);
         // Every log line of this node carries its id.

@@ -20,6 +20,7 @@ use aemp_engine::printable;
 use tokio::time::Instant;
 
 use super::inbox::{self, Chunk, Inbox, Offer};
+use super::info::PortInfo;
 use super::subscribe::Topic;
 
 /// Bytes of held messages past which no connection reads on, whoever sent them. Below
@@ -155,6 +156,29 @@ impl Deliveries {
             self.close(&Target::Topic(topic.clone()));
         }
         gone
+    }
+
+    /// Every port's inbox depth (messages held for a full inbox counted too), by id.
+    pub(super) fn ports(&self) -> Vec<PortInfo> {
+        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let mut ports: Vec<PortInfo> = self
+            .ports
+            .iter()
+            .map(|(port, inbox)| {
+                let (count, bytes) = inbox.depth();
+                let held = self
+                    .held_for
+                    .get(&Target::Port(port.clone()))
+                    .map_or(0, |h| h.count);
+                PortInfo {
+                    port: port.clone(),
+                    messages: wide(count.saturating_add(held)),
+                    bytes: wide(bytes),
+                }
+            })
+            .collect();
+        ports.sort_by(|a, b| a.port.cmp(&b.port));
+        ports
     }
 
     /// What is delivered from now on answers the application's commands (or not).

@@ -2,7 +2,7 @@
 //! sockets, dials and timers, and acts on each through the engine ([`Engine`]), the
 //! sockets ([`Io`]) and the inboxes ([`Deliveries`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, watch};
 use super::deliver::{Deliveries, Target};
 use super::engine::{Engine, Fatal};
 use super::inbox::Chunk;
+use super::info::{self, HostFigures, INFO_TAG, NodeInfo};
 use super::io::{self, Dialed, End, Io};
 use super::parked::{self, Parked};
 use super::subscribe::{Topic, Waiters};
@@ -32,6 +33,8 @@ pub(super) struct Limits {
     /// Bytes of messages a port's inbox holds.
     pub(super) port_bytes: usize,
     pub(super) port_stall: Duration,
+    /// Whether other nodes may ask for [`NodeInfo`] ([`INFO_TAG`]).
+    pub(super) info_requests: bool,
 }
 
 /// What the node's handles share with its driver.
@@ -69,6 +72,15 @@ pub(super) struct Driver {
     status: watch::Sender<Option<String>>,
     cmd_tx: WeakSender<Cmd>,
     unwritten: Arc<AtomicUsize>,
+    /// When the node started, for [`NodeInfo::uptime`].
+    started: tokio::time::Instant,
+    /// Limits the host enforces that were hit, by name (for [`NodeInfo::limits`]).
+    limits_hit: BTreeMap<&'static str, u64>,
+    /// The application's calls the engine refused, by kind (for [`NodeInfo::refusals`]).
+    refusals: BTreeMap<String, u64>,
+    /// A tracing span per connection: a log line about a connection says which one,
+    /// with its address and, once known, its node.
+    spans: HashMap<u64, tracing::Span>,
 }
 
 /// What woke the driver.
@@ -126,6 +138,11 @@ impl Driver {
             status,
             cmd_tx: cmd_tx.downgrade(),
             unwritten,
+            started: tokio::time::Instant::now(),
+            // Listed from zero, as the engine's are.
+            limits_hit: BTreeMap::from([("max_write_queue", 0), ("max_write_total", 0)]),
+            refusals: BTreeMap::new(),
+            spans: HashMap::new(),
         };
         (driver, shared)
     }
@@ -152,6 +169,9 @@ impl Driver {
     }
 
     async fn serve(&mut self, cmds: &mut Receiver<Cmd>) -> Result<(), Fatal> {
+        if self.limits.info_requests {
+            self.engine.register_handler(INFO_TAG)?;
+        }
         self.round()?;
         loop {
             let engine_due = self.engine.deadline()?;
@@ -236,6 +256,7 @@ impl Driver {
             .read(polled.inputs.iter().map(|&(conn, _)| conn));
         for (stream, peer) in polled.accepted {
             let conn = self.engine.handle_accept(&peer)?;
+            self.spans.insert(conn, conn_span(conn, &peer));
             self.io.add(conn, stream);
         }
         if !polled.inputs.is_empty() {
@@ -251,7 +272,7 @@ impl Driver {
                 "peer does not read: the node's connections have more than {max_total} bytes \
                  waiting, this one the most"
             );
-            self.cut_off(conn, &reason)?;
+            self.cut_off(conn, "max_write_total", &reason)?;
             self.settle()?;
             pending = self.io.pending();
         }
@@ -259,9 +280,13 @@ impl Driver {
         Ok(())
     }
 
-    /// Drops connection `conn` as a peer that does not read, and tells the engine.
-    fn cut_off(&mut self, conn: u64, reason: &str) -> Result<(), Fatal> {
-        tracing::warn!("connection {conn}: {reason}");
+    /// Drops connection `conn` as a peer that does not read (past the host's limit
+    /// `limit`), and tells the engine.
+    fn cut_off(&mut self, conn: u64, limit: &'static str, reason: &str) -> Result<(), Fatal> {
+        let count = self.limits_hit.entry(limit).or_default();
+        *count = count.saturating_add(1);
+        self.closed_span(conn)
+            .in_scope(|| tracing::warn!("connection {conn}: {reason}"));
         if self.io.drop_conn(conn) {
             self.engine.handle_conn_error(conn, reason)?;
         }
@@ -271,6 +296,9 @@ impl Driver {
     /// Carries out the application's send now.
     fn send_now(&mut self, send: parked::Send) -> Result<(), Fatal> {
         let result = self.engine.send(&send.batch)?;
+        if let Err(e) = &result {
+            self.refused(e);
+        }
         let _ = send.reply.send(result);
         Ok(())
     }
@@ -311,7 +339,9 @@ impl Driver {
                 match end {
                     End::Eof => self.engine.handle_eof(conn)?,
                     End::Failed(reason) => {
-                        tracing::debug!("connection {conn} failed: {reason}");
+                        // The host closed it: the engine does not say so again.
+                        self.closed_span(conn)
+                            .in_scope(|| tracing::debug!("connection {conn} failed: {reason}"));
                         self.engine.handle_conn_error(conn, &reason)?;
                     }
                 }
@@ -323,6 +353,9 @@ impl Driver {
         match dialed {
             Dialed::Connected(conn, stream) => {
                 if self.dialing.remove(&conn) {
+                    if let Ok(peer) = stream.peer_addr() {
+                        self.spans.insert(conn, conn_span(conn, &peer.to_string()));
+                    }
                     self.io.add(conn, stream);
                     self.engine.handle_connected(conn)?;
                 }
@@ -374,6 +407,9 @@ impl Driver {
                 reply,
             } => {
                 let result = self.engine.kill(&port, &Value::Array(reason).encode())?;
+                if let Err(e) = &result {
+                    self.refused(e);
+                }
                 self.deliveries.close(&Target::Port(port));
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
@@ -434,6 +470,12 @@ impl Driver {
             Cmd::Memory { reply } => {
                 let _ = reply.send(Ok(self.engine.memory_bytes()));
             }
+            Cmd::Info { reply } => {
+                let _ = reply.send(
+                    self.info()
+                        .map_err(|e| NodeError::Stopped(sandbox::describe(&e))),
+                );
+            }
             Cmd::Pending { reply } => {
                 let queued = self.engine.queued_bytes()?;
                 let queued = usize::try_from(queued).unwrap_or(usize::MAX);
@@ -461,7 +503,7 @@ impl Driver {
                 // Past the limit, what the socket takes now may still bring it under.
                 if self.io.queue(conn, t.bytes).is_some_and(over) && over(self.io.write_now(conn)) {
                     let reason = format!("peer does not read: more than {max} bytes waiting");
-                    self.cut_off(conn, &reason)?;
+                    self.cut_off(conn, "max_write_queue", &reason)?;
                 }
             }
             O::Connect(c) => {
@@ -478,12 +520,22 @@ impl Driver {
                     wit::TlsRole::Client => Role::Client,
                     wit::TlsRole::Server => Role::Server,
                 };
-                self.io.start_tls(t.conn, role, t.leftover);
+                let io = &mut self.io;
+                // Its TLS log lines in its span (a clone: `io` is borrowed mutably meanwhile).
+                let span = self
+                    .spans
+                    .get(&t.conn)
+                    .cloned()
+                    .unwrap_or_else(tracing::Span::none);
+                span.in_scope(|| io.start_tls(t.conn, role, t.leftover));
             }
             O::Close(c) => {
                 self.dialing.remove(&c.conn);
+                let span = self.closed_span(c.conn);
                 if self.io.close(c.conn) {
-                    tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason));
+                    span.in_scope(|| {
+                        tracing::debug!("closing connection {}: {}", c.conn, printable(&c.reason))
+                    });
                 }
                 if !self.worked.remove(&c.conn) {
                     let _ = self
@@ -496,15 +548,22 @@ impl Driver {
                 self.deliveries.deliver_port(&d.port, chunk);
             }
             O::NodeUp(wit_node::NodeUp { node, conn }) => {
-                tracing::info!("{} is up", printable(&node));
+                if let Some(span) = self.spans.get(&conn) {
+                    span.record("node", tracing::field::display(printable(&node)));
+                }
+                self.in_span(conn, || tracing::info!("{} is up", printable(&node)));
                 self.up.insert(node.clone(), conn);
                 self.worked.insert(conn);
                 self.waiters.node_up(&node);
                 let _ = self.events.send(Event::NodeUp(node));
             }
             O::NodeDown(d) => {
-                tracing::info!("{} is down: {}", printable(&d.node), printable(&d.reason));
-                self.up.remove(&d.node);
+                // Its connection's span was kept for this line (see `closed_span`).
+                let conn = self.up.remove(&d.node);
+                let span = conn.and_then(|c| self.spans.remove(&c));
+                span.unwrap_or_else(tracing::Span::none).in_scope(|| {
+                    tracing::info!("{} is down: {}", printable(&d.node), printable(&d.reason))
+                });
                 let _ = self.events.send(Event::NodeDown {
                     node: d.node,
                     reason: d.reason,
@@ -516,6 +575,9 @@ impl Driver {
                     port: p.port,
                     reason: decode_args(&p.reason),
                 });
+            }
+            O::Request(r) if r.tag == INFO_TAG && self.limits.info_requests => {
+                self.answer_info(&r.message)?;
             }
             O::Request(r) => {
                 let topic = Topic::Requests(r.tag);
@@ -543,6 +605,82 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// What the node is doing: the engine's figures and the host's.
+    fn info(&mut self) -> Result<NodeInfo, Fatal> {
+        let engine = self.engine.info()?;
+        let node = self.engine.node_id()?;
+        let io = &self.io;
+        Ok(info::gather(
+            engine,
+            HostFigures {
+                node: &node,
+                uptime: self.started.elapsed(),
+                unwritten: &|conn| io.pending_of(conn),
+                ports: self.deliveries.ports(),
+                limits: &self.limits_hit,
+                refusals: &self.refusals,
+                write_queue_bytes: io.pending(),
+                sandbox_memory: self.engine.memory_bytes(),
+            },
+        ))
+    }
+
+    /// Answers another node's [`INFO_TAG`] request (`message` the CBOR array `[NODE,
+    /// REPLY...]`) with `[REPLY..., INFO]`.
+    fn answer_info(&mut self, message: &[u8]) -> Result<(), Fatal> {
+        let info = self.info()?;
+        let Some((port, args)) = info::answer(decode_args(message), info) else {
+            return Ok(());
+        };
+        let mut batch = super::SendBatch::new();
+        batch.push(&port, &args);
+        if let Err(e) = self.engine.send(&batch.batch)? {
+            tracing::warn!("info answer to {} dropped: {e}", printable(&port));
+        }
+        Ok(())
+    }
+
+    /// Counts a refusal of the application's call.
+    fn refused(&mut self, e: &NodeError) {
+        let kind = match e {
+            NodeError::Refused { kind, .. } => kind,
+            NodeError::Partial { cause, .. } => match cause.as_ref() {
+                NodeError::Refused { kind, .. } => kind,
+                _ => return,
+            },
+            _ => return,
+        };
+        let count = self.refusals.entry(format!("{kind:?}")).or_default();
+        *count = count.saturating_add(1);
+    }
+
+    /// The span of `conn`, which is closing: forgotten, unless the connection is still
+    /// a node's working one, whose `node-down` comes next and is logged in it.
+    fn closed_span(&mut self, conn: u64) -> tracing::Span {
+        let span = if self.up.values().any(|&c| c == conn) {
+            self.spans.get(&conn).cloned()
+        } else {
+            self.spans.remove(&conn)
+        };
+        span.unwrap_or_else(tracing::Span::none)
+    }
+
+    /// Runs `f` inside connection `conn`'s span (none if it has none).
+    fn in_span<T>(&self, conn: u64, f: impl FnOnce() -> T) -> T {
+        match self.spans.get(&conn) {
+            Some(span) => span.in_scope(f),
+            None => f(),
+        }
+    }
+}
+
+/// The span of connection `conn` to or from `addr`; its `node` is recorded once the
+/// handshake tells it.
+fn conn_span(conn: u64, addr: &str) -> tracing::Span {
+    tracing::info_span!("conn", id = conn, addr = %printable(addr), node = tracing::field::Empty)
+}
+
 /// Which nodes the application's sends must wait for: those whose connection has more
 /// than [`HIGH_WATER`] bytes waiting, and every node while all connections together have
 /// more than half of `max_write_total` waiting.
@@ -555,5 +693,55 @@ fn slow_nodes<'a>(
     move |node| {
         up.get(node)
             .is_some_and(|&conn| all_behind || io.pending_of(conn) > HIGH_WATER)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What the subscriber wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_connections_log_lines_name_it_its_address_and_its_node() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = conn_span(7, "10.0.0.1:4040");
+            span.in_scope(|| tracing::info!("in the handshake"));
+            span.record("node", tracing::field::display(printable("srv\n")));
+            span.in_scope(|| tracing::info!("srv is up"));
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains("conn{id=7 addr=10.0.0.1:4040}: "),
+            "{text}"
+        );
+        // The peer's node id, control characters escaped, once the handshake told it.
+        assert!(
+            lines[1].contains("conn{id=7 addr=10.0.0.1:4040 node=srv\\n}: "),
+            "{text}"
+        );
     }
 }

@@ -290,6 +290,18 @@ impl Engine {
         self.call(|s, n, api| api.call_db_unmon(s, n, family, now))
     }
 
+    /// What the node is doing: its connections and counters (read-only).
+    pub(super) fn info(&mut self) -> Result<wit_node::NodeInfo, Fatal> {
+        let (store, b) = self.instance.parts();
+        b.aemp_engine_node().node().call_info(store, self.node)
+    }
+
+    /// The node's id.
+    pub(super) fn node_id(&mut self) -> Result<String, Fatal> {
+        let (store, b) = self.instance.parts();
+        b.aemp_engine_node().node().call_node_id(store, self.node)
+    }
+
     /// Bytes of messages waiting for nodes that are not connected yet.
     pub(super) fn queued_bytes(&mut self) -> Result<u64, Fatal> {
         let (store, b) = self.instance.parts();

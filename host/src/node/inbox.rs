@@ -288,6 +288,12 @@ impl Inbox {
         }
     }
 
+    /// Messages queued and not taken yet, and their bytes.
+    pub(super) fn depth(&self) -> (usize, usize) {
+        let state = self.shared.lock();
+        (state.count, state.bytes)
+    }
+
     /// Whether the receiver is gone.
     pub(super) fn is_closed(&self) -> bool {
         self.shared.lock().receiver_gone

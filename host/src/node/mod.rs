@@ -66,12 +66,14 @@ mod deliver;
 mod driver;
 mod engine;
 mod inbox;
+mod info;
 mod io;
 mod parked;
 mod subscribe;
 
 pub use builder::NodeBuilder;
 pub use inbox::Messages;
+pub use info::{ConnInfo, INFO_LISTED, INFO_TAG, NodeInfo, PortInfo};
 use subscribe::Topic;
 pub use subscribe::{DbChange, DbMonitor, Monitor, Request, Requests};
 
@@ -380,6 +382,9 @@ enum Cmd {
     Pending {
         reply: Reply<usize>,
     },
+    Info {
+        reply: Reply<NodeInfo>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -598,6 +603,15 @@ impl Node {
     /// The size of the node's sandbox memory (the engine's linear memory), in bytes.
     pub async fn sandbox_memory(&self) -> Result<usize, NodeError> {
         self.call(|reply| Cmd::Memory { reply }).await
+    }
+
+    /// What the node is doing: its connections (peer, address, authentication, framing,
+    /// TLS, bytes and messages each way, bytes waiting), its ports with their inbox
+    /// depth, its global role and database, the limits hit, its uptime. The same
+    /// figures other nodes get with an [`INFO_TAG`] request and `aemp run --metrics`
+    /// serves.
+    pub async fn info(&self) -> Result<NodeInfo, NodeError> {
+        self.call(|reply| Cmd::Info { reply }).await
     }
 
     /// Waits until everything sent so far has left the node: written to the sockets,
