@@ -338,3 +338,42 @@ func TestStalledPortDrops(t *testing.T) {
 		t.Fatalf("%v %v", m, err)
 	}
 }
+
+// SendBatch to a full local port waits as Send does (a run of messages is checked before
+// it goes, as Send checks each message): a context that ends first says none went, and
+// once the reader makes room the batch goes.
+func TestSendBatchWaitsForRoom(t *testing.T) {
+	ctx := context.Background()
+	n, err := Start(ctx, Config{NodeID: "batch-room", PortCapacity: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	p, err := n.Port(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sent, err := n.SendBatch(ctx, []Message{{Port: p.ID, Args: []any{1}}, {Port: p.ID, Args: []any{2}}}); sent != 2 || err != nil {
+		t.Fatalf("sent %d: %v", sent, err)
+	}
+	more := []Message{{Port: p.ID, Args: []any{3}}, {Port: p.ID, Args: []any{4}}}
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if sent, err := n.SendBatch(short, more); sent != 0 || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("sent %d into a full port: %v", sent, err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := n.SendBatch(ctx, more)
+		done <- err
+	}()
+	for want := int64(1); want <= 4; want++ {
+		m, err := p.Recv(ctx)
+		if err != nil || len(m) != 1 || toInt(m[0]) != want {
+			t.Fatalf("message %d: %v %v", want, m, err)
+		}
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

@@ -110,3 +110,24 @@ func ExampleNode_Unmonitor() {
 	}
 	// Output: not fired
 }
+
+// SendBatch sends in order and stops at the first refusal: the count says how many went.
+func ExampleNode_SendBatch() {
+	ctx := context.Background()
+	node, _ := aemp.Start(ctx, aemp.Config{NodeID: "example7"})
+	defer node.Close(ctx)
+	port, _ := node.Port(ctx)
+	sent, err := node.SendBatch(ctx, []aemp.Message{
+		{Port: port.ID, Args: []any{"one"}},
+		{Port: port.ID, Args: []any{"two"}},
+		{Port: "#no-node", Args: []any{"three"}},
+		{Port: port.ID, Args: []any{"four"}},
+	})
+	fmt.Println(sent, errors.Is(err, aemp.ErrInvalidPortID))
+	one, _ := port.Recv(ctx)
+	two, _ := port.Recv(ctx)
+	fmt.Println(one, two)
+	// Output:
+	// 2 true
+	// [one] [two]
+}

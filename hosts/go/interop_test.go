@@ -446,3 +446,40 @@ func TestConnectWithoutSeeds(t *testing.T) {
 	}
 	echoRoundTrip(t, ctx, n, "rust-direct", "direct")
 }
+
+// SendBatch takes a batch to a Rust node in as few engine calls as its destinations
+// allow; every echo comes back in order.
+func TestSendBatchEchoWithRust(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	addr := rustNode(t, "rust-batch", "shared", "cbor")
+	n, err := Start(ctx, Config{NodeID: "go-batch", Secret: "shared", Seeds: []string{addr}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close(ctx)
+	if err := n.WaitUp(ctx, "rust-batch"); err != nil {
+		t.Fatal(err)
+	}
+	p, err := n.Port(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const total = 5000
+	msgs := make([]Message, total)
+	for i := range msgs {
+		msgs[i] = Message{Port: "rust-batch#echo", Args: []any{p.ID, int64(i)}}
+	}
+	if sent, err := n.SendBatch(ctx, msgs); sent != total || err != nil {
+		t.Fatalf("sent %d of %d: %v", sent, total, err)
+	}
+	for i := range total {
+		m, err := p.Recv(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m) != 1 || toInt(m[0]) != int64(i) {
+			t.Fatalf("echo %d: %#v", i, m)
+		}
+	}
+}

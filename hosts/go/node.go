@@ -850,6 +850,81 @@ func (n *Node) Send(ctx context.Context, portID string, args ...any) error {
 	}
 }
 
+// Message is one message of a SendBatch: the port id it goes to and its arguments.
+type Message struct {
+	Port string
+	Args []any
+}
+
+// SendBatch sends msgs in order, as many at once as can go in one call into the engine
+// (with Send, each message costs a call and a turn of the node's loop). It waits as Send
+// does while the next message's destination is behind or full; the destinations of a run
+// are checked before it goes, so a run may fill a local port past its capacity by what
+// it holds, as the application's own messages. It returns how many messages
+// were sent: on an error, the messages before that count went out and none after. A
+// message the engine refuses gives a *Refusal; one whose arguments cannot be encoded
+// stops the batch before anything is sent.
+func (n *Node) SendBatch(ctx context.Context, msgs []Message) (int, error) {
+	var data []byte
+	sizes := make([]uint32, 0, 2*len(msgs))
+	ends := make([]int, len(msgs)) // where each message ends in data
+	for i, m := range msgs {
+		args := m.Args
+		if args == nil {
+			args = []any{}
+		}
+		enc, err := encMode.Marshal(args)
+		if err != nil {
+			return 0, fmt.Errorf("message %d: %w", i, err)
+		}
+		data = append(append(data, m.Port...), enc...)
+		sizes = append(sizes, uint32(len(m.Port)), uint32(len(enc)))
+		ends[i] = len(data)
+	}
+	sent := 0
+	for sent < len(msgs) {
+		var wait chan struct{}
+		err := n.do(ctx, func() error {
+			// The run of messages whose destinations need not wait goes in one call.
+			end := sent
+			for end < len(msgs) && !n.mustWait(msgs[end].Port) {
+				end++
+			}
+			if end == sent {
+				wait = make(chan struct{})
+				n.senders = append(n.senders, wait)
+				return nil
+			}
+			start := 0
+			if sent > 0 {
+				start = ends[sent-1]
+			}
+			err := n.eng.Send(data[start:ends[end-1]], sizes[2*sent:2*end], n.now())
+			var se *abi.SendError
+			if errors.As(err, &se) {
+				sent += int(se.Index)
+			} else if err == nil {
+				sent = end
+			}
+			return refusal(err)
+		})
+		if err != nil {
+			return sent, err
+		}
+		if wait == nil {
+			continue
+		}
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return sent, ctx.Err()
+		case <-n.done:
+			return sent, n.stopErr()
+		}
+	}
+	return sent, nil
+}
+
 // Connect dials the node listening at addr (host:port) without it being a seed: once
 // connected, it is up under its node id (WaitUp).
 func (n *Node) Connect(ctx context.Context, addr string) error {

@@ -1,6 +1,7 @@
 // Command aemp-bench measures the Go host end to end against a node running an echo
 // port (e.g. `aemp run --echo --nodeid one --secret shared --listen 127.0.0.1:4040`):
-// messages/s with a window of messages in flight, and the round-trip p50 one at a time.
+// messages/s with a window of messages in flight (sent one Send each, or with -batch N in
+// SendBatch calls of up to N), and the round-trip p50 one at a time.
 package main
 
 import (
@@ -20,6 +21,7 @@ func main() {
 	secret := flag.String("secret", "shared", "the shared secret")
 	count := flag.Int("n", 100000, "messages for the throughput run")
 	window := flag.Int("window", 1000, "messages in flight")
+	batch := flag.Int("batch", 1, "messages per SendBatch (1: one Send per message)")
 	flag.Parse()
 	ctx := context.Background()
 	node, err := aemp.Start(ctx, aemp.Config{NodeID: "go-bench", Secret: *secret, Seeds: []string{*addr}})
@@ -37,11 +39,23 @@ func main() {
 	start := time.Now()
 	sent, got := 0, 0
 	for got < *count {
-		for sent < *count && sent-got < *window {
-			if err := node.Send(ctx, echo, port.ID, "ping", sent); err != nil {
-				log.Fatal(err)
+		if *batch > 1 {
+			var msgs []aemp.Message
+			for sent+len(msgs) < *count && sent+len(msgs)-got < *window && len(msgs) < *batch {
+				msgs = append(msgs, aemp.Message{Port: echo, Args: []any{port.ID, "ping", sent + len(msgs)}})
 			}
-			sent++
+			if n, err := node.SendBatch(ctx, msgs); err != nil {
+				log.Fatal(err)
+			} else {
+				sent += n
+			}
+		} else {
+			for sent < *count && sent-got < *window {
+				if err := node.Send(ctx, echo, port.ID, "ping", sent); err != nil {
+					log.Fatal(err)
+				}
+				sent++
+			}
 		}
 		if _, err := port.Recv(ctx); err != nil {
 			log.Fatal(err)
