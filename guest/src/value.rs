@@ -357,6 +357,22 @@ fn decode(d: &mut Decoder, max_items: usize) -> Result<Value, minicbor::decode::
     }
 }
 
+/// Whether `ty` is an integer's.
+pub(crate) fn is_int(ty: Type) -> bool {
+    matches!(
+        ty,
+        Type::U8
+            | Type::U16
+            | Type::U32
+            | Type::U64
+            | Type::I8
+            | Type::I16
+            | Type::I32
+            | Type::I64
+            | Type::Int
+    )
+}
+
 /// Decodes an item that holds no other items.
 pub(crate) fn scalar(d: &mut Decoder, ty: Type) -> Result<Value, minicbor::decode::Error> {
     Ok(match ty {
@@ -369,15 +385,7 @@ pub(crate) fn scalar(d: &mut Decoder, ty: Type) -> Result<Value, minicbor::decod
             Value::Undefined
         }
         Type::Bool => Value::Bool(d.bool()?),
-        Type::U8
-        | Type::U16
-        | Type::U32
-        | Type::U64
-        | Type::I8
-        | Type::I16
-        | Type::I32
-        | Type::I64
-        | Type::Int => Value::Int(i128::from(d.int()?)),
+        ty if is_int(ty) => Value::Int(i128::from(d.int()?)),
         Type::F16 | Type::F32 | Type::F64 => Value::Float(d.f64()?),
         Type::Bytes | Type::BytesIndef => {
             let mut v = Vec::new();

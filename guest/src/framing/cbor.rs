@@ -293,22 +293,6 @@ pub(crate) fn to_json(item: &[u8], out: &mut Vec<u8>) -> Result<(), MessageError
     Ok(())
 }
 
-/// Whether `ty` is an integer's.
-fn is_int(ty: Type) -> bool {
-    matches!(
-        ty,
-        Type::U8
-            | Type::U16
-            | Type::U32
-            | Type::U64
-            | Type::I8
-            | Type::I16
-            | Type::I32
-            | Type::I64
-            | Type::Int
-    )
-}
-
 /// A container being written: a map or not, items still to come (`None`: until a
 /// break; a map's count is of keys and values both), items written so far.
 struct Open {
@@ -406,7 +390,7 @@ fn write_json(d: &mut Decoder, out: &mut Vec<u8>) -> Result<(), MessageError> {
                 continue;
             }
             // The common scalars straight from the input; the others through a `Value`.
-            None if !key && is_int(ty) => {
+            None if !key && crate::value::is_int(ty) => {
                 let n = i128::from(d.int().map_err(bad)?);
                 // Writing into a Vec cannot fail.
                 let _ = serde_json::to_writer(&mut *out, &n);
