@@ -1490,8 +1490,15 @@ impl Node {
                 .pairs
                 .iter()
                 .find(|(k, _)| k == dataconn::ID_KEY)
-                .and_then(|(_, v)| v.clone())
-                .unwrap_or_default();
+                .and_then(|(_, v)| v.clone());
+            let Some(id) = id else {
+                let reason = format!(
+                    "{} greeting without {}",
+                    dataconn::PROTOCOL,
+                    dataconn::ID_KEY
+                );
+                return self.close(conn, reason);
+            };
             if let Err(reason) = self.dataconn.accept(&id, &g.node_id, conn) {
                 return self.close(conn, reason);
             }
