@@ -543,6 +543,19 @@ impl Driver {
                         .send(Event::ConnectionFailed { reason: c.reason });
                 }
             }
+            // The engine hands a data connection's stream over here; this host has no
+            // data streams yet (they come with `Node::data_connect` on this side), and it
+            // registers no data handlers, so only a connection it asked for could come:
+            // it closes the socket, and nobody waits for it.
+            O::DataConnection(d) => {
+                self.dialing.remove(&d.conn);
+                if self.io.close(d.conn) {
+                    tracing::debug!(
+                        "closing data connection {}: not supported by this host",
+                        d.id
+                    );
+                }
+            }
             O::Deliver(d) => {
                 let chunk = Chunk::from_sizes(d.data, &d.sizes);
                 self.deliveries.deliver_port(&d.port, chunk);
