@@ -398,7 +398,7 @@ fn kill(port_id: &str, message: &str, fx: &mut Effects) {
 /// A timeout on the wire: whole seconds as an integer, others as a float, as a Perl
 /// number would be encoded.
 fn seconds(ms: u64) -> Value {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         Value::Int(i128::from(ms / 1000))
     } else {
         Value::Float(ms as f64 / 1000.0)
@@ -407,7 +407,7 @@ fn seconds(ms: u64) -> Value {
 
 /// Seconds as Perl prints the number: `5`, `2.5`.
 fn seconds_text(ms: u64) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         (ms / 1000).to_string()
     } else {
         (ms as f64 / 1000.0).to_string()
