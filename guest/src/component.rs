@@ -10,7 +10,7 @@ use exports::aemp::engine::transport as wit;
 use crate::{
     AuthMethod, Config, ConfigError, Connection, Error, Framing, Limits, LogLevel, MessageError,
     NONCE_LEN, Node, NodeConfig, NodeError, NodeInfo, NodeOutput, Output, RefusalKind, SendError,
-    Session, TlsRole, Traffic, Verdict, batch,
+    Session, TlsRole, Traffic, Value, Verdict, batch,
 };
 
 wit_bindgen::generate!({
@@ -402,12 +402,16 @@ impl From<NodeOutput> for wnode::NodeOutput {
                 leftover,
             } => W::DataConnection(wnode::DataConnection {
                 conn: conn.get(),
-                id,
-                node,
-                port,
-                handler,
-                init_args,
-                requested,
+                setup: Value::Array(vec![
+                    Value::Text(id),
+                    Value::Text(node),
+                    Value::Text(port),
+                    Value::Text(handler),
+                    // The node encoded it from values: it decodes.
+                    Value::decode(&init_args).unwrap_or(Value::Array(Vec::new())),
+                    Value::Bool(requested),
+                ])
+                .encode(),
                 leftover,
             }),
         }

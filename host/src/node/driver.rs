@@ -543,17 +543,14 @@ impl Driver {
                         .send(Event::ConnectionFailed { reason: c.reason });
                 }
             }
-            // The engine hands a data connection's stream over here; this host has no
-            // data streams yet (they come with `Node::data_connect` on this side), and it
-            // registers no data handlers, so only a connection it asked for could come:
-            // it closes the socket, and nobody waits for it.
+            // The engine hands a data connection's stream over here. This host neither
+            // asks for data connections nor registers data handlers yet (its
+            // `DataStream` comes in another change), so none should come; one that does
+            // is closed, and nobody waits for it.
             O::DataConnection(d) => {
                 self.dialing.remove(&d.conn);
                 if self.io.close(d.conn) {
-                    tracing::debug!(
-                        "closing data connection {}: not supported by this host",
-                        d.id
-                    );
+                    tracing::debug!("closing data connection {}: not supported yet", d.conn);
                 }
             }
             O::Deliver(d) => {
