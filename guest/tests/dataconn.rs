@@ -690,6 +690,28 @@ fn refusals_kill_the_remote_port() {
     assert!(w.take(PEER).is_empty());
     assert!(w.events.iter().any(|e| matches!(e,
         NodeOutput::Log { message, .. } if message.contains("_expect without a timeout"))));
+    // What a peer can make the node hold is bounded: not a 16 MiB argument.
+    w.request(
+        PEER,
+        vec![
+            t(EXPECT),
+            t("big@perl"),
+            t("perl#p4"),
+            Value::Int(5),
+            t("echo"),
+            Value::Bytes(vec![0; 70_000]),
+        ],
+    );
+    assert_eq!(
+        w.take(PEER),
+        [Value::Array(vec![
+            t(""),
+            t("kil1"),
+            t("p4"),
+            t("AnyEvent::MP::DataConn"),
+            t("data connection request too large (70025 bytes, at most 65536)"),
+        ])]
+    );
     // An id in use is not taken over.
     let expect = |id: &str, port: &str| vec![t(EXPECT), t(id), t(port), Value::Int(5), t("echo")];
     w.request(PEER, expect("c@perl", "perl#p2"));

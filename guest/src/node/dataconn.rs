@@ -31,6 +31,11 @@ pub(super) const ID_KEY: &str = "dataconn_id";
 /// The protocol word of a data connection's greeting.
 pub(super) const PROTOCOL: &str = "aemp-dataconn";
 
+/// The most bytes a peer's `_expect` may make us hold (its id, port, handler name and
+/// encoded arguments): with `max_data_conns` at its default of 256 that is 16 MiB at
+/// most, where 256 messages of 16 MiB would be 4 GiB.
+pub(super) const MAX_EXPECT_BYTES: usize = 64 << 10;
+
 /// How this node reaches another node, as its working connection tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Link {
@@ -58,7 +63,8 @@ struct Pending {
     /// The port killed on failure: ours when we asked, the other node's otherwise.
     port_id: String,
     handler: String,
-    init_args: Vec<Value>,
+    /// The CBOR array of the handler's arguments.
+    init_args: Vec<u8>,
     /// The timeout as asked, for the reference's message.
     timeout_ms: u64,
     deadline: u64,
@@ -157,7 +163,9 @@ impl DataConns {
             seconds(timeout_ms),
             Value::text(handler),
         ];
-        expect.extend(init_args.iter().cloned());
+        // Held encoded: that is how the hand-over reports them.
+        let encoded = Value::Array(init_args.clone()).encode();
+        expect.extend(init_args);
         fx.send(node, expect, "data connection request");
         let rpc_id = format!("{}#{rpc}", view.node_id);
         fx.send(
@@ -173,7 +181,7 @@ impl DataConns {
                 node: node.to_owned(),
                 port_id,
                 handler: handler.to_owned(),
-                init_args,
+                init_args: encoded,
                 timeout_ms,
                 deadline: view.now.saturating_add(timeout_ms),
                 conn: None,
@@ -199,6 +207,17 @@ impl DataConns {
                 handler,
                 init_args,
             } => {
+                let init_args = Value::Array(init_args).encode();
+                let size = [id.len(), port.len(), handler.len(), init_args.len()]
+                    .into_iter()
+                    .fold(0usize, usize::saturating_add);
+                if size > MAX_EXPECT_BYTES {
+                    let message = format!(
+                        "data connection request too large ({size} bytes, at most {MAX_EXPECT_BYTES})"
+                    );
+                    fx.warn_peer(src, format!("{DATA_EXPECT} from {src}: {message}"));
+                    return kill(&port, &message, fx);
+                }
                 let refusal = if self.pending.contains_key(&id) {
                     Some(format!("data connection {id} exists already"))
                 } else if !self.handlers.contains(&handler) {
@@ -319,7 +338,7 @@ impl DataConns {
             node: p.node,
             port_id: p.port_id,
             handler: p.handler,
-            init_args: Value::Array(p.init_args).encode(),
+            init_args: p.init_args,
             requested: matches!(p.role, Role::Requester { .. }),
         })
     }

@@ -1445,7 +1445,7 @@ impl Node {
                     self.hand_over(conn, leftover)
                 }
                 Output::HandedOver { .. } => {
-                    // Upgraded protocols are for data connections this node does not run.
+                    // Not reached: other upgraded protocols are closed at their greeting.
                     self.close(
                         conn,
                         "upgraded protocols are not supported by the node".into(),
