@@ -810,3 +810,68 @@ fn what_data_connect_refuses() {
     // A port id names its node, as in the reference's `node_of`.
     assert!(ask(&p, "perl#somewhere", &no_args).is_ok());
 }
+
+/// Two engines back to back: `a` asks `b`, which runs handler `echo`; `a_dials` says who
+/// opened their AEMP connection, and so which of them opens the data connection.
+fn between_engines(a_dials: bool) {
+    use support::net::Net;
+    let mut net = Net::new();
+    let a = net.add(node_config("a", &[]));
+    let b = net.add(node_config("b", &[]));
+    net.nodes[b].register_data_handler("echo");
+    let now = net.now;
+    if a_dials {
+        net.nodes[a].connect_addr("b:4040", now);
+    } else {
+        net.nodes[b].connect_addr("a:4040", now);
+    }
+    net.run();
+    assert!(net.nodes[a].is_up("b"));
+    let port = net.nodes[a].new_port();
+    net.nodes[a].monitor(&port, now).unwrap();
+    let id = net.nodes[a]
+        .data_connect(&port, "b", 5_000, "echo", &args(vec![t("file")]), now)
+        .unwrap();
+    net.run();
+    let data = |i: usize| -> Vec<(String, String, String, Vec<u8>, bool)> {
+        net.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                NodeOutput::DataConnection {
+                    id,
+                    node,
+                    handler,
+                    init_args,
+                    requested,
+                    ..
+                } => Some((
+                    id.clone(),
+                    node.clone(),
+                    handler.clone(),
+                    init_args.clone(),
+                    *requested,
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+    let init = args(vec![t("file")]);
+    assert_eq!(
+        data(a),
+        [(id.clone(), "b".into(), "echo".into(), init.clone(), true)]
+    );
+    assert_eq!(data(b), [(id, "a".into(), "echo".into(), init, false)]);
+    // Nothing died, and the AEMP connection is still the only working one.
+    assert!(net.port_downs(a).is_empty());
+    assert!(net.nodes[a].is_up("b") && net.nodes[b].is_up("a"));
+}
+
+#[test]
+fn two_engines_the_asking_one_dials() {
+    between_engines(true);
+}
+
+#[test]
+fn two_engines_the_asked_one_dials() {
+    between_engines(false);
+}
