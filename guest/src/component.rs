@@ -10,7 +10,7 @@ use exports::aemp::engine::transport as wit;
 use crate::{
     AuthMethod, Config, ConfigError, Connection, Error, Framing, Limits, LogLevel, MessageError,
     NONCE_LEN, Node, NodeConfig, NodeError, NodeInfo, NodeOutput, Output, RefusalKind, SendError,
-    Session, TlsRole, Traffic, Verdict, batch,
+    Session, TlsRole, Traffic, Value, Verdict, batch,
 };
 
 wit_bindgen::generate!({
@@ -279,6 +279,25 @@ impl wnode::GuestNode for NodeResource {
         self.0.borrow_mut().register_handler(&tag);
     }
 
+    fn data_connect(
+        &self,
+        port_id: String,
+        node: String,
+        timeout_ms: u64,
+        handler: String,
+        init_args: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<String, wit::Refusal> {
+        self.0
+            .borrow_mut()
+            .data_connect(&port_id, &node, timeout_ms, &handler, &init_args, now_ms)
+            .map_err(|e| refusal(Refused::Node(&e)))
+    }
+
+    fn register_data_handler(&self, name: String) {
+        self.0.borrow_mut().register_data_handler(&name);
+    }
+
     fn set_binds(&self, binds: Vec<String>, now_ms: u64) {
         self.0.borrow_mut().set_binds(binds, now_ms);
     }
@@ -371,6 +390,29 @@ impl From<NodeOutput> for wnode::NodeOutput {
                     LogLevel::Debug => wnode::LogLevel::Debug,
                 },
                 message,
+            }),
+            NodeOutput::DataConnection {
+                conn,
+                id,
+                node,
+                port,
+                handler,
+                init_args,
+                requested,
+                leftover,
+            } => W::DataConnection(wnode::DataConnection {
+                conn: conn.get(),
+                setup: Value::Array(vec![
+                    Value::Text(id),
+                    Value::Text(node),
+                    Value::Text(port),
+                    Value::Text(handler),
+                    // The node encoded it from values: it decodes.
+                    Value::decode(&init_args).unwrap_or(Value::Array(Vec::new())),
+                    Value::Bool(requested),
+                ])
+                .encode(),
+                leftover,
             }),
         }
     }

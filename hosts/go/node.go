@@ -705,6 +705,13 @@ func (n *Node) output(o abi.Output) error {
 			n.forget(c) // the writer writes what was queued, then closes
 			time.AfterFunc(linger, func() { c.raw.Close() })
 		}
+	case abi.OutDataConnection:
+		// The engine handed a data connection's stream over; this host has no data
+		// streams yet (and registers no data handlers), so it closes the socket.
+		if c, ok := n.conns[o.Conn]; ok {
+			n.forget(c)
+			c.raw.Close()
+		}
 	case abi.OutDeliver:
 		if p := n.ports[o.Str]; p != nil {
 			p.in.push(o.Bytes, o.Sizes)

@@ -57,6 +57,21 @@ pub(super) enum Effect {
     /// Send `node` the entries of all our slaves (`g_set`), as they are when this effect
     /// is carried out.
     ShareDb(String),
+    /// Kill `port_id` (local or remote) with `reason`.
+    Kill {
+        port_id: String,
+        reason: Vec<Value>,
+    },
+    /// Open data connection `id` to `addr`.
+    DataDial {
+        id: String,
+        addr: String,
+    },
+    /// Close connection `conn` (a data connection given up).
+    CloseConn {
+        conn: super::ConnId,
+        reason: String,
+    },
     /// Set our own database entry (`Some`) or delete it (`None`).
     Own {
         family: String,

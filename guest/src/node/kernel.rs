@@ -7,14 +7,28 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::effect::{Effect, Effects, View};
-use super::request::{ReplyTo, Request};
+use super::request::{DATA_CONNECT, DATA_EXPECT, ReplyTo, Request};
 use super::{LogLevel, NodeOutput, ids, msg, seed, split_port_id};
 use crate::value::Value;
 
 /// Tags this node understands on its own (answered `true` by `can`).
 const KNOWN: &[&str] = &[
-    "", "mon0", "mon1", "kil0", "kil1", "snd", "can", "time", "devnull", "g_global", "g_reply",
-    "g_found", "g_chg1", "g_chg2",
+    "",
+    "mon0",
+    "mon1",
+    "kil0",
+    "kil1",
+    "snd",
+    "can",
+    "time",
+    "devnull",
+    "g_global",
+    "g_reply",
+    "g_found",
+    "g_chg1",
+    "g_chg2",
+    DATA_EXPECT,
+    DATA_CONNECT,
 ];
 
 /// What replies are logged as when they cannot be sent.
@@ -74,10 +88,18 @@ impl Kernel {
 
     /// A local port with a fresh unique name; returns the name.
     pub(super) fn new_port(&mut self) -> String {
+        let name = self.fresh_name();
+        self.ports.insert(name.clone());
+        name
+    }
+
+    /// A fresh unique port name, not made a port: for a port of the node's own (a data
+    /// connection's round trip), whose messages never reach the application.
+    pub(super) fn fresh_name(&mut self) -> String {
         loop {
             ids::increment(&mut self.port_counter);
             let name = format!("{}{}", self.uniq, self.port_counter);
-            if self.ports.insert(name.clone()) {
+            if !self.ports.contains(&name) {
                 return name;
             }
         }
@@ -200,7 +222,8 @@ impl Kernel {
         fx: &mut Effects,
     ) {
         match request {
-            Request::Nothing | Request::Global(_) => {}
+            // The node hands the global and data connection requests to their parts.
+            Request::Nothing | Request::Global(_) | Request::Data(_) => {}
             Request::Monitor { port } => {
                 if self.ports.contains(&port) {
                     self.rmon.entry(port).or_default().insert(src.to_owned());

@@ -6,6 +6,7 @@
 //! Connection ids are chosen by the node: [`Node::handle_accept`] returns one for an
 //! incoming socket, [`NodeOutput::Connect`] names one for an outgoing socket.
 
+mod dataconn;
 mod deferred;
 mod effect;
 mod global;
@@ -32,12 +33,13 @@ use crate::error::{ConfigError, Error, MessageError, RefusalKind};
 use crate::framing::Checker;
 use crate::greeting::NONCE_LEN;
 use crate::value::Value;
+use dataconn::{DataConns, Link};
 use deferred::{Deferred, Shared};
 use effect::{Cx, Effect, Effects, Jitter, View};
 use global::{Global, Seeds};
 use handshakes::Handshakes;
 use kernel::{Kernel, Monitored};
-use request::{GlobalRequest, Query, Request};
+use request::{DataRequest, GlobalRequest, Query, Request};
 use stats::{Counters, bump};
 
 /// The [`View`] of `node` for its parts, borrowing only the fields it names, so that a
@@ -125,6 +127,10 @@ pub struct NodeConfig {
     pub serve_global: bool,
     /// What peers can make this node hold once it is global.
     pub global_limits: GlobalLimits,
+    /// Data connections announced and not yet handed over, both ways together (default
+    /// 256): a request past it is refused (the requesting port is killed, or
+    /// [`Node::data_connect`] fails with [`NodeError::TooManyDataConns`]).
+    pub max_data_conns: usize,
 }
 
 impl NodeConfig {
@@ -142,6 +148,7 @@ impl NodeConfig {
             wall_clock_offset_ms: 0,
             serve_global: true,
             global_limits: GlobalLimits::default(),
+            max_data_conns: 256,
         }
     }
 }
@@ -192,6 +199,23 @@ pub enum NodeOutput {
     DbChange { family: String, change: Vec<u8> },
     /// Something worth logging.
     Log { level: LogLevel, message: String },
+    /// Data connection `id` with `node` is authenticated (inside TLS if `StartTls` came
+    /// for `conn`): the socket of `conn` is the host's from here, a plain byte stream,
+    /// and the node forgets `conn`. `leftover` are bytes already received that belong to
+    /// the stream. `requested`: this node asked for it ([`Node::data_connect`], and
+    /// `port` is that call's port); else `node` did, and the host runs the data handler
+    /// `handler` (one registered with [`Node::register_data_handler`]) with `init_args`,
+    /// a CBOR array.
+    DataConnection {
+        conn: ConnId,
+        id: String,
+        node: String,
+        port: String,
+        handler: String,
+        init_args: Vec<u8>,
+        requested: bool,
+        leftover: Vec<u8>,
+    },
 }
 
 impl NodeOutput {
@@ -207,6 +231,11 @@ impl NodeOutput {
             | NodeOutput::DbReply { result: bytes, .. }
             | NodeOutput::DbChange { change: bytes, .. } => bytes.capacity(),
             NodeOutput::Deliver(delivery) => delivery.capacity_bytes(),
+            NodeOutput::DataConnection {
+                init_args,
+                leftover,
+                ..
+            } => init_args.capacity().saturating_add(leftover.capacity()),
             NodeOutput::Connect { .. }
             | NodeOutput::Close { .. }
             | NodeOutput::NodeUp { .. }
@@ -236,6 +265,13 @@ pub enum NodeError {
     /// reached): a message for one more is refused.
     #[error("too many nodes known ({0}), message for {1} refused")]
     TooManyNodes(usize, String),
+    /// `max_data_conns` data connections are pending already.
+    #[error("too many pending data connections ({0})")]
+    TooManyDataConns(usize),
+    /// A data connection to this node itself (the reference makes a socket pair; an
+    /// engine has no sockets).
+    #[error("data connections to the own node are not supported")]
+    DataConnToSelf,
     /// The message is unacceptable.
     #[error(transparent)]
     Message(#[from] MessageError),
@@ -247,9 +283,10 @@ impl NodeError {
         match self {
             NodeError::InvalidPortId(_) => RefusalKind::InvalidPortId,
             NodeError::QueueFull(_) => RefusalKind::QueueFull,
-            NodeError::BudgetExhausted(_) | NodeError::TooManyNodes(..) => {
-                RefusalKind::BudgetExhausted
-            }
+            NodeError::BudgetExhausted(_)
+            | NodeError::TooManyNodes(..)
+            | NodeError::TooManyDataConns(_) => RefusalKind::BudgetExhausted,
+            NodeError::DataConnToSelf => RefusalKind::InvalidPortId,
             NodeError::PortExists(_) => RefusalKind::PortExists,
             NodeError::Message(m) => m.refusal_kind(),
         }
@@ -302,6 +339,9 @@ struct Conn {
     incoming: bool,
     /// What the handshake settled, for [`Node::info`].
     session: Option<Session>,
+    /// The data connection this connection carries (dialled for it, or accepted with
+    /// its id), else an AEMP connection.
+    dataconn: Option<String>,
     /// What it moved, for [`Node::info`].
     traffic: Traffic,
 }
@@ -351,6 +391,8 @@ pub struct Node {
     dialing: BTreeSet<String>,
     /// Local ports, monitors, the node port.
     kernel: Kernel,
+    /// Data connections announced and not handed over yet.
+    dataconn: DataConns,
     seeds: Seeds,
     global: Global,
     /// The global-node state, once this node is global.
@@ -446,6 +488,7 @@ impl Node {
             peers: BTreeMap::new(),
             dialing: BTreeSet::new(),
             kernel: Kernel::new(ids::alnum(&seed[..9])),
+            dataconn: DataConns::new(config.max_data_conns),
             seeds,
             global: Global::default(),
             service: None,
@@ -661,6 +704,9 @@ impl Node {
             };
             service.keep_all(cx);
         }
+        if self.dataconn.next_deadline().is_some_and(|t| t <= now) {
+            self.dataconn.expire(&view!(self), &mut self.effects);
+        }
         self.run_effects();
     }
 
@@ -688,6 +734,7 @@ impl Node {
             })
         });
         let keep = self.service.as_ref().and_then(|s| s.keep_at);
+        let data = self.dataconn.next_deadline();
         // Messages waiting for room: released by the next poll, so poll at once.
         let deferred = (!self.deferred.is_empty()).then_some(self.now);
         conns
@@ -695,6 +742,7 @@ impl Node {
             .chain(dials)
             .chain(self.seeds.next_at())
             .chain(keep)
+            .chain(data)
             .chain(deferred)
             .min()
     }
@@ -779,9 +827,15 @@ impl Node {
     /// array; empty for a normal exit). Monitors fire.
     pub fn kill(&mut self, port_id: &str, reason: &[u8], now: u64) -> Result<(), NodeError> {
         self.now = now;
+        split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let reason = reason_values(reason)?;
+        self.kill_with(port_id, reason, now)
+    }
+
+    /// [`kill`](Self::kill) with the reason decoded.
+    fn kill_with(&mut self, port_id: &str, reason: Vec<Value>, now: u64) -> Result<(), NodeError> {
         let (node, port) =
             split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
-        let reason = reason_values(reason)?;
         if node == self.node_id {
             self.kernel
                 .kill_local(port, reason, &view!(self), &mut self.effects);
@@ -842,6 +896,57 @@ impl Node {
             self.route(node, &message, false, now)?;
         }
         Ok(())
+    }
+
+    /// Asks `node` for a data connection (AnyEvent::MP::DataConn's `connect_to`): a byte
+    /// stream, authenticated like the node's AEMP connection, that comes out as
+    /// [`NodeOutput::DataConnection`] on both nodes; there the data handler `handler`
+    /// gets it with `init_args` (a CBOR array). `port_id` is a local port: if the
+    /// connection is not up within `timeout_ms` (`NODE: unable to establish connection
+    /// within N seconds`), or fails before, it is killed with `["AnyEvent::MP::DataConn",
+    /// MESSAGE]` (monitor it to learn why). Returns the connection's id.
+    pub fn data_connect(
+        &mut self,
+        port_id: &str,
+        node: &str,
+        timeout_ms: u64,
+        handler: &str,
+        init_args: &[u8],
+        now: u64,
+    ) -> Result<String, NodeError> {
+        self.now = now;
+        let port = split_port_id(port_id)
+            .filter(|&(n, p)| n == self.node_id && self.kernel.has_port(p))
+            .map(|(_, p)| p)
+            .ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let node = split_port_id(node).map_or(node, |(n, _)| n);
+        if node == self.node_id {
+            return Err(NodeError::DataConnToSelf);
+        }
+        if node.is_empty() {
+            return Err(NodeError::InvalidPortId(node.to_owned()));
+        }
+        let init_args = reason_values(init_args)?;
+        let rpc = self.kernel.fresh_name();
+        let (port, node) = (port.to_owned(), node.to_owned());
+        let id = self.dataconn.request(
+            &view!(self),
+            &port,
+            &node,
+            timeout_ms,
+            handler,
+            init_args,
+            rpc,
+            &mut self.effects,
+        )?;
+        self.run_effects();
+        Ok(id)
+    }
+
+    /// Lets other nodes ask for data connections handled by `name` (the `INITFUNC` of
+    /// their `connect_to`); requests for any other name are refused.
+    pub fn register_data_handler(&mut self, name: &str) {
+        self.dataconn.register_handler(name);
     }
 
     /// Lets the application handle node-port requests tagged `tag` (as
@@ -1033,6 +1138,7 @@ impl Node {
     fn node_request(&mut self, src: &str, args: &[u8]) {
         match request::parse(args) {
             Ok(Request::Global(request)) => self.global_request(src, request, args),
+            Ok(Request::Data(request)) => self.data_request(src, request),
             Ok(request) => {
                 let view = view!(self);
                 self.kernel
@@ -1041,6 +1147,14 @@ impl Node {
             }
             Err(e) => self.warn_peer(src, format!("node-port request from {src} dropped: {e}")),
         }
+    }
+
+    /// A data connection request from `src`.
+    fn data_request(&mut self, src: &str, request: DataRequest) {
+        let link = self.link(src);
+        self.dataconn
+            .handle(src, request, link, &view!(self), &mut self.effects);
+        self.run_effects();
     }
 
     /// A request of the global protocol from `src`: for the service if this node is (or
@@ -1172,6 +1286,20 @@ impl Node {
                     );
                 }
             }
+            Effect::Kill { port_id, reason } => {
+                if let Err(e) = self.kill_with(&port_id, reason, now) {
+                    self.log(LogLevel::Warn, format!("kill of {port_id} dropped: {e}"));
+                }
+            }
+            Effect::DataDial { id, addr } => {
+                let conn = self.alloc_conn(&addr, None, None);
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.dataconn = Some(id.clone());
+                }
+                self.dataconn.dialled(&id, conn);
+                self.outputs.push_back(NodeOutput::Connect { conn, addr });
+            }
+            Effect::CloseConn { conn, reason } => self.close(conn, reason),
             Effect::Own { family, key, value } => match value {
                 Some(value) => self.global.put(&family, &key, value, &mut self.effects),
                 None => self.global.delete(&family, &[&key], &mut self.effects),
@@ -1202,6 +1330,7 @@ impl Node {
                 due: None,
                 incoming: false,
                 session: None,
+                dataconn: None,
                 traffic: Traffic::default(),
             },
         );
@@ -1214,8 +1343,18 @@ impl Node {
         };
         let mut config = self.config.transport.clone();
         config.peer_addr = Some(c.addr.clone());
-        config.greeting.push(("mproto".into(), "1".into()));
-        config.greeting.push(("gproto".into(), "1".into()));
+        match &c.dataconn {
+            // A data connection we open asks for the upgraded protocol and names itself;
+            // the node protocols' pairs are for AEMP connections only, as in the reference.
+            Some(id) => {
+                config.protocol = dataconn::PROTOCOL.into();
+                config.greeting.push((dataconn::ID_KEY.into(), id.clone()));
+            }
+            None => {
+                config.greeting.push(("mproto".into(), "1".into()));
+                config.greeting.push(("gproto".into(), "1".into()));
+            }
+        }
         match Connection::new(config, nonce, now) {
             Ok(mut t) => {
                 // A run of received messages in one buffer, not one allocation each.
@@ -1249,6 +1388,9 @@ impl Node {
                         leftover,
                     })
                 }
+                Output::Greeting(g) if g.protocol != "aemp" || self.is_data(conn) => {
+                    self.data_greeting(conn, &g)
+                }
                 Output::Greeting(g) => {
                     let verdict = if self.is_up(&g.node_id) {
                         Verdict::AlreadyConnected
@@ -1261,6 +1403,15 @@ impl Node {
                             t.handle_verdict(verdict);
                         }
                     }
+                }
+                Output::Connected(session) if self.is_data(conn) => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.session = Some(session);
+                        if let Some(seq) = c.handshake.take() {
+                            self.handshakes.remove(seq);
+                        }
+                    }
+                    bump(&mut self.counters.handshakes, 1);
                 }
                 Output::Connected(session) => {
                     let tls = if session.tls { ", tls" } else { "" };
@@ -1290,8 +1441,11 @@ impl Node {
                         rest = after;
                     }
                 }
+                Output::HandedOver { leftover } if self.is_data(conn) => {
+                    self.hand_over(conn, leftover)
+                }
                 Output::HandedOver { .. } => {
-                    // Upgraded protocols are for data connections this node does not run.
+                    // Not reached: other upgraded protocols are closed at their greeting.
                     self.close(
                         conn,
                         "upgraded protocols are not supported by the node".into(),
@@ -1308,6 +1462,96 @@ impl Node {
         }
         self.recount(conn);
         self.retime(conn);
+    }
+
+    /// Whether `conn` carries a data connection.
+    fn is_data(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| c.dataconn.is_some())
+    }
+
+    /// The remote's greeting on a data connection: accepted when it is one we dialled
+    /// (the node needs no working connection check: its AEMP connection is up, that is
+    /// how the data connection was announced) or one the remote node announced; else
+    /// closed with the reason.
+    fn data_greeting(&mut self, conn: ConnId, g: &crate::greeting::Greeting) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.remote = None;
+        if c.dataconn.is_none() && g.protocol != dataconn::PROTOCOL {
+            let reason = format!(
+                "upgraded protocol {} is not supported by the node",
+                g.protocol
+            );
+            return self.close(conn, reason);
+        }
+        if c.dataconn.is_none() {
+            let id = g
+                .pairs
+                .iter()
+                .find(|(k, _)| k == dataconn::ID_KEY)
+                .and_then(|(_, v)| v.clone());
+            let Some(id) = id else {
+                let reason = format!(
+                    "{} greeting without {}",
+                    dataconn::PROTOCOL,
+                    dataconn::ID_KEY
+                );
+                return self.close(conn, reason);
+            };
+            if let Err(reason) = self.dataconn.accept(&id, &g.node_id, conn) {
+                return self.close(conn, reason);
+            }
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.dataconn = Some(id);
+            }
+        }
+        if let Some(t) = self.transport(conn) {
+            t.handle_verdict(Verdict::Accept);
+        }
+    }
+
+    /// `conn` finished the handshake of its data connection: it is the host's now.
+    fn hand_over(&mut self, conn: ConnId, leftover: Vec<u8>) {
+        let id = self
+            .conns
+            .get(&conn)
+            .and_then(|c| c.dataconn.clone())
+            .unwrap_or_default();
+        let Some(done) = self.dataconn.hand_over(&id, conn) else {
+            // Given up meanwhile (it timed out, say): nobody waits for it.
+            return self.close(conn, format!("unknown or expired data connection {id}"));
+        };
+        if let Some(c) = self.remove_conn(conn) {
+            self.log(
+                LogLevel::Debug,
+                format!(
+                    "{} data connection {id} with {} established.",
+                    c.addr, done.node
+                ),
+            );
+        }
+        self.outputs.push_back(NodeOutput::DataConnection {
+            conn,
+            id: done.id,
+            node: done.node,
+            port: done.port_id,
+            handler: done.handler,
+            init_args: done.init_args,
+            requested: done.requested,
+            leftover,
+        });
+    }
+
+    /// How we reach `node` on its working connection, for a data connection.
+    fn link(&self, node: &str) -> Option<Link> {
+        let conn = self.peers.get(node)?.conn?;
+        let c = self.conns.get(&conn)?;
+        Some(if c.incoming {
+            Link::Accepted
+        } else {
+            Link::Dialled(c.addr.clone())
+        })
     }
 
     /// Brings `conn`'s entry in [`Node::timers`] up to date (after every change to its
@@ -1386,6 +1630,11 @@ impl Node {
             && self.peers.get(node).is_some_and(|p| p.conn == Some(conn))
         {
             self.transport_error(node, &reason, true);
+        }
+        if let Some(id) = &c.dataconn {
+            self.dataconn
+                .conn_failed(id, conn, &reason, &mut self.effects);
+            self.run_effects();
         }
         if let Some(i) = c.seed
             && self.seeds.lost(i, self.now)
@@ -1704,6 +1953,11 @@ impl Node {
             self.node_request(src, &parts.args());
         } else if self.kernel.has_port(port) {
             deliver(&mut self.outputs, &self.node_id, parts);
+        } else if self.dataconn.is_rpc_port(port) {
+            let link = self.link(src);
+            self.dataconn
+                .round_trip(port, link, &view!(self), &mut self.effects);
+            self.run_effects();
         } else {
             self.log(
                 LogLevel::Debug,

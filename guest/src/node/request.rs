@@ -72,6 +72,8 @@ pub(crate) enum Request {
     Eval { reply: Option<ReplyTo> },
     /// A request of the global protocol.
     Global(GlobalRequest),
+    /// A request about a data connection (`AnyEvent::MP::DataConn::*`).
+    Data(DataRequest),
     /// Any other tag: an application handler's (which gets the arguments as they came),
     /// or refused.
     Other { tag: String },
@@ -152,6 +154,29 @@ impl GlobalRequest {
     }
 }
 
+/// The tag of [`DataRequest::Expect`]: in the reference a function name, here only a tag.
+pub(crate) const DATA_EXPECT: &str = "AnyEvent::MP::DataConn::_expect";
+/// The tag of [`DataRequest::Connect`].
+pub(crate) const DATA_CONNECT: &str = "AnyEvent::MP::DataConn::_connect";
+
+/// A request about a data connection, as AnyEvent::MP::DataConn sends them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum DataRequest {
+    /// `_expect ID PORT TIMEOUT INITFUNC INITDATA...`: the sender will open data
+    /// connection `id` to us (or ask us to open it, [`DataRequest::Connect`]) within
+    /// `timeout_ms`; once it is up, the handler named `handler` gets it with `init_args`;
+    /// on failure `port` (the sender's) is killed.
+    Expect {
+        id: String,
+        port: String,
+        timeout_ms: u64,
+        handler: String,
+        init_args: Vec<Value>,
+    },
+    /// `_connect ID NODE`: open the data connection `id` we expect to `node` ourselves.
+    Connect { id: String, node: String },
+}
+
 /// Why a node-port request was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum RequestError {
@@ -199,6 +224,8 @@ pub const REQUEST_TAGS: &[&str] = &[
     "g_db_values",
     "g_mon1",
     "g_mon0",
+    DATA_EXPECT,
+    DATA_CONNECT,
 ];
 
 /// Parses `[TAG, ARGS...]`, the node-port message without its port.
@@ -301,6 +328,17 @@ pub(crate) fn parse(args: &[u8]) -> Result<Request, RequestError> {
         "g_mon0" => global(GlobalRequest::Unwatch {
             family: args.name("g_mon0", "family")?,
         }),
+        DATA_EXPECT => Ok(Request::Data(DataRequest::Expect {
+            id: args.name("_expect", "data connection id")?,
+            port: args.name("_expect", "port")?,
+            timeout_ms: args.seconds("_expect", "timeout")?,
+            handler: args.name("_expect", "handler")?,
+            init_args: args.rest(),
+        })),
+        DATA_CONNECT => Ok(Request::Data(DataRequest::Connect {
+            id: args.name("_connect", "data connection id")?,
+            node: args.name("_connect", "node id")?,
+        })),
         _ => Ok(Request::Other { tag }),
     }
 }
@@ -316,6 +354,26 @@ impl Args {
             .as_ref()
             .and_then(name)
             .ok_or(RequestError::Missing { tag, what })
+    }
+
+    /// The next argument as a duration in seconds (a number, or a text that is one, as
+    /// Perl reads it), in milliseconds; negative, NaN and missing durations are errors,
+    /// and one beyond what milliseconds can hold is the longest.
+    fn seconds(&mut self, tag: &'static str, what: &'static str) -> Result<u64, RequestError> {
+        let seconds = match self.0.next() {
+            Some(Value::Int(n)) => n as f64,
+            Some(Value::Float(f)) => f,
+            Some(v) => v
+                .as_name()
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .unwrap_or(f64::NAN),
+            None => f64::NAN,
+        };
+        if seconds.is_nan() || seconds < 0.0 {
+            return Err(RequestError::Missing { tag, what });
+        }
+        // `as` saturates: past u64::MAX milliseconds is u64::MAX.
+        Ok((seconds * 1000.0).round() as u64)
     }
 
     /// The next argument, null when there is none.
@@ -500,6 +558,101 @@ mod tests {
             unreachable!()
         };
         assert_eq!((g.tag(), g.is_service()), ("g_db_keys", true));
+    }
+
+    #[test]
+    fn data_connection_requests() {
+        // As connect_to sends it: id, the requesting port, seconds, the init function and
+        // its arguments.
+        assert_eq!(
+            parse_items(vec![
+                t(DATA_EXPECT),
+                t("b@one"),
+                t("one#p"),
+                Value::Int(5),
+                t("pkg::receiver"),
+                Value::Int(1),
+                t("x"),
+            ]),
+            Ok(Request::Data(DataRequest::Expect {
+                id: "b@one".into(),
+                port: "one#p".into(),
+                timeout_ms: 5000,
+                handler: "pkg::receiver".into(),
+                init_args: vec![Value::Int(1), t("x")],
+            }))
+        );
+        // Fractional seconds, and a number Perl would read from a text.
+        for (timeout, ms) in [(Value::Float(2.5), 2500), (t(" 0.25"), 250)] {
+            let Ok(Request::Data(DataRequest::Expect { timeout_ms, .. })) = parse_items(vec![
+                t(DATA_EXPECT),
+                t("b@one"),
+                t("one#p"),
+                timeout,
+                t("h"),
+            ]) else {
+                panic!("_expect parses");
+            };
+            assert_eq!(timeout_ms, ms);
+        }
+        // A timeout beyond what milliseconds hold is the longest, not an overflow.
+        let Ok(Request::Data(DataRequest::Expect { timeout_ms, .. })) = parse_items(vec![
+            t(DATA_EXPECT),
+            t("i"),
+            t("p"),
+            Value::Float(1e300),
+            t("h"),
+        ]) else {
+            panic!("_expect parses");
+        };
+        assert_eq!(timeout_ms, u64::MAX);
+        assert_eq!(
+            parse_items(vec![
+                t(DATA_CONNECT),
+                t("b@one"),
+                Value::Bytes(b"one".to_vec())
+            ]),
+            Ok(Request::Data(DataRequest::Connect {
+                id: "b@one".into(),
+                node: "one".into(),
+            }))
+        );
+    }
+
+    #[test]
+    fn malformed_data_connection_requests_are_errors() {
+        let err = |items: Vec<Value>| parse_items(items).map_err(|e| e.to_string());
+        assert_eq!(
+            err(vec![t(DATA_EXPECT)]),
+            Err("_expect without a data connection id".into())
+        );
+        assert_eq!(
+            err(vec![t(DATA_EXPECT), t("i"), Value::Null]),
+            Err("_expect without a port".into())
+        );
+        for timeout in [
+            Value::Float(-1.0),
+            Value::Float(f64::NAN),
+            t("soon"),
+            Value::Null,
+        ] {
+            assert_eq!(
+                err(vec![t(DATA_EXPECT), t("i"), t("p"), timeout, t("h")]),
+                Err("_expect without a timeout".into())
+            );
+        }
+        assert_eq!(
+            err(vec![t(DATA_EXPECT), t("i"), t("p"), Value::Int(1)]),
+            Err("_expect without a handler".into())
+        );
+        assert_eq!(
+            err(vec![t(DATA_CONNECT), t("i"), Value::Array(vec![])]),
+            Err("_connect without a node id".into())
+        );
+        assert_eq!(
+            err(vec![t(DATA_CONNECT)]),
+            Err("_connect without a data connection id".into())
+        );
     }
 
     #[test]

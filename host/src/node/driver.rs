@@ -543,6 +543,16 @@ impl Driver {
                         .send(Event::ConnectionFailed { reason: c.reason });
                 }
             }
+            // The engine hands a data connection's stream over here. This host neither
+            // asks for data connections nor registers data handlers yet (its
+            // `DataStream` comes in another change), so none should come; one that does
+            // is closed, and nobody waits for it.
+            O::DataConnection(d) => {
+                self.dialing.remove(&d.conn);
+                if self.io.close(d.conn) {
+                    tracing::debug!("closing data connection {}: not supported yet", d.conn);
+                }
+            }
             O::Deliver(d) => {
                 let chunk = Chunk::from_sizes(d.data, &d.sizes);
                 self.deliveries.deliver_port(&d.port, chunk);

@@ -464,7 +464,8 @@ type Output struct {
 	Level uint8    // log
 	Str   string   // connect addr, close reason, port, node, tag, id, family, log message
 	Str2  string   // node-down reason
-	Bytes []byte   // transmit bytes, leftover, delivery data, port-down reason, message, result, change
+	Bytes []byte   // transmit bytes, leftover, delivery data, port-down reason, message, result, change, data-connection setup
+	Rest  []byte   // data-connection leftover
 	Sizes []uint32 // delivery sizes
 }
 
@@ -485,6 +486,7 @@ const (
 	OutDBReply
 	OutDBChange
 	OutLog
+	OutDataConnection
 )
 
 // LiftOutputs reads list<node-output> whose (ptr, len) is at p.
@@ -553,6 +555,12 @@ func liftOutput(m Mem, e uint32) (o Output, err error) {
 	case OutLog:
 		if o.Level, err = m.U8(q); err == nil {
 			o.Str, err = m.String(q + 4)
+		}
+	case OutDataConnection:
+		if o.Conn, err = m.U64(q); err == nil {
+			if o.Bytes, err = m.Bytes(q + 8); err == nil {
+				o.Rest, err = m.Bytes(q + 16)
+			}
 		}
 	default:
 		err = fmt.Errorf("canonical ABI: node-output discriminant %d", d)
