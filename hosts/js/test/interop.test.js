@@ -8,7 +8,7 @@ import { Node, tlsFromPem } from '../src/node.js';
 import { rustNode } from './support.js';
 
 for (const framing of ['json', 'cbor']) {
-  test(`js node and rust node exchange messages (${framing})`, async () => {
+  test(`js node and rust node exchange messages (${framing})`, { timeout: 60_000 }, async () => {
     const { addr, child } = await rustNode(`rust-${framing}`, 'shared', framing);
     const js = await Node.start({ nodeId: `js-${framing}`, secret: 'shared', framings: [framing] });
     try {
@@ -30,7 +30,7 @@ for (const framing of ['json', 'cbor']) {
   });
 }
 
-test('js node refuses a wrong secret with the reference text', async () => {
+test('js node refuses a wrong secret with the reference text', { timeout: 60_000 }, async () => {
   const { addr, child } = await rustNode('rust-secret', 'right', 'cbor');
   const js = await Node.start({ nodeId: 'js-secret', secret: 'wrong' });
   try {
@@ -49,7 +49,7 @@ test('js node refuses a wrong secret with the reference text', async () => {
   }
 });
 
-test('js node and rust node over TLS with one network certificate', async () => {
+test('js node and rust node over TLS with one network certificate', { timeout: 60_000 }, async () => {
   const { addr, child, rc } = await rustNode('rust-tls', 'shared', 'cbor', true);
   const js = await Node.start({ nodeId: 'js-tls', secret: 'shared', tls: tlsFromPem(rc.cert) });
   try {
@@ -80,7 +80,7 @@ function nextChange(node, family) {
   });
 }
 
-test('js nodes find each other and share the database through a rust seed', async () => {
+test('js nodes find each other and share the database through a rust seed', { timeout: 60_000 }, async () => {
   const { addr, child } = await rustNode('rust-seed', 'shared', 'cbor');
   const options = { secret: 'shared', binds: ['127.0.0.1:0'], seeds: [addr] };
   const a = await Node.start({ nodeId: 'js-a', ...options });

@@ -24,10 +24,16 @@ export async function rustNode(id, secret, framing, withCert = false) {
     env: { ...process.env, PERL_ANYEVENT_MP_RC: join(dir, 'rc') },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
+  // The node listens before its echo port exists: a message sent in between would find
+  // no port, so wait for both lines.
   const lines = createInterface({ input: child.stdout });
+  let addr;
   for await (const line of lines) {
     const m = line.match(/^node \S+ listening on (\S+)$/);
-    if (m) return { addr: m[1], child, rc: JSON.parse(readFileSync(join(dir, 'rc'), 'utf8')) };
+    if (m) addr = m[1];
+    else if (addr && line.startsWith('echo port ')) {
+      return { addr, child, rc: JSON.parse(readFileSync(join(dir, 'rc'), 'utf8')) };
+    }
   }
-  throw new Error('aemp run printed no address');
+  throw new Error('aemp run printed no address and echo port');
 }
