@@ -155,8 +155,11 @@ func TestStuckPeerCutPastWriteTotal(t *testing.T) {
 	total := 256 << 10
 	n := boundedNode(t, ctx, "go-wtot", logs, func(c *Config) { c.MaxWriteTotal = total })
 	stoppedAndLive(t, ctx, n, "wtot")
-	// Sends wait past half the total, so one message must carry it past the whole.
-	floodUntil(t, ctx, n, "wtot-stuck", fmt.Sprintf("peer does not read: the node's connections have more than %d bytes waiting, this one the most", total), 300<<10)
+	// Sends wait past half the total, so one message must carry it past the whole, even
+	// after the kernel's socket buffers (megabytes on loopback) took what they could: with
+	// 300 KiB the rest could land between half and the whole, and then every send waited
+	// and nothing was cut.
+	floodUntil(t, ctx, n, "wtot-stuck", fmt.Sprintf("peer does not read: the node's connections have more than %d bytes waiting, this one the most", total), 8<<20)
 	echoRoundTrip(t, ctx, n, "wtot-live", "still served")
 }
 
