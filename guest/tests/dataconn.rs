@@ -139,6 +139,22 @@ fn take_connect(w: &mut Wire, addr: &str) -> ConnId {
 
 /// A local port of the node, monitored, as an application asking for a data connection
 /// holds it.
+/// The node's dial to `addr`, answered by a Perl listener: the peer, and the node's first
+/// greeting line.
+fn dialled(w: &mut Wire, addr: &str) -> (DataPeer, String) {
+    let conn = take_connect(w, addr);
+    // The reference's listener greets as `aemp`, and learns the protocol from us.
+    let mut d = DataPeer::new(perl_config(SECRET, false, None), conn);
+    w.node.handle_connected(conn, [1; NONCE_LEN], w.now);
+    drive(w, &mut d);
+    let line1 = String::from_utf8_lossy(&d.got)
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    (d, line1)
+}
+
 fn port(w: &mut Wire) -> String {
     let port = w.node.new_port();
     w.node.monitor(&port, w.now).unwrap();
@@ -200,16 +216,8 @@ fn the_node_asks_and_dials_a_listening_peer() {
     assert!(w.node.poll_timeout().is_some());
     // The peer read the request; its `snd` sends the round-trip port an empty message.
     w.send(PEER, vec![t(&rpc)]);
-    let conn = take_connect(&mut w, "perl:1");
-    // The reference's listener greets as `aemp`, and learns the protocol from us.
-    let mut d = DataPeer::new(perl_config(SECRET, false, None), conn);
-    w.node.handle_connected(conn, [1; NONCE_LEN], w.now);
-    drive(&mut w, &mut d);
-    let line1 = String::from_utf8_lossy(&d.got)
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned();
+    let (d, line1) = dialled(&mut w, "perl:1");
+    let conn = d.conn;
     assert!(line1.starts_with("aemp-dataconn;1;n;"), "{line1}");
     assert!(line1.contains(";dataconn_id=b@n"), "{line1}");
     // The node protocols' pairs are for AEMP connections only.
@@ -418,15 +426,7 @@ fn the_node_opens_what_a_peer_asks_with_connect() {
             .all(|e| !matches!(e, NodeOutput::Connect { .. }))
     );
     w.request(PEER, vec![t(CONNECT), t("c@perl"), t("perl")]);
-    let conn = take_connect(&mut w, "perl:1");
-    let mut d = DataPeer::new(perl_config(SECRET, false, None), conn);
-    w.node.handle_connected(conn, [1; NONCE_LEN], w.now);
-    drive(&mut w, &mut d);
-    let line1 = String::from_utf8_lossy(&d.got)
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned();
+    let (_, line1) = dialled(&mut w, "perl:1");
     assert!(line1.starts_with("aemp-dataconn;1;n;"), "{line1}");
     assert!(line1.contains(";dataconn_id=c@perl"), "{line1}");
     let [
