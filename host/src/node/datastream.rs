@@ -133,6 +133,10 @@ impl AsyncRead for DataStream {
             // The engine's last handshake bytes (and TLS's answers) leave even when the
             // application only reads: the peer may wait for them.
             this.flush_some(cx)?;
+            if let Some(socket) = this.conn.bare() {
+                // No copy through our buffers: the usual case without TLS.
+                return Pin::new(socket).poll_read(cx, buf);
+            }
             let got = this.conn.read(&mut this.scratch, cx);
             this.head = got.data;
             this.at = 0;
@@ -154,9 +158,15 @@ impl AsyncWrite for DataStream {
         if this.shut {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        if let Some(socket) = this.conn.bare() {
+            return Pin::new(socket).poll_write(cx, buf);
+        }
         if this.conn.pending() >= WRITE_AHEAD {
             this.flush_some(cx)?;
-            if this.conn.pending() >= WRITE_AHEAD {
+            if let Some(socket) = this.conn.bare() {
+            return Pin::new(socket).poll_write(cx, buf);
+        }
+        if this.conn.pending() >= WRITE_AHEAD {
                 return Poll::Pending;
             }
         }

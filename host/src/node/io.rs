@@ -384,6 +384,13 @@ impl Conn {
         self.tls_out()
     }
 
+    /// The socket itself, when no TLS wraps it and no bytes wait before the next ones
+    /// either way (a data connection's stream then reads and writes it directly).
+    pub(super) fn bare(&mut self) -> Option<&mut TcpStream> {
+        let idle = self.tls.is_none() && self.plain.is_empty() && self.pending() == 0;
+        idle.then_some(&mut self.stream)
+    }
+
     /// Shuts the socket's write side: the peer reads the end of the stream.
     pub(super) fn shut_down(&self) -> io::Result<()> {
         socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write)
