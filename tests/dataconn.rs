@@ -192,15 +192,20 @@ async fn a_node_that_never_comes_up_times_out_with_the_references_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_data_connection_to_our_own_node_is_refused() {
-    let client = builder("dc-self", "s").start().await.unwrap();
-    let refused = client
-        .data_connect("dc-self", WAIT, "echo", vec![])
+async fn a_data_connection_to_our_own_node_is_a_pipe_to_its_handler() {
+    let node = builder("dc-self", "s").start().await.unwrap();
+    let message = failure(node.data_connect("dc-self", WAIT, "echo", vec![]).await);
+    assert_eq!(message, "echo: no such data connection handler");
+    echo(node.handle_data_connections("echo").await.unwrap());
+    let stream = node
+        .data_connect("dc-self#", WAIT, "echo", vec![t("x")])
         .await
-        .unwrap_err();
+        .unwrap();
+    assert_eq!((stream.node(), stream.args()), ("dc-self", &[t("x")][..]));
+    let data = pattern(1 << 20);
     assert!(
-        matches!(refused, NodeError::Refused { .. }),
-        "a data connection to our own node is refused: {refused:?}"
+        round_trip(stream, &data).await == data,
+        "echoed bytes differ"
     );
 }
 

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use aemp_engine::Value;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::sync::mpsc;
 
 use super::io::{Conn, End};
@@ -34,18 +34,29 @@ pub(super) const INCOMING_QUEUE: usize = 64;
 /// One data connection: a raw byte stream to another node, authenticated (and inside
 /// TLS when the network uses it) as the node's connections are. From
 /// [`Node::data_connect`](super::Node::data_connect) or a [`DataConnections`] handle.
+/// One to the node itself is an in-memory pipe, as the reference's is a socketpair.
 ///
 /// Read and write it as any tokio stream (`tokio::io::split` or `copy_bidirectional`
 /// for both at once). [`AsyncWriteExt::shutdown`](tokio::io::AsyncWriteExt::shutdown)
 /// ends our side (the peer reads the end of the stream); dropping it closes the
 /// connection.
 pub struct DataStream {
-    /// (Boxed: streams move through queues.)
-    conn: Box<Conn>,
+    io: Inner,
     id: String,
     node: String,
     handler: String,
     args: Vec<Value>,
+}
+
+enum Inner {
+    /// (Boxed: streams move through queues.)
+    Socket(Box<Socket>),
+    Local(DuplexStream),
+}
+
+/// A handed-over connection's socket with what was read and not taken yet.
+struct Socket {
+    conn: Conn,
     /// Bytes read and not taken yet: `head[at..]`.
     head: Vec<u8>,
     at: usize,
@@ -69,17 +80,38 @@ impl std::fmt::Debug for DataStream {
 impl DataStream {
     /// The stream of a handed-over connection.
     pub(super) fn new(conn: Conn, setup: Setup) -> Self {
-        DataStream {
-            conn: Box::new(conn),
-            id: setup.id,
-            node: setup.node,
-            handler: setup.handler,
-            args: setup.args,
+        let socket = Socket {
+            conn,
             head: Vec::new(),
             at: 0,
             end: None,
             scratch: vec![0; READ_CHUNK],
             shut: false,
+        };
+        DataStream::with(Inner::Socket(Box::new(socket)), setup)
+    }
+
+    /// Both ends of a data connection of node `setup.node` to itself: the asker's,
+    /// then the handler's.
+    pub(super) fn pair(setup: Setup) -> (DataStream, DataStream) {
+        let (a, b) = tokio::io::duplex(WRITE_AHEAD);
+        let other = Setup {
+            requested: false,
+            ..setup.clone()
+        };
+        (
+            DataStream::with(Inner::Local(a), setup),
+            DataStream::with(Inner::Local(b), other),
+        )
+    }
+
+    fn with(io: Inner, setup: Setup) -> Self {
+        DataStream {
+            io,
+            id: setup.id,
+            node: setup.node,
+            handler: setup.handler,
+            args: setup.args,
         }
     }
 
@@ -102,11 +134,6 @@ impl DataStream {
     pub fn args(&self) -> &[Value] {
         &self.args
     }
-
-    /// Writes what waits for the socket, as far as it takes it now.
-    fn flush_some(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        self.conn.write_with(cx).map_err(io::Error::other)
-    }
 }
 
 impl AsyncRead for DataStream {
@@ -115,35 +142,9 @@ impl AsyncRead for DataStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if let Some(rest) = this.head.get(this.at..).filter(|r| !r.is_empty()) {
-                let n = rest.len().min(buf.remaining());
-                buf.put_slice(rest.get(..n).unwrap_or_default());
-                this.at += n;
-                return Poll::Ready(Ok(()));
-            }
-            match &this.end {
-                Some(End::Eof) => return Poll::Ready(Ok(())),
-                Some(End::Failed(reason)) => {
-                    return Poll::Ready(Err(io::Error::other(reason.clone())));
-                }
-                None => {}
-            }
-            // The engine's last handshake bytes (and TLS's answers) leave even when the
-            // application only reads: the peer may wait for them.
-            this.flush_some(cx)?;
-            if let Some(socket) = this.conn.bare() {
-                // No copy through our buffers: the usual case without TLS.
-                return Pin::new(socket).poll_read(cx, buf);
-            }
-            let got = this.conn.read(&mut this.scratch, cx);
-            this.head = got.data;
-            this.at = 0;
-            this.end = got.end;
-            if this.head.is_empty() && this.end.is_none() {
-                return Poll::Pending;
-            }
+        match &mut self.get_mut().io {
+            Inner::Socket(s) => s.poll_read(cx, buf),
+            Inner::Local(d) => Pin::new(d).poll_read(cx, buf),
         }
     }
 }
@@ -154,50 +155,104 @@ impl AsyncWrite for DataStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.shut {
+        match &mut self.get_mut().io {
+            Inner::Socket(s) => s.poll_write(cx, buf),
+            Inner::Local(d) => Pin::new(d).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Inner::Socket(s) => s.poll_flush(cx),
+            Inner::Local(d) => Pin::new(d).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Inner::Socket(s) => s.poll_shutdown(cx),
+            Inner::Local(d) => Pin::new(d).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Socket {
+    /// Writes what waits for the socket, as far as it takes it now.
+    fn flush_some(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        self.conn.write_with(cx).map_err(io::Error::other)
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(rest) = self.head.get(self.at..).filter(|r| !r.is_empty()) {
+                let n = rest.len().min(buf.remaining());
+                buf.put_slice(rest.get(..n).unwrap_or_default());
+                self.at += n;
+                return Poll::Ready(Ok(()));
+            }
+            match &self.end {
+                Some(End::Eof) => return Poll::Ready(Ok(())),
+                Some(End::Failed(reason)) => {
+                    return Poll::Ready(Err(io::Error::other(reason.clone())));
+                }
+                None => {}
+            }
+            // The engine's last handshake bytes (and TLS's answers) leave even when the
+            // application only reads: the peer may wait for them.
+            self.flush_some(cx)?;
+            if let Some(socket) = self.conn.bare() {
+                // No copy through our buffers: the usual case without TLS.
+                return Pin::new(socket).poll_read(cx, buf);
+            }
+            let got = self.conn.read(&mut self.scratch, cx);
+            self.head = got.data;
+            self.at = 0;
+            self.end = got.end;
+            if self.head.is_empty() && self.end.is_none() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.shut {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        if let Some(socket) = this.conn.bare() {
+        if let Some(socket) = self.conn.bare() {
             return Pin::new(socket).poll_write(cx, buf);
         }
-        if this.conn.pending() >= WRITE_AHEAD {
-            this.flush_some(cx)?;
-            if let Some(socket) = this.conn.bare() {
-            return Pin::new(socket).poll_write(cx, buf);
-        }
-        if this.conn.pending() >= WRITE_AHEAD {
+        if self.conn.pending() >= WRITE_AHEAD {
+            self.flush_some(cx)?;
+            if self.conn.pending() >= WRITE_AHEAD {
                 return Poll::Pending;
             }
         }
         let n = buf.len().min(WRITE_CHUNK);
         let bytes = buf.get(..n).unwrap_or_default().to_vec();
-        this.conn.queue(bytes).map_err(io::Error::other)?;
-        this.flush_some(cx)?;
+        self.conn.queue(bytes).map_err(io::Error::other)?;
+        self.flush_some(cx)?;
         Poll::Ready(Ok(n))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.flush_some(cx)?;
-        if this.conn.pending() > 0 {
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.flush_some(cx)?;
+        if self.conn.pending() > 0 {
             Poll::Pending
         } else {
             Poll::Ready(Ok(()))
         }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.shut {
-            this.conn.close_notify().map_err(io::Error::other)?;
-            this.shut = true;
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut {
+            self.conn.close_notify().map_err(io::Error::other)?;
+            self.shut = true;
         }
-        this.flush_some(cx)?;
-        if this.conn.pending() > 0 {
+        self.flush_some(cx)?;
+        if self.conn.pending() > 0 {
             return Poll::Pending;
         }
-        Poll::Ready(this.conn.shut_down())
+        Poll::Ready(self.conn.shut_down())
     }
 }
 
@@ -229,7 +284,7 @@ impl DataConnections {
 }
 
 /// What the engine says about a handed-over data connection (its `setup`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct Setup {
     pub(super) id: String,
     pub(super) node: String,

@@ -87,6 +87,9 @@ pub(super) struct Driver {
     data_waiters: HashMap<String, Reply<DataStream>>,
     /// Where incoming data connections go, by data handler name.
     data_handlers: HashMap<String, mpsc::Sender<DataStream>>,
+    /// Data connections made to this node itself, for their ids (digits, where the
+    /// engine's are letters).
+    local_data_conns: u64,
 }
 
 /// What woke the driver.
@@ -161,6 +164,7 @@ impl Driver {
             spans: HashMap::new(),
             data_waiters: HashMap::new(),
             data_handlers: HashMap::new(),
+            local_data_conns: 0,
         };
         (driver, shared)
     }
@@ -350,10 +354,10 @@ impl Driver {
                 }
             }
             self.io.write_all();
-            if self.io.ended.is_empty() {
+            if !self.io.has_ended() {
                 return Ok(());
             }
-            for (conn, end) in std::mem::take(&mut self.io.ended) {
+            for (conn, end) in self.io.take_ended() {
                 match end {
                     End::Eof => self.engine.handle_eof(conn)?,
                     End::Failed(reason) => {
@@ -690,6 +694,12 @@ impl Driver {
         args: &[u8],
         reply: Reply<DataStream>,
     ) -> Result<(), Fatal> {
+        let own = self.engine.node_id()?;
+        if node.split_once('#').map_or(node, |(n, _)| n) == own {
+            let result = self.data_connect_self(own, handler, args);
+            let _ = reply.send(result);
+            return Ok(());
+        }
         // A port of its own that the engine kills with the reason if it fails, monitored
         // so that the kill is reported.
         let port = match self.engine.port(None)? {
@@ -716,6 +726,43 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// A data connection to this node itself: an in-memory pipe whose other end goes to
+    /// the data handler at once, as the reference makes a socketpair (no engine, no
+    /// socket).
+    fn data_connect_self(
+        &mut self,
+        own: String,
+        handler: &str,
+        args: &[u8],
+    ) -> Result<DataStream, NodeError> {
+        self.local_data_conns = self.local_data_conns.wrapping_add(1);
+        let setup = Setup {
+            id: format!("{}@{own}", self.local_data_conns),
+            node: own,
+            port: String::new(),
+            handler: handler.to_owned(),
+            args: decode_args(args),
+            requested: true,
+        };
+        let (ours, theirs) = DataStream::pair(setup);
+        // (Err(true): its queue is full; Err(false): nobody takes them.)
+        let sent = match self.data_handlers.get(handler) {
+            Some(tx) => tx
+                .try_send(theirs)
+                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
+            None => Err(false),
+        };
+        let message = match sent {
+            Ok(()) => return Ok(ours),
+            Err(true) => format!(
+                "{handler}: {} data connections wait for it already",
+                datastream::INCOMING_QUEUE
+            ),
+            Err(false) => format!("{handler}: no such data connection handler"),
+        };
+        Err(NodeError::DataConnection(message))
     }
 
     /// Removes a port of the host's own without a word to monitors or peers.

@@ -408,7 +408,11 @@ pub(super) struct Io {
     writing: HashSet<u64>,
     scratch: Vec<u8>,
     /// Connections that ended on the host's side since the driver last looked.
-    pub(super) ended: Vec<(u64, End)>,
+    ended: Vec<(u64, End)>,
+    /// The sockets of connections whose peer ended its side in this round, kept until
+    /// the engine is told: a data connection's handshake, its bytes and their end can
+    /// come in one read, and its stream still needs the socket to write back.
+    finished: HashMap<u64, Conn>,
     /// The connection a round starts reading at (after a round cut short by
     /// [`READ_ROUND`]).
     read_next: u64,
@@ -448,6 +452,7 @@ impl Io {
             writing: HashSet::new(),
             scratch: vec![0; READ_CHUNK],
             ended: Vec::new(),
+            finished: HashMap::new(),
             read_next: 0,
         }
     }
@@ -554,8 +559,11 @@ impl Io {
                         polled.inputs.push((id, got.data));
                     }
                     if let Some(end) = got.end {
-                        self.conns.remove(&id);
+                        let conn = self.conns.remove(&id);
                         self.writing.remove(&id);
+                        if let (Some(conn), End::Eof) = (conn, &end) {
+                            self.finished.insert(id, conn);
+                        }
                         self.ended.push((id, end));
                     }
                 }
@@ -731,7 +739,11 @@ impl Io {
     /// engine queued for the peer is still written first.
     pub(super) fn take(&mut self, conn: u64, leftover: Vec<u8>) -> Option<Conn> {
         self.writing.remove(&conn);
-        let mut c = self.conns.remove(&conn)?;
+        // (A finished one reads its end again: a socket's end of stream lasts.)
+        let mut c = self
+            .conns
+            .remove(&conn)
+            .or_else(|| self.finished.remove(&conn))?;
         if c.closing.is_some() {
             return None;
         }
@@ -746,6 +758,18 @@ impl Io {
             return None;
         }
         Some(c)
+    }
+
+    /// The connections that ended since the last call, for the engine; their sockets
+    /// are dropped now.
+    pub(super) fn take_ended(&mut self) -> Vec<(u64, End)> {
+        self.finished.clear();
+        std::mem::take(&mut self.ended)
+    }
+
+    /// Whether some connection ended and the engine was not told yet.
+    pub(super) fn has_ended(&self) -> bool {
+        !self.ended.is_empty()
     }
 
     /// The engine closed connection `conn`: what is queued is written for at most
