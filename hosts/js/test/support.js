@@ -14,6 +14,15 @@ export const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '.
 /** The `aemp` binary built by `cargo build -p aemp-host` (debug, else release). */
 export const aemp = [join(root, 'target', 'debug', 'aemp'), join(root, 'target', 'release', 'aemp')].find(existsSync);
 
+/** A network certificate as AnyEvent::MP's `aemp gencert` makes one (`openssl req`,
+ * self-signed), with an ECDSA P-256 key: the certificate followed by its key. */
+export function networkCert() {
+  const dir = mkdtempSync(join(tmpdir(), 'aemp-js-cert-'));
+  execFileSync('openssl', ['req', '-new', '-nodes', '-x509', '-days', '3650', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+    '-batch', '-subj', '/CN=AnyEvent::MP', '-keyout', 'key.pem', '-out', 'cert.pem'], { cwd: dir, stdio: ['ignore', 'ignore', 'inherit'] });
+  return readFileSync(join(dir, 'cert.pem'), 'utf8') + readFileSync(join(dir, 'key.pem'), 'utf8');
+}
+
 /** Starts `aemp run --echo` with `secret`; resolves to { addr, child, rc }. */
 export async function rustNode(id, secret, framing, withCert = false) {
   assert.ok(aemp, 'build the aemp binary first (cargo build -p aemp-host)');

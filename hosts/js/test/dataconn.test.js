@@ -1,0 +1,180 @@
+// Data connections between two JS nodes on loopback: both ways of opening one (the asking
+// node dials, or it asks the other to dial it), 1 MiB each way with end of stream, over
+// TLS too, the reference's failures, and the bounds of an incoming handle.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import { Duplex } from 'node:stream';
+import { Node, AempError, tlsFromPem } from '../src/node.js';
+import { networkCert } from './support.js';
+
+/** Node `a` listening, node `b` connected to it (b reached a on its listener, or on
+ * `via`'s address when given). */
+async function pair(t, options = {}, via = undefined) {
+  const a = await Node.start({ nodeId: `dc-a-${t.name.length}`, secret: 's', binds: ['127.0.0.1:0'], ...options });
+  const b = await Node.start({ nodeId: `dc-b-${t.name.length}`, secret: 's', ...options });
+  t.after(() => Promise.all([a.close(), b.close()]));
+  b.connect(via ? await via(a.listenAddrs[0]) : a.listenAddrs[0]);
+  await b.waitUp(a.id);
+  await a.waitUp(b.id);
+  return [a, b];
+}
+
+/** Everything `stream` yields until its end, as one buffer. */
+async function readAll(stream) {
+  const chunks = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  return Buffer.concat(chunks);
+}
+
+/** One data connection from `asker` to handler `name` of `handler`, 1 MiB sent each way
+ * at once, each side ending its writing and reading the other's to its end. Returns
+ * what was sent, to the handler and to the asker. */
+async function roundTrip(asker, handler, name) {
+  const conns = handler.handleDataConnections(name);
+  const toHandler = randomBytes(1 << 20);
+  const toAsker = randomBytes(1 << 20);
+  const asked = asker.dataConnect(handler.id, name, ['x', 42, { k: true }]);
+  const { value: incoming } = await conns.next();
+  const stream = await asked;
+  assert.ok(stream instanceof Duplex);
+  assert.equal(incoming.node, asker.id);
+  assert.match(incoming.id, new RegExp(`@${asker.id}$`));
+  assert.deepEqual(incoming.args, ['x', 42, { k: true }]);
+  incoming.stream.end(toAsker);
+  stream.end(toHandler);
+  const [atHandler, atAsker] = await Promise.all([readAll(incoming.stream), readAll(stream)]);
+  assert.ok(atHandler.equals(toHandler), `handler got ${atHandler.length} bytes, not what was sent`);
+  assert.ok(atAsker.equals(toAsker), `asker got ${atAsker.length} bytes, not what was sent`);
+  conns.close();
+  return [toHandler, toAsker];
+}
+
+test('the asking node dials the data connection where it reached the other', async (t) => {
+  const [a, b] = await pair(t);
+  const downs = [];
+  b.on('port-down', (port) => downs.push(port));
+  await roundTrip(b, a, 'bulk');
+  // The request's own port is freed without a 'port-down' for the application.
+  assert.deepEqual(downs, []);
+});
+
+test('the asking node that was dialled has the other node dial it', async (t) => {
+  const [a, b] = await pair(t);
+  await roundTrip(a, b, 'bulk');
+});
+
+/** A TCP relay to `target` that keeps every byte it carries (in `wire`); resolves to
+ * its address. The data connections follow the node connection's address through it. */
+function relay(t, wire) {
+  return async (target) => {
+    const [host, port] = target.split(':');
+    const server = net.createServer((down) => {
+      const up = net.connect(Number(port), host);
+      for (const [from, to] of [[down, up], [up, down]]) {
+        from.on('data', (chunk) => wire.push(chunk));
+        from.pipe(to);
+        from.on('error', () => to.destroy());
+      }
+    });
+    await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+    t.after(() => server.close());
+    return `127.0.0.1:${server.address().port}`;
+  };
+}
+
+test('data connections run inside TLS when the nodes use it', async (t) => {
+  const wire = [];
+  const [a, b] = await pair(t, { tls: tlsFromPem(networkCert()) }, relay(t, wire));
+  const sent = await Promise.all([roundTrip(b, a, 'bulk'), roundTrip(a, b, 'back')]);
+  // Both went through the relay, and none of what they carried shows there in clear.
+  const carried = Buffer.concat(wire);
+  assert.ok(carried.length > 4 << 20, `${carried.length} bytes relayed`);
+  for (const data of sent.flat()) assert.equal(carried.indexOf(data.subarray(0, 32)), -1);
+});
+
+test('without TLS the relay sees the data as it is', async (t) => {
+  const wire = [];
+  const [a, b] = await pair(t, {}, relay(t, wire));
+  const [toHandler] = await roundTrip(b, a, 'bulk');
+  assert.notEqual(Buffer.concat(wire).indexOf(toHandler.subarray(0, 32)), -1);
+});
+
+test('an unknown handler rejects with the reference message', async (t) => {
+  const [a, b] = await pair(t);
+  await assert.rejects(
+    b.dataConnect(a.id, 'nope'),
+    (e) => e instanceof AempError && e.code === 'DATA_CONN' && e.message === 'nope: no such data connection handler',
+  );
+});
+
+test('a data connection not up in time rejects with the reference message', async (t) => {
+  const [, b] = await pair(t);
+  // Nobody knows where this node is: nothing answers before the timeout.
+  await assert.rejects(
+    b.dataConnect('dc-nowhere', 'bulk', [], { timeoutMs: 200 }),
+    (e) => e.code === 'DATA_CONN' && /^dc-nowhere: unable to establish connection within 0\.2 seconds$/.test(e.message),
+  );
+});
+
+test('bad arguments and a closing node reject dataConnect', async (t) => {
+  const [a, b] = await pair(t);
+  await assert.rejects(b.dataConnect(a.id, 'bulk', 'not an array'), TypeError);
+  await assert.rejects(b.dataConnect(a.id, 'bulk', [], { timeoutMs: -1 }), { code: 'CONFIG' });
+  await assert.rejects(b.dataConnect(b.id, 'bulk'), { code: 'REFUSED' });
+  const waiting = b.dataConnect('dc-nowhere', 'bulk', [], { timeoutMs: 60000 });
+  await b.close();
+  await assert.rejects(waiting, { code: 'CLOSED' });
+  await assert.rejects(b.dataConnect(a.id, 'bulk'), { code: 'CLOSED' });
+});
+
+test('an incoming handle holds dataConnCapacity connections; others are closed with a warning', async (t) => {
+  const [a, b] = await pair(t, { dataConnCapacity: 1 });
+  const conns = a.handleDataConnections('bulk');
+  assert.throws(() => a.handleDataConnections('bulk'), { code: 'REFUSED' });
+  const warned = new Promise((resolve) => a.on('log', (level, message) => {
+    if (level === 'warn' && /data connection .* for handler bulk: 1 waiting to be taken already, closed/.test(message)) resolve();
+  }));
+  const first = await b.dataConnect(a.id, 'bulk', [1]);
+  const second = await b.dataConnect(a.id, 'bulk', [2]);
+  await warned;
+  assert.equal((await readAll(second)).length, 0);
+  assert.equal(conns.pending, 1);
+  first.end('queued, then taken');
+  const taken = [];
+  for await (const conn of conns) {
+    taken.push(conn.args);
+    assert.equal(String(await readAll(conn.stream)), 'queued, then taken');
+    conn.stream.end();
+    break; // closes the handle
+  }
+  assert.deepEqual(taken, [[1]]);
+  assert.equal(conns.closed, true);
+  // The engine still accepts the name (a handler cannot be unregistered): what comes now
+  // finds no handle and is closed.
+  const closed = new Promise((resolve) => a.on('log', (level, message) => {
+    if (/for handler bulk: nothing handles it, closed/.test(message)) resolve();
+  }));
+  const late = await b.dataConnect(a.id, 'bulk');
+  await closed;
+  assert.equal((await readAll(late)).length, 0);
+  // A new handle may take the name again.
+  a.handleDataConnections('bulk').close();
+});
+
+test('closing the node ends its handles and closes the connections they hold', async (t) => {
+  const [a, b] = await pair(t);
+  const conns = a.handleDataConnections('bulk');
+  const stream = await b.dataConnect(a.id, 'bulk');
+  const waiting = [conns.next(), conns.next()];
+  const { value } = await waiting[0];
+  assert.equal(value.node, b.id);
+  await a.close();
+  assert.deepEqual(await waiting[1], { value: undefined, done: true });
+  // A stream the application took is its own: closing the node leaves it open.
+  assert.equal(value.stream.destroyed, false);
+  value.stream.end('still there');
+  assert.equal(String(await readAll(stream)), 'still there');
+});
