@@ -1,11 +1,13 @@
 // The JavaScript node and a Rust `aemp` node on loopback: handshake (hmac_sha3_512) in
 // json and cbor, messages both ways, the same refusal text for a wrong secret, and two JS
-// nodes finding each other and sharing the database through a Rust seed.
+// nodes finding each other and sharing the database through a Rust seed, a data
+// connection to the Rust node's `echo` data handler.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { Node, tlsFromPem } from '../src/node.js';
-import { rustNode } from './support.js';
+import { aemp, rustNode } from './support.js';
 
 for (const framing of ['json', 'cbor']) {
   test(`js node and rust node exchange messages (${framing})`, { timeout: 60_000 }, async () => {
@@ -112,6 +114,34 @@ test('js nodes find each other and share the database through a rust seed', { ti
   } finally {
     a.close();
     b.close();
+    child.kill();
+  }
+});
+
+test('a js data connection to the rust node\'s echo data handler', { timeout: 60_000 }, async () => {
+  const { addr, child } = await rustNode('rust-data', 'shared', 'cbor');
+  const js = await Node.start({ nodeId: 'js-data', secret: 'shared' });
+  try {
+    js.connect(addr);
+    await js.waitUp('rust-data');
+    let stream;
+    try {
+      stream = await js.dataConnect('rust-data', 'echo', [], { timeoutMs: 20_000 });
+    } catch (e) {
+      if (/no such data connection handler/.test(e.message)) {
+        assert.fail(`${aemp} has no \`echo\` data handler in \`aemp run --echo\` (${e.message}): build it from a tree with the Rust host's data connections`);
+      }
+      throw e;
+    }
+    // The handler sends back everything and ends its writing at our end.
+    const data = randomBytes(1 << 20);
+    stream.end(data);
+    const chunks = [];
+    for await (const chunk of stream) chunks.push(chunk);
+    const back = Buffer.concat(chunks);
+    assert.ok(back.equals(data), `${back.length} bytes came back, not the ${data.length} sent`);
+  } finally {
+    js.close();
     child.kill();
   }
 });
