@@ -29,6 +29,18 @@ async function readAll(stream) {
   return Buffer.concat(chunks);
 }
 
+/** The first `n` bytes `stream` yields (it may yield more), as one buffer. */
+async function readBytes(stream, n) {
+  const chunks = [];
+  let length = 0;
+  for await (const chunk of stream.iterator({ destroyOnReturn: false })) {
+    chunks.push(chunk);
+    length += chunk.length;
+    if (length >= n) break;
+  }
+  return Buffer.concat(chunks).subarray(0, n);
+}
+
 /** One data connection from `asker` to handler `name` of `handler`, 1 MiB sent each way
  * at once, each side ending its writing and reading the other's to its end. Returns
  * what was sent, to the handler and to the asker. */
@@ -71,8 +83,9 @@ test('the asking node that was dialled has the other node dial it', async (t) =>
 function relay(t, wire) {
   return async (target) => {
     const [host, port] = target.split(':');
-    const server = net.createServer((down) => {
-      const up = net.connect(Number(port), host);
+    // Half open, as the nodes' streams are: one side's end must not end the other's.
+    const server = net.createServer({ allowHalfOpen: true }, (down) => {
+      const up = net.connect({ port: Number(port), host, allowHalfOpen: true });
       for (const [from, to] of [[down, up], [up, down]]) {
         from.on('data', (chunk) => wire.push(chunk));
         from.pipe(to);
@@ -100,6 +113,73 @@ test('without TLS the relay sees the data as it is', async (t) => {
   const [a, b] = await pair(t, {}, relay(t, wire));
   const [toHandler] = await roundTrip(b, a, 'bulk');
   assert.notEqual(Buffer.concat(wire).indexOf(toHandler.subarray(0, 32)), -1);
+});
+
+/** A relay to `target` that delivers, on each connection after the first (the data
+ * connections), what the listening node sends after its greeting in one write once
+ * nothing more came for 250 ms: its authentication line and what it writes next arrive
+ * at the dialling node in one read, so the engine hands them over as `leftover`. */
+function coalescing(t) {
+  return async (target) => {
+    const [host, port] = target.split(':');
+    let count = 0;
+    // Half open, as the nodes' streams are: one side's end must not end the other's.
+    const server = net.createServer({ allowHalfOpen: true }, (down) => {
+      const up = net.connect({ port: Number(port), host, allowHalfOpen: true });
+      down.pipe(up);
+      down.on('error', () => up.destroy());
+      up.on('error', () => down.destroy());
+      if (count++ === 0) {
+        up.pipe(down);
+        return;
+      }
+      let held = Buffer.alloc(0);
+      let timer = null;
+      const onData = (chunk) => {
+        held = Buffer.concat([held, chunk]);
+        // The greeting is two lines (the greeting, then a nonce).
+        const greeting = held.indexOf(10, held.indexOf(10) + 1);
+        if (!timer && greeting < 0) return;
+        if (!timer) {
+          down.write(held.subarray(0, greeting + 1));
+          held = held.subarray(greeting + 1);
+        }
+        clearTimeout(timer);
+        timer = setTimeout(() => {
+          up.off('data', onData);
+          down.write(held);
+          up.pipe(down);
+        }, 250);
+      };
+      up.on('data', onData);
+    });
+    await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+    t.after(() => server.close());
+    return `127.0.0.1:${server.address().port}`;
+  };
+}
+
+test('bytes that came with the handshake reach the stream first', async (t) => {
+  const [a, b] = await pair(t, {}, coalescing(t));
+  const data = randomBytes(256 << 10);
+  // b asks, a's handler writes at once: b reads it with a's authentication line. (The
+  // writer does not end: its end would come before the relay lets anything through.)
+  const conns = a.handleDataConnections('first');
+  const asked = b.dataConnect(a.id, 'first');
+  const { value: incoming } = await conns.next();
+  incoming.stream.write(data);
+  const asking = await asked;
+  const atAsker = await readBytes(asking, data.length);
+  assert.ok(atAsker.equals(data), 'the asker got other bytes than were sent');
+  // a asks (b dials it), and writes at once: b's handler reads it with the line.
+  const back = b.handleDataConnections('second');
+  const stream = await a.dataConnect(b.id, 'second');
+  stream.write(data);
+  const { value: handled } = await back.next();
+  const atHandler = await readBytes(handled.stream, data.length);
+  assert.ok(atHandler.equals(data), 'the handler got other bytes than were sent');
+  // Streams are the application's: closing the nodes leaves them open.
+  for (const s of [incoming.stream, asking, stream, handled.stream]) s.destroy();
 });
 
 test('an unknown handler rejects with the reference message', async (t) => {
@@ -162,6 +242,8 @@ test('an incoming handle holds dataConnCapacity connections; others are closed w
   assert.equal((await readAll(late)).length, 0);
   // A new handle may take the name again.
   a.handleDataConnections('bulk').close();
+  // Ours are only half closed (we did not end them): the application's to free.
+  for (const s of [first, second, late]) s.destroy();
 });
 
 test('closing the node ends its handles and closes the connections they hold', async (t) => {
