@@ -22,10 +22,11 @@ async function pair(t, options = {}, via = undefined) {
   return [a, b];
 }
 
-/** Everything `stream` yields until its end, as one buffer. */
+/** Everything `stream` yields until its end, as one buffer. The stream is not destroyed
+ * there (a plain `for await` would, dropping what it still has to write). */
 async function readAll(stream) {
   const chunks = [];
-  for await (const chunk of stream) chunks.push(chunk);
+  for await (const chunk of stream.iterator({ destroyOnReturn: false })) chunks.push(chunk);
   return Buffer.concat(chunks);
 }
 
@@ -259,4 +260,6 @@ test('closing the node ends its handles and closes the connections they hold', a
   assert.equal(value.stream.destroyed, false);
   value.stream.end('still there');
   assert.equal(String(await readAll(stream)), 'still there');
+  stream.destroy();
+  value.stream.destroy();
 });
