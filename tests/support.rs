@@ -142,6 +142,8 @@ pub struct RawPeer {
     pub conn: aemp_engine::Connection,
     pub messages: Vec<Value>,
     pub error: Option<String>,
+    /// A data connection's first bytes, once the transport handed it over.
+    pub handed_over: Option<Vec<u8>>,
 }
 
 impl RawPeer {
@@ -157,16 +159,22 @@ impl RawPeer {
         secret: &str,
         framing: aemp_engine::Framing,
     ) -> RawPeer {
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut config = aemp_engine::Config::new(id);
         config.secret = Some(secret.as_bytes().to_vec());
         config.framings = vec![framing];
+        RawPeer::connect_with(addr, config).await
+    }
+
+    /// Connects to `addr` with the transport settings `config`.
+    pub async fn connect_with(addr: &str, config: aemp_engine::Config) -> RawPeer {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let conn = aemp_engine::Connection::new(config, [7; 66], 0).expect("config");
         RawPeer {
             stream,
             conn,
             messages: Vec::new(),
             error: None,
+            handed_over: None,
         }
     }
 
@@ -186,6 +194,7 @@ impl RawPeer {
                     self.error = Some(e.to_string());
                     return false;
                 }
+                aemp_engine::Output::HandedOver { leftover } => self.handed_over = Some(leftover),
                 _ => {}
             }
         }
@@ -201,7 +210,7 @@ impl RawPeer {
             if !self.pump().await {
                 return Err(self.error.clone().unwrap_or_default());
             }
-            if self.conn.session().is_some() {
+            if self.conn.session().is_some() || self.handed_over.is_some() {
                 return Ok(());
             }
             let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))

@@ -1,6 +1,6 @@
 //! `aemp-bench`: prints how fast the engine is, natively and inside wasmtime, and how fast
 //! two nodes talk over loopback TCP. `--json` prints the same figures as one JSON object,
-//! `--quick` runs tiny counts (a smoke run), `--only engine|e2e|memory` one group of
+//! `--quick` runs tiny counts (a smoke run), `--only engine|e2e|dataconn|memory` one group of
 //! figures, `--only scaling` what work costs as it grows (see [`scaling`]; `--plot DIR`
 //! draws its curves). Figure names are documented in the README.
 
@@ -486,6 +486,52 @@ async fn e2e(
     (rate, p50, p99)
 }
 
+/// MB/s through one data connection between two nodes: the sender writes `bytes` (in
+/// 1 MiB writes), the receiver's data handler reads them to the end; timed from the
+/// first write to the last byte read.
+async fn data_stream(
+    sandbox: &std::sync::Arc<Sandbox>,
+    tls: Option<&TlsConfig>,
+    tag: &str,
+    bytes: usize,
+) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (receiver, senders) = nodes(sandbox, tls, tag, 1).await;
+    let mut incoming = receiver
+        .handle_data_connections("sink")
+        .await
+        .expect("handler");
+    let reader = tokio::spawn(async move {
+        let mut stream = incoming.accept().await.expect("stream");
+        let mut buf = vec![0; 1 << 20];
+        let mut total = 0;
+        loop {
+            match stream.read(&mut buf).await.expect("read") {
+                0 => return total,
+                n => total += n,
+            }
+        }
+    });
+    let mut stream = senders[0]
+        .data_connect(receiver.id(), Duration::from_secs(10), "sink", vec![])
+        .await
+        .expect("data connection");
+    let chunk = vec![0x5a; 1 << 20];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stream.write_all(&chunk[..n]).await.expect("write");
+        left -= n;
+    }
+    stream.shutdown().await.expect("shutdown");
+    let read = reader.await.expect("reader");
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(read, bytes, "every byte arrives");
+    stop(receiver, senders).await;
+    bytes as f64 / secs / 1e6
+}
+
 /// Shuts the nodes down and waits until they are gone, so that the next figure does not
 /// share the machine with their teardown.
 async fn stop(receiver: Node, senders: Vec<Node>) {
@@ -801,7 +847,7 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    // `--only engine|e2e|memory|scaling` runs one group (to profile it alone).
+    // `--only engine|e2e|dataconn|memory|scaling` runs one group (to profile it alone).
     let only = flag("--only");
     let run = |group: &str| only.as_deref().is_none_or(|o| o == group);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -889,6 +935,16 @@ fn main() {
                 .as_bytes(),
         )
         .expect("tls");
+        if run("dataconn") {
+            let bytes = if quick { 16 << 20 } else { 1 << 30 };
+            for (tag, tls) in [("plain", None), ("tls", Some(&tls))] {
+                add(
+                    &format!("dataconn_mb_per_s_{tag}"),
+                    data_stream(&sandbox, tls, &format!("dc-{tag}"), bytes).await,
+                    "MB/s through one data connection between two nodes, loopback TCP",
+                );
+            }
+        }
         if run("e2e") {
             add(
                 "e2e_handshake_ms",

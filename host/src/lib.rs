@@ -13,8 +13,8 @@ pub mod tls;
 pub use aemp_engine::{AuthMethod, DecodeError, Framing, Value};
 pub use convert::{ValueError, from_value, to_value};
 pub use node::{
-    ConnInfo, DbChange, DbMonitor, Event, INFO_TAG, Messages, Monitor, Node, NodeBuilder,
-    NodeError, NodeInfo, Port, PortInfo, Refusal, Request, Requests, SendBatch,
+    ConnInfo, DataConnections, DataStream, DbChange, DbMonitor, Event, INFO_TAG, Messages, Monitor,
+    Node, NodeBuilder, NodeError, NodeInfo, Port, PortInfo, Refusal, Request, Requests, SendBatch,
 };
 pub use sandbox::{Limits as SandboxLimits, Sandbox, SandboxError};
 pub use tls::TlsConfig;

@@ -93,6 +93,9 @@ fn main() -> ExitCode {
             session.save()
         })
     });
+    // A read of standard input may still wait (`dataconn` ends with the other node's
+    // side): the runtime must not wait for it.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
@@ -246,6 +249,16 @@ impl Session {
             Verb::Info { node } => {
                 self.save()?;
                 return self.protocol(|n| self.info(n, &node)).await;
+            }
+            Verb::DataConn {
+                node,
+                handler,
+                args,
+            } => {
+                self.save()?;
+                return self
+                    .protocol(|n| self.dataconn(n, &node, &handler, typed(args)))
+                    .await;
             }
             Verb::Db { query, family } => {
                 self.save()?;
@@ -451,6 +464,52 @@ impl Session {
         })
         .await
         .map_err(|_| format!("no reply from {port} within {}s", self.opts.timeout))?
+    }
+
+    /// Pipes standard input through a data connection to `node_id`'s data handler
+    /// `handler` and what comes back to standard output, as netcat does: the end of
+    /// standard input ends our side of the stream; the program ends when the other
+    /// node's side ends.
+    async fn dataconn(
+        &self,
+        node: Node,
+        node_id: &str,
+        handler: &str,
+        args: Vec<Value>,
+    ) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let stream = node
+            .data_connect(node_id, self.timeout(), handler, args)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut from, mut to) = tokio::io::split(stream);
+        let upload = async {
+            tokio::io::copy(&mut tokio::io::stdin(), &mut to).await?;
+            to.shutdown().await
+        };
+        let download = async {
+            let mut stdout = tokio::io::stdout();
+            tokio::io::copy(&mut from, &mut stdout).await?;
+            stdout.flush().await
+        };
+        let (mut upload, mut download) = (std::pin::pin!(upload), std::pin::pin!(download));
+        let mut uploading = true;
+        loop {
+            tokio::select! {
+                done = &mut download => {
+                    return done.map_err(|e| format!("data connection to {node_id}: {e}"));
+                }
+                done = &mut upload, if uploading => {
+                    uploading = false;
+                    // The other node may have ended the stream meanwhile: its end says.
+                    if let Err(e) = done
+                        && e.kind() != std::io::ErrorKind::BrokenPipe
+                    {
+                        return Err(format!("data connection to {node_id}: {e}"));
+                    }
+                }
+            }
+        }
     }
 
     /// Asks an aemp node what it is doing (ours, not the reference's): first `can
@@ -704,6 +763,11 @@ impl Session {
         }
         if self.opts.echo {
             let mut port = node.named_port("echo").await.map_err(|e| e.to_string())?;
+            let data = node
+                .handle_data_connections("echo")
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(echo_data(data));
             say(&format!("echo port {}\n", port.id()));
             let echoer = node.clone();
             tokio::spawn(async move {
@@ -729,6 +793,25 @@ impl Session {
             signal = tokio::signal::ctrl_c() => signal.map_err(|e| e.to_string()),
             stopped = node.closed() => Err(stopped.to_string()),
         }
+    }
+}
+
+/// `run --echo`'s data handler `echo`: sends back what each data connection brings,
+/// and ends its side when the other node ends its own.
+async fn echo_data(mut incoming: aemp_host::DataConnections) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(stream) = incoming.accept().await {
+        tokio::spawn(async move {
+            let id = stream.id().to_owned();
+            let (mut from, mut to) = tokio::io::split(stream);
+            let echoed = async {
+                tokio::io::copy(&mut from, &mut to).await?;
+                to.shutdown().await
+            };
+            if let Err(e) = echoed.await {
+                tracing::warn!("echo data connection {id}: {e}");
+            }
+        });
     }
 }
 

@@ -150,6 +150,47 @@ fn run_echo_then_cal_mon_snd() {
 }
 
 #[test]
+fn dataconn_pipes_stdin_through_a_data_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("rc");
+    std::fs::write(
+        &rc,
+        r#"{"secret": "dc", "profile": {"srv": {"nodeid": "srv"}}}"#,
+    )
+    .unwrap();
+    let (_running, addr, mut lines) = echo_server(&rc, &[]);
+    assert_eq!(lines.next().unwrap().unwrap(), "echo port srv#echo");
+    // A file through `run --echo`'s data handler `echo` and back, as with netcat.
+    let file = dir.path().join("data");
+    let data: Vec<u8> = (0..8usize << 20)
+        .map(|i| (i * 31 + i / 509) as u8)
+        .collect();
+    std::fs::write(&file, &data).unwrap();
+    let out = Command::new(AEMP)
+        .args(["dataconn", "srv", "echo", "--connect", &addr])
+        .env("PERL_ANYEVENT_MP_RC", &rc)
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == data, "{} bytes came back", out.stdout.len());
+    // A handler the node does not have: the reference's message, at once.
+    let (code, out, err) = aemp(&rc, &["dataconn", "srv", "upload", "--connect", &addr]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (
+            1,
+            "",
+            "aemp: data connection failed: upload: no such data connection handler\n"
+        )
+    );
+}
+
+#[test]
 fn errors_are_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let rc = dir.path().join("rc");

@@ -19,6 +19,8 @@ Protocol (a bare node id is that node's node port):
   shell [NODE]              interactive evals on NODE (=: nodes, =NODE: switch)
   trace NODE                list the nodes connected to NODE, then to those...
   info NODE                 what an aemp node is doing: connections, ports, counters
+  dataconn NODE HANDLER ARGS...   a data connection to NODE's handler: stdin to it,
+                            what it sends to stdout (`run --echo` offers `echo`)
   run [PROFILE] [KEY VALUE]...   run a node until interrupted
   dbfamily|dbkeys|dbvalues FAMILY   read the network database (needs seeds)
 
@@ -49,7 +51,7 @@ Options (anywhere; `--` ends them):
   --nodeid ID          node id (%n, %u and a trailing / are expanded)
   --timeout SECONDS    wait this long for connections and replies (default 10)
   --max-memory MIB     the node's sandbox memory limit (default 256)
-  --echo               run: add port `echo`
+  --echo               run: add port `echo` and data handler `echo`
   --metrics HOST:PORT  run: serve Prometheus metrics over HTTP there
   --json               snd, cal, mon, eval: print a JSON array; info: the raw JSON
   -v, -vv              more log output on stderr

@@ -77,6 +77,17 @@ pub enum Verb {
         /// The node.
         node: String,
     },
+    /// `dataconn NODE HANDLER ARGS...` (ours): a data connection to `NODE` served there by
+    /// its data handler `HANDLER` with `ARGS`; standard input goes to it, what comes
+    /// back to standard output.
+    DataConn {
+        /// The node.
+        node: String,
+        /// The data handler's name there.
+        handler: String,
+        /// Its arguments.
+        args: Vec<Value>,
+    },
     /// `dbfamily`/`dbkeys`/`dbvalues FAMILY`: read the network database (through the
     /// configured seeds).
     Db {
@@ -273,6 +284,11 @@ fn parse_one(name: &str, args: &mut VecDeque<Value>) -> Result<Verb, VerbError> 
                 Verb::Cal { port, args }
             }
         }
+        ("dataconn", _) => Verb::DataConn {
+            node: node_of(&text("a node id", need(args, "node id missing")?)?),
+            handler: text("a handler name", need(args, "handler name missing")?)?,
+            args: args.drain(..).collect(),
+        },
         ("mon", _) => Verb::Mon {
             port: text("a port id", need(args, "port id missing")?)?,
         },
@@ -776,6 +792,25 @@ mod tests {
                 Verb::Restart { node: "m".into() },
                 Verb::Info { node: "o".into() }
             ])
+        );
+        // `dataconn NODE HANDLER ARGS...`: every argument after the handler is its.
+        assert_eq!(
+            verbs(&[
+                json!("dataconn"),
+                json!("n#"),
+                json!("echo"),
+                json!("a"),
+                json!(1)
+            ]),
+            Ok(vec![Verb::DataConn {
+                node: "n".into(),
+                handler: "echo".into(),
+                args: vec![json!("a"), json!(1)],
+            }])
+        );
+        assert_eq!(
+            missing(&[json!("dataconn"), json!("n")]),
+            "handler name missing"
         );
         assert_eq!(
             verbs(&[

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aemp_engine::{Value, printable};
-use tokio::sync::mpsc::{Receiver, Sender, WeakSender, channel};
+use tokio::sync::mpsc::{self, Receiver, Sender, WeakSender, channel};
 use tokio::sync::{broadcast, watch};
 
+use super::datastream::{self, DataConnections, DataStream, Setup};
 use super::deliver::{Deliveries, Target};
 use super::engine::{Engine, Fatal};
 use super::inbox::Chunk;
@@ -81,6 +82,14 @@ pub(super) struct Driver {
     /// A tracing span per connection: a log line about a connection says which one,
     /// with its address and, once known, its node.
     spans: HashMap<u64, tracing::Span>,
+    /// The application's data connection requests, by the local port the engine kills
+    /// when one fails (at most the engine's `max_data_conns`).
+    data_waiters: HashMap<String, Reply<DataStream>>,
+    /// Where incoming data connections go, by data handler name.
+    data_handlers: HashMap<String, mpsc::Sender<DataStream>>,
+    /// Data connections made to this node itself, for their ids (digits, where the
+    /// engine's are letters).
+    local_data_conns: u64,
 }
 
 /// What woke the driver.
@@ -90,6 +99,16 @@ enum Wake {
     Timer,
     Room,
     Io,
+}
+
+/// A failed data connection's error from the kill reason of its port:
+/// `["AnyEvent::MP::DataConn", MESSAGE]` as the reference makes it.
+fn data_failure(reason: &[u8]) -> NodeError {
+    let message = match decode_args(reason).as_slice() {
+        [_, Value::Text(message)] => message.clone(),
+        other => format!("{other:?}"),
+    };
+    NodeError::DataConnection(message)
 }
 
 /// Why a node that was shut down stopped.
@@ -143,6 +162,9 @@ impl Driver {
             limits_hit: BTreeMap::from([("max_write_queue", 0), ("max_write_total", 0)]),
             refusals: BTreeMap::new(),
             spans: HashMap::new(),
+            data_waiters: HashMap::new(),
+            data_handlers: HashMap::new(),
+            local_data_conns: 0,
         };
         (driver, shared)
     }
@@ -332,10 +354,10 @@ impl Driver {
                 }
             }
             self.io.write_all();
-            if self.io.ended.is_empty() {
+            if !self.io.has_ended() {
                 return Ok(());
             }
-            for (conn, end) in std::mem::take(&mut self.io.ended) {
+            for (conn, end) in self.io.take_ended() {
                 match end {
                     End::Eof => self.engine.handle_eof(conn)?,
                     End::Failed(reason) => {
@@ -470,6 +492,20 @@ impl Driver {
             Cmd::Memory { reply } => {
                 let _ = reply.send(Ok(self.engine.memory_bytes()));
             }
+            Cmd::DataConnect {
+                node,
+                timeout_ms,
+                handler,
+                args,
+                reply,
+            } => self.data_connect(&node, timeout_ms, &handler, &args, reply)?,
+            Cmd::DataHandle { name, reply } => {
+                self.engine.register_data_handler(&name)?;
+                let (tx, rx) = mpsc::channel(datastream::INCOMING_QUEUE);
+                // A newer handle takes over: the older one's `accept` ends.
+                self.data_handlers.insert(name.clone(), tx);
+                let _ = reply.send(Ok(DataConnections::new(name, rx)));
+            }
             Cmd::Info { reply } => {
                 let _ = reply.send(
                     self.info()
@@ -543,16 +579,7 @@ impl Driver {
                         .send(Event::ConnectionFailed { reason: c.reason });
                 }
             }
-            // The engine hands a data connection's stream over here. This host neither
-            // asks for data connections nor registers data handlers yet (its
-            // `DataStream` comes in another change), so none should come; one that does
-            // is closed, and nobody waits for it.
-            O::DataConnection(d) => {
-                self.dialing.remove(&d.conn);
-                if self.io.close(d.conn) {
-                    tracing::debug!("closing data connection {}: not supported yet", d.conn);
-                }
-            }
+            O::DataConnection(d) => self.data_connection(d)?,
             O::Deliver(d) => {
                 let chunk = Chunk::from_sizes(d.data, &d.sizes);
                 self.deliveries.deliver_port(&d.port, chunk);
@@ -578,6 +605,12 @@ impl Driver {
                     node: d.node,
                     reason: d.reason,
                 });
+            }
+            O::PortDown(p) if self.data_waiters.contains_key(&p.port) => {
+                // The request's own port: the data connection failed, and why.
+                if let Some(reply) = self.data_waiters.remove(&p.port) {
+                    let _ = reply.send(Err(data_failure(&p.reason)));
+                }
             }
             O::PortDown(p) => {
                 self.waiters.port_down(&p.port, &p.reason);
@@ -652,6 +685,150 @@ impl Driver {
     }
 
     /// Counts a refusal of the application's call.
+    /// Asks the engine for a data connection; `reply` gets the stream, or why not.
+    fn data_connect(
+        &mut self,
+        node: &str,
+        timeout_ms: u64,
+        handler: &str,
+        args: &[u8],
+        reply: Reply<DataStream>,
+    ) -> Result<(), Fatal> {
+        let own = self.engine.node_id()?;
+        if node.split_once('#').map_or(node, |(n, _)| n) == own {
+            let result = self.data_connect_self(own, handler, args);
+            let _ = reply.send(result);
+            return Ok(());
+        }
+        // A port of its own that the engine kills with the reason if it fails, monitored
+        // so that the kill is reported.
+        let port = match self.engine.port(None)? {
+            Ok(port) => port,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+        };
+        let asked = match self.engine.monitor(&port)? {
+            Ok(()) => self
+                .engine
+                .data_connect(&port, node, timeout_ms, handler, args)?,
+            Err(e) => Err(e),
+        };
+        match asked {
+            Ok(_id) => {
+                self.data_waiters.insert(port, reply);
+            }
+            Err(e) => {
+                self.refused(&e);
+                self.free_port(&port)?;
+                let _ = reply.send(Err(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// A data connection to this node itself: an in-memory pipe whose other end goes to
+    /// the data handler at once, as the reference makes a socketpair (no engine, no
+    /// socket).
+    fn data_connect_self(
+        &mut self,
+        own: String,
+        handler: &str,
+        args: &[u8],
+    ) -> Result<DataStream, NodeError> {
+        self.local_data_conns = self.local_data_conns.wrapping_add(1);
+        let setup = Setup {
+            id: format!("{}@{own}", self.local_data_conns),
+            node: own,
+            port: String::new(),
+            handler: handler.to_owned(),
+            args: decode_args(args),
+            requested: true,
+        };
+        let (ours, theirs) = DataStream::pair(setup);
+        // (Err(true): its queue is full; Err(false): nobody takes them.)
+        let sent = match self.data_handlers.get(handler) {
+            Some(tx) => tx
+                .try_send(theirs)
+                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
+            None => Err(false),
+        };
+        let message = match sent {
+            Ok(()) => return Ok(ours),
+            Err(true) => format!(
+                "{handler}: {} data connections wait for it already",
+                datastream::INCOMING_QUEUE
+            ),
+            Err(false) => format!("{handler}: no such data connection handler"),
+        };
+        Err(NodeError::DataConnection(message))
+    }
+
+    /// Removes a port of the host's own without a word to monitors or peers.
+    fn free_port(&mut self, port: &str) -> Result<(), Fatal> {
+        // Neither can be refused for a local port that exists; nothing to report if so.
+        let _ = self.engine.unmonitor(port)?;
+        let _ = self.engine.kill(port, &Value::Array(Vec::new()).encode())?;
+        Ok(())
+    }
+
+    /// The engine handed a data connection's socket over: it goes to whoever asked for
+    /// it, or to its data handler's [`DataConnections`]; with nobody to take it, it is
+    /// closed.
+    fn data_connection(&mut self, d: wit_node::DataConnection) -> Result<(), Fatal> {
+        self.dialing.remove(&d.conn);
+        let span = self
+            .spans
+            .remove(&d.conn)
+            .unwrap_or_else(tracing::Span::none);
+        let _entered = span.enter();
+        let Some(setup) = Setup::decode(&d.setup) else {
+            tracing::warn!("closing data connection {}: undecodable setup", d.conn);
+            self.io.close(d.conn);
+            return Ok(());
+        };
+        let Some(conn) = self.io.take(d.conn, d.leftover) else {
+            tracing::debug!("data connection {} ended before its hand-over", setup.id);
+            return Ok(());
+        };
+        tracing::debug!(
+            "data connection {} with {} established",
+            setup.id,
+            setup.node
+        );
+        if setup.requested {
+            let port = setup.port.clone();
+            // (Given up by its caller meanwhile: the stream is dropped, which closes it.)
+            if let Some(reply) = self.data_waiters.remove(&port) {
+                let _ = reply.send(Ok(DataStream::new(conn, setup)));
+                self.free_port(&port)?;
+            }
+            return Ok(());
+        }
+        let (id, handler) = (setup.id.clone(), setup.handler.clone());
+        let stream = DataStream::new(conn, setup);
+        // (Err(true): its queue is full; Err(false): nobody takes them.)
+        let sent = match self.data_handlers.get(&handler) {
+            Some(tx) => tx
+                .try_send(stream)
+                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
+            None => Err(false),
+        };
+        match sent {
+            Ok(()) => {}
+            Err(true) => tracing::warn!(
+                "closing data connection {id}: {} wait for data handler {handler} already",
+                datastream::INCOMING_QUEUE
+            ),
+            Err(false) => {
+                self.data_handlers.remove(&handler);
+                tracing::warn!("closing data connection {id}: data handler {handler} is gone");
+            }
+        }
+        Ok(())
+    }
+
     fn refused(&mut self, e: &NodeError) {
         let kind = match e {
             NodeError::Refused { kind, .. } => kind,

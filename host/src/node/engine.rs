@@ -253,6 +253,30 @@ impl Engine {
         self.call(|s, n, api| api.call_register_handler(s, n, tag))
     }
 
+    /// Asks `node` for a data connection served there by `handler` with `args` (a CBOR
+    /// array); local port `port` dies with the reason if it fails, else a
+    /// `data-connection` output names it. Returns the data connection's id.
+    pub(super) fn data_connect(
+        &mut self,
+        port: &str,
+        node: &str,
+        timeout_ms: u64,
+        handler: &str,
+        args: &[u8],
+    ) -> Result<Result<String, NodeError>, Fatal> {
+        let now = self.now();
+        Ok(self
+            .call(|s, n, api| {
+                api.call_data_connect(s, n, port, node, timeout_ms, handler, args, now)
+            })?
+            .map_err(refused))
+    }
+
+    /// Other nodes may ask for data connections served by `name` from now on.
+    pub(super) fn register_data_handler(&mut self, name: &str) -> Result<(), Fatal> {
+        self.call(|s, n, api| api.call_register_data_handler(s, n, name))
+    }
+
     /// Sets `key` of `family` to `value` (one CBOR item, as [`aemp_engine::Value`]
     /// encodes it, so the engine has no reason to refuse it).
     pub(super) fn db_set(&mut self, family: &str, key: &str, value: &[u8]) -> Result<(), Fatal> {

@@ -162,7 +162,9 @@ struct Listener {
     paused: Option<Pin<Box<Sleep>>>,
 }
 
-struct Conn {
+/// One socket with its TLS session and buffers: the driver's while the engine speaks on
+/// it, the application's [`super::DataStream`] once it is a data connection's.
+pub(super) struct Conn {
     stream: TcpStream,
     waker: Waker,
     tls: Option<Box<rustls::Connection>>,
@@ -186,9 +188,9 @@ impl Drop for Conn {
 }
 
 /// What one read of a connection gave.
-struct Got {
-    data: Vec<u8>,
-    end: Option<End>,
+pub(super) struct Got {
+    pub(super) data: Vec<u8>,
+    pub(super) end: Option<End>,
     /// The round's budget ran out before the socket was drained.
     more: bool,
 }
@@ -198,7 +200,8 @@ impl Conn {
         self.out.len().saturating_sub(self.sent)
     }
 
-    fn pending(&self) -> usize {
+    /// Bytes for the peer not written yet.
+    pub(super) fn pending(&self) -> usize {
         self.unwritten() + self.early.len()
     }
 
@@ -211,12 +214,11 @@ impl Conn {
         }
     }
 
-    /// Reads what the socket has, up to the round's budget.
-    fn read(&mut self, scratch: &mut [u8]) -> Got {
+    /// Reads what the socket has, up to the round's budget; `cx` is woken when it has
+    /// more.
+    pub(super) fn read(&mut self, scratch: &mut [u8], cx: &mut Context<'_>) -> Got {
         let mut data = std::mem::take(&mut self.plain);
         let mut budget = READ_CHUNK.min(scratch.len());
-        let waker = self.waker.clone();
-        let mut cx = Context::from_waker(&waker);
         let end = loop {
             if budget == 0 {
                 return Got {
@@ -237,7 +239,7 @@ impl Conn {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match self.stream.poll_read_ready(&mut cx) {
+                    match self.stream.poll_read_ready(cx) {
                         Poll::Pending => break None,
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => break Some(End::Failed(e.to_string())),
@@ -317,7 +319,7 @@ impl Conn {
     }
 
     /// Queues bytes for the peer.
-    fn queue(&mut self, bytes: Vec<u8>) -> Result<(), String> {
+    pub(super) fn queue(&mut self, bytes: Vec<u8>) -> Result<(), String> {
         let idle = self.unwritten() == 0;
         match &mut self.tls {
             Some(tls) if tls.is_handshaking() => self.early.extend_from_slice(&bytes),
@@ -337,7 +339,12 @@ impl Conn {
 
     /// Writes what the socket takes now.
     fn write(&mut self) -> Result<(), String> {
-        let mut cx = Context::from_waker(&self.waker);
+        let waker = self.waker.clone();
+        self.write_with(&mut Context::from_waker(&waker))
+    }
+
+    /// Writes what the socket takes now; `cx` is woken when it takes more.
+    pub(super) fn write_with(&mut self, cx: &mut Context<'_>) -> Result<(), String> {
         while let Some(rest) = self.out.get(self.sent..).filter(|r| !r.is_empty()) {
             match self.stream.try_write(rest) {
                 Ok(0) => return Err("connection closed while writing".into()),
@@ -346,7 +353,7 @@ impl Conn {
                     self.progress = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match self.stream.poll_write_ready(&mut cx) {
+                    match self.stream.poll_write_ready(cx) {
                         Poll::Pending => break,
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(e)) => return Err(e.to_string()),
@@ -367,6 +374,27 @@ impl Conn {
         }
         Ok(())
     }
+
+    /// Ends our side: a TLS close_notify queued, then (once everything queued is
+    /// written, see [`Conn::shut_down`]) the socket's write side.
+    pub(super) fn close_notify(&mut self) -> Result<(), String> {
+        if let Some(tls) = &mut self.tls {
+            tls.send_close_notify();
+        }
+        self.tls_out()
+    }
+
+    /// The socket itself, when no TLS wraps it and no bytes wait before the next ones
+    /// either way (a data connection's stream then reads and writes it directly).
+    pub(super) fn bare(&mut self) -> Option<&mut TcpStream> {
+        let idle = self.tls.is_none() && self.plain.is_empty() && self.pending() == 0;
+        idle.then_some(&mut self.stream)
+    }
+
+    /// Shuts the socket's write side: the peer reads the end of the stream.
+    pub(super) fn shut_down(&self) -> io::Result<()> {
+        socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write)
+    }
 }
 
 /// The sockets of one node.
@@ -380,7 +408,11 @@ pub(super) struct Io {
     writing: HashSet<u64>,
     scratch: Vec<u8>,
     /// Connections that ended on the host's side since the driver last looked.
-    pub(super) ended: Vec<(u64, End)>,
+    ended: Vec<(u64, End)>,
+    /// The sockets of connections whose peer ended its side in this round, kept until
+    /// the engine is told: a data connection's handshake, its bytes and their end can
+    /// come in one read, and its stream still needs the socket to write back.
+    finished: HashMap<u64, Conn>,
     /// The connection a round starts reading at (after a round cut short by
     /// [`READ_ROUND`]).
     read_next: u64,
@@ -420,6 +452,7 @@ impl Io {
             writing: HashSet::new(),
             scratch: vec![0; READ_CHUNK],
             ended: Vec::new(),
+            finished: HashMap::new(),
             read_next: 0,
         }
     }
@@ -512,7 +545,8 @@ impl Io {
                         again.push(token);
                         continue;
                     }
-                    let got = conn.read(&mut self.scratch);
+                    let waker = conn.waker.clone();
+                    let got = conn.read(&mut self.scratch, &mut Context::from_waker(&waker));
                     read_bytes += got.data.len();
                     if got.more {
                         again.push(token);
@@ -525,8 +559,11 @@ impl Io {
                         polled.inputs.push((id, got.data));
                     }
                     if let Some(end) = got.end {
-                        self.conns.remove(&id);
+                        let conn = self.conns.remove(&id);
                         self.writing.remove(&id);
+                        if let (Some(conn), End::Eof) = (conn, &end) {
+                            self.finished.insert(id, conn);
+                        }
                         self.ended.push((id, end));
                     }
                 }
@@ -695,6 +732,44 @@ impl Io {
             }
             Err(reason) => self.fail(conn, reason),
         }
+    }
+
+    /// Takes connection `conn` out of the node: it is a data connection's stream now,
+    /// `leftover` (bytes the engine read past its handshake) its first bytes; what the
+    /// engine queued for the peer is still written first.
+    pub(super) fn take(&mut self, conn: u64, leftover: Vec<u8>) -> Option<Conn> {
+        self.writing.remove(&conn);
+        // (A finished one reads its end again: a socket's end of stream lasts.)
+        let mut c = self
+            .conns
+            .remove(&conn)
+            .or_else(|| self.finished.remove(&conn))?;
+        if c.closing.is_some() {
+            return None;
+        }
+        let mut plain = leftover;
+        plain.append(&mut c.plain);
+        c.plain = plain;
+        // The engine's last handshake bytes leave now: the other end waits for them
+        // before its side of the stream starts, and the application may not touch its
+        // side until then. What the socket does not take yet, the stream writes first.
+        if let Err(reason) = c.write() {
+            tracing::debug!("data connection {conn} failed at its hand-over: {reason}");
+            return None;
+        }
+        Some(c)
+    }
+
+    /// The connections that ended since the last call, for the engine; their sockets
+    /// are dropped now.
+    pub(super) fn take_ended(&mut self) -> Vec<(u64, End)> {
+        self.finished.clear();
+        std::mem::take(&mut self.ended)
+    }
+
+    /// Whether some connection ended and the engine was not told yet.
+    pub(super) fn has_ended(&self) -> bool {
+        !self.ended.is_empty()
     }
 
     /// The engine closed connection `conn`: what is queued is written for at most

@@ -62,6 +62,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, broadcast, oneshot, watch};
 
 mod builder;
+mod datastream;
 mod deliver;
 mod driver;
 mod engine;
@@ -72,6 +73,7 @@ mod parked;
 mod subscribe;
 
 pub use builder::NodeBuilder;
+pub use datastream::{DataConnections, DataStream};
 pub use inbox::Messages;
 pub use info::{ConnInfo, INFO_LISTED, INFO_TAG, NodeInfo, PortInfo};
 use subscribe::Topic;
@@ -139,6 +141,11 @@ pub enum NodeError {
     /// What was waited for was called off ([`Node::unmonitor`] for a [`Monitor`]).
     #[error("cancelled")]
     Cancelled,
+    /// A data connection could not be made; the message is the reference's (`NODE:
+    /// unable to establish connection within N seconds`, `HANDLER: no such data
+    /// connection handler`, the handshake's failure...).
+    #[error("data connection failed: {0}")]
+    DataConnection(String),
 }
 
 /// What the engine refused a call for (the kinds of [`NodeError::Refused`]): the engine's
@@ -384,6 +391,18 @@ enum Cmd {
     },
     Info {
         reply: Reply<NodeInfo>,
+    },
+    DataConnect {
+        node: String,
+        timeout_ms: u64,
+        handler: String,
+        /// The handler's arguments, one CBOR array.
+        args: Vec<u8>,
+        reply: Reply<DataStream>,
+    },
+    DataHandle {
+        name: String,
+        reply: Reply<DataConnections>,
     },
     Shutdown {
         reply: Reply<()>,
@@ -660,6 +679,74 @@ impl Node {
         let topic = Topic::Requests(tag.to_owned());
         let rx = self.call(|reply| Cmd::Subscribe { topic, reply }).await?;
         Ok(Requests::new(tag.to_owned(), rx, self.tx.clone()))
+    }
+
+    /// Opens a data connection to `node`: a raw byte stream, authenticated (and inside
+    /// TLS when the network uses it) as the node's connections are, served there by the
+    /// data handler `handler` (registered with [`Node::handle_data_connections`], or a
+    /// Perl node's `$initfunc`) called with `args`. This is AnyEvent::MP's
+    /// `AnyEvent::MP::DataConn::connect_to`, and works with Perl nodes both ways.
+    ///
+    /// Whichever of the two nodes listens where the other reached it opens the
+    /// connection. Fails with [`NodeError::DataConnection`] and the reference's message
+    /// when it is not made within `timeout` (counted by both nodes; the request waits for
+    /// `node` to come up within it), the handler does not exist there, or the handshake
+    /// fails; with [`NodeError::Refused`] when the engine refuses the request (`node`
+    /// is this node, too many data connections pending).
+    ///
+    /// ```no_run
+    /// # async fn example(node: aemp_host::Node) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tokio::io::AsyncWriteExt;
+    /// use aemp_host::Value;
+    ///
+    /// let mut stream = node
+    ///     .data_connect("other", Duration::from_secs(10), "upload", vec![Value::text("a.log")])
+    ///     .await?;
+    /// stream.write_all(b"the file's bytes").await?;
+    /// stream.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn data_connect(
+        &self,
+        node: &str,
+        timeout: Duration,
+        handler: &str,
+        args: Vec<Value>,
+    ) -> Result<DataStream, NodeError> {
+        let args = Value::Array(args).encode();
+        self.call(|reply| Cmd::DataConnect {
+            node: node.to_owned(),
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            handler: handler.to_owned(),
+            args,
+            reply,
+        })
+        .await
+    }
+
+    /// Other nodes may open data connections served by `name` ([`Node::data_connect`]
+    /// there, or a Perl node's `connect_to` with `name` as its `$initfunc`): they come
+    /// to the returned [`DataConnections`] with the arguments the other node gave. A
+    /// second call for the same name takes them over from the first.
+    ///
+    /// ```no_run
+    /// # async fn example(node: aemp_host::Node) -> Result<(), aemp_host::NodeError> {
+    /// let mut incoming = node.handle_data_connections("echo").await?;
+    /// while let Some(stream) = incoming.accept().await {
+    ///     tokio::spawn(async move {
+    ///         let (mut rd, mut wr) = tokio::io::split(stream);
+    ///         let _ = tokio::io::copy(&mut rd, &mut wr).await;
+    ///     });
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn handle_data_connections(&self, name: &str) -> Result<DataConnections, NodeError> {
+        self.call(|reply| Cmd::DataHandle {
+            name: name.to_owned(),
+            reply,
+        })
+        .await
     }
 
     /// Sets our entry `key` of database `family`.
