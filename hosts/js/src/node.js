@@ -532,7 +532,10 @@ export class Node extends EventEmitter {
     }
     try {
       // Made once, so a bad certificate or key fails here, not at the first TLS peer.
-      this.#tls = options.tls && tls.createSecureContext(options.tls);
+      // A session id context, as tls.Server sets one: without it a server that asks for
+      // certificates fails the handshake of a peer that offers to resume an earlier
+      // session (rustls does, on a node's second connection: a data connection).
+      this.#tls = options.tls && tls.createSecureContext({ ...options.tls, sessionIdContext: 'aemp-js' });
     } catch (e) {
       throw new AempError('CONFIG', `invalid TLS options: ${e.message}`, { cause: e });
     }
