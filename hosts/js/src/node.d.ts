@@ -212,8 +212,9 @@ export declare class Node extends EventEmitter<NodeEvents> {
   unmonitor(portId: string): void;
   /** Node-port requests tagged `tag` come as 'request' events. */
   handleRequests(tag: string): void;
-  /** Asks `node` for a data connection handled there by `handler` with `args`; rejects
-   * with `DATA_CONN` (the reference's message) when it fails or times out. */
+  /** Asks `node` for a data connection handled there by `handler` with `args` (to this
+   * node itself: an in-memory pair); rejects with `DATA_CONN` (the reference's message)
+   * when it fails or times out. */
   dataConnect(node: string, handler: string, args?: unknown[], options?: { timeoutMs?: number }): Promise<Duplex>;
   /** Data connections other nodes ask for with handler `name`. */
   handleDataConnections(name: string): DataConnections;

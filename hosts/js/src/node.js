@@ -96,6 +96,45 @@ function prefixed(socket, head) {
   return stream;
 }
 
+/** The error of a write to an end of `duplexPair` whose other end is gone. */
+const pipeClosed = () => Object.assign(new Error('the other end of the data connection is closed'), { code: 'EPIPE' });
+
+/**
+ * Two Duplex streams joined in memory as a socket pair is (the reference's data
+ * connection to its own node): what one writes the other reads, a write waiting until
+ * the other end reads when it holds its high-water mark; one end's `end()` is the other's
+ * end of data, and a destroyed end ends the other's reading and fails its writes.
+ */
+function duplexPair() {
+  const held = [null, null]; // each end's write callback, waiting for the other to read
+  const ends = [0, 1].map((i) => new Duplex({
+    read() {
+      const done = held[1 - i];
+      held[1 - i] = null;
+      done?.();
+    },
+    write(chunk, encoding, done) {
+      const other = ends[1 - i];
+      if (other.destroyed) done(pipeClosed());
+      else if (other.push(chunk)) done();
+      else held[i] = done;
+    },
+    final(done) {
+      if (!ends[1 - i].destroyed) ends[1 - i].push(null);
+      done();
+    },
+    destroy(error, done) {
+      const other = ends[1 - i];
+      const waiting = held[1 - i];
+      held[1 - i] = null;
+      waiting?.(pipeClosed());
+      if (!other.destroyed) other.push(null);
+      done(error);
+    },
+  }));
+  return ends;
+}
+
 /** The host's limits, as `Node.start` options, with their defaults. */
 const defaultLimits = {
   /** Messages a port holds before no connection reads on. */
@@ -488,6 +527,7 @@ export class Node extends EventEmitter {
   #dbWaiters = new Map(); // database query id -> { resolve, reject }
   #dataRequests = new Map(); // port id -> { resolve, reject } of a `dataConnect` call
   #dataHandles = new Map(); // data handler name -> DataConnections
+  #selfDataConns = 0; // data connections made to this node itself, for their ids
   #blocking = new Set(); // full ports holding reading back
   #writeBlocked = 0; // connections whose socket said "wait for drain"
   #state = 'running';
@@ -1151,8 +1191,8 @@ export class Node extends EventEmitter {
    * `stream.Duplex` (inside TLS when the node connections use it); rejects with
    * `DATA_CONN` and the reference's message when it fails (`HANDLER: no such data
    * connection handler`, `NODE: unable to establish connection within N seconds`, ...),
-   * `REFUSED` when the engine refuses to ask (too many pending, this node itself),
-   * `CLOSED`/`STOPPED` when this node closes first.
+   * `REFUSED` when the engine refuses to ask (too many pending), `CLOSED`/`STOPPED` when
+   * this node closes first. To this node itself it is an in-memory pair of streams.
    */
   dataConnect(node, handler, args = [], { timeoutMs = 10000 } = {}) {
     // A throw inside the executor (closed node, refusal, bad argument) rejects.
@@ -1162,6 +1202,10 @@ export class Node extends EventEmitter {
         throw new AempError('CONFIG', 'timeoutMs must be a non-negative integer');
       }
       const initArgs = cbor.encode(args);
+      if (typeof node === 'string' && nodeOf(node) === this.id) {
+        resolve(this.#dataConnectSelf(handler, initArgs));
+        return;
+      }
       // A port of its own, monitored: the engine kills it when the connection fails.
       const port = this.#run(() => this.#engine.newPort());
       this.#dataRequests.set(port, { resolve, reject });
@@ -1176,6 +1220,26 @@ export class Node extends EventEmitter {
         throw e;
       }
     });
+  }
+
+  /** A data connection to this node itself: the other end of an in-memory pair goes to
+   * the handle of `handler` at once, as the reference makes a socket pair (no engine, no
+   * socket). Its id is `N@NODE`, digits where the engine's are letters. */
+  #dataConnectSelf(handler, initArgs) {
+    if (this.#state !== 'running') throw this.#closedError();
+    if (typeof handler !== 'string') throw new TypeError('handler must be a string');
+    const handle = this.#dataHandles.get(handler);
+    this.#selfDataConns += 1;
+    const id = `${this.#selfDataConns}@${this.id}`;
+    const [ours, theirs] = duplexPair();
+    for (const end of [ours, theirs]) {
+      end.on('error', (e) => this.#emitSafe('log', 'debug', `data connection ${id} with ${this.id}: ${e.message}`));
+    }
+    // The arguments as the handler of a remote request gets them: through CBOR.
+    if (handle?.[offer]({ stream: theirs, node: this.id, id, args: decodeCbor(initArgs) })) return ours;
+    throw new AempError('DATA_CONN', handle
+      ? `${handler}: ${handle.pending} data connections wait for it already`
+      : `${handler}: no such data connection handler`);
   }
 
   /**

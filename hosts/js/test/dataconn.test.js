@@ -200,11 +200,34 @@ test('a data connection not up in time rejects with the reference message', asyn
   );
 });
 
+test('a data connection to the node itself is an in-memory pair', async (t) => {
+  const [a] = await pair(t, { dataConnCapacity: 1 });
+  await assert.rejects(
+    a.dataConnect(a.id, 'self'),
+    (e) => e.code === 'DATA_CONN' && e.message === 'self: no such data connection handler',
+  );
+  const downs = [];
+  a.on('port-down', (port) => downs.push(port));
+  await roundTrip(a, a, 'self');
+  assert.deepEqual(downs, []);
+  const conns = a.handleDataConnections('self');
+  const first = await a.dataConnect(`${a.id}#anyport`, 'self', [Buffer.from([1])]);
+  await assert.rejects(a.dataConnect(a.id, 'self'), { code: 'DATA_CONN', message: 'self: 1 data connections wait for it already' });
+  const { value } = await conns.next();
+  assert.match(value.id, new RegExp(`^\\d+@${a.id}$`));
+  assert.deepEqual(value.args, [new Uint8Array([1])]);
+  // A destroyed end ends the other's reading and fails its writing.
+  first.write('before');
+  first.destroy();
+  assert.equal(String(await readAll(value.stream)), 'before');
+  await assert.rejects(new Promise((resolve, reject) => value.stream.write('after', (e) => (e ? reject(e) : resolve()))), { code: 'EPIPE' });
+  conns.close();
+});
+
 test('bad arguments and a closing node reject dataConnect', async (t) => {
   const [a, b] = await pair(t);
   await assert.rejects(b.dataConnect(a.id, 'bulk', 'not an array'), TypeError);
   await assert.rejects(b.dataConnect(a.id, 'bulk', [], { timeoutMs: -1 }), { code: 'CONFIG' });
-  await assert.rejects(b.dataConnect(b.id, 'bulk'), { code: 'REFUSED' });
   const waiting = b.dataConnect('dc-nowhere', 'bulk', [], { timeoutMs: 60000 });
   await b.close();
   await assert.rejects(waiting, { code: 'CLOSED' });
