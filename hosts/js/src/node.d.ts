@@ -114,7 +114,7 @@ export interface NodeOptions {
   /** What `close()` waits for queued writes by default (1000). */
   closeTimeoutMs?: number;
   /** Incoming data connections a `handleDataConnections` handle holds not taken yet
-   * (default 16); more are closed with a warning. */
+   * (default 64); more are closed with a warning. */
   dataConnCapacity?: number;
 }
 

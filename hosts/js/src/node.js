@@ -152,7 +152,7 @@ const defaultLimits = {
   /** What `close()` waits for queued writes by default. */
   closeTimeoutMs: 1000,
   /** Incoming data connections a `handleDataConnections` handle holds not taken yet. */
-  dataConnCapacity: 16,
+  dataConnCapacity: 64,
 };
 
 /** Bytes waiting to be written to a node's connection past which sends to that node
