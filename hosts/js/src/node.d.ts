@@ -216,7 +216,8 @@ export declare class Node extends EventEmitter<NodeEvents> {
    * node itself: an in-memory pair); rejects with `DATA_CONN` (the reference's message)
    * when it fails or times out. */
   dataConnect(node: string, handler: string, args?: unknown[], options?: { timeoutMs?: number }): Promise<Duplex>;
-  /** Data connections other nodes ask for with handler `name`. */
+  /** Data connections other nodes ask for with handler `name`; a second call takes
+   * them over (the first handle ends, what it held goes to the new one). */
   handleDataConnections(name: string): DataConnections;
   /** Connects to the node listening at `addr` (`host:port`). */
   connect(addr: string): void;

@@ -455,12 +455,12 @@ export class DataConnections {
     return true;
   }
 
-  /** Ends the iteration: queued connections are closed, waiting `next()` calls resolve
-   * as done. */
-  [finish]() {
+  /** Ends the iteration: queued connections go to `heir` (a new handle for the name) or
+   * are closed, waiting `next()` calls resolve as done. */
+  [finish](heir = undefined) {
     if (this.#closed) return;
     this.#closed = true;
-    for (const { stream } of this.#queue.splice(0)) stream.destroy();
+    for (const conn of this.#queue.splice(0)) if (!heir?.[offer](conn)) conn.stream.destroy();
     for (const waiter of this.#waiters.splice(0)) waiter({ value: undefined, done: true });
   }
 
@@ -1244,17 +1244,16 @@ export class Node extends EventEmitter {
 
   /**
    * Lets other nodes ask for data connections handled by `name`; they come from the
-   * returned `DataConnections`, an async iterator. Throws `REFUSED` while another open
-   * handle has the name.
+   * returned `DataConnections`, an async iterator. A second call takes them over, as in
+   * the Rust host: the first handle's iteration ends, and what it held goes to the new.
    */
   handleDataConnections(name) {
     if (typeof name !== 'string') throw new TypeError('name must be a string');
-    if (this.#dataHandles.has(name)) {
-      throw new AempError('REFUSED', `data connections for handler ${name} are handled already`);
-    }
     this.#run(() => this.#engine.registerDataHandler(name));
     const handle = new DataConnections(this, name, this.#limits.dataConnCapacity);
+    const previous = this.#dataHandles.get(name);
     this.#dataHandles.set(name, handle);
+    previous?.[finish](handle);
     return handle;
   }
 

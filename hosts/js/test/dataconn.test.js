@@ -234,10 +234,9 @@ test('bad arguments and a closing node reject dataConnect', async (t) => {
   await assert.rejects(b.dataConnect(a.id, 'bulk'), { code: 'CLOSED' });
 });
 
-test('an incoming handle holds dataConnCapacity connections; others are closed with a warning', async (t) => {
+test('an incoming handle holds dataConnCapacity connections, others are closed with a warning; a new handle takes over', async (t) => {
   const [a, b] = await pair(t, { dataConnCapacity: 1 });
-  const conns = a.handleDataConnections('bulk');
-  assert.throws(() => a.handleDataConnections('bulk'), { code: 'REFUSED' });
+  const replaced = a.handleDataConnections('bulk');
   const warned = new Promise((resolve) => a.on('log', (level, message) => {
     if (level === 'warn' && /data connection .* for handler bulk: 1 waiting to be taken already, closed/.test(message)) resolve();
   }));
@@ -245,6 +244,11 @@ test('an incoming handle holds dataConnCapacity connections; others are closed w
   const second = await b.dataConnect(a.id, 'bulk', [2]);
   await warned;
   assert.equal((await readAll(second)).length, 0);
+  assert.equal(replaced.pending, 1);
+  // A second handle for the name takes over, with what the first held.
+  const conns = a.handleDataConnections('bulk');
+  assert.equal(replaced.closed, true);
+  assert.deepEqual(await replaced.next(), { value: undefined, done: true });
   assert.equal(conns.pending, 1);
   first.end('queued, then taken');
   const taken = [];
