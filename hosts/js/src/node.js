@@ -544,7 +544,7 @@ export class Node extends EventEmitter {
    * maxQueueBytes, maxBufferedBytes, maxHandshakes (the engine's), and the host's limits:
    * portCapacity (1024), portBytes (16 MiB), portStallMs (10000), maxWriteQueue (64 MiB),
    * maxWriteTotal (128 MiB), writeTimeoutMs (monitorTimeoutMs, 30000), closeTimeoutMs
-   * (1000).
+   * (1000), dataConnCapacity (64).
    */
   static async start(options = {}) {
     const node = new Node(options);
