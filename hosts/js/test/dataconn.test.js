@@ -278,15 +278,19 @@ test('closing the node ends its handles and closes the connections they hold', a
   const [a, b] = await pair(t);
   const conns = a.handleDataConnections('bulk');
   const stream = await b.dataConnect(a.id, 'bulk');
-  const waiting = [conns.next(), conns.next()];
-  const { value } = await waiting[0];
+  const { value } = await conns.next();
   assert.equal(value.node, b.id);
+  const queued = await b.dataConnect(a.id, 'bulk');
+  while (conns.pending === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+  const waiting = a.handleDataConnections('idle').next();
   await a.close();
-  assert.deepEqual(await waiting[1], { value: undefined, done: true });
+  assert.deepEqual(await waiting, { value: undefined, done: true });
+  assert.equal(conns.closed, true);
+  // The one it held and nobody took is closed: its asker reads the end.
+  assert.equal((await readAll(queued)).length, 0);
   // A stream the application took is its own: closing the node leaves it open.
   assert.equal(value.stream.destroyed, false);
   value.stream.end('still there');
   assert.equal(String(await readAll(stream)), 'still there');
-  stream.destroy();
-  value.stream.destroy();
+  for (const s of [stream, value.stream, queued]) s.destroy();
 });
