@@ -1,6 +1,7 @@
 // Data connections between two JS nodes on loopback: both ways of opening one (the asking
 // node dials, or it asks the other to dial it), 1 MiB each way with end of stream, over
-// TLS too, the reference's failures, and the bounds of an incoming handle.
+// TLS too, bytes that came with the handshake, one to the node itself, the reference's
+// failures, and the bounds of an incoming handle.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
