@@ -27,15 +27,16 @@ type conn struct {
 	id   uint64
 	raw  net.Conn      // the socket: closing it cuts the peer off
 	c    net.Conn      // what the reader reads next: the socket, or TLS over it
-	next chan net.Conn // the loop lets the reader read on; closed when the connection is gone
+	next chan net.Conn // the loop lets the reader read on; closed when the connection is gone, nil when handed over
 
 	mu      sync.Mutex
 	q       []outMsg
-	pending int   // bytes queued and not written yet
-	written int64 // bytes written so far
-	ending  bool  // write what is queued, then close
-	dead    bool  // the writer stopped
-	werr    error // why, when a write failed
+	pending int           // bytes queued and not written yet
+	written int64         // bytes written so far
+	ending  bool          // write what is queued, then close
+	handed  chan struct{} // set for a data connection's stream: closed when what is queued is written, the socket left open
+	dead    bool          // the writer stopped
+	werr    error         // why, when a write failed
 	kick    chan struct{}
 
 	// loop only
@@ -128,8 +129,13 @@ func (n *Node) writer(c *conn) {
 	c.dead, c.werr = true, err
 	rest := c.pending
 	c.pending, c.q = 0, nil
+	handed := c.handed
 	c.mu.Unlock()
 	n.total.Add(-int64(rest))
+	if handed != nil { // the socket is the application's now; the hand-over sees werr
+		close(handed)
+		return
+	}
 	if err == nil {
 		w.Close() // TLS sends its close_notify
 	}
@@ -166,7 +172,7 @@ func (n *Node) reader(c *conn) {
 			var ok bool
 			select {
 			case r, ok = <-c.next:
-				if !ok {
+				if !ok || r == nil { // gone, or handed over as a data connection
 					return
 				}
 			case <-n.done:

@@ -309,9 +309,16 @@ type Node struct {
 	dbWait    map[string]chan dbReply
 	dbMons    map[string]*inbox
 	handlers  map[string]*inbox
-	checking  bool // a check of the write bounds is due
-	closing   bool
-	closeBy   time.Time
+	// data connections: DataConnect calls waiting (by their port), the listeners (by
+	// handler name), the sockets whose reader has not stopped yet, the count of
+	// connections to the node itself (their ids)
+	dataWaits    map[string]chan *DataConn
+	dataHandlers map[string]*DataListener
+	handing      map[uint64]*handover
+	localData    uint64
+	checking     bool // a check of the write bounds is due
+	closing      bool
+	closeBy      time.Time
 }
 
 type event struct {
@@ -424,7 +431,8 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		log: cfg.Log, tlsCli: tcli, tlsSrv: tsrv,
 		conns: map[uint64]*conn{}, upConn: map[string]uint64{}, ports: map[string]*Port{},
 		fullPorts: map[*inbox]struct{}{}, ups: map[string][]chan struct{}{}, downs: map[string][]chan string{}, mons: map[string][]chan []any{},
-		dbWait: map[string]chan dbReply{}, dbMons: map[string]*inbox{}, handlers: map[string]*inbox{}}
+		dbWait: map[string]chan dbReply{}, dbMons: map[string]*inbox{}, handlers: map[string]*inbox{},
+		dataWaits: map[string]chan *DataConn{}, dataHandlers: map[string]*DataListener{}, handing: map[uint64]*handover{}}
 	var binds []string
 	for _, b := range cfg.Binds {
 		ln, err := net.Listen("tcp", b)
@@ -576,6 +584,9 @@ func (n *Node) stop(timer *time.Timer) {
 	for _, c := range n.conns {
 		c.end()
 	}
+	for _, l := range n.dataHandlers {
+		l.drain()
+	}
 	finished := make(chan struct{})
 	go func() { n.writers.Wait(); close(finished) }()
 	select {
@@ -625,6 +636,8 @@ func (n *Node) handle(ev event) error {
 			if c, ok := n.conns[ev.conn]; ok {
 				inputs = append(inputs, abi.Input{Conn: ev.conn, Data: ev.data})
 				c.waiting = true
+			} else if h := n.handing[ev.conn]; h != nil {
+				n.settle(h, ev.data) // read after the engine's last input: the stream's
 			}
 		default: // the end of a connection
 			if len(inputs) > 0 { // keep the order of bytes and the end
@@ -654,6 +667,9 @@ func (n *Node) handle(ev event) error {
 func (n *Node) endConn(ev event) error {
 	c, ok := n.conns[ev.conn]
 	if !ok {
+		if h := n.handing[ev.conn]; h != nil {
+			n.settle(h, nil) // the read cut short, or the end that came with the handshake
+		}
 		return nil // the host or the engine ended it already
 	}
 	if ev.eof {
@@ -706,11 +722,8 @@ func (n *Node) output(o abi.Output) error {
 			time.AfterFunc(linger, func() { c.raw.Close() })
 		}
 	case abi.OutDataConnection:
-		// The engine handed a data connection's stream over; this host has no data
-		// streams yet (and registers no data handlers), so it closes the socket.
 		if c, ok := n.conns[o.Conn]; ok {
-			n.forget(c)
-			c.raw.Close()
+			n.handOver(c, o.Bytes, o.Rest)
 		}
 	case abi.OutDeliver:
 		if p := n.ports[o.Str]; p != nil {
