@@ -12,8 +12,8 @@ import (
 // DataConn is a data connection: AnyEvent::MP's raw byte stream between two nodes
 // (AnyEvent::MP::DataConn), authenticated as the node's connections are and inside TLS
 // when they use it, then nothing but bytes. It is a net.Conn over the TCP connection, the
-// TLS session over it, or, to the node itself, one end of a net.Pipe. The node no longer
-// touches it: Close it when done.
+// TLS session over it, or, to the node itself, one end of a Unix socket pair (a net.Pipe
+// where there are none). The node no longer touches it: Close it when done.
 type DataConn struct {
 	net.Conn
 	id, node, handler string
@@ -51,8 +51,8 @@ func (d *DataConn) Read(b []byte) (int, error) {
 }
 
 // CloseWrite ends the stream towards the other node, which reads EOF, while reading
-// goes on: a TCP half-close, or TLS's close_notify. A data connection to the node
-// itself (a net.Pipe) cannot: errors.ErrUnsupported.
+// goes on: a TCP (or socket pair) half-close, or TLS's close_notify. A net.Pipe cannot:
+// errors.ErrUnsupported.
 func (d *DataConn) CloseWrite() error {
 	if cw, ok := d.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
@@ -189,7 +189,7 @@ func dataFailure(reason []any) error {
 }
 
 // dataConnectSelf makes a data connection to the node itself, which the engine leaves
-// to the host: a net.Pipe to the handler, as the reference makes a socket pair.
+// to the host: a socket pair to the handler (localPair).
 func (n *Node) dataConnectSelf(handler string, enc []byte) (*DataConn, error) {
 	var args []any
 	if err := decMode.Unmarshal(enc, &args); err != nil {
@@ -201,7 +201,10 @@ func (n *Node) dataConnectSelf(handler string, enc []byte) (*DataConn, error) {
 	}
 	n.localData++
 	id := fmt.Sprintf("%d@%s", n.localData, n.id)
-	a, b := net.Pipe()
+	a, b, err := localPair()
+	if err != nil {
+		return nil, err
+	}
 	ours := &DataConn{Conn: a, id: id, node: n.id, handler: handler, args: args}
 	theirs := &DataConn{Conn: b, id: id, node: n.id, handler: handler, args: args}
 	if !l.offer(theirs) {
