@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -273,12 +274,17 @@ func TestDataConnToRust(t *testing.T) {
 }
 
 // The Rust CLI's `aemp dataconn` (stdin through a data connection, what comes back to
-// stdout) against a Go node's handler, plain and inside TLS.
+// stdout) against a Go node's handler, plain and inside TLS, with 1 MiB and with 5 bytes
+// (which may come with the handshake and the end of the stream in one read).
 func TestRustDataconnToGo(t *testing.T) {
-	for _, tlsOn := range []bool{false, true} {
-		name := "plain"
+	for _, c := range []struct {
+		tlsOn bool
+		size  int
+	}{{false, 1 << 20}, {true, 1 << 20}, {false, 5}, {true, 5}} {
+		tlsOn := c.tlsOn
+		name := fmt.Sprintf("plain-%d", c.size)
 		if tlsOn {
-			name = "tls"
+			name = fmt.Sprintf("tls-%d", c.size)
 		}
 		t.Run(name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -301,7 +307,7 @@ func TestRustDataconnToGo(t *testing.T) {
 				t.Fatal(err)
 			}
 			serveEcho(t, l, nil)
-			want := make([]byte, 1<<20)
+			want := make([]byte, c.size)
 			rand.Read(want)
 			cmd := exec.CommandContext(ctx, aempBin(t), append(args, "--connect", n.Addrs()[0])...)
 			cmd.Env = append(os.Environ(), "PERL_ANYEVENT_MP_RC="+filepath.Join(dir, "rc"))
@@ -368,5 +374,46 @@ func TestHandOverWhileReading(t *testing.T) {
 	rest, err := io.ReadAll(dc)
 	if err != nil || string(rest) != "back" {
 		t.Fatalf("%q %v", rest, err)
+	}
+}
+
+// A handler that writes at once and closes: its bytes and its end may reach the asker
+// with the handshake's last bytes, and the asker reads them all the same, whichever
+// node opened the stream.
+func TestDataConnDataWithHandshake(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	srv, cli := goPair(t, ctx, nil, nil)
+	for _, n := range []*Node{srv, cli} {
+		l, err := n.HandleDataConnections("hello")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			for {
+				dc, err := l.Accept(context.Background())
+				if err != nil {
+					return
+				}
+				dc.Write([]byte("hello from " + n.ID()))
+				dc.Close()
+			}
+		}()
+	}
+	for i := range 20 {
+		asker, other := cli, srv
+		if i%2 == 1 {
+			asker, other = srv, cli
+		}
+		dc, err := asker.DataConnect(ctx, other.ID(), "hello")
+		if err != nil {
+			t.Fatal(err)
+		}
+		dc.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b, err := io.ReadAll(dc)
+		dc.Close()
+		if err != nil || string(b) != "hello from "+other.ID() {
+			t.Fatalf("round %d: %q %v", i, b, err)
+		}
 	}
 }
