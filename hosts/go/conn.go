@@ -38,6 +38,7 @@ type conn struct {
 	dead    bool          // the writer stopped
 	werr    error         // why, when a write failed
 	kick    chan struct{}
+	gone    chan struct{} // closed when the writer stops
 
 	// loop only
 	waiting  bool // the reader waits for next
@@ -46,10 +47,12 @@ type conn struct {
 	deadline *time.Timer
 }
 
-// outMsg is bytes to write, or (sw set) the switch of the writer to TLS.
+// outMsg is bytes to write, or (sw set) the switch of the writer to TLS, after which
+// flushed is closed.
 type outMsg struct {
-	b  []byte
-	sw net.Conn
+	b       []byte
+	sw      net.Conn
+	flushed chan struct{}
 }
 
 // queue hands bytes to the writer; it returns what is waiting for this connection.
@@ -84,7 +87,8 @@ func wake(ch chan struct{}) {
 }
 
 func (n *Node) addConn(id uint64, nc net.Conn) {
-	c := &conn{id: id, raw: nc, c: nc, next: make(chan net.Conn, 1), kick: make(chan struct{}, 1)}
+	c := &conn{id: id, raw: nc, c: nc, next: make(chan net.Conn, 1), kick: make(chan struct{}, 1),
+		gone: make(chan struct{})}
 	n.conns[id] = c
 	n.writers.Add(1)
 	go n.writer(c)
@@ -93,6 +97,7 @@ func (n *Node) addConn(id uint64, nc net.Conn) {
 
 func (n *Node) writer(c *conn) {
 	defer n.writers.Done()
+	defer close(c.gone)
 	w := c.raw
 	var err error
 	for err == nil {
@@ -111,6 +116,7 @@ func (n *Node) writer(c *conn) {
 		for _, m := range q {
 			if m.sw != nil {
 				w = m.sw
+				close(m.flushed)
 				continue
 			}
 			for b := m.b; len(b) > 0 && err == nil; {

@@ -375,10 +375,28 @@ func tlsConfigs(pemText []byte) (client, server *tls.Config, err error) {
 	return client, server, nil
 }
 
-// prefixConn reads leftover (bytes already taken from the socket) before the socket.
+// prefixConn is the socket under TLS: it reads leftover (bytes already taken from the
+// socket) first, and writes only once the writer has written what was queued before
+// TLS started (flushed), so that a handshake the reader drives cannot overtake our
+// greeting or our last plain bytes.
 type prefixConn struct {
 	net.Conn
-	pre []byte
+	pre     []byte
+	flushed <-chan struct{}
+	gone    <-chan struct{} // the writer stopped: flushed may never come
+}
+
+func (p *prefixConn) Write(b []byte) (int, error) {
+	select {
+	case <-p.flushed:
+	case <-p.gone:
+		select {
+		case <-p.flushed:
+		default:
+			return 0, net.ErrClosed
+		}
+	}
+	return p.Conn.Write(b)
 }
 
 func (p *prefixConn) Read(b []byte) (int, error) {
@@ -775,7 +793,8 @@ func (n *Node) output(o abi.Output) error {
 // startTLS wraps the socket in TLS; the handshake runs on first read or write, and
 // its failure ends as a read error, closing this connection only.
 func (n *Node) startTLS(c *conn, role uint8, leftover []byte) {
-	raw := &prefixConn{Conn: c.c, pre: append([]byte(nil), leftover...)}
+	flushed := make(chan struct{})
+	raw := &prefixConn{Conn: c.c, pre: append([]byte(nil), leftover...), flushed: flushed, gone: c.gone}
 	var t *tls.Conn
 	switch {
 	case n.tlsCli == nil: // the engine asks only when TLS is configured
@@ -787,7 +806,7 @@ func (n *Node) startTLS(c *conn, role uint8, leftover []byte) {
 		t = tls.Server(raw, n.tlsSrv)
 	}
 	c.c = t
-	n.queue(c, outMsg{sw: t})
+	n.queue(c, outMsg{sw: t, flushed: flushed})
 }
 
 func (n *Node) addPort(id string) *Port {
