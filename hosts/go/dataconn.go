@@ -148,6 +148,11 @@ func (n *Node) DataConnect(ctx context.Context, node, handler string, args ...an
 		case <-grace:
 			return nil, n.giveUp(port, ready, ctx.Err())
 		case <-n.done:
+			select {
+			case dc := <-ready: // came as the node stopped: no one takes it
+				dc.Close()
+			default:
+			}
 			return nil, n.stopErr()
 		}
 	}

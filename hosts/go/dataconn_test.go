@@ -79,8 +79,12 @@ func commonPrefix(a, b []byte) int {
 // data handler echo, and waits until they are up.
 func goPair(t *testing.T, ctx context.Context, cert []byte, seen chan<- *DataConn) (srv, cli *Node) {
 	t.Helper()
-	srv = startGo(t, ctx, Config{NodeID: "srv", Secret: "s", Cert: cert, Binds: []string{"127.0.0.1:0"}})
-	cli = startGo(t, ctx, Config{NodeID: "cli", Secret: "s", Cert: cert})
+	logs := &logBook{}
+	logTo := func(id string) func(int, string) {
+		return func(level int, msg string) { logs.add(level, id+": "+msg) }
+	}
+	srv = startGo(t, ctx, Config{NodeID: "srv", Secret: "s", Cert: cert, Binds: []string{"127.0.0.1:0"}, Log: logTo("srv")})
+	cli = startGo(t, ctx, Config{NodeID: "cli", Secret: "s", Cert: cert, Log: logTo("cli")})
 	for _, n := range []*Node{srv, cli} {
 		l, err := n.HandleDataConnections("echo")
 		if err != nil {
@@ -92,7 +96,7 @@ func goPair(t *testing.T, ctx context.Context, cert []byte, seen chan<- *DataCon
 		t.Fatal(err)
 	}
 	if err := cli.WaitUp(ctx, "srv"); err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v; the nodes' logs:\n%s", err, strings.Join(logs.find(""), "\n"))
 	}
 	return srv, cli
 }
