@@ -136,9 +136,7 @@ impl Scanner {
                     let Some(content) = msg.get(self.pos + h.len..end) else {
                         return self.partial(msg, limits);
                     };
-                    // Most names and texts are ASCII, checked faster than UTF-8.
-                    if h.major == 3 && !content.is_ascii() && std::str::from_utf8(content).is_err()
-                    {
+                    if h.major == 3 && !is_text(content) {
                         return Err(malformed("text string is not UTF-8"));
                     }
                     advance = end - self.pos;
@@ -246,6 +244,22 @@ impl Scanner {
     }
 }
 
+/// Whether a text string's bytes are UTF-8. Most names and texts are ASCII, checked
+/// first and faster: 32 bytes at a time in 64-bit words, where std's check on wasm32
+/// takes a 32-bit word at a time, and a large text message's cost in the sandbox was
+/// mostly that check (twice: once sent, once received).
+fn is_text(bytes: &[u8]) -> bool {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut blocks = bytes.chunks_exact(32);
+    let ascii = blocks.all(|block| {
+        let words = block
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
+        words.fold(0, |acc, w| acc | w) & HIGH == 0
+    }) && blocks.remainder().is_ascii();
+    ascii || std::str::from_utf8(bytes).is_ok()
+}
+
 /// The end of `msg`'s first item when it is a complete, valid definite array of integers,
 /// definite strings and simple values or floats, within the limits: the common message
 /// shape, checked in one tight pass. `None` for anything else, valid or not, which the
@@ -268,7 +282,7 @@ fn flat_array(msg: &[u8], limits: &Limits) -> Option<usize> {
             2 | 3 => {
                 let end = pos.checked_add(usize::try_from(h.arg).ok()?)?;
                 let content = msg.get(pos..end)?;
-                if h.major == 3 && !content.is_ascii() && std::str::from_utf8(content).is_err() {
+                if h.major == 3 && !is_text(content) {
                     return None;
                 }
                 pos = end;
@@ -279,6 +293,42 @@ fn flat_array(msg: &[u8], limits: &Limits) -> Option<usize> {
         }
     }
     (pos <= limits.max_message_size).then_some(pos)
+}
+
+/// Writes `s` as a JSON string, as serde_json writes it. Nearly every string has no byte
+/// to escape (a quote, a backslash, a control character); those are copied whole, after
+/// a check 8 bytes at a time, where serde_json looks at each byte: in the sandbox that
+/// was most of what sending a large text message as JSON cost.
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    if needs_escape(s.as_bytes()) {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, s);
+        return;
+    }
+    out.reserve(s.len().saturating_add(2));
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
+/// Whether some byte is one JSON escapes: below 0x20, `"` or `\`.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Some byte of `x` is below `n` (n <= 0x80), the usual word-at-a-time test.
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH != 0;
+    let mut words = bytes.chunks_exact(8);
+    let found = words.by_ref().any(|w| {
+        let x = u64::from_le_bytes(w.try_into().unwrap_or_default());
+        below(x, 0x20)
+            || below(x ^ (ONES * u64::from(b'"')), 1)
+            || below(x ^ (ONES * u64::from(b'\\')), 1)
+    });
+    found
+        || words
+            .remainder()
+            .iter()
+            .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// Writes a checked CBOR item as JSON (see [`crate::Value::write_json`] for the mapping) as it
@@ -395,9 +445,7 @@ fn write_json(d: &mut Decoder, out: &mut Vec<u8>) -> Result<(), MessageError> {
                 // Writing into a Vec cannot fail.
                 let _ = serde_json::to_writer(&mut *out, &n);
             }
-            None if !key && ty == Type::String => {
-                let _ = serde_json::to_writer(&mut *out, d.str().map_err(bad)?);
-            }
+            None if !key && ty == Type::String => write_json_str(out, d.str().map_err(bad)?),
             None => {
                 let value = crate::value::scalar(d, ty).map_err(bad)?;
                 let written = if key {
@@ -608,6 +656,28 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn strings_are_written_as_serde_json_writes_them(s in "(.|[\\x00-\\x1f\"\\\\\\x7f])*") {
+            let mut out = Vec::new();
+            write_json_str(&mut out, &s);
+            prop_assert_eq!(out, serde_json::to_vec(&s).unwrap());
+        }
+
+        #[test]
+        fn the_text_check_is_utf8s(
+            ascii in prop::collection::vec(0u8..0x80, 0..100),
+            at in 0usize..100,
+            high in prop::collection::vec(0x80u8.., 0..4),
+        ) {
+            // ASCII of every length around the 32-byte blocks, then bytes above 0x7f (valid
+            // UTF-8 or not) spliced in anywhere.
+            prop_assert!(is_text(&ascii));
+            let mut bytes = ascii.clone();
+            let at = at.min(bytes.len());
+            bytes.splice(at..at, high);
+            prop_assert_eq!(is_text(&bytes), std::str::from_utf8(&bytes).is_ok());
+        }
+
         #[test]
         fn streams_what_a_tree_would_write(items in prop::collection::vec(value(), 0..20)) {
             let item = Value::Array(items).encode();

@@ -1,6 +1,7 @@
 // Types of the public API of src/node.js (checked by test/types.test.js).
 
 import { EventEmitter } from 'node:events';
+import { Duplex } from 'node:stream';
 
 /**
  * A value a peer sent, as `decodeCbor` decodes it: byte strings as `Uint8Array`, maps as
@@ -34,7 +35,9 @@ export type AempErrorCode =
   | 'CONFIG'
   | 'BIND'
   | 'TIMEOUT'
-  | 'DECODE';
+  | 'DECODE'
+  /** A data connection failed; the message is the reference's. */
+  | 'DATA_CONN';
 
 /** An error of a node; `code` says which kind. */
 /** What the engine refused a call for (`REFUSED` errors). */
@@ -110,6 +113,9 @@ export interface NodeOptions {
   writeTimeoutMs?: number;
   /** What `close()` waits for queued writes by default (1000). */
   closeTimeoutMs?: number;
+  /** Incoming data connections a `handleDataConnections` handle holds not taken yet
+   * (default 64); more are closed with a warning. */
+  dataConnCapacity?: number;
 }
 
 /** The events of a `Node`, with their arguments. */
@@ -149,6 +155,35 @@ export declare class Port implements AsyncIterableIterator<Value[]> {
   kill(...reason: unknown[]): void;
 }
 
+/** An incoming data connection, from `handleDataConnections`. */
+export interface DataConnection {
+  /** The byte stream (inside TLS when the node's connections use it). */
+  stream: Duplex;
+  /** The node that asked for it. */
+  node: string;
+  /** The data connection's id (`b@NODE`, ...). */
+  id: string;
+  /** The arguments the asking node gave `dataConnect`. */
+  args: Value[];
+}
+
+/** The incoming data connections for one handler name: an async iterator of them. */
+export declare class DataConnections implements AsyncIterableIterator<DataConnection> {
+  private constructor();
+  /** The handler name other nodes ask for. */
+  readonly name: string;
+  /** Connections received and not taken yet. */
+  readonly pending: number;
+  readonly closed: boolean;
+  next(): Promise<IteratorResult<DataConnection, undefined>>;
+  /** Closes it (a `break` out of `for await` calls it). */
+  return(value?: unknown): Promise<IteratorResult<DataConnection, undefined>>;
+  [Symbol.asyncIterator](): this;
+  [Symbol.asyncDispose](): Promise<void>;
+  /** Stops taking connections for this name; the queued ones are closed. */
+  close(): void;
+}
+
 /** A running node. */
 export declare class Node extends EventEmitter<NodeEvents> {
   /** Starts a node and its listeners. */
@@ -177,6 +212,13 @@ export declare class Node extends EventEmitter<NodeEvents> {
   unmonitor(portId: string): void;
   /** Node-port requests tagged `tag` come as 'request' events. */
   handleRequests(tag: string): void;
+  /** Asks `node` for a data connection handled there by `handler` with `args` (to this
+   * node itself: an in-memory pair); rejects with `DATA_CONN` (the reference's message)
+   * when it fails or times out. */
+  dataConnect(node: string, handler: string, args?: unknown[], options?: { timeoutMs?: number }): Promise<Duplex>;
+  /** Data connections other nodes ask for with handler `name`; a second call takes
+   * them over (the first handle ends, what it held goes to the new one). */
+  handleDataConnections(name: string): DataConnections;
   /** Connects to the node listening at `addr` (`host:port`). */
   connect(addr: string): void;
   isUp(node: string): boolean;

@@ -9,6 +9,7 @@ import os from 'node:os';
 import { EventEmitter } from 'node:events';
 import { Duplex } from 'node:stream';
 import { performance } from 'node:perf_hooks';
+import { inspect } from 'node:util';
 import * as cborg from 'cborg';
 import { bigIntDecoder, bigNegIntDecoder } from 'cborg/taglib';
 import { node as api } from '../gen/engine.js';
@@ -86,13 +87,52 @@ function prefixed(socket, head) {
       done(error);
     },
   });
-  stream.push(head);
+  if (head.length) stream.push(head);
   socket.on('data', (chunk) => {
     if (!stream.push(chunk)) socket.pause();
   });
   socket.on('end', () => stream.push(null));
   socket.on('error', (error) => stream.destroy(error));
   return stream;
+}
+
+/** The error of a write to an end of `duplexPair` whose other end is gone. */
+const pipeClosed = () => Object.assign(new Error('the other end of the data connection is closed'), { code: 'EPIPE' });
+
+/**
+ * Two Duplex streams joined in memory as a socket pair is (the reference's data
+ * connection to its own node): what one writes the other reads, a write waiting until
+ * the other end reads when it holds its high-water mark; one end's `end()` is the other's
+ * end of data, and a destroyed end ends the other's reading and fails its writes.
+ */
+function duplexPair() {
+  const held = [null, null]; // each end's write callback, waiting for the other to read
+  const ends = [0, 1].map((i) => new Duplex({
+    read() {
+      const done = held[1 - i];
+      held[1 - i] = null;
+      done?.();
+    },
+    write(chunk, encoding, done) {
+      const other = ends[1 - i];
+      if (other.destroyed) done(pipeClosed());
+      else if (other.push(chunk)) done();
+      else held[i] = done;
+    },
+    final(done) {
+      if (!ends[1 - i].destroyed) ends[1 - i].push(null);
+      done();
+    },
+    destroy(error, done) {
+      const other = ends[1 - i];
+      const waiting = held[1 - i];
+      held[1 - i] = null;
+      waiting?.(pipeClosed());
+      if (!other.destroyed) other.push(null);
+      done(error);
+    },
+  }));
+  return ends;
 }
 
 /** The host's limits, as `Node.start` options, with their defaults. */
@@ -111,6 +151,8 @@ const defaultLimits = {
   maxWriteTotal: 128 * 1024 * 1024,
   /** What `close()` waits for queued writes by default. */
   closeTimeoutMs: 1000,
+  /** Incoming data connections a `handleDataConnections` handle holds not taken yet. */
+  dataConnCapacity: 64,
 };
 
 /** Bytes waiting to be written to a node's connection past which sends to that node
@@ -157,6 +199,12 @@ const room = Symbol('room');
 const blocks = Symbol('blocks');
 const release = Symbol('release');
 const finish = Symbol('finish');
+const offer = Symbol('offer');
+const unhandle = Symbol('unhandle');
+/** The kill reason's first word when the engine fails a data connection (the
+ * reference's package name). */
+const DATA_CONN_TAG = 'AnyEvent::MP::DataConn';
+const EMPTY_ARRAY = cborg.encode([]);
 
 /**
  * An error of this node. `code`: `CLOSED` (the node is closed or closing), `STOPPED` (the
@@ -165,7 +213,9 @@ const finish = Symbol('finish');
  * local port already holds `portCapacity` messages or `portBytes` bytes), `CONFIG`
  * (invalid options), `BIND`
  * (a listener could not bind; `cause` is the socket error), `TIMEOUT`, `DECODE` (the
- * answer to a database query could not be decoded). A `REFUSED` error has `kind`, the
+ * answer to a database query could not be decoded), `DATA_CONN` (a data connection
+ * failed: the message is the reference's, e.g. `NODE: unable to establish connection
+ * within N seconds`). A `REFUSED` error has `kind`, the
  * engine's refusal kind (`invalid-port-id`, `port-exists`, `queue-full`,
  * `budget-exhausted`, `too-large`, `too-deep`, `not-an-array`, `malformed`, `not-json`,
  * ...). For `send` and `sendBatch`, `sent` is how many messages of the batch went out
@@ -179,6 +229,15 @@ export class AempError extends Error {
     if (kind !== undefined) this.kind = kind;
     if (sent !== undefined) this.sent = sent;
   }
+}
+
+/** The error of a `dataConnect` whose port died with `reason`: the engine's
+ * `[AnyEvent::MP::DataConn, MESSAGE]`, or whatever a peer that killed the port gave. */
+function dataConnError(reason) {
+  const message = reason[0] === DATA_CONN_TAG && typeof reason[1] === 'string'
+    ? reason[1]
+    : `data connection port killed: ${inspect(reason)}`;
+  return new AempError('DATA_CONN', message);
 }
 
 /** `host:port` (the host possibly in brackets) as [host, port]. */
@@ -353,6 +412,95 @@ export class Port {
 }
 
 /**
+ * The incoming data connections for one data handler name (`handleDataConnections`): an
+ * async iterator of `{ stream, node, id, args }`, in arrival order. It holds at most
+ * `dataConnCapacity` connections nobody has taken yet; one that finds it full, or comes
+ * after `close()`, is closed with a warning. Leaving a `for await` loop closes it, as
+ * `close()` does.
+ */
+export class DataConnections {
+  #node;
+  #queue = [];
+  #waiters = [];
+  #closed = false;
+  #capacity;
+
+  constructor(node, name, capacity) {
+    this.#node = node;
+    this.#capacity = capacity;
+    /** The data handler name other nodes ask for. */
+    this.name = name;
+  }
+
+  /** Connections received and not taken yet. */
+  get pending() {
+    return this.#queue.length;
+  }
+
+  /** Whether it is closed (by `close()`, or its node closed). */
+  get closed() {
+    return this.#closed;
+  }
+
+  /** Takes `conn` if it is open and has room; false otherwise (the caller closes it). */
+  [offer](conn) {
+    if (this.#closed) return false;
+    const waiter = this.#waiters.shift();
+    if (waiter) {
+      waiter({ value: conn, done: false });
+      return true;
+    }
+    if (this.#queue.length >= this.#capacity) return false;
+    this.#queue.push(conn);
+    return true;
+  }
+
+  /** Ends the iteration: queued connections go to `heir` (a new handle for the name) or
+   * are closed, waiting `next()` calls resolve as done. */
+  [finish](heir = undefined) {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const conn of this.#queue.splice(0)) if (!heir?.[offer](conn)) conn.stream.destroy();
+    for (const waiter of this.#waiters.splice(0)) waiter({ value: undefined, done: true });
+  }
+
+  /** The iterator protocol: the next connection, or `done` once closed. */
+  next() {
+    // One that failed while it waited (the peer reset it) is of no use to anyone.
+    while (this.#queue.length) {
+      const value = this.#queue.shift();
+      if (!value.stream.destroyed) return Promise.resolve({ value, done: false });
+    }
+    if (this.#closed) return Promise.resolve({ value: undefined, done: true });
+    return new Promise((resolve) => this.#waiters.push(resolve));
+  }
+
+  /** The iterator protocol's end (a `break` out of `for await`): closes it. */
+  return(value) {
+    this.close();
+    return Promise.resolve({ value, done: true });
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  /** `await using conns = node.handleDataConnections(name)` closes it at the end of the
+   * scope. */
+  async [asyncDispose]() {
+    this.close();
+  }
+
+  /** Stops taking connections for this name; the queued ones are closed. Does nothing
+   * when closed. */
+  close() {
+    if (this.#closed) return;
+    this[finish]();
+    this.#node[unhandle](this);
+  }
+}
+
+/**
  * A running node. Events: 'node-up' (node), 'node-down' (node, reason), 'port-down'
  * (port, reason) for monitored ports, 'request' (node, tag, args) for node-port requests
  * with a tag registered by `handleRequests`, 'db-change' (family, set, del) for monitored
@@ -377,6 +525,9 @@ export class Node extends EventEmitter {
   #limits;
   #writeTimeoutMs;
   #dbWaiters = new Map(); // database query id -> { resolve, reject }
+  #dataRequests = new Map(); // port id -> { resolve, reject } of a `dataConnect` call
+  #dataHandles = new Map(); // data handler name -> DataConnections
+  #selfDataConns = 0; // data connections made to this node itself, for their ids
   #blocking = new Set(); // full ports holding reading back
   #writeBlocked = 0; // connections whose socket said "wait for drain"
   #state = 'running';
@@ -393,7 +544,7 @@ export class Node extends EventEmitter {
    * maxQueueBytes, maxBufferedBytes, maxHandshakes (the engine's), and the host's limits:
    * portCapacity (1024), portBytes (16 MiB), portStallMs (10000), maxWriteQueue (64 MiB),
    * maxWriteTotal (128 MiB), writeTimeoutMs (monitorTimeoutMs, 30000), closeTimeoutMs
-   * (1000).
+   * (1000), dataConnCapacity (64).
    */
   static async start(options = {}) {
     const node = new Node(options);
@@ -421,7 +572,10 @@ export class Node extends EventEmitter {
     }
     try {
       // Made once, so a bad certificate or key fails here, not at the first TLS peer.
-      this.#tls = options.tls && tls.createSecureContext(options.tls);
+      // A session id context, as tls.Server sets one: without it a server that asks for
+      // certificates fails the handshake of a peer that offers to resume an earlier
+      // session (rustls does, on a node's second connection: a data connection).
+      this.#tls = options.tls && tls.createSecureContext({ ...options.tls, sessionIdContext: 'aemp-js' });
     } catch (e) {
       throw new AempError('CONFIG', `invalid TLS options: ${e.message}`, { cause: e });
     }
@@ -493,21 +647,25 @@ export class Node extends EventEmitter {
     this.#conns.set(key, c);
     if (this.#blocking.size) socket.pause();
     const mine = () => this.#state === 'running' && this.#conns.get(key) === c;
-    socket.on('data', (data) => {
-      if (mine()) this.#guard(() => this.#engine.handleInput(conn, data, now()));
-    });
-    socket.on('end', () => {
-      if (!mine()) return;
-      this.#forget(c);
-      this.#guard(() => this.#engine.handleEof(conn, now()));
-    });
-    socket.on('error', (e) => {
-      if (!mine()) return;
-      this.#drop(c, e.message);
-    });
-    socket.on('drain', () => {
-      if (this.#conns.get(key) === c) this.#drained(c);
-    });
+    // Kept so that a data connection's hand-over removes exactly these.
+    c.listeners = {
+      data: (data) => {
+        if (mine()) this.#guard(() => this.#engine.handleInput(conn, data, now()));
+      },
+      end: () => {
+        if (!mine()) return;
+        this.#forget(c);
+        this.#guard(() => this.#engine.handleEof(conn, now()));
+      },
+      error: (e) => {
+        if (!mine()) return;
+        this.#drop(c, e.message);
+      },
+      drain: () => {
+        if (this.#conns.get(key) === c) this.#drained(c);
+      },
+    };
+    for (const [event, listener] of Object.entries(c.listeners)) socket.on(event, listener);
   }
 
   /** The connection is no longer ours: no more input from it, no more writes to it. */
@@ -644,6 +802,9 @@ export class Node extends EventEmitter {
     this.#forget(c);
     raw.removeAllListeners('data').removeAllListeners('end').removeAllListeners('error').removeAllListeners('drain');
     raw.on('error', () => undefined); // the TLS socket reports what fails below it
+    // The TLS socket decides when to end writing: the peer's end must not end it below
+    // (a data connection writes on after it).
+    raw.allowHalfOpen = true;
     // Bytes the engine read past the greeting are TLS records: TLS must read them first.
     // A TLSSocket over a net.Socket reads from its handle, past anything unshifted onto
     // the stream, so such bytes go through a stream that yields them before the socket's.
@@ -797,9 +958,18 @@ export class Node extends EventEmitter {
         this.#wakeReady();
         this.#emitSafe('node-down', val.node, val.reason);
         break;
-      case 'port-down':
-        this.#emitSafe('port-down', val.port, this.#decode(val.reason, 'reason') ?? []);
+      case 'port-down': {
+        const reason = this.#decode(val.reason, 'reason') ?? [];
+        const request = this.#dataRequests.get(val.port);
+        if (request) {
+          // The engine killed a `dataConnect` port: that request failed.
+          this.#dataRequests.delete(val.port);
+          request.reject(dataConnError(reason));
+        } else {
+          this.#emitSafe('port-down', val.port, reason);
+        }
         break;
+      }
       case 'request': {
         // `[NODE, ARGS...]`
         const message = this.#decode(val.message, `request ${val.tag}`);
@@ -828,10 +998,72 @@ export class Node extends EventEmitter {
       case 'log':
         this.#emitSafe('log', val.level, val.message);
         break;
+      case 'data-connection':
+        this.#dataConnection(val.conn, val.setup, val.leftover);
+        break;
       default:
         this.#emitSafe('log', 'debug', `engine output ${tag} not understood by this host`);
         break;
     }
+  }
+
+  /** The engine handed connection `conn` over as a data connection: its socket leaves
+   * the node's tables and goes, as a stream, to the `dataConnect` call that asked for it
+   * or to the handle of its data handler. */
+  #dataConnection(conn, setup, leftover) {
+    const c = this.#conns.get(String(conn));
+    let stream;
+    if (c) {
+      this.#forget(c);
+      const { socket } = c;
+      for (const [event, listener] of Object.entries(c.listeners)) socket.off(event, listener);
+      // Nothing is read until the application reads. Every byte the host read went to
+      // the engine at once, so what follows the handshake is `leftover`, then what the
+      // socket has not emitted yet; what the engine wrote last (its handshake lines) is
+      // in the socket's buffer already, before anything the application writes.
+      socket.pause();
+      // Each side ends its own writing: the peer's end must not end ours.
+      socket.allowHalfOpen = true;
+      stream = prefixed(socket, Buffer.from(leftover));
+    }
+    const fields = this.#decode(setup, 'data connection setup');
+    if (!Array.isArray(fields) || fields.length < 6) {
+      stream?.destroy();
+      return;
+    }
+    const [id, node, port, handler, args, requested] = fields;
+    // The application reads errors from the stream as usual; this listener only keeps a
+    // peer's reset from throwing when it has none.
+    stream?.on('error', (e) => this.#emitSafe('log', 'debug', `data connection ${id} with ${node}: ${e.message}`));
+    if (requested) {
+      const request = this.#dataRequests.get(port);
+      if (!request) {
+        // Its port was killed meanwhile (by a peer that knew it): nobody waits for it.
+        this.#emitSafe('log', 'warn', `data connection ${id} with ${node}: its request is gone, closed`);
+        stream?.destroy();
+        return;
+      }
+      this.#dataRequests.delete(port);
+      this.#freePort(port);
+      if (stream) request.resolve(stream);
+      else request.reject(new AempError('DATA_CONN', `data connection ${id} with ${node}: the connection was gone at its hand-over`));
+      return;
+    }
+    if (!stream) return;
+    const handle = this.#dataHandles.get(handler);
+    const taken = handle?.[offer]({ stream, node, id, args: Array.isArray(args) ? args : [] });
+    if (!taken) {
+      const why = handle ? `${handle.pending} waiting to be taken already` : 'nothing handles it';
+      this.#emitSafe('log', 'warn', `data connection ${id} from ${node} for handler ${handler}: ${why}, closed`);
+      stream.destroy();
+    }
+  }
+
+  /** Frees the port of a `dataConnect` call: unmonitored first, so no 'port-down'
+   * follows. Both calls are on a live local port: there is nothing to refuse. */
+  #freePort(port) {
+    this.#engine.unmonitor(port, now());
+    this.#engine.kill(port, EMPTY_ARRAY, now());
   }
 
   /** Dials `addr` for the engine's connection `conn`. Addresses come from peers (through
@@ -951,6 +1183,82 @@ export class Node extends EventEmitter {
    * application as 'request' events instead of being refused. */
   handleRequests(tag) {
     this.#run(() => this.#engine.registerHandler(tag));
+  }
+
+  /**
+   * Asks `node` for a data connection (AnyEvent::MP::DataConn's `connect_to`), handled
+   * there by its data handler `handler` with `args`. Resolves to the connection, a
+   * `stream.Duplex` (inside TLS when the node connections use it); rejects with
+   * `DATA_CONN` and the reference's message when it fails (`HANDLER: no such data
+   * connection handler`, `NODE: unable to establish connection within N seconds`, ...),
+   * `REFUSED` when the engine refuses to ask (too many pending), `CLOSED`/`STOPPED` when
+   * this node closes first. To this node itself it is an in-memory pair of streams.
+   */
+  dataConnect(node, handler, args = [], { timeoutMs = 10000 } = {}) {
+    // A throw inside the executor (closed node, refusal, bad argument) rejects.
+    return new Promise((resolve, reject) => {
+      if (!Array.isArray(args)) throw new TypeError('args must be an array');
+      if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0) {
+        throw new AempError('CONFIG', 'timeoutMs must be a non-negative integer');
+      }
+      const initArgs = cbor.encode(args);
+      if (typeof node === 'string' && nodeOf(node) === this.id) {
+        resolve(this.#dataConnectSelf(handler, initArgs));
+        return;
+      }
+      // A port of its own, monitored: the engine kills it when the connection fails.
+      const port = this.#run(() => this.#engine.newPort());
+      this.#dataRequests.set(port, { resolve, reject });
+      try {
+        this.#run(() => {
+          this.#engine.monitor(port, now());
+          this.#engine.dataConnect(port, node, BigInt(timeoutMs), handler, initArgs, now());
+        });
+      } catch (e) {
+        this.#dataRequests.delete(port);
+        if (this.#state === 'running') this.#run(() => this.#freePort(port));
+        throw e;
+      }
+    });
+  }
+
+  /** A data connection to this node itself: the other end of an in-memory pair goes to
+   * the handle of `handler` at once, as the reference makes a socket pair (no engine, no
+   * socket). Its id is `N@NODE`, digits where the engine's are letters. */
+  #dataConnectSelf(handler, initArgs) {
+    if (this.#state !== 'running') throw this.#closedError();
+    if (typeof handler !== 'string') throw new TypeError('handler must be a string');
+    const handle = this.#dataHandles.get(handler);
+    this.#selfDataConns += 1;
+    const id = `${this.#selfDataConns}@${this.id}`;
+    const [ours, theirs] = duplexPair();
+    for (const end of [ours, theirs]) {
+      end.on('error', (e) => this.#emitSafe('log', 'debug', `data connection ${id} with ${this.id}: ${e.message}`));
+    }
+    // The arguments as the handler of a remote request gets them: through CBOR.
+    if (handle?.[offer]({ stream: theirs, node: this.id, id, args: decodeCbor(initArgs) })) return ours;
+    throw new AempError('DATA_CONN', handle
+      ? `${handler}: ${handle.pending} data connections wait for it already`
+      : `${handler}: no such data connection handler`);
+  }
+
+  /**
+   * Lets other nodes ask for data connections handled by `name`; they come from the
+   * returned `DataConnections`, an async iterator. A second call takes them over, as in
+   * the Rust host: the first handle's iteration ends, and what it held goes to the new.
+   */
+  handleDataConnections(name) {
+    if (typeof name !== 'string') throw new TypeError('name must be a string');
+    this.#run(() => this.#engine.registerDataHandler(name));
+    const handle = new DataConnections(this, name, this.#limits.dataConnCapacity);
+    const previous = this.#dataHandles.get(name);
+    this.#dataHandles.set(name, handle);
+    previous?.[finish](handle);
+    return handle;
+  }
+
+  [unhandle](handle) {
+    if (this.#dataHandles.get(handle.name) === handle) this.#dataHandles.delete(handle.name);
   }
 
   /** Connects to the node listening at `addr` (`host:port`). */
@@ -1122,6 +1430,10 @@ export class Node extends EventEmitter {
     this.#dbWaiters.clear();
     for (const { reject } of this.#readyWaiters) reject(error);
     this.#readyWaiters.clear();
+    for (const { reject } of this.#dataRequests.values()) reject(error);
+    this.#dataRequests.clear();
+    for (const handle of this.#dataHandles.values()) handle[finish]();
+    this.#dataHandles.clear();
     try {
       this.#engine?.[dispose]?.();
     } catch {

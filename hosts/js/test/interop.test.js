@@ -1,11 +1,15 @@
 // The JavaScript node and a Rust `aemp` node on loopback: handshake (hmac_sha3_512) in
 // json and cbor, messages both ways, the same refusal text for a wrong secret, and two JS
-// nodes finding each other and sharing the database through a Rust seed.
+// nodes finding each other and sharing the database through a Rust seed, a data
+// connection to the Rust node's `echo` data handler.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { Node, tlsFromPem } from '../src/node.js';
-import { rustNode } from './support.js';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { aemp, rcFile, rustNode } from './support.js';
 
 for (const framing of ['json', 'cbor']) {
   test(`js node and rust node exchange messages (${framing})`, { timeout: 60_000 }, async () => {
@@ -113,5 +117,78 @@ test('js nodes find each other and share the database through a rust seed', { ti
     a.close();
     b.close();
     child.kill();
+  }
+});
+
+/** 1 MiB through the `echo` data handler of `aemp run --echo` on `node` and back. */
+async function echoThrough(js, node) {
+  let stream;
+  try {
+    stream = await js.dataConnect(node, 'echo', [], { timeoutMs: 20_000 });
+  } catch (e) {
+    if (/no such data connection handler/.test(e.message)) {
+      assert.fail(`${aemp} has no \`echo\` data handler in \`aemp run --echo\` (${e.message}): build it from a tree with the Rust host's data connections`);
+    }
+    throw e;
+  }
+  // The handler sends back everything and ends its writing at our end.
+  const data = randomBytes(1 << 20);
+  stream.end(data);
+  const chunks = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  const back = Buffer.concat(chunks);
+  assert.ok(back.equals(data), `${back.length} bytes came back, not the ${data.length} sent`);
+}
+
+for (const withTls of [false, true]) {
+  const tag = withTls ? 'tls' : 'plain';
+  test(`a js data connection to the rust node's echo data handler (${tag})`, { timeout: 60_000 }, async () => {
+    const { addr, child, rc } = await rustNode(`rust-data-${tag}`, 'shared', 'cbor', withTls);
+    const js = await Node.start({ nodeId: `js-data-${tag}`, secret: 'shared', ...(withTls ? { tls: tlsFromPem(rc.cert) } : {}) });
+    try {
+      js.connect(addr);
+      await js.waitUp(`rust-data-${tag}`);
+      await echoThrough(js, `rust-data-${tag}`);
+    } finally {
+      js.close();
+      child.kill();
+    }
+  });
+}
+
+test('a rust node that dialled the js node dials the data connection the js node asks for', { timeout: 60_000 }, async () => {
+  const js = await Node.start({ nodeId: 'js-dialled', secret: 'shared', binds: ['127.0.0.1:0'] });
+  const { child } = await rustNode('rust-dialler', 'shared', 'cbor', false, ['--connect', js.listenAddrs[0]]);
+  try {
+    await js.waitUp('rust-dialler');
+    await echoThrough(js, 'rust-dialler');
+  } finally {
+    js.close();
+    child.kill();
+  }
+});
+
+test('aemp dataconn through a js data handler', { timeout: 60_000 }, async () => {
+  const js = await Node.start({ nodeId: 'js-handler', secret: 'shared', binds: ['127.0.0.1:0'] });
+  try {
+    const conns = js.handleDataConnections('upload');
+    const data = randomBytes(1 << 20);
+    const child = spawn(aemp, ['dataconn', 'js-handler', 'upload', 'a1', '--connect', js.listenAddrs[0]], {
+      env: { ...process.env, PERL_ANYEVENT_MP_RC: rcFile('shared') },
+      stdio: ['pipe', 'pipe', 'inherit'],
+    });
+    const exited = once(child, 'exit');
+    const out = [];
+    child.stdout.on('data', (chunk) => out.push(chunk));
+    child.stdin.end(data);
+    const { value } = await conns.next();
+    assert.deepEqual(value.args, ['a1']);
+    // Back as it comes, our end at its end.
+    value.stream.pipe(value.stream);
+    assert.deepEqual(await exited, [0, null]);
+    const back = Buffer.concat(out);
+    assert.ok(back.equals(data), `${back.length} bytes came back, not the ${data.length} sent`);
+  } finally {
+    js.close();
   }
 });

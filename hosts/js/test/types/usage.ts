@@ -1,9 +1,10 @@
 // Compiled (not run) by test/types.test.js against the package's declarations, as a
 // TypeScript user imports them.
-import { AempError, Node, Port, decodeCbor, tlsFromPem } from 'aemp-js';
+import type { Duplex } from 'node:stream';
+import { AempError, DataConnections, Node, Port, decodeCbor, tlsFromPem } from 'aemp-js';
 import type { NodeOptions, Value, ValueObject } from 'aemp-js';
 
-const options: NodeOptions = { nodeId: 'ts/', secret: 's', binds: ['127.0.0.1:0'], portCapacity: 16, portBytes: 1 << 20, maxWriteTotal: 64 << 20 };
+const options: NodeOptions = { nodeId: 'ts/', secret: 's', binds: ['127.0.0.1:0'], portCapacity: 16, portBytes: 1 << 20, maxWriteTotal: 64 << 20, dataConnCapacity: 4 };
 
 export async function usage(pem: string): Promise<void> {
   await using node = await Node.start({ ...options, tls: tlsFromPem(pem) });
@@ -30,6 +31,21 @@ export async function usage(pem: string): Promise<void> {
     break;
   }
   const reply: Value[] | undefined = await port.recv();
+  const stream: Duplex = await node.dataConnect('other', 'bulk', [1, 'two'], { timeoutMs: 5000 });
+  stream.end(new Uint8Array([1, 2, 3]));
+  // @ts-expect-error: the handler's arguments are an array
+  await node.dataConnect('other', 'bulk', 'one');
+  await using conns: DataConnections = node.handleDataConnections('bulk');
+  for await (const { stream: incoming, node: from, id: dataId, args: dataArgs } of conns) {
+    incoming.pipe(incoming);
+    console.log(from, dataId, dataArgs[0], conns.pending);
+    break;
+  }
+  try {
+    await node.dataConnect('other', 'nope');
+  } catch (e) {
+    if (e instanceof AempError && e.code === 'DATA_CONN') console.log(e.message);
+  }
   node.dbSet('family', 'key', { any: ['value'] });
   const all: ValueObject = await node.dbFamily('family');
   const keys: string[] = await node.dbKeys('family');
