@@ -248,6 +248,64 @@ func TestDataConnListenerTakeover(t *testing.T) {
 	}
 }
 
+// Past 64 connections waiting for Accept, the next one is closed with a log line: the
+// asker reads EOF; the waiting ones are still there.
+func TestDataConnQueueFull(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	logs := &logBook{}
+	srv := startGo(t, ctx, Config{NodeID: "full", Secret: "s", Binds: []string{"127.0.0.1:0"}, Log: logs.add})
+	cli := startGo(t, ctx, Config{NodeID: "asker", Secret: "s", Seeds: []string{srv.Addrs()[0]}})
+	l, err := srv.HandleDataConnections("slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns []*DataConn
+	defer func() {
+		for _, dc := range conns {
+			dc.Close()
+		}
+	}()
+	for i := range dataQueue + 1 {
+		dc, err := cli.DataConnect(ctx, "full", "slow", i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, dc)
+	}
+	// The hand-overs finish in no set order: find the one that found the queue full.
+	for len(logs.find("64 wait for data handler slow already")) == 0 {
+		if ctx.Err() != nil {
+			t.Fatalf("no log line of a full queue: %q", logs.find(""))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	waiting := map[string]bool{}
+	for range dataQueue {
+		actx, acancel := context.WithTimeout(ctx, time.Second)
+		in, err := l.Accept(actx)
+		acancel()
+		if err != nil {
+			t.Fatalf("after %d accepted: %v", len(waiting), err)
+		}
+		waiting[in.ID()] = true
+		in.Close()
+	}
+	var closed []*DataConn
+	for _, dc := range conns {
+		if !waiting[dc.ID()] {
+			closed = append(closed, dc)
+		}
+	}
+	if len(closed) != 1 || len(logs.find("64 wait for data handler slow already")) != 1 {
+		t.Fatalf("%d not accepted, logs %q", len(closed), logs.find(""))
+	}
+	closed[0].SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, err := io.ReadAll(closed[0]); err != nil || len(b) != 0 {
+		t.Fatalf("the connection past the queue: %q %v", b, err)
+	}
+}
+
 // A Go node asks a Rust node's echo data handler (`aemp run --echo`), plain and inside
 // TLS: 1 MiB goes there and back.
 func TestDataConnToRust(t *testing.T) {
