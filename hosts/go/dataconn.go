@@ -240,7 +240,7 @@ func (n *Node) HandleDataConnections(name string) (*DataListener, error) {
 	l := &DataListener{n: n, name: name, q: make(chan *DataConn, dataQueue), done: make(chan struct{})}
 	err := n.do(context.Background(), func() error {
 		if err := n.eng.RegisterDataHandler(name); err != nil {
-			return err
+			return refusal(err) // a trap: ErrStopped
 		}
 		if old := n.dataHandlers[name]; old != nil {
 			for moved := false; !moved; {
