@@ -27,16 +27,18 @@ type conn struct {
 	id   uint64
 	raw  net.Conn      // the socket: closing it cuts the peer off
 	c    net.Conn      // what the reader reads next: the socket, or TLS over it
-	next chan net.Conn // the loop lets the reader read on; closed when the connection is gone
+	next chan net.Conn // the loop lets the reader read on; closed when the connection is gone, nil when handed over
 
 	mu      sync.Mutex
 	q       []outMsg
-	pending int   // bytes queued and not written yet
-	written int64 // bytes written so far
-	ending  bool  // write what is queued, then close
-	dead    bool  // the writer stopped
-	werr    error // why, when a write failed
+	pending int           // bytes queued and not written yet
+	written int64         // bytes written so far
+	ending  bool          // write what is queued, then close
+	handed  chan struct{} // set for a data connection's stream: closed when what is queued is written, the socket left open
+	dead    bool          // the writer stopped
+	werr    error         // why, when a write failed
 	kick    chan struct{}
+	gone    chan struct{} // closed when the writer stops
 
 	// loop only
 	waiting  bool // the reader waits for next
@@ -45,10 +47,12 @@ type conn struct {
 	deadline *time.Timer
 }
 
-// outMsg is bytes to write, or (sw set) the switch of the writer to TLS.
+// outMsg is bytes to write, or (sw set) the switch of the writer to TLS, after which
+// flushed is closed.
 type outMsg struct {
-	b  []byte
-	sw net.Conn
+	b       []byte
+	sw      net.Conn
+	flushed chan struct{}
 }
 
 // queue hands bytes to the writer; it returns what is waiting for this connection.
@@ -83,7 +87,8 @@ func wake(ch chan struct{}) {
 }
 
 func (n *Node) addConn(id uint64, nc net.Conn) {
-	c := &conn{id: id, raw: nc, c: nc, next: make(chan net.Conn, 1), kick: make(chan struct{}, 1)}
+	c := &conn{id: id, raw: nc, c: nc, next: make(chan net.Conn, 1), kick: make(chan struct{}, 1),
+		gone: make(chan struct{})}
 	n.conns[id] = c
 	n.writers.Add(1)
 	go n.writer(c)
@@ -92,6 +97,7 @@ func (n *Node) addConn(id uint64, nc net.Conn) {
 
 func (n *Node) writer(c *conn) {
 	defer n.writers.Done()
+	defer close(c.gone)
 	w := c.raw
 	var err error
 	for err == nil {
@@ -110,6 +116,7 @@ func (n *Node) writer(c *conn) {
 		for _, m := range q {
 			if m.sw != nil {
 				w = m.sw
+				close(m.flushed)
 				continue
 			}
 			for b := m.b; len(b) > 0 && err == nil; {
@@ -128,8 +135,13 @@ func (n *Node) writer(c *conn) {
 	c.dead, c.werr = true, err
 	rest := c.pending
 	c.pending, c.q = 0, nil
+	handed := c.handed
 	c.mu.Unlock()
 	n.total.Add(-int64(rest))
+	if handed != nil { // the socket is the application's now; the hand-over sees werr
+		close(handed)
+		return
+	}
 	if err == nil {
 		w.Close() // TLS sends its close_notify
 	}
@@ -166,7 +178,7 @@ func (n *Node) reader(c *conn) {
 			var ok bool
 			select {
 			case r, ok = <-c.next:
-				if !ok {
+				if !ok || r == nil { // gone, or handed over as a data connection
 					return
 				}
 			case <-n.done:

@@ -10,8 +10,8 @@ import (
 	"time"
 )
 
-// cmd/aemp-echo with -cert serves its echo port over TLS to a node with the same
-// certificate file and refuses one with another.
+// cmd/aemp-echo with -cert serves its echo port and its echo data handler over TLS to a
+// node with the same certificate file and refuses one with another.
 func TestEchoCommandWithCert(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -33,6 +33,12 @@ func TestEchoCommandWithCert(t *testing.T) {
 		t.Fatal(err)
 	}
 	echoRoundTrip(t, ctx, n, "go-echo-tls", "over tls")
+	dc, err := n.DataConnect(ctx, "go-echo-tls", "echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, dc, 1<<20)
+	dc.Close()
 	// Another network's certificate is refused, so the echo node really runs TLS.
 	other := startGo(t, ctx, Config{NodeID: "go-echo-other", Secret: "shared", Cert: genCert(t, t.TempDir()), Seeds: []string{addr}})
 	wctx, wcancel := context.WithTimeout(ctx, 3*time.Second)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/aemp-project/aemp/hosts/go"
@@ -130,4 +131,34 @@ func ExampleNode_SendBatch() {
 	// Output:
 	// 2 true
 	// [one] [two]
+}
+
+// A data connection carries raw bytes between two nodes: the node that serves names a
+// data handler, the other asks for it with arguments, writes and ends its side.
+func ExampleNode_DataConnect() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	server, _ := aemp.Start(ctx, aemp.Config{NodeID: "files", Secret: "shared", Binds: []string{"127.0.0.1:0"}})
+	defer server.Close(ctx)
+	uploads, _ := server.HandleDataConnections("upload")
+	client, _ := aemp.Start(ctx, aemp.Config{NodeID: "laptop", Secret: "shared"})
+	defer client.Close(ctx)
+	_ = client.Connect(ctx, server.Addrs()[0])
+
+	go func() {
+		stream, err := client.DataConnect(ctx, "files", "upload", "notes.txt")
+		if err != nil {
+			panic(err)
+		}
+		defer stream.Close()
+		_, _ = stream.Write([]byte("some bytes, as many as there are"))
+		_ = stream.CloseWrite() // the other side reads EOF
+		_, _ = io.Copy(io.Discard, stream)
+	}()
+
+	stream, _ := uploads.Accept(ctx)
+	defer stream.Close()
+	body, _ := io.ReadAll(stream)
+	fmt.Println(stream.Node(), stream.Handler(), stream.Args(), len(body))
+	// Output: laptop upload [notes.txt] 32
 }

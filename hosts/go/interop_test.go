@@ -21,7 +21,7 @@ import (
 
 // aempBin is the Rust CLI: $AEMP_BIN, else the workspace's debug build. A missing
 // binary fails the tests: interop is what they are for.
-func aempBin(t *testing.T) string {
+func aempBin(t testing.TB) string {
 	t.Helper()
 	bin := os.Getenv("AEMP_BIN")
 	if bin == "" {
@@ -109,7 +109,7 @@ func startEcho(t *testing.T, cmd *exec.Cmd) string {
 }
 
 // genCert runs `aemp gencert` on dir/rc and returns the certificate file it stored.
-func genCert(t *testing.T, dir string) []byte {
+func genCert(t testing.TB, dir string) []byte {
 	t.Helper()
 	rcPath := filepath.Join(dir, "rc")
 	cmd := exec.Command(aempBin(t), "gencert")

@@ -309,9 +309,16 @@ type Node struct {
 	dbWait    map[string]chan dbReply
 	dbMons    map[string]*inbox
 	handlers  map[string]*inbox
-	checking  bool // a check of the write bounds is due
-	closing   bool
-	closeBy   time.Time
+	// data connections: DataConnect calls waiting (by their port), the listeners (by
+	// handler name), the sockets whose reader has not stopped yet, the count of
+	// connections to the node itself (their ids)
+	dataWaits    map[string]chan *DataConn
+	dataHandlers map[string]*DataListener
+	handing      map[uint64]*handover
+	localData    uint64
+	checking     bool // a check of the write bounds is due
+	closing      bool
+	closeBy      time.Time
 }
 
 type event struct {
@@ -368,10 +375,28 @@ func tlsConfigs(pemText []byte) (client, server *tls.Config, err error) {
 	return client, server, nil
 }
 
-// prefixConn reads leftover (bytes already taken from the socket) before the socket.
+// prefixConn is the socket under TLS: it reads leftover (bytes already taken from the
+// socket) first, and writes only once the writer has written what was queued before
+// TLS started (flushed), so that a handshake the reader drives cannot overtake our
+// greeting or our last plain bytes.
 type prefixConn struct {
 	net.Conn
-	pre []byte
+	pre     []byte
+	flushed <-chan struct{}
+	gone    <-chan struct{} // the writer stopped: flushed may never come
+}
+
+func (p *prefixConn) Write(b []byte) (int, error) {
+	select {
+	case <-p.flushed:
+	case <-p.gone:
+		select {
+		case <-p.flushed:
+		default:
+			return 0, net.ErrClosed
+		}
+	}
+	return p.Conn.Write(b)
 }
 
 func (p *prefixConn) Read(b []byte) (int, error) {
@@ -424,7 +449,8 @@ func Start(ctx context.Context, cfg Config) (*Node, error) {
 		log: cfg.Log, tlsCli: tcli, tlsSrv: tsrv,
 		conns: map[uint64]*conn{}, upConn: map[string]uint64{}, ports: map[string]*Port{},
 		fullPorts: map[*inbox]struct{}{}, ups: map[string][]chan struct{}{}, downs: map[string][]chan string{}, mons: map[string][]chan []any{},
-		dbWait: map[string]chan dbReply{}, dbMons: map[string]*inbox{}, handlers: map[string]*inbox{}}
+		dbWait: map[string]chan dbReply{}, dbMons: map[string]*inbox{}, handlers: map[string]*inbox{},
+		dataWaits: map[string]chan *DataConn{}, dataHandlers: map[string]*DataListener{}, handing: map[uint64]*handover{}}
 	var binds []string
 	for _, b := range cfg.Binds {
 		ln, err := net.Listen("tcp", b)
@@ -576,6 +602,9 @@ func (n *Node) stop(timer *time.Timer) {
 	for _, c := range n.conns {
 		c.end()
 	}
+	for _, l := range n.dataHandlers {
+		l.drain()
+	}
 	finished := make(chan struct{})
 	go func() { n.writers.Wait(); close(finished) }()
 	select {
@@ -625,6 +654,8 @@ func (n *Node) handle(ev event) error {
 			if c, ok := n.conns[ev.conn]; ok {
 				inputs = append(inputs, abi.Input{Conn: ev.conn, Data: ev.data})
 				c.waiting = true
+			} else if h := n.handing[ev.conn]; h != nil {
+				n.settle(h, ev.data) // read after the engine's last input: the stream's
 			}
 		default: // the end of a connection
 			if len(inputs) > 0 { // keep the order of bytes and the end
@@ -654,6 +685,9 @@ func (n *Node) handle(ev event) error {
 func (n *Node) endConn(ev event) error {
 	c, ok := n.conns[ev.conn]
 	if !ok {
+		if h := n.handing[ev.conn]; h != nil {
+			n.settle(h, nil) // the read cut short, or the end that came with the handshake
+		}
 		return nil // the host or the engine ended it already
 	}
 	if ev.eof {
@@ -706,11 +740,8 @@ func (n *Node) output(o abi.Output) error {
 			time.AfterFunc(linger, func() { c.raw.Close() })
 		}
 	case abi.OutDataConnection:
-		// The engine handed a data connection's stream over; this host has no data
-		// streams yet (and registers no data handlers), so it closes the socket.
 		if c, ok := n.conns[o.Conn]; ok {
-			n.forget(c)
-			c.raw.Close()
+			n.handOver(c, o.Bytes, o.Rest)
 		}
 	case abi.OutDeliver:
 		if p := n.ports[o.Str]; p != nil {
@@ -762,7 +793,8 @@ func (n *Node) output(o abi.Output) error {
 // startTLS wraps the socket in TLS; the handshake runs on first read or write, and
 // its failure ends as a read error, closing this connection only.
 func (n *Node) startTLS(c *conn, role uint8, leftover []byte) {
-	raw := &prefixConn{Conn: c.c, pre: append([]byte(nil), leftover...)}
+	flushed := make(chan struct{})
+	raw := &prefixConn{Conn: c.c, pre: append([]byte(nil), leftover...), flushed: flushed, gone: c.gone}
 	var t *tls.Conn
 	switch {
 	case n.tlsCli == nil: // the engine asks only when TLS is configured
@@ -774,7 +806,7 @@ func (n *Node) startTLS(c *conn, role uint8, leftover []byte) {
 		t = tls.Server(raw, n.tlsSrv)
 	}
 	c.c = t
-	n.queue(c, outMsg{sw: t})
+	n.queue(c, outMsg{sw: t, flushed: flushed})
 }
 
 func (n *Node) addPort(id string) *Port {

@@ -13,7 +13,7 @@ import (
 	"time"
 )
 
-func startGo(t *testing.T, ctx context.Context, cfg Config) *Node {
+func startGo(t testing.TB, ctx context.Context, cfg Config) *Node {
 	t.Helper()
 	n, err := Start(ctx, cfg)
 	if err != nil {

@@ -1,5 +1,7 @@
 // Command aemp-echo runs a Go node with an "echo" port: each message's remaining
-// arguments are sent to the port id in its first argument, like `aemp run --echo`.
+// arguments are sent to the port id in its first argument, like `aemp run --echo`, and
+// serves the data handler "echo", which sends back what a data connection brings and
+// ends its side at the end of it.
 //
 //	go run ./cmd/aemp-echo -nodeid go -secret shared -listen 127.0.0.1:4041
 //
@@ -11,6 +13,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"os"
 	"os/signal"
@@ -52,6 +55,24 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	streams, err := node.HandleDataConnections("echo")
+	if err != nil {
+		log.Fatal(err)
+	}
+	go func() {
+		for {
+			s, err := streams.Accept(ctx)
+			if err != nil {
+				return
+			}
+			go func() {
+				defer s.Close()
+				if _, err := io.Copy(s, s); err == nil {
+					_ = s.CloseWrite()
+				}
+			}()
+		}
+	}()
 	fmt.Printf("node %s listening on %s\necho port %s\n", node.ID(), node.Addrs()[0], port.ID)
 	for {
 		m, err := port.Recv(ctx)

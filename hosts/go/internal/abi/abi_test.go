@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 
@@ -102,6 +103,25 @@ func TestRegisterPort(t *testing.T) {
 	var r *Refusal
 	if !errors.As(err, &r) || r.Kind != 2 {
 		t.Fatalf("want port-exists, got %v", err)
+	}
+}
+
+// data-connect: ok arm the new id, err arm invalid-port-id (kind 1) for the node
+// itself; register-data-handler returns without a trap.
+func TestDataConnectLowered(t *testing.T) {
+	n := newNode(t, "a", nil)
+	if err := n.RegisterDataHandler("echo"); err != nil {
+		t.Fatal(err)
+	}
+	port, _ := n.NewPort()
+	id, err := n.DataConnect(port, "b", 1000, "echo", []byte{0x81, 0x61, 'x'}, 0)
+	if err != nil || !strings.HasSuffix(id, "@a") {
+		t.Fatalf("%q %v", id, err)
+	}
+	_, err = n.DataConnect(port, "a", 1000, "echo", []byte{0x80}, 0)
+	var r *Refusal
+	if !errors.As(err, &r) || r.Kind != 1 {
+		t.Fatalf("want invalid-port-id, got %v", err)
 	}
 }
 

@@ -288,8 +288,13 @@ func (n *Node) NewPort() (string, error) { return n.strResult("new-port") }
 // RegisterPort calls register-port.
 func (n *Node) RegisterPort(name string) (id string, err error) {
 	p, l := n.in.str(name)
+	return n.strOrRefusal("register-port", p, l)
+}
+
+// strOrRefusal calls a method returning result<string, refusal>.
+func (n *Node) strOrRefusal(name string, args ...uint64) (s string, err error) {
 	var refused error
-	err = n.in.call(n.method("register-port"), func(ret uint64) error {
+	err = n.in.call(n.method(name), func(ret uint64) error {
 		m := n.in.view()
 		d, e := m.U8(uint32(ret))
 		if e != nil {
@@ -299,13 +304,29 @@ func (n *Node) RegisterPort(name string) (id string, err error) {
 			refused = liftRefusalAt(m, uint32(ret)+4)
 			return nil
 		}
-		id, e = m.String(uint32(ret) + 4)
+		s, e = m.String(uint32(ret) + 4)
 		return e
-	}, n.rep, p, l)
+	}, append([]uint64{n.rep}, args...)...)
 	if err == nil {
 		err = refused
 	}
-	return id, err
+	return s, err
+}
+
+// DataConnect calls data-connect with init-args a CBOR array and returns the data
+// connection's id.
+func (n *Node) DataConnect(port, node string, timeoutMs uint64, handler string, args []byte, nowMs uint64) (string, error) {
+	pp, pl := n.in.str(port)
+	nd, nl := n.in.str(node)
+	hp, hl := n.in.str(handler)
+	ap, al := n.in.bytes(args)
+	return n.strOrRefusal("data-connect", pp, pl, nd, nl, timeoutMs, hp, hl, uint64(ap), uint64(al), nowMs)
+}
+
+// RegisterDataHandler calls register-data-handler.
+func (n *Node) RegisterDataHandler(name string) error {
+	p, l := n.in.str(name)
+	return n.plain("register-data-handler", p, l)
 }
 
 // unitResult calls a method returning result<_, refusal>.
