@@ -45,6 +45,15 @@ async fn round_trip(stream: DataStream, data: &[u8]) -> Vec<u8> {
     back
 }
 
+/// `len` bytes through `stream` come back as they went.
+async fn echoes(stream: DataStream, len: usize) {
+    let data = pattern(len);
+    assert!(
+        round_trip(stream, &data).await == data,
+        "echoed bytes differ"
+    );
+}
+
 /// Two nodes up: `dialler` connected to `listener`.
 async fn up(dialler: &Node, listener: &Node) {
     dialler.connect(&addr(listener)).await.unwrap();
@@ -64,11 +73,7 @@ async fn the_asker_that_dialled_opens_the_data_connection_itself() {
         .unwrap();
     assert_eq!(stream.node(), "dc-server");
     assert_eq!(stream.handler(), "echo");
-    let data = pattern(4 << 20);
-    assert!(
-        round_trip(stream, &data).await == data,
-        "echoed bytes differ"
-    );
+    echoes(stream, 4 << 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,11 +87,7 @@ async fn the_other_node_connects_when_it_dialled_the_asker() {
         .data_connect("dc-served", WAIT, "echo", vec![])
         .await
         .unwrap();
-    let data = pattern(1 << 20);
-    assert!(
-        round_trip(stream, &data).await == data,
-        "echoed bytes differ"
-    );
+    echoes(stream, 1 << 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,11 +147,7 @@ async fn a_data_connection_runs_inside_tls() {
         .data_connect("dc-tls-server", WAIT, "echo", vec![])
         .await
         .unwrap();
-    let data = pattern(3 << 20);
-    assert!(
-        round_trip(stream, &data).await == data,
-        "echoed bytes differ"
-    );
+    echoes(stream, 3 << 20).await;
     assert!(logged_by("dc-tls-server", "data connection").await);
 }
 
@@ -202,11 +199,7 @@ async fn a_data_connection_to_our_own_node_is_a_pipe_to_its_handler() {
         .await
         .unwrap();
     assert_eq!((stream.node(), stream.args()), ("dc-self", &[t("x")][..]));
-    let data = pattern(1 << 20);
-    assert!(
-        round_trip(stream, &data).await == data,
-        "echoed bytes differ"
-    );
+    echoes(stream, 1 << 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,8 @@ const FIGURES: &[&str] = &[
     "engine_wasm_node_msgs_per_s",
     "boundary_ns_per_call",
     "boundary_ns_per_message",
+    "dataconn_mb_per_s_plain",
+    "dataconn_mb_per_s_tls",
     "e2e_handshake_ms",
     "e2e_msgs_per_s_1k_plain",
     "e2e_msgs_per_s_8_senders_plain",
@@ -81,6 +83,8 @@ fn quick_run_prints_every_figure() {
     }
     assert_eq!(figures.len(), FIGURES.len(), "{figures:?}");
     for name in [
+        "dataconn_mb_per_s_plain",
+        "dataconn_mb_per_s_tls",
         "e2e_msgs_per_s_1k_plain",
         "e2e_msgs_per_s_8_senders_plain",
         "e2e_msgs_per_s_values_plain",

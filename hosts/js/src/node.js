@@ -248,6 +248,27 @@ function splitAddr(addr) {
 }
 
 /**
+ * What a port and a data connection handle share: an async iterator that `break` out of
+ * `for await` and `await using` close (with the subclass's `close()`).
+ */
+class Closable {
+  /** The iterator protocol's end (a `break` out of `for await`): closes it. */
+  return(value) {
+    this.close();
+    return Promise.resolve({ value, done: true });
+  }
+
+  [Symbol.asyncIterator]() {
+    return this;
+  }
+
+  /** `await using x = ...` closes it at the end of the scope. */
+  async [asyncDispose]() {
+    this.close();
+  }
+}
+
+/**
  * A local port: an async iterator of the argument arrays sent to it, in order. Leaving a
  * `for await` loop (`break`, `return`, a throw) kills the port, as `close()` does.
  *
@@ -258,7 +279,7 @@ function splitAddr(addr) {
  * holds past its bounds is dropped with a warning, and messages that find it full are
  * dropped, until it takes one again, so one port nobody reads cannot stop the node.
  */
-export class Port {
+export class Port extends Closable {
   #node;
   #queue = [];
   #waiters = [];
@@ -271,6 +292,7 @@ export class Port {
   #stallTimer = null;
 
   constructor(node, id, capacity, capacityBytes, stallMs) {
+    super();
     this.#node = node;
     this.#capacity = capacity;
     this.#capacityBytes = capacityBytes;
@@ -383,21 +405,6 @@ export class Port {
     return new Promise((resolve) => this.#waiters.push(resolve));
   }
 
-  /** The iterator protocol's end (a `break` out of `for await`): kills the port. */
-  return(value) {
-    this.close();
-    return Promise.resolve({ value, done: true });
-  }
-
-  [Symbol.asyncIterator]() {
-    return this;
-  }
-
-  /** `await using port = node.port()` kills the port at the end of the scope. */
-  async [asyncDispose]() {
-    this.close();
-  }
-
   /** Kills the port: monitors fire with an empty reason. Does nothing when closed. */
   close() {
     this.kill();
@@ -418,7 +425,7 @@ export class Port {
  * after `close()`, is closed with a warning. Leaving a `for await` loop closes it, as
  * `close()` does.
  */
-export class DataConnections {
+export class DataConnections extends Closable {
   #node;
   #queue = [];
   #waiters = [];
@@ -426,6 +433,7 @@ export class DataConnections {
   #capacity;
 
   constructor(node, name, capacity) {
+    super();
     this.#node = node;
     this.#capacity = capacity;
     /** The data handler name other nodes ask for. */
@@ -473,22 +481,6 @@ export class DataConnections {
     }
     if (this.#closed) return Promise.resolve({ value: undefined, done: true });
     return new Promise((resolve) => this.#waiters.push(resolve));
-  }
-
-  /** The iterator protocol's end (a `break` out of `for await`): closes it. */
-  return(value) {
-    this.close();
-    return Promise.resolve({ value, done: true });
-  }
-
-  [Symbol.asyncIterator]() {
-    return this;
-  }
-
-  /** `await using conns = node.handleDataConnections(name)` closes it at the end of the
-   * scope. */
-  async [asyncDispose]() {
-    this.close();
   }
 
   /** Stops taking connections for this name; the queued ones are closed. Does nothing
