@@ -251,6 +251,20 @@ async fn perl_peer(node: &Node) -> RawPeer {
     peer
 }
 
+/// The Perl node announces data connection `id` for handler `echo` and its port
+/// `perl-peer#p1`, as connect_to sends it.
+async fn expect_echo(perl: &mut RawPeer, id: &str) {
+    let request = vec![
+        t(""),
+        t(EXPECT),
+        t(id),
+        t("perl-peer#p1"),
+        Value::Int(5),
+        t("echo"),
+    ];
+    perl.send(request).await;
+}
+
 /// The first message `peer` gets (past the node's own chatter) that holds `needle`
 /// as one of its items.
 async fn message_with(peer: &mut RawPeer, needle: &str) -> Vec<Value> {
@@ -269,15 +283,7 @@ async fn a_perl_node_opens_a_data_connection_into_the_node() {
     let mut perl = perl_peer(&node).await;
     // connect_to as the reference sends it, then its round trip.
     let id = "1@perl-peer";
-    perl.send(vec![
-        t(""),
-        t(EXPECT),
-        t(id),
-        t("perl-peer#p1"),
-        Value::Int(5),
-        t("echo"),
-    ])
-    .await;
+    expect_echo(&mut perl, id).await;
     perl.send(vec![t(""), t("snd"), t("perl-peer#rt")]).await;
     // (To a remote port, a message names the port without its node.)
     message_with(&mut perl, "rt").await;
@@ -339,15 +345,7 @@ async fn neither_side_listening_for_the_other_kills_the_perl_port_with_why() {
     node.handle_data_connections("echo").await.unwrap();
     let mut perl = perl_peer(&node).await;
     let id = "1@perl-peer";
-    perl.send(vec![
-        t(""),
-        t(EXPECT),
-        t(id),
-        t("perl-peer#p1"),
-        Value::Int(5),
-        t("echo"),
-    ])
-    .await;
+    expect_echo(&mut perl, id).await;
     perl.send(vec![t(""), t(CONNECT), t(id), t("perl-peer")])
         .await;
     let kill = message_with(&mut perl, "kil1").await;

@@ -64,6 +64,14 @@ impl DataPeer {
     }
 }
 
+/// The peer announces data connection `b@perl` for its port `perl#p1`, as connect_to
+/// does: `_expect ID PORT TIMEOUT HANDLER ARGS...`.
+fn expect(w: &mut Wire, timeout: Value, handler: &str, args: &[Value]) {
+    let mut request = vec![t(EXPECT), t("b@perl"), t("perl#p1"), timeout, t(handler)];
+    request.extend_from_slice(args);
+    w.request(PEER, request);
+}
+
 /// The reference's transport settings for peer `perl` (`protocol` `aemp` when it
 /// listens, `aemp-dataconn` with the id when it dials).
 fn perl_config(secret: &[u8], tls: bool, dataconn_id: Option<&str>) -> Config {
@@ -296,18 +304,7 @@ fn the_node_expects_a_data_connection_from_a_requesting_peer() {
         let mut w = wire(false, tls);
         w.node.register_data_handler("echo");
         // As the reference's connect_to: `_expect`, then the round trip.
-        w.request(
-            PEER,
-            vec![
-                t(EXPECT),
-                t("b@perl"),
-                t("perl#p1"),
-                Value::Float(2.5),
-                t("echo"),
-                t("a"),
-                Value::Int(2),
-            ],
-        );
+        expect(&mut w, Value::Float(2.5), "echo", &[t("a"), Value::Int(2)]);
         w.request(PEER, vec![t("snd"), t("perl#rpc")]);
         assert_eq!(w.take(PEER), [Value::Array(vec![t("rpc")])]);
         // The peer dials in as `aemp-dataconn` with the id; with TLS, inside TLS.
@@ -355,16 +352,7 @@ fn the_node_expects_a_data_connection_from_a_requesting_peer() {
 fn leftover_bytes_after_the_auth_line_are_handed_over() {
     let mut w = wire(false, false);
     w.node.register_data_handler("echo");
-    w.request(
-        PEER,
-        vec![
-            t(EXPECT),
-            t("b@perl"),
-            t("perl#p1"),
-            Value::Int(5),
-            t("echo"),
-        ],
-    );
+    expect(&mut w, Value::Int(5), "echo", &[]);
     let conn = w.node.handle_accept("perl:50000", [1; NONCE_LEN], w.now);
     let mut d = DataPeer::new(perl_config(SECRET, false, Some("b@perl")), conn);
     // Hold back the peer's auth line and send it with stream bytes behind it.
@@ -444,16 +432,7 @@ fn the_node_opens_what_a_peer_asks_with_connect() {
 fn unknown_ids_and_other_nodes_are_refused() {
     let mut w = wire(false, false);
     w.node.register_data_handler("echo");
-    w.request(
-        PEER,
-        vec![
-            t(EXPECT),
-            t("b@perl"),
-            t("perl#p1"),
-            Value::Int(5),
-            t("echo"),
-        ],
-    );
+    expect(&mut w, Value::Int(5), "echo", &[]);
     let unknown = |w: &mut Wire, from: &str, id: &str| {
         let conn = w.node.handle_accept("x:1", [1; NONCE_LEN], w.now);
         let mut config = perl_config(SECRET, false, Some(id));
@@ -587,16 +566,7 @@ fn a_timeout_while_connecting_closes_the_connection_too() {
 fn the_expecting_side_times_out_and_kills_the_remote_port() {
     let mut w = wire(false, false);
     w.node.register_data_handler("echo");
-    w.request(
-        PEER,
-        vec![
-            t(EXPECT),
-            t("b@perl"),
-            t("perl#p1"),
-            Value::Float(2.5),
-            t("echo"),
-        ],
-    );
+    expect(&mut w, Value::Float(2.5), "echo", &[]);
     w.now += 2_500;
     w.node.handle_timeout(w.now);
     w.pump();
@@ -665,16 +635,7 @@ fn refusals_kill_the_remote_port() {
     let mut w = wire(false, false);
     w.node.register_data_handler("echo");
     // A handler nobody registered is a name, never code: refused.
-    w.request(
-        PEER,
-        vec![
-            t(EXPECT),
-            t("b@perl"),
-            t("perl#p1"),
-            Value::Int(5),
-            t("Some::func"),
-        ],
-    );
+    expect(&mut w, Value::Int(5), "Some::func", &[]);
     assert_eq!(
         w.take(PEER),
         [Value::Array(vec![
@@ -742,16 +703,7 @@ fn pending_data_connections_are_bounded() {
             .data_connect(&p, "perl", 5_000, "h", &args(vec![]), w.now)
     };
     assert!(ask(&mut w).is_ok());
-    w.request(
-        PEER,
-        vec![
-            t(EXPECT),
-            t("b@perl"),
-            t("perl#p1"),
-            Value::Int(5),
-            t("echo"),
-        ],
-    );
+    expect(&mut w, Value::Int(5), "echo", &[]);
     w.take(PEER);
     // Both ways count toward one total.
     assert_eq!(ask(&mut w), Err(NodeError::TooManyDataConns(2)));

@@ -747,14 +747,7 @@ impl Driver {
             requested: true,
         };
         let (ours, theirs) = DataStream::pair(setup);
-        // (Err(true): its queue is full; Err(false): nobody takes them.)
-        let sent = match self.data_handlers.get(handler) {
-            Some(tx) => tx
-                .try_send(theirs)
-                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
-            None => Err(false),
-        };
-        let message = match sent {
+        let message = match self.offer(handler, theirs) {
             Ok(()) => return Ok(ours),
             Err(true) => format!(
                 "{handler}: {} data connections wait for it already",
@@ -808,14 +801,7 @@ impl Driver {
         }
         let (id, handler) = (setup.id.clone(), setup.handler.clone());
         let stream = DataStream::new(conn, setup);
-        // (Err(true): its queue is full; Err(false): nobody takes them.)
-        let sent = match self.data_handlers.get(&handler) {
-            Some(tx) => tx
-                .try_send(stream)
-                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
-            None => Err(false),
-        };
-        match sent {
+        match self.offer(&handler, stream) {
             Ok(()) => {}
             Err(true) => tracing::warn!(
                 "closing data connection {id}: {} wait for data handler {handler} already",
@@ -827,6 +813,18 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Gives an incoming data connection to data handler `handler`'s handle.
+    /// `Err(true)`: its queue is full; `Err(false)`: it has no handle (and the stream
+    /// is dropped, which closes it, either way).
+    fn offer(&self, handler: &str, stream: DataStream) -> Result<(), bool> {
+        match self.data_handlers.get(handler) {
+            Some(tx) => tx
+                .try_send(stream)
+                .map_err(|e| matches!(e, mpsc::error::TrySendError::Full(_))),
+            None => Err(false),
+        }
     }
 
     fn refused(&mut self, e: &NodeError) {
