@@ -49,18 +49,18 @@ pub(crate) struct Scanner {
 }
 
 /// One item header: major type, additional information, argument, header length.
-struct Header {
-    major: u8,
-    info: u8,
-    arg: u64,
-    len: usize,
+pub(crate) struct Header {
+    pub major: u8,
+    pub info: u8,
+    pub arg: u64,
+    pub len: usize,
 }
 
 /// The header at the start of `buf`, `None` while it is incomplete. Reserved additional
 /// information (28-30) must have been refused before; it reads as a bare header here.
 /// Kept small and infallible: it runs for every item of every message.
 #[inline]
-fn header(buf: &[u8]) -> Option<Header> {
+pub(crate) fn header(buf: &[u8]) -> Option<Header> {
     let &first = buf.first()?;
     let (major, info) = (first >> 5, first & 0x1f);
     let (arg, len) = match info {

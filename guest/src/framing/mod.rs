@@ -7,6 +7,8 @@
 mod cbor;
 mod json;
 
+pub(crate) use cbor::header;
+
 use crate::buffer;
 use crate::error::MessageError;
 
@@ -136,6 +138,7 @@ pub fn split_sequence(mut buf: &[u8]) -> Result<Vec<&[u8]>, MessageError> {
 
 /// Appends message `item` (CBOR, already checked) to `out` in `framing`. On error `out` is
 /// left unchanged.
+#[inline]
 pub(crate) fn encode(
     framing: Framing,
     item: &[u8],
