@@ -60,7 +60,7 @@ impl wit::GuestConnection for ConnectionResource {
     }
 
     fn handle_input(&self, data: Vec<u8>) {
-        self.0.borrow_mut().handle_input(&data);
+        self.0.borrow_mut().handle_input_owned(data);
     }
 
     fn handle_eof(&self) {
@@ -94,7 +94,7 @@ impl wit::GuestConnection for ConnectionResource {
 
     fn send(&self, messages: Vec<u8>) -> Result<(), wit::SendError> {
         let mut conn = self.0.borrow_mut();
-        conn.send_sequence(&messages)
+        conn.send_sequence_owned(messages)
             .map(|_| ())
             .map_err(|(index, e)| send_error(index, Refused::Send(&e)))
     }

@@ -251,6 +251,67 @@ impl Connection {
         }
     }
 
+    /// [`Connection::handle_input`] of bytes the caller gives away. When they are the
+    /// start of a CBOR sequence of messages (CBOR framing, no partial message before
+    /// them, [`set_message_sequences`](Self::set_message_sequences) on), the complete
+    /// messages are reported in `data` itself rather than copied out of it.
+    pub fn handle_input_owned(&mut self, mut data: Vec<u8>) {
+        let in_place = self.state == State::Data
+            && self.message_sequences
+            && self
+                .decoder
+                .as_ref()
+                .is_some_and(|d| d.framing() == Framing::Cbor && !d.has_partial())
+            && !matches!(self.outputs.back(), Some(Output::Messages { .. }));
+        if !in_place {
+            return self.handle_input(&data);
+        }
+        let limit = self.config.limits.max_buffered_bytes();
+        if self.buffered_after(data.len()) > limit {
+            return self.fail(Error::ConnectionBufferFull(limit));
+        }
+        // With no partial message before them, the decoder hands over CBOR messages as
+        // slices of `data`, each found by its offset; a partial message at the end is
+        // copied into the decoder.
+        let base = data.as_ptr() as usize;
+        let mut spans: Vec<(usize, u32)> = Vec::new();
+        let before = std::mem::take(&mut self.outputs);
+        let mut input = std::mem::take(&mut data);
+        self.decode_with(&input, &mut |m| {
+            // A message is below the u32 message size limit.
+            let size = u32::try_from(m.len()).unwrap_or(u32::MAX);
+            spans.push(((m.as_ptr() as usize).wrapping_sub(base), size));
+        });
+        let after = std::mem::replace(&mut self.outputs, before);
+        if !spans.is_empty() {
+            let mut end = 0;
+            let contiguous = spans.iter().all(|&(at, size)| {
+                let next = at == end;
+                end = at + size as usize;
+                next
+            });
+            let sizes = spans.iter().map(|&(_, size)| size).collect();
+            if contiguous {
+                input.truncate(end);
+            } else {
+                // A keepalive between messages: the messages are copied together.
+                input = spans
+                    .iter()
+                    .flat_map(|&(at, size)| {
+                        let span = input.get(at..at.saturating_add(size as usize));
+                        debug_assert!(span.is_some(), "a message outside its input");
+                        span.unwrap_or_default()
+                    })
+                    .copied()
+                    .collect();
+            }
+            self.outputs
+                .push_back(Output::Messages { data: input, sizes });
+        }
+        // A failure's output came after the messages.
+        self.outputs.extend(after);
+    }
+
     /// [`Connection::handle_input`] that hands each message received in the data phase
     /// to `sink` as the decoder finds it (CBOR where it lies in `data`), instead of
     /// copying it into an output: the node routes it from there. Before the data phase
@@ -426,6 +487,40 @@ impl Connection {
             index += 1;
         }
         Ok(index)
+    }
+
+    /// [`Connection::send_sequence`] of a sequence the caller gives away. In CBOR
+    /// framing a CBOR sequence is what goes on the wire, so with no transmit waiting
+    /// to be appended to, the checked messages go out in `messages` itself.
+    pub fn send_sequence_owned(
+        &mut self,
+        mut messages: Vec<u8>,
+    ) -> Result<usize, (usize, SendError)> {
+        if self.send_framing() != Ok(Framing::Cbor)
+            || matches!(self.outputs.back(), Some(Output::Transmit(_)))
+        {
+            return self.send_sequence(&messages);
+        }
+        let (mut end, mut index) = (0, 0);
+        let refused = loop {
+            let rest = messages.get(end..).unwrap_or_default();
+            if rest.is_empty() {
+                break None;
+            }
+            match self.checker.first_item(rest, &self.config.limits) {
+                Ok(len) => {
+                    end += len;
+                    index += 1;
+                }
+                Err(e) => break Some((index, SendError::from(e))),
+            }
+        };
+        if index > 0 {
+            messages.truncate(end);
+            self.outputs.push_back(Output::Transmit(messages));
+            self.note_sent();
+        }
+        refused.map_or(Ok(index), Err)
     }
 
     /// Whether messages can be sent now.

@@ -276,3 +276,94 @@ fn received_messages_can_come_as_one_sequence() {
         assert_eq!(sizes, &lens, "{framing:?}");
     }
 }
+
+#[test]
+fn given_away_cbor_goes_out_and_comes_in_without_a_copy() {
+    let (a, b) = framed(Framing::Cbor, Framing::Cbor);
+    let mut pair = Pair::new(a, b);
+    pair.drive();
+    pair.b.conn.set_message_sequences(true);
+    let messages = [json_safe_messages(), cbor_only_messages()].concat();
+
+    // Sent: the sequence given away is the transmit itself.
+    let sequence = messages.concat();
+    let at = sequence.as_ptr();
+    assert_eq!(
+        pair.a.conn.send_sequence_owned(sequence),
+        Ok(messages.len())
+    );
+    let Some(Output::Transmit(wire)) = pair.a.conn.poll_output() else {
+        panic!("a transmit");
+    };
+    assert_eq!(wire.as_ptr(), at);
+    assert_eq!(wire, messages.concat());
+
+    // Received, with a partial message after them: the input is the messages' data.
+    let mut input = wire.clone();
+    input.extend_from_slice(&messages[0][..2]);
+    let at = input.as_ptr();
+    pair.b.conn.handle_input_owned(input);
+    let Some(Output::Messages { data, sizes }) = pair.b.conn.poll_output() else {
+        panic!("messages");
+    };
+    assert_eq!(data.as_ptr(), at);
+    assert_eq!(data, wire);
+    let lens: Vec<u32> = messages.iter().map(|m| m.len() as u32).collect();
+    assert_eq!(sizes, lens);
+    // The partial message completes from the decoder's copy.
+    pair.b.conn.handle_input_owned(messages[0][2..].to_vec());
+    let Some(Output::Messages { data, .. }) = pair.b.conn.poll_output() else {
+        panic!("the completed message");
+    };
+    assert_eq!(data, messages[0]);
+}
+
+#[test]
+fn given_away_input_reports_its_messages_before_its_error() {
+    let (a, b) = framed(Framing::Cbor, Framing::Cbor);
+    let mut pair = Pair::new(a, b);
+    pair.drive();
+    pair.b.conn.set_message_sequences(true);
+    let messages = json_safe_messages();
+    // Two messages, a keepalive between them, then an item that is not an array.
+    let mut input = messages[0].clone();
+    input.push(0x80);
+    input.extend_from_slice(&messages[1]);
+    input.push(0x01);
+    pair.b.conn.handle_input_owned(input);
+    let Some(Output::Messages { data, sizes }) = pair.b.conn.poll_output() else {
+        panic!("messages");
+    };
+    assert_eq!(data, [messages[0].clone(), messages[1].clone()].concat());
+    assert_eq!(sizes.len(), 2);
+    assert!(matches!(pair.b.conn.poll_output(), Some(Output::Closed(_))));
+    assert!(pair.b.conn.poll_output().is_none());
+}
+
+#[test]
+fn a_given_away_sequence_refused_half_way_sends_what_came_before() {
+    let (a, b) = framed(Framing::Cbor, Framing::Cbor);
+    let mut pair = Pair::new(a, b);
+    pair.drive();
+    let messages = json_safe_messages();
+    let mut bad = messages[0].clone();
+    bad.push(0x01);
+    bad.extend_from_slice(&messages[1]);
+    assert_eq!(
+        pair.a.conn.send_sequence_owned(bad),
+        Err((
+            1,
+            aemp_engine::SendError::Message(aemp_engine::MessageError::NotAnArray)
+        ))
+    );
+    // Behind a transmit still waiting, a sequence is appended to it (the copying path).
+    pair.a
+        .conn
+        .send_sequence_owned(messages[1].clone())
+        .unwrap();
+    pair.drive();
+    assert_eq!(
+        pair.b.messages(),
+        vec![messages[0].clone(), messages[1].clone()]
+    );
+}

@@ -9,6 +9,41 @@ use support::*;
 
 /// Feeds `chunks` to a fresh `alpha` and returns every output except transmits.
 fn events(config: &Config, chunks: &[&[u8]]) -> Vec<Output> {
+    events_with(config, chunks, |conn, chunk| conn.handle_input(chunk))
+}
+
+/// [`events`] with the chunks given away (`handle_input_owned`) and received messages
+/// as sequences, each sequence's messages then reported one by one as [`events`] has
+/// them.
+fn owned_events(config: &Config, chunks: &[&[u8]]) -> Vec<Output> {
+    let events = events_with(config, chunks, |conn, chunk| {
+        conn.set_message_sequences(true);
+        conn.handle_input_owned(chunk.to_vec());
+    });
+    events
+        .into_iter()
+        .flat_map(|e| match e {
+            Output::Messages { data, sizes } => {
+                let mut rest = &data[..];
+                let mut each = Vec::new();
+                for size in sizes {
+                    let (m, tail) = rest.split_at(size as usize);
+                    each.push(Output::Message(m.to_vec()));
+                    rest = tail;
+                }
+                assert!(rest.is_empty(), "sizes cover the data");
+                each
+            }
+            other => vec![other],
+        })
+        .collect()
+}
+
+fn events_with(
+    config: &Config,
+    chunks: &[&[u8]],
+    mut input: impl FnMut(&mut Connection, &[u8]),
+) -> Vec<Output> {
     let mut conn = Connection::new(config.clone(), nonce_a(), 0).unwrap();
     let mut events = Vec::new();
     let drain = |conn: &mut Connection, events: &mut Vec<Output>| {
@@ -24,7 +59,7 @@ fn events(config: &Config, chunks: &[&[u8]]) -> Vec<Output> {
         }
     };
     for chunk in chunks {
-        conn.handle_input(chunk);
+        input(&mut conn, chunk);
         drain(&mut conn, &mut events);
     }
     events
@@ -44,8 +79,12 @@ fn beta_stream(a: &Config, beta_sends: Framing) -> Vec<u8> {
     } else {
         json_safe_messages()
     };
-    for m in &messages {
+    for (i, m) in messages.iter().enumerate() {
         pair.b.conn.send(m).unwrap();
+        if i == 1 {
+            // A keepalive between messages, which no output shows.
+            pair.b.conn.send(&[0x80]).unwrap();
+        }
     }
     pair.drive();
     pair.b.sent.clone()
@@ -71,7 +110,8 @@ proptest! {
             start = p;
         }
         chunks.push(&stream[start..]);
-        prop_assert_eq!(events(&a, &chunks), whole);
+        prop_assert_eq!(events(&a, &chunks), whole.clone());
+        prop_assert_eq!(owned_events(&a, &chunks), whole);
     }
 }
 
@@ -82,5 +122,6 @@ fn byte_by_byte_gives_the_same_events() {
         let stream = beta_stream(&a, framing);
         let chunks: Vec<&[u8]> = stream.chunks(1).collect();
         assert_eq!(events(&a, &chunks), events(&a, &[&stream]));
+        assert_eq!(owned_events(&a, &chunks), events(&a, &[&stream]));
     }
 }

@@ -244,20 +244,12 @@ impl Scanner {
     }
 }
 
-/// Whether a text string's bytes are UTF-8. Most names and texts are ASCII, checked
-/// first and faster: 32 bytes at a time in 64-bit words, where std's check on wasm32
-/// takes a 32-bit word at a time, and a large text message's cost in the sandbox was
-/// mostly that check (twice: once sent, once received).
+/// Whether a text string's bytes are UTF-8, with 128-bit vector operations (`simd128`
+/// in the sandbox): std's check on wasm32 takes a 32-bit word at a time, and a large
+/// text message's cost in the sandbox was mostly that check (twice: once sent, once
+/// received).
 fn is_text(bytes: &[u8]) -> bool {
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let mut blocks = bytes.chunks_exact(32);
-    let ascii = blocks.all(|block| {
-        let words = block
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
-        words.fold(0, |acc, w| acc | w) & HIGH == 0
-    }) && blocks.remainder().is_ascii();
-    ascii || std::str::from_utf8(bytes).is_ok()
+    simdutf8::basic::from_utf8(bytes).is_ok()
 }
 
 /// The end of `msg`'s first item when it is a complete, valid definite array of integers,

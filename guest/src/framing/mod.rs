@@ -185,6 +185,11 @@ impl Decoder {
         }
     }
 
+    /// The framing it reads.
+    pub(crate) fn framing(&self) -> Framing {
+        self.framing
+    }
+
     /// Whether part of a message is buffered.
     pub(crate) fn has_partial(&self) -> bool {
         !self.partial.is_empty()
