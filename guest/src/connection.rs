@@ -266,47 +266,32 @@ impl Connection {
         if !in_place {
             return self.handle_input(&data);
         }
-        let limit = self.config.limits.max_buffered_bytes();
-        if self.buffered_after(data.len()) > limit {
-            return self.fail(Error::ConnectionBufferFull(limit));
-        }
         // With no partial message before them, the decoder hands over CBOR messages as
-        // slices of `data`, each found by its offset; a partial message at the end is
-        // copied into the decoder.
+        // slices of `data`: while they follow one another from its start they stay
+        // there; after a gap (a keepalive) they are gathered into a new buffer.
         let base = data.as_ptr() as usize;
-        let mut spans: Vec<(usize, u32)> = Vec::new();
+        let (mut sizes, mut end, mut gathered) = (Vec::new(), 0, None::<Vec<u8>>);
         let before = std::mem::take(&mut self.outputs);
-        let mut input = std::mem::take(&mut data);
-        self.decode_with(&input, &mut |m| {
+        self.handle_input_with(&data, &mut |m| {
             // A message is below the u32 message size limit.
-            let size = u32::try_from(m.len()).unwrap_or(u32::MAX);
-            spans.push(((m.as_ptr() as usize).wrapping_sub(base), size));
+            sizes.push(u32::try_from(m.len()).unwrap_or(u32::MAX));
+            match &mut gathered {
+                Some(out) => out.extend_from_slice(m),
+                None if (m.as_ptr() as usize).wrapping_sub(base) == end => end += m.len(),
+                None => {
+                    let mut out = data.get(..end).unwrap_or_default().to_vec();
+                    out.extend_from_slice(m);
+                    gathered = Some(out);
+                }
+            }
         });
         let after = std::mem::replace(&mut self.outputs, before);
-        if !spans.is_empty() {
-            let mut end = 0;
-            let contiguous = spans.iter().all(|&(at, size)| {
-                let next = at == end;
-                end = at + size as usize;
-                next
+        if !sizes.is_empty() {
+            let data = gathered.unwrap_or_else(|| {
+                data.truncate(end);
+                data
             });
-            let sizes = spans.iter().map(|&(_, size)| size).collect();
-            if contiguous {
-                input.truncate(end);
-            } else {
-                // A keepalive between messages: the messages are copied together.
-                input = spans
-                    .iter()
-                    .flat_map(|&(at, size)| {
-                        let span = input.get(at..at.saturating_add(size as usize));
-                        debug_assert!(span.is_some(), "a message outside its input");
-                        span.unwrap_or_default()
-                    })
-                    .copied()
-                    .collect();
-            }
-            self.outputs
-                .push_back(Output::Messages { data: input, sizes });
+            self.outputs.push_back(Output::Messages { data, sizes });
         }
         // A failure's output came after the messages.
         self.outputs.extend(after);

@@ -277,11 +277,17 @@ fn received_messages_can_come_as_one_sequence() {
     }
 }
 
-#[test]
-fn given_away_cbor_goes_out_and_comes_in_without_a_copy() {
+/// Two sides connected, each sending CBOR.
+fn cbor_pair() -> Pair {
     let (a, b) = framed(Framing::Cbor, Framing::Cbor);
     let mut pair = Pair::new(a, b);
     pair.drive();
+    pair
+}
+
+#[test]
+fn given_away_cbor_goes_out_and_comes_in_without_a_copy() {
+    let mut pair = cbor_pair();
     pair.b.conn.set_message_sequences(true);
     let messages = [json_safe_messages(), cbor_only_messages()].concat();
 
@@ -320,9 +326,7 @@ fn given_away_cbor_goes_out_and_comes_in_without_a_copy() {
 
 #[test]
 fn given_away_input_reports_its_messages_before_its_error() {
-    let (a, b) = framed(Framing::Cbor, Framing::Cbor);
-    let mut pair = Pair::new(a, b);
-    pair.drive();
+    let mut pair = cbor_pair();
     pair.b.conn.set_message_sequences(true);
     let messages = json_safe_messages();
     // Two messages, a keepalive between them, then an item that is not an array.
@@ -342,9 +346,7 @@ fn given_away_input_reports_its_messages_before_its_error() {
 
 #[test]
 fn a_given_away_sequence_refused_half_way_sends_what_came_before() {
-    let (a, b) = framed(Framing::Cbor, Framing::Cbor);
-    let mut pair = Pair::new(a, b);
-    pair.drive();
+    let mut pair = cbor_pair();
     let messages = json_safe_messages();
     let mut bad = messages[0].clone();
     bad.push(0x01);
