@@ -937,9 +937,9 @@ fn warn(message: &str) {
 /// The node id of `port` and the id to monitor it by (`NODE#` for a bare node id, so the
 /// monitor fires when the node's connection is lost).
 fn node_port(port: &str) -> Result<(String, String)> {
-    let (node_id, name) = aemp_engine::node::split_port_id(port)
+    let id = aemp_engine::node::PortId::parse(port)
         .ok_or_else(|| format!("invalid port id '{port}': the node id is empty"))?;
-    Ok((node_id.to_owned(), format!("{node_id}#{name}")))
+    Ok((id.node.to_owned(), id.to_string()))
 }
 
 /// The typed arguments as message values.

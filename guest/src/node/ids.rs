@@ -5,17 +5,37 @@
 
 const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
-/// Splits a port id into node id and port name at the first `#`; a bare node id (no `#`)
-/// names that node's node port (empty name), as the reference's `snd` treats it. `None` for
-/// an empty node id, which the reference refuses too.
-pub fn split_port_id(port_id: &str) -> Option<(&str, &str)> {
-    // A byte search ('#' is ASCII, so its index is a char boundary): cheaper than a char
-    // pattern for the short ids of every message sent.
-    let (node, port) = match port_id.bytes().position(|b| b == b'#') {
-        Some(at) => (port_id.get(..at)?, port_id.get(at + 1..)?),
-        None => (port_id, ""),
-    };
-    (!node.is_empty()).then_some((node, port))
+/// A port id split once into node id and port name, borrowed from the id's text.
+///
+/// A port id is split at its first `#`; a bare node id (no `#`) names that node's node port
+/// (empty name), as the reference's `snd` treats it. An empty node id is no port id: the
+/// reference refuses it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortId<'a> {
+    /// The node's id: never empty, never holds `#`.
+    pub node: &'a str,
+    /// The port's name on that node: empty for the node port.
+    pub name: &'a str,
+}
+
+impl<'a> PortId<'a> {
+    /// Splits `id`; `None` for an empty node id.
+    pub fn parse(id: &'a str) -> Option<PortId<'a>> {
+        // A byte search ('#' is ASCII, so its index is a char boundary): cheaper than a
+        // char pattern for the short ids of every message sent.
+        let (node, name) = match id.bytes().position(|b| b == b'#') {
+            Some(at) => (id.get(..at)?, id.get(at + 1..)?),
+            None => (id, ""),
+        };
+        (!node.is_empty()).then_some(PortId { node, name })
+    }
+}
+
+/// The id in full, `NODE#NAME` (`NODE#` for a node port named by its bare node id).
+impl std::fmt::Display for PortId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.node, self.name)
+    }
 }
 
 /// Expands a configured node id as AnyEvent::MP does: `%n` becomes `hostname`, `%u` and a
@@ -64,12 +84,17 @@ mod tests {
 
     #[test]
     fn splits_and_expands() {
-        assert_eq!(split_port_id("a/b#c#d"), Some(("a/b", "c#d")));
-        assert_eq!(split_port_id("node#"), Some(("node", "")));
-        assert_eq!(split_port_id("node"), Some(("node", "")));
-        assert_eq!(split_port_id(""), None);
-        assert_eq!(split_port_id("#x"), None);
-        assert_eq!(split_port_id("#"), None);
+        let split = |id| PortId::parse(id).map(|p| (p.node, p.name));
+        assert_eq!(split("a/b#c#d"), Some(("a/b", "c#d")));
+        assert_eq!(split("node#"), Some(("node", "")));
+        assert_eq!(split("node"), Some(("node", "")));
+        assert_eq!(split(""), None);
+        assert_eq!(split("#x"), None);
+        assert_eq!(split("#"), None);
+        assert_eq!(
+            PortId::parse("node").map(|p| p.to_string()).as_deref(),
+            Some("node#")
+        );
         let mut n = 0u8;
         let mut rnd = || {
             n = n.wrapping_add(1);

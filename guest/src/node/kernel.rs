@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::effect::{Effect, Effects, View};
 use super::request::{DATA_CONNECT, DATA_EXPECT, ReplyTo, Request};
-use super::{LogLevel, NodeOutput, ids, msg, seed, split_port_id};
+use super::{LogLevel, NodeOutput, PortId, ids, msg, seed};
 use crate::value::Value;
 
 /// Tags this node understands on its own (answered `true` by `can`).
@@ -253,10 +253,10 @@ impl Kernel {
             }
             Request::Kill { port, reason } => self.kill_local(&port, reason, view, fx),
             Request::Relay { port_id, args } => {
-                let Some((_, port)) = split_port_id(&port_id) else {
+                let Some(PortId { name, .. }) = PortId::parse(&port_id) else {
                     return;
                 };
-                let message = msg::build(port, args);
+                let message = msg::build(name, args);
                 fx.push(Effect::Relay {
                     src: src.to_owned(),
                     port_id,
@@ -317,11 +317,11 @@ fn reply_to_port(reply: Option<ReplyTo>, answer: Value, fx: &mut Effects) {
     let Some(ReplyTo { port_id, mut extra }) = reply else {
         return;
     };
-    let Some((node, port)) = split_port_id(&port_id) else {
+    let Some(PortId { node, name }) = PortId::parse(&port_id) else {
         return;
     };
     extra.push(answer);
-    fx.send_message(node, msg::build(port, extra), REPLY);
+    fx.send_message(node, msg::build(name, extra), REPLY);
 }
 
 /// The reason of a monitor on a port that does not exist.

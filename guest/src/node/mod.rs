@@ -21,7 +21,7 @@ mod stats;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
-pub use ids::{expand_node_id, split_port_id};
+pub use ids::{PortId, expand_node_id};
 pub use request::REQUEST_TAGS;
 pub use seed::GlobalLimits;
 pub use stats::{ConnInfo, Limit, NodeInfo, Traffic};
@@ -805,8 +805,7 @@ impl Node {
     /// the node is connected (connecting to it if needed).
     pub fn send(&mut self, port_id: &str, args: &[u8], now: u64) -> Result<(), NodeError> {
         self.now = now;
-        let (node, port) =
-            split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let PortId { node, name: port } = parse_port_id(port_id)?;
         let mut message = std::mem::take(&mut self.scratch);
         message.clear();
         let result = msg::join_into(port, args, &mut message)
@@ -827,15 +826,14 @@ impl Node {
     /// array; empty for a normal exit). Monitors fire.
     pub fn kill(&mut self, port_id: &str, reason: &[u8], now: u64) -> Result<(), NodeError> {
         self.now = now;
-        split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        parse_port_id(port_id)?;
         let reason = reason_values(reason)?;
         self.kill_with(port_id, reason, now)
     }
 
     /// [`kill`](Self::kill) with the reason decoded.
     fn kill_with(&mut self, port_id: &str, reason: Vec<Value>, now: u64) -> Result<(), NodeError> {
-        let (node, port) =
-            split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let PortId { node, name: port } = parse_port_id(port_id)?;
         if node == self.node_id {
             self.kernel
                 .kill_local(port, reason, &view!(self), &mut self.effects);
@@ -853,8 +851,8 @@ impl Node {
     /// connection is lost). A bare node id is that node's node port, reported as `NODE#`.
     pub fn monitor(&mut self, port_id: &str, now: u64) -> Result<(), NodeError> {
         self.now = now;
-        let (node, port) =
-            split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let id = parse_port_id(port_id)?;
+        let PortId { node, name: port } = id;
         let remote = node != self.node_id;
         let max_nodes = self.config.max_nodes;
         if remote && self.peers.len() >= max_nodes && !self.peers.contains_key(node) {
@@ -878,7 +876,7 @@ impl Node {
             }
             Monitored::NoSuchPort(reason) => {
                 self.outputs.push_back(NodeOutput::PortDown {
-                    port: format!("{node}#{port}"),
+                    port: id.to_string(),
                     reason,
                 });
                 Ok(())
@@ -889,8 +887,7 @@ impl Node {
     /// Drops one monitor of `port_id`; the last one tells a remote node to stop (`mon0`).
     pub fn unmonitor(&mut self, port_id: &str, now: u64) -> Result<(), NodeError> {
         self.now = now;
-        let (node, port) =
-            split_port_id(port_id).ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
+        let PortId { node, name: port } = parse_port_id(port_id)?;
         if self.kernel.unmonitor(node, port) && self.is_up(node) {
             let message = msg::build("", [Value::text("mon0"), Value::text(port)]);
             self.route(node, &message, false, now)?;
@@ -915,11 +912,11 @@ impl Node {
         now: u64,
     ) -> Result<String, NodeError> {
         self.now = now;
-        let port = split_port_id(port_id)
-            .filter(|&(n, p)| n == self.node_id && self.kernel.has_port(p))
-            .map(|(_, p)| p)
-            .ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?;
-        let node = split_port_id(node).map_or(node, |(n, _)| n);
+        let port = PortId::parse(port_id)
+            .filter(|p| p.node == self.node_id && self.kernel.has_port(p.name))
+            .ok_or_else(|| NodeError::InvalidPortId(port_id.to_owned()))?
+            .name;
+        let node = PortId::parse(node).map_or(node, |p| p.node);
         if node == self.node_id {
             return Err(NodeError::DataConnToSelf);
         }
@@ -1236,7 +1233,7 @@ impl Node {
                 port_id,
                 message,
             } => {
-                let Some((node, _)) = split_port_id(&port_id) else {
+                let Some(PortId { node, .. }) = PortId::parse(&port_id) else {
                     return;
                 };
                 if let Err(e) = self.route(node, &message, false, now) {
@@ -2071,6 +2068,11 @@ impl Node {
             _ => {}
         }
     }
+}
+
+/// `id` split into node id and port name, or the refusal of an id that names no node.
+fn parse_port_id(id: &str) -> Result<PortId<'_>, NodeError> {
+    PortId::parse(id).ok_or_else(|| NodeError::InvalidPortId(id.to_owned()))
 }
 
 /// The items of a CBOR array of reasons.

@@ -11,7 +11,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use aemp_engine::batch;
-use aemp_engine::node::split_port_id;
+use aemp_engine::node::PortId;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::Reply;
@@ -87,7 +87,7 @@ impl Parked {
 fn destinations(batch: &Batch) -> Vec<String> {
     let mut nodes: Vec<String> = Vec::new();
     for (port, _) in batch::pairs(&batch.data, &batch.sizes).flatten() {
-        if let Some((node, _)) = split_port_id(port)
+        if let Some(PortId { node, .. }) = PortId::parse(port)
             && !nodes.iter().any(|n| n == node)
         {
             nodes.push(node.to_owned());
