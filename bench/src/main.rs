@@ -571,25 +571,97 @@ async fn round_trips(
     // is not one of the runtime's threads, so waking it would add two thread switches
     // to every round trip.
     let sender = sender.clone();
-    let mut rtts = tokio::spawn(async move {
-        let mut rtts = Vec::with_capacity(pings.min(100_000));
-        let start = Instant::now();
-        while rtts.is_empty() || (rtts.len() < pings && start.elapsed() < limit) {
+    tokio::spawn(async move {
+        let mut timer = Pings::new(pings, limit);
+        while timer.more() {
             let t = Instant::now();
             sender
                 .send(&echo_id, vec![Value::Int(1)])
                 .await
                 .expect("send");
             recv(&mut back).await;
-            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            timer.took(t);
         }
-        rtts
+        timer.percentiles()
+    })
+    .await
+    .expect("pings")
+}
+
+/// The floor under [`round_trips`]: the same ping-pong with the nodes taken out, two
+/// tasks of the runtime echoing 4 bytes over one loopback TCP connection (`TCP_NODELAY`,
+/// as the nodes' sockets). Percentiles in microseconds and the count, as there.
+async fn tcp_round_trips(pings: usize) -> (f64, f64, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let echo = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut ping = [0; 4];
+        while socket.read_exact(&mut ping).await.is_ok() {
+            if socket.write_all(&ping).await.is_err() {
+                return;
+            }
+        }
+    });
+    let figures = tokio::spawn(async move {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut pong = [0; 4];
+        let mut timer = Pings::new(pings, Duration::MAX);
+        while timer.more() {
+            let t = Instant::now();
+            socket.write_all(&[1, 2, 3, 4]).await.expect("ping");
+            socket.read_exact(&mut pong).await.expect("pong");
+            timer.took(t);
+        }
+        timer.percentiles()
     })
     .await
     .expect("pings");
-    rtts.sort_by(f64::total_cmp);
-    let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize];
-    (pct(0.5), pct(0.99), rtts.len())
+    echo.await.expect("echo");
+    figures
+}
+
+/// The round trips of a ping-pong: `pings` of them, fewer once `limit` has passed, but at
+/// least one.
+struct Pings {
+    rtts: Vec<f64>,
+    pings: usize,
+    limit: Duration,
+    start: Instant,
+}
+
+impl Pings {
+    fn new(pings: usize, limit: Duration) -> Pings {
+        Pings {
+            rtts: Vec::with_capacity(pings.min(100_000)),
+            pings,
+            limit,
+            start: Instant::now(),
+        }
+    }
+
+    /// Whether to ping again.
+    fn more(&self) -> bool {
+        self.rtts.is_empty()
+            || (self.rtts.len() < self.pings && self.start.elapsed() < self.limit)
+    }
+
+    /// A round trip started at `t` is back.
+    fn took(&mut self, t: Instant) {
+        self.rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+
+    /// The median and 99th percentile in microseconds, and how many round trips.
+    fn percentiles(mut self) -> (f64, f64, usize) {
+        self.rtts.sort_by(f64::total_cmp);
+        let pct = |p: f64| self.rtts[((self.rtts.len() - 1) as f64 * p) as usize];
+        (pct(0.5), pct(0.99), self.rtts.len())
+    }
 }
 
 /// The next message of `port`; a lost connection fails the run instead of hanging it.
@@ -1053,6 +1125,13 @@ fn main() {
                     "round trip, 99th percentile, µs",
                 );
             }
+            let (p50, p99, _) = tcp_round_trips(c.pings).await;
+            add(
+                "tcp_rtt_p50_us",
+                p50,
+                "the floor: 4 bytes echoed between two tasks over loopback TCP, no nodes, median, µs",
+            );
+            add("tcp_rtt_p99_us", p99, "the same, 99th percentile, µs");
         }
     });
     // In a fresh process of its own: here, new connections would reuse memory that the

@@ -32,6 +32,8 @@ const FIGURES: &[&str] = &[
     "e2e_msgs_per_s_tls",
     "e2e_rtt_p50_us_tls",
     "e2e_rtt_p99_us_tls",
+    "tcp_rtt_p50_us",
+    "tcp_rtt_p99_us",
     "idle_conn_engine_bytes",
     "idle_conn_rss_bytes",
     "sandbox_memory_bytes",
