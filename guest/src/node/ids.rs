@@ -20,6 +20,7 @@ pub struct PortId<'a> {
 
 impl<'a> PortId<'a> {
     /// Splits `id`; `None` for an empty node id.
+    #[inline]
     pub fn parse(id: &'a str) -> Option<PortId<'a>> {
         // A byte search ('#' is ASCII, so its index is a char boundary): cheaper than a
         // char pattern for the short ids of every message sent.

@@ -2071,6 +2071,7 @@ impl Node {
 }
 
 /// `id` split into node id and port name, or the refusal of an id that names no node.
+#[inline]
 fn parse_port_id(id: &str) -> Result<PortId<'_>, NodeError> {
     PortId::parse(id).ok_or_else(|| NodeError::InvalidPortId(id.to_owned()))
 }
