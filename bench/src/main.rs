@@ -647,8 +647,7 @@ impl Pings {
 
     /// Whether to ping again.
     fn more(&self) -> bool {
-        self.rtts.is_empty()
-            || (self.rtts.len() < self.pings && self.start.elapsed() < self.limit)
+        self.rtts.is_empty() || (self.rtts.len() < self.pings && self.start.elapsed() < self.limit)
     }
 
     /// A round trip started at `t` is back.
