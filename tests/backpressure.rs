@@ -111,6 +111,94 @@ async fn a_slow_port_slows_the_sending_application() {
     );
 }
 
+/// A port that stops reading holds back only the node that fills it: another node,
+/// sending to another port of the same node all the while (so that both are read in the
+/// same rounds), goes on being read and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_port_holds_its_sender_and_not_a_sender_to_another_port() {
+    let receiver = builder("hold-recv", "s")
+        .port_capacity(16)
+        .port_stall(Duration::from_secs(120))
+        .start()
+        .await
+        .unwrap();
+    let _inbox = receiver.named_port("inbox").await.unwrap();
+    let mut other = receiver.named_port("other").await.unwrap();
+    let flooder = builder("hold-flood", "s").start().await.unwrap();
+    let talker = builder("hold-talk", "s").start().await.unwrap();
+    for node in [&flooder, &talker] {
+        node.connect(&addr(&receiver)).await.unwrap();
+        node.wait_up("hold-recv", WAIT).await.unwrap();
+    }
+
+    // The talker sends to `other` throughout, its messages taken as they come.
+    let talking = tokio::spawn({
+        let talker = talker.clone();
+        async move {
+            for n in 0u64.. {
+                if talker
+                    .send("hold-recv#other", vec![Value::Int(n.into())])
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = tokio::spawn({
+        let (flooder, sent) = (flooder.clone(), sent.clone());
+        async move {
+            let payload = Value::Bytes(vec![b'x'; 1024]);
+            for n in 0u64.. {
+                let message = vec![Value::Int(n.into()), payload.clone()];
+                if flooder.send("hold-recv#inbox", message).await.is_err() {
+                    return;
+                }
+                sent.store(n + 1, Ordering::Release);
+            }
+        }
+    });
+    let mut expect = 0u64;
+    // While the flooder fills `inbox` and comes to a standstill...
+    let filling = tokio::spawn({
+        let sent = sent.clone();
+        async move { standstill(&sent, WAIT * 2, "the flooder comes to a standstill").await }
+    });
+    while !filling.is_finished() {
+        take_in_order(&mut other, &mut expect, Duration::from_millis(100)).await;
+    }
+    let held = filling.await.unwrap();
+    // ...and after, for two seconds more, the talker's messages keep coming.
+    let before = expect;
+    take_in_order(&mut other, &mut expect, Duration::from_secs(2)).await;
+    assert!(
+        expect > before + 100,
+        "only {} of the talker's messages came while the flooder was held",
+        expect - before
+    );
+    assert_eq!(sent.load(Ordering::Acquire), held, "the flooder went on");
+    eprintln!("held flooder at {held}; the talker's {expect} messages came meanwhile");
+    talking.abort();
+    flood.abort();
+}
+
+/// Takes `port`'s messages for `during`, each the counter `expect` (then counted on).
+async fn take_in_order(port: &mut aemp_host::Port, expect: &mut u64, during: Duration) {
+    let until = tokio::time::Instant::now() + during;
+    while tokio::time::Instant::now() < until {
+        let msg = recv(port).await;
+        assert_eq!(
+            msg.first(),
+            Some(&Value::Int((*expect).into())),
+            "lost or out of order"
+        );
+        *expect += 1;
+    }
+}
+
 /// A peer that never reads: the application's sends to it wait once its buffer passes the
 /// high-water mark, and the write timeout cuts it off (then sends go on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,8 +9,8 @@
 //! nothing for the stall time is stalled: what is held for it, and what finds it full
 //! from then on, is dropped (with one warning) until it takes a message again.
 //!
-//! Nothing here knows the engine or the sockets: the driver tells it which connections a
-//! round read, and asks which it may read.
+//! Nothing here knows the engine or the sockets: the driver tells it whose input the
+//! engine is handling, and asks which connections it may read.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -97,8 +97,8 @@ pub(super) struct Deliveries {
     held_app_bytes: usize,
     /// Whether what is delivered now answers the application's commands.
     from_app: bool,
-    /// The connections read in the current round.
-    round_reads: Vec<u64>,
+    /// The connections whose input is being handled.
+    sources: Vec<u64>,
     /// The connections not read while messages are held.
     paused: HashSet<u64>,
     /// Whether the last round read every connection (nothing was held).
@@ -121,7 +121,7 @@ impl Deliveries {
             held_app: 0,
             held_app_bytes: 0,
             from_app: false,
-            round_reads: Vec::new(),
+            sources: Vec::new(),
             paused: HashSet::new(),
             reading: true,
         }
@@ -211,10 +211,11 @@ impl Deliveries {
         self.held_bytes <= HELD_MAX && !self.paused.contains(&conn)
     }
 
-    /// The connections this round read: if what they brought fills an inbox, they wait.
+    /// The connections whose input the engine handles now: if what they bring fills an
+    /// inbox, they wait.
     pub(super) fn read(&mut self, conns: impl IntoIterator<Item = u64>) {
-        self.round_reads.clear();
-        self.round_reads.extend(conns);
+        self.sources.clear();
+        self.sources.extend(conns);
     }
 
     /// Hands messages to a local port.
@@ -270,8 +271,8 @@ impl Deliveries {
             self.held_app = self.held_app.saturating_add(n);
             self.held_app_bytes = self.held_app_bytes.saturating_add(chunk.bytes());
         } else {
-            // What this round read filled an inbox: those connections wait.
-            self.paused.extend(self.round_reads.iter().copied());
+            // What these connections sent filled an inbox: they wait.
+            self.paused.extend(self.sources.iter().copied());
         }
         self.held.push_back(Held {
             target,

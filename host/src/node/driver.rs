@@ -265,8 +265,9 @@ impl Driver {
     }
 
     /// Acts on what woke the driver, then one round of socket I/O: every ready socket
-    /// is read (unless messages are held: full inboxes push back), everything read goes
-    /// to the engine in one call, its outputs are acted on and the connections written.
+    /// is read (unless messages are held: full inboxes push back), each connection's
+    /// input goes to the engine in a call of its own, its outputs are acted on and the
+    /// connections written.
     fn round(&mut self) -> Result<(), Fatal> {
         self.settle()?;
         if self.deliveries.begin_round() {
@@ -274,15 +275,19 @@ impl Driver {
         }
         let deliveries = &self.deliveries;
         let polled = self.io.poll(|conn| deliveries.may_read(conn));
-        self.deliveries
-            .read(polled.inputs.iter().map(|&(conn, _)| conn));
         for (stream, peer) in polled.accepted {
             let conn = self.engine.handle_accept(&peer)?;
             self.spans.insert(conn, conn_span(conn, &peer));
             self.io.add(conn, stream);
         }
-        if !polled.inputs.is_empty() {
-            self.engine.handle_inputs(&polled.inputs)?;
+        // One call per connection's input, its outputs acted on before the next: what
+        // fills an inbox then pauses the connection that brought it, not every connection
+        // of the round, so a peer writing to another port is read on while one port is
+        // behind (a ping among a hundred senders waited for the backlog to drain).
+        for input in &polled.inputs {
+            self.deliveries.read([input.0]);
+            self.engine.handle_inputs(std::slice::from_ref(input))?;
+            self.act()?;
         }
         self.settle()?;
         let max_total = self.limits.max_write_total;
@@ -347,12 +352,7 @@ impl Driver {
     /// nothing more to say and every connection that ended was reported.
     fn settle(&mut self) -> Result<(), Fatal> {
         loop {
-            // Each poll takes all the engine has; acting on it may call the engine again.
-            while let Some(outputs) = self.engine.poll_outputs()? {
-                for output in outputs {
-                    self.output(output)?;
-                }
-            }
+            self.act()?;
             self.io.write_all();
             if !self.io.has_ended() {
                 return Ok(());
@@ -369,6 +369,17 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Acts on the engine's outputs until it has nothing more to say.
+    fn act(&mut self) -> Result<(), Fatal> {
+        // Each poll takes all the engine has; acting on it may call the engine again.
+        while let Some(outputs) = self.engine.poll_outputs()? {
+            for output in outputs {
+                self.output(output)?;
+            }
+        }
+        Ok(())
     }
 
     fn dialed(&mut self, dialed: Dialed) -> Result<(), Fatal> {
