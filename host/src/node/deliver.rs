@@ -97,8 +97,8 @@ pub(super) struct Deliveries {
     held_app_bytes: usize,
     /// Whether what is delivered now answers the application's commands.
     from_app: bool,
-    /// The connections whose input is being handled.
-    sources: Vec<u64>,
+    /// The connection whose input is being handled, if any.
+    source: Option<u64>,
     /// The connections not read while messages are held.
     paused: HashSet<u64>,
     /// Whether the last round read every connection (nothing was held).
@@ -121,7 +121,7 @@ impl Deliveries {
             held_app: 0,
             held_app_bytes: 0,
             from_app: false,
-            sources: Vec::new(),
+            source: None,
             paused: HashSet::new(),
             reading: true,
         }
@@ -211,11 +211,10 @@ impl Deliveries {
         self.held_bytes <= HELD_MAX && !self.paused.contains(&conn)
     }
 
-    /// The connections whose input the engine handles now: if what they bring fills an
-    /// inbox, they wait.
-    pub(super) fn read(&mut self, conns: impl IntoIterator<Item = u64>) {
-        self.sources.clear();
-        self.sources.extend(conns);
+    /// The connection whose input the engine handles now: if what it brings fills an
+    /// inbox, it waits.
+    pub(super) fn read(&mut self, conn: u64) {
+        self.source = Some(conn);
     }
 
     /// Hands messages to a local port.
@@ -271,8 +270,8 @@ impl Deliveries {
             self.held_app = self.held_app.saturating_add(n);
             self.held_app_bytes = self.held_app_bytes.saturating_add(chunk.bytes());
         } else {
-            // What these connections sent filled an inbox: they wait.
-            self.paused.extend(self.sources.iter().copied());
+            // What this connection sent filled an inbox: it waits.
+            self.paused.extend(self.source);
         }
         self.held.push_back(Held {
             target,
@@ -428,7 +427,7 @@ mod tests {
         let mut rx = d.open(port("n#a"));
         let _other = d.open(port("n#b"));
         assert!(!d.begin_round());
-        d.read([7]);
+        d.read(7);
         for n in 0..3 {
             d.deliver_port("n#a", one(n));
         }
@@ -489,7 +488,7 @@ mod tests {
     async fn a_port_that_takes_nothing_is_stalled_until_it_takes_a_message() {
         let mut d = Deliveries::new(1, 1 << 20, Duration::from_millis(20));
         let mut rx = d.open(port("n#a"));
-        d.read([7]);
+        d.read(7);
         d.deliver_port("n#a", one(0));
         d.deliver_port("n#a", one(1));
         tokio::time::sleep(Duration::from_millis(30)).await;

@@ -285,7 +285,7 @@ impl Driver {
         // of the round, so a peer writing to another port is read on while one port is
         // behind (a ping among a hundred senders waited for the backlog to drain).
         for input in &polled.inputs {
-            self.deliveries.read([input.0]);
+            self.deliveries.read(input.0);
             self.engine.handle_inputs(std::slice::from_ref(input))?;
             self.act()?;
         }
